@@ -1,0 +1,74 @@
+"""``python -m export ARCH [--out DIR] [--weights FILE]``: write an npcam bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from npcam.model import CACHE_DIR
+
+from .archs import ARCHS
+from .bundle import OPSET, export_bundle
+from .weights import ExportError, find_weights, load_state_dict
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    parser.add_argument("arch", choices=sorted(ARCHS), help="architecture to export")
+    parser.add_argument("--out", type=Path, help=f"bundle directory (default: {CACHE_DIR}/ARCH)")
+    parser.add_argument("--weights", type=Path, help="state-dict .pth file (default: see README)")
+    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
+    return parser.parse_args(argv)
+
+
+def run(arch_name: str, out: Path | None = None, weights: Path | None = None, opset: int = OPSET) -> Path:
+    """Export one architecture; returns the bundle directory."""
+    arch = ARCHS[arch_name]
+    out = (out or CACHE_DIR / arch.name).expanduser()
+    source = find_weights(arch, weights)
+    net = arch.build()
+    _load_strict(net, load_state_dict(source), source, arch.name)
+    meta = export_bundle(arch, net, out, source, opset)
+    check = meta["check"]
+    print(
+        f"exported {arch.name} from {source.name} to {out} "
+        f"(self-check vs torch: features {check['features']:.1e}, logits {check['logits']:.1e} relative)",
+        file=sys.stderr,
+    )
+    return out
+
+
+def _load_strict(net, state: dict, source: Path, name: str) -> None:
+    """``load_state_dict(strict=True)``, with a one-line error naming what does not fit."""
+    own = net.state_dict()
+    problems = (
+        [f"missing {k}" for k in own if k not in state]
+        + [f"unexpected {k}" for k in state if k not in own]
+        + [
+            f"{k} is {list(state[k].shape)}, not {list(own[k].shape)}"
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ]
+    )
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ExportError(f"{source}: not {name} weights ({'; '.join(problems[:3])}{more})")
+    net.load_state_dict(state, strict=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args.arch, args.out, args.weights, args.opset)
+    except ExportError as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

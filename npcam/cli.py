@@ -1,0 +1,256 @@
+"""``npcam IMAGE [IMAGE|DIR ...]``: write a CAM overlay for each image.
+
+Exit codes: 0 every image done; 1 some images failed (the others were
+done); 2 bad arguments or an unusable model bundle (nothing done);
+130 interrupted (only complete files are left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import __version__, render
+from .cam import WEIGHTINGS
+from .errors import NpcamError
+from .files import atomic_write
+from .image import MAX_PIXELS
+from .model import Model, Prediction, default_model_dir
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+SAVE_OPTIONS = {"JPEG": {"quality": 90}, "PNG": {"compress_level": 1}, "WEBP": {"quality": 90}}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input image and where its overlay goes.
+
+    With ``per_class`` (``--top K`` > 1) each class gets ``<output stem>_<class><suffix>``.
+    """
+
+    image: Path
+    output: Path
+    per_class: bool = False
+
+    def output_for(self, class_index: int) -> Path:
+        if not self.per_class:
+            return self.output
+        return self.output.with_name(f"{self.output.stem}_{class_index}{self.output.suffix}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="npcam",
+        description="Class Activation Maps for ImageNet CNNs, without PyTorch. "
+        "Writes the jet-coloured CAM of the top class blended over each image.",
+        epilog="Exit codes: 0 all done, 1 some images failed, 2 bad arguments or model, 130 interrupted.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files, or directories searched recursively")
+    p.add_argument(
+        "-m", "--model", type=Path, help="model bundle directory (default: $NPCAM_MODEL, else ~/.cache/npcam/resnet18)"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="a directory (existing, or ending in /) for <stem>_cam.jpg files, or the output file of a single "
+        "image, its extension picking the format (default: <stem>_cam.jpg in the current directory)",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--class", dest="class_", metavar="IDX|LABEL", help="explain this class (default: the top-1)")
+    which.add_argument("--top", type=int, default=1, metavar="K", help="one overlay for each of the top K classes")
+    p.add_argument(
+        "--alpha", type=float, default=0.5, help="heat-map opacity from 0 (photo) to 1 (heat map) (default 0.5)"
+    )
+    p.add_argument(
+        "--keep-aspect", action="store_true", help="scale the short side to the input size instead of squashing"
+    )
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTINGS,
+        default="fc",
+        help="CAM weights: fc = the paper (default), softmax = the seed tutorial's",
+    )
+    p.add_argument("--save-cam", action="store_true", help="also write the full-resolution CAM as float32 .npy")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image on stdout")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: one per core)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})")
+    p.add_argument("--version", action="version", version=f"npcam {__version__}")
+    args = p.parse_args(argv)
+    if not 0.0 <= args.alpha <= 1.0:
+        p.error("--alpha must be between 0 and 1")
+    for name in ("top", "threads", "max_pixels"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    Image.MAX_IMAGE_PIXELS = args.max_pixels  # Pillow's bomb error then only fires above twice our limit
+    try:
+        images, missing = collect(args.inputs)
+        jobs = plan(images, args.output, multiple=args.top > 1)
+        model = Model(args.model or default_model_dir(), threads=args.threads)
+        class_index = model.class_index(args.class_) if args.class_ is not None else None
+    except NpcamError as e:
+        _error(str(e))
+        return EXIT_USAGE
+    failed = len(missing)
+    for message in missing:
+        _error(message, args.json)
+    try:
+        for n, job in enumerate(jobs, 1):
+            _progress(n, len(jobs), job.image)
+            try:
+                record = process(model, job, args, class_index)
+            except NpcamError as e:
+                failed += 1
+                _error(str(e), args.json, job.image)
+                continue
+            except (MemoryError, OSError) as e:
+                failed += 1
+                _error(f"{job.image}: {type(e).__name__}: {e}", args.json, job.image)
+                continue
+            _clear_progress()
+            print(json.dumps(record) if args.json else _describe(record, verbose=len(jobs) == 1), flush=True)
+    except KeyboardInterrupt:
+        _clear_progress()
+        _error("interrupted; files already written are complete")
+        return EXIT_INTERRUPTED
+    _clear_progress()
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def collect(inputs: list[str]) -> tuple[list[tuple[Path, Path | None]], list[str]]:
+    """Expand directories into their image files.
+
+    Returns ``(images, problems)``: each image with the directory it was found
+    under (None for files named directly), and one message per missing input.
+    """
+    images: list[tuple[Path, Path | None]] = []
+    problems = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+            if not found:
+                problems.append(f"{path}: no image files in this directory")
+            images += [(p, path) for p in found]
+        elif path.exists() or path.is_symlink():
+            images.append((path, None))
+        else:
+            problems.append(f"{path}: no such file")
+    return images, problems
+
+
+def plan(images: list[tuple[Path, Path | None]], output: str | None, multiple: bool) -> list[Job]:
+    """Decide every output path up front, so that no output overwrites an input or another output."""
+    to_dir = output is None or output.endswith(("/", os.sep)) or Path(output).is_dir()
+    if not to_dir and len(images) > 1:
+        raise NpcamError(f"-o {output}: names one file, but there are {len(images)} images; give a directory")
+    if not to_dir:
+        target = Path(output)
+        _format_for(target)
+        if not target.parent.is_dir():
+            raise NpcamError(f"{target.parent}: output directory does not exist")
+        if images and target.resolve() == images[0][0].resolve():
+            raise NpcamError(f"-o {output}: is the input image; choose another name")
+        return [Job(images[0][0], target, multiple)] if images else []
+    out_dir = Path(output or ".")
+    inputs = {p.resolve() for p, _ in images}
+    jobs, taken = [], {}
+    for path, root in images:
+        sub = path.parent.relative_to(root) if root is not None else Path()
+        out = out_dir / sub / f"{path.stem}_cam.jpg"
+        key = out.resolve()
+        if key in inputs or key in taken:
+            clash = "is an input" if key in inputs else f"is also the output of {taken[key]}"
+            raise NpcamError(f"{out}: output for {path} {clash}; choose another -o")
+        taken[key] = path
+        jobs.append(Job(path, out, multiple))
+    return jobs
+
+
+def process(model: Model, job: Job, args: argparse.Namespace, class_index: int | None) -> dict:
+    """Predict, render and write one image; returns its JSON record."""
+    pred = model.predict(job.image, keep_aspect=args.keep_aspect, max_pixels=args.max_pixels)
+    classes = [class_index] if class_index is not None else [c for c, _, _ in pred.top(args.top)]
+    size = pred.image.shape[:2]
+    maps = []
+    for c in classes:
+        cam = model.cam(pred, c, size=size, weighting=args.weights)
+        output = job.output_for(c)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _save_image(output, render.overlay(pred.image, cam, args.alpha))
+        entry = {"class": c, "label": pred.labels[c], "score": float(pred.probs[c]), "output": str(output)}
+        if args.save_cam:
+            cam_file = output.with_suffix(".npy")
+            atomic_write(cam_file, lambda f, cam=cam: np.save(f, cam.astype(np.float32), allow_pickle=False))
+            entry["cam"] = str(cam_file)
+        maps.append(entry)
+    record = {"image": str(job.image), **maps[0], "top5": _top5(pred), "width": size[1], "height": size[0]}
+    if len(maps) > 1:
+        record["maps"] = maps
+    return record
+
+
+def _top5(pred: Prediction) -> list[dict]:
+    return [{"class": c, "label": label, "score": score} for c, label, score in pred.top(5)]
+
+
+def _format_for(path: Path) -> str:
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise NpcamError(f"{path}: cannot tell an image format from the extension {path.suffix!r}")
+    return fmt
+
+
+def _save_image(path: Path, picture: np.ndarray) -> None:
+    fmt = _format_for(path)
+    image = Image.fromarray(picture)
+    atomic_write(path, lambda f: image.save(f, format=fmt, **SAVE_OPTIONS.get(fmt, {})))
+
+
+def _describe(record: dict, verbose: bool) -> str:
+    if not verbose:
+        outputs = ", ".join(m["output"] for m in record.get("maps", [record]))
+        return f"{record['image']}: {record['label']} ({record['score']:.1%}) -> {outputs}"
+    lines = [f"{record['image']} ({record['width']}x{record['height']}), top-5:"]
+    lines += [f"  {t['score']:6.1%}  {t['class']:>4}  {t['label']}" for t in record["top5"]]
+    lines += [f"CAM of {m['class']} ({m['label']}) -> {m['output']}" for m in record.get("maps", [record])]
+    return "\n".join(lines)
+
+
+def _error(message: str, as_json: bool = False, image: Path | None = None) -> None:
+    _clear_progress()
+    print(f"npcam: error: {message}", file=sys.stderr, flush=True)
+    if as_json and image is not None:
+        print(json.dumps({"image": str(image), "error": message}), flush=True)
+
+
+_progress_shown = False
+
+
+def _progress(n: int, total: int, path: Path) -> None:
+    global _progress_shown
+    if total > 1 and sys.stderr.isatty():
+        sys.stderr.write(f"\r\x1b[K[{n}/{total}] {path}")
+        sys.stderr.flush()
+        _progress_shown = True
+
+
+def _clear_progress() -> None:
+    global _progress_shown
+    if _progress_shown:
+        sys.stderr.write("\r\x1b[K")
+        sys.stderr.flush()
+        _progress_shown = False

@@ -1,0 +1,98 @@
+"""Colouring a CAM and blending it over the photo, in uint8 NumPy.
+
+The colormap is OpenCV's ``COLORMAP_JET`` (blue = 0, red = 1), stored here
+as its 256 RGB entries so that npcam needs neither OpenCV nor matplotlib.
+The test suite checks it entry by entry against ``cv2.applyColorMap``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# OpenCV COLORMAP_JET, RGB order: 256 entries x 3 bytes, 16 entries a line.
+JET = np.frombuffer(
+    bytes.fromhex(
+        "00008000008400008800008c00009000009400009800009c0000a00000a40000a80000ac0000b00000b40000b80000bc"  # 0-15
+        "0000c00000c40000c80000cc0000d00000d40000d80000dc0000e00000e40000e80000ec0000f00000f40000f80000fc"  # 16-31
+        "0000ff0004ff0008ff000cff0010ff0014ff0018ff001cff0020ff0024ff0028ff002cff0030ff0034ff0038ff003cff"  # 32-47
+        "0040ff0044ff0048ff004cff0050ff0054ff0058ff005cff0060ff0064ff0068ff006cff0070ff0074ff0078ff007cff"  # 48-63
+        "0080ff0084ff0088ff008cff0090ff0094ff0098ff009cff00a0ff00a4ff00a8ff00acff00b0ff00b4ff00b8ff00bcff"  # 64-79
+        "00c0ff00c4ff00c8ff00ccff00d0ff00d4ff00d8ff00dcff00e0ff00e4ff00e8ff00ecff00f0ff00f4ff00f8ff00fcff"  # 80-95
+        "02fffe06fffa0afff60efff212ffee16ffea1affe61effe222ffde26ffda2affd62effd232ffce36ffca3affc63effc2"  # 96-111
+        "42ffbe46ffba4affb64effb252ffae56ffaa5affa65effa262ff9e66ff9a6aff966eff9272ff8e76ff8a7aff867eff82"  # 112-127
+        "82ff7e86ff7a8aff768eff7292ff6e96ff6a9aff669eff62a2ff5ea6ff5aaaff56aeff52b2ff4eb6ff4abaff46beff42"  # 128-143
+        "c2ff3ec6ff3acaff36ceff32d2ff2ed6ff2adaff26deff22e2ff1ee6ff1aeaff16eeff12f2ff0ef6ff0afaff06feff01"  # 144-159
+        "fffc00fff800fff400fff000ffec00ffe800ffe400ffe000ffdc00ffd800ffd400ffd000ffcc00ffc800ffc400ffc000"  # 160-175
+        "ffbc00ffb800ffb400ffb000ffac00ffa800ffa400ffa000ff9c00ff9800ff9400ff9000ff8c00ff8800ff8400ff8000"  # 176-191
+        "ff7c00ff7800ff7400ff7000ff6c00ff6800ff6400ff6000ff5c00ff5800ff5400ff5000ff4c00ff4800ff4400ff4000"  # 192-207
+        "ff3c00ff3800ff3400ff3000ff2c00ff2800ff2400ff2000ff1c00ff1800ff1400ff1000ff0c00ff0800ff0400ff0000"  # 208-223
+        "fc0000f80000f40000f00000ec0000e80000e40000e00000dc0000d80000d40000d00000cc0000c80000c40000c00000"  # 224-239
+        "bc0000b80000b40000b00000ac0000a80000a40000a000009c00009800009400009000008c0000880000840000800000"  # 240-255
+    ),
+    dtype=np.uint8,
+).reshape(256, 3)
+
+
+def to_uint8(cam: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to 0..255, rounding to nearest.
+
+    Parameters
+    ----------
+    cam : float ``[H, W]``
+
+    Returns
+    -------
+    uint8 ``[H, W]``
+    """
+    scaled = np.multiply(cam, 255, dtype=np.float32)
+    np.clip(scaled, 0, 255, out=scaled)
+    scaled += 0.5
+    return scaled.astype(np.uint8)
+
+
+def colorize(cam: np.ndarray) -> np.ndarray:
+    """Jet heat map of a CAM: float ``[H, W]`` in [0, 1] to uint8 RGB ``[H, W, 3]``."""
+    return JET[to_uint8(cam)]
+
+
+def blend(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``alpha * heat + (1 - alpha) * image``, rounded, in integer arithmetic.
+
+    Parameters
+    ----------
+    image, heat : uint8 ``[H, W, 3]``
+    alpha : float in [0, 1]
+        Opacity of the heat map: 0 gives the photo, 1 the heat map alone.
+
+    Returns
+    -------
+    uint8 ``[H, W, 3]``, within one level of the exact float blend.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], not {alpha}")
+    # alpha in 1/256 steps keeps every term below 2**16.
+    a = np.uint16(round(alpha * 256))
+    out = heat.astype(np.uint16) * a
+    out += image.astype(np.uint16) * (np.uint16(256) - a)
+    out += np.uint16(128)
+    out >>= 8
+    return out.astype(np.uint8)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The jet-coloured CAM blended over the image.
+
+    Parameters
+    ----------
+    image : uint8 ``[H, W, 3]``
+    cam : float ``[H, W]`` in [0, 1], at the image's size
+    alpha : float
+        Heat-map opacity, see :func:`blend`.
+
+    Returns
+    -------
+    uint8 ``[H, W, 3]``
+    """
+    if cam.shape != image.shape[:2]:
+        raise ValueError(f"cam shape {cam.shape} does not match image shape {image.shape[:2]}")
+    return blend(image, colorize(cam), alpha)

@@ -1,0 +1,87 @@
+"""Shared fixtures: a seeded random-init ResNet-18, exported by the real export path.
+
+Exactness is checked against torch on the same weights; the official ResNet-18
+weights cannot be downloaded on the project's machines, and random weights
+exercise every layer just as well.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+EVAL = SHARED / "eval"
+SAMPLE = REPO / "samples" / "chelsea.png"
+
+
+def random_resnet(name: str = "resnet18", seed: int = 0) -> torch.nn.Module:
+    """A torchvision-layout ResNet with seeded random weights and non-trivial BN statistics."""
+    from export import resnet
+
+    torch.manual_seed(seed)
+    net = getattr(resnet, name)()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # defaults (0, 1) would make BN folding untested
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def resnet18_weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "resnet18-random.pth"
+    torch.save(random_resnet().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundle(resnet18_weights, tmp_path_factory) -> Path:
+    from export.__main__ import run
+
+    return run("resnet18", tmp_path_factory.mktemp("bundles") / "resnet18", resnet18_weights)
+
+
+@pytest.fixture(scope="session")
+def torch_net(resnet18_weights) -> torch.nn.Module:
+    """The reference: the same weights loaded into a fresh torch module."""
+    from export import resnet
+
+    net = resnet.resnet18()
+    net.load_state_dict(torch.load(resnet18_weights, weights_only=True), strict=True)
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def model(bundle):
+    import npcam
+
+    return npcam.load(bundle)
+
+
+def photos() -> list[Path]:
+    """Real photos of several sizes and aspects from ../shared/eval, plus the shipped sample."""
+    names = [
+        "images/package_photos/coffee.png",
+        "images/package_photos/rocket.jpg",
+        "images/crop8/ILSVRC2012_val_00000006.JPEG",
+        "images/crop8/ILSVRC2012_val_00000022.JPEG",
+        "images/227/ILSVRC2012_val_00000361.JPEG",
+    ]
+    return [SAMPLE] + [EVAL / n for n in names]
+
+
+def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth colour image with some texture, uint8 ``[H, W, 3]``."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    base = 255 * (0.5 + 0.4 * np.sin(6 * x + 3 * y + np.array([0, 2, 4], dtype=np.float32)))
+    noise = rng.integers(-20, 20, size=(height, width, 3))
+    return np.clip(base + noise, 0, 255).astype(np.uint8)

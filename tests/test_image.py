@@ -1,0 +1,117 @@
+"""Reading images of every mode and orientation, and preprocessing them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import synthetic_image
+from PIL import Image
+
+import npcam
+from npcam import NpcamError
+from npcam.image import input_size
+
+
+def save(tmp_path, image: Image.Image, name: str, **kw):
+    path = tmp_path / name
+    image.save(path, **kw)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1"])
+def test_every_mode_becomes_rgb(tmp_path, mode):
+    rgb = Image.fromarray(synthetic_image(40, 60))
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+    else:
+        img = rgb.convert(mode)
+    suffix = {"CMYK": ".jpg", "F": ".tif", "I": ".tif"}.get(mode, ".png")
+    out = npcam.read_image(save(tmp_path, img, "x" + suffix))
+    assert out.shape == (40, 60, 3) and out.dtype == np.uint8
+    if mode in ("L", "I;16"):
+        np.testing.assert_allclose(out[..., 0], np.asarray(rgb.convert("L")), atol=1)
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    out = npcam.read_image(save(tmp_path, Image.fromarray(rgba), "a.png"))
+    assert (out[:2] == [200, 0, 0]).all() and (out[2:] == 255).all()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path, orientation):
+    # A mark in the top-left corner of the upright image must end up there after reading.
+    upright = np.zeros((40, 60, 3), dtype=np.uint8)
+    upright[:10, :10] = 255
+    stored = (
+        Image.fromarray(upright).transpose(
+            {
+                1: None,
+                2: Image.FLIP_LEFT_RIGHT,
+                3: Image.ROTATE_180,
+                4: Image.FLIP_TOP_BOTTOM,
+                5: Image.TRANSPOSE,
+                6: Image.ROTATE_90,
+                7: Image.TRANSVERSE,
+                8: Image.ROTATE_270,
+            }[orientation]
+        )
+        if orientation != 1
+        else Image.fromarray(upright)
+    )
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = npcam.read_image(save(tmp_path, stored, "o.jpg", exif=exif, quality=95))
+    assert out.shape == (40, 60, 3)
+    assert out[:10, :10].mean() > 200 and out[-10:, -10:].mean() < 50
+
+
+def test_array_and_pil_inputs(tmp_path):
+    rgb = synthetic_image(30, 20)
+    np.testing.assert_array_equal(npcam.read_image(rgb), rgb)
+    np.testing.assert_array_equal(npcam.read_image(Image.fromarray(rgb)), rgb)
+    assert npcam.read_image(rgb[..., 0]).shape == (30, 20, 3)
+    with pytest.raises(NpcamError, match="uint8"):
+        npcam.read_image(rgb.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "not an image"), (b"hello, I am text", "not an image"), (None, "no such file")],
+)
+def test_bad_files_name_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.jpg"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(NpcamError, match=f"bad.jpg: {message}"):
+        npcam.read_image(path)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_image(tmp_path, fmt):
+    path = save(tmp_path, Image.fromarray(synthetic_image(200, 200)), "t." + fmt.lower(), format=fmt)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(NpcamError, match="cannot decode"):
+        npcam.read_image(path)
+
+
+def test_pixel_limit_is_checked_before_decoding(tmp_path):
+    path = save(tmp_path, Image.new("RGB", (300, 200)), "big.png")
+    with pytest.raises(NpcamError, match="60,000 pixels, over the limit of 50,000"):
+        npcam.read_image(path, max_pixels=50_000)
+    assert npcam.read_image(path, max_pixels=60_000).shape == (200, 300, 3)
+
+
+def test_input_size():
+    assert input_size(300, 451, 224, keep_aspect=False) == (224, 224)
+    assert input_size(300, 451, 224, keep_aspect=True) == (224, 337)
+    assert input_size(1, 10000, 224, keep_aspect=True) == (224, 896)  # long side capped at 4x
+
+
+def test_keep_aspect_gives_a_non_square_map(model):
+    pred = model.predict(synthetic_image(300, 600), keep_aspect=True)
+    assert pred.features.shape == (512, 7, 14)
+    assert model.cam(pred, size=(300, 600)).shape == (300, 600)

@@ -1,0 +1,161 @@
+"""npcam against torch on the same weights.
+
+Tolerances (absolute, on values in [0, 1] unless said):
+- network input: 1e-6 (same float32 operations in the same order)
+- features and logits: 1e-4 relative to the largest magnitude (onnxruntime
+  and torch use different conv kernels; float32 summation order differs)
+- low-res CAM: 1e-5; full-res CAM vs ``F.interpolate``: 1e-4
+- colormap: exact, vs OpenCV; overlay: 1 level of 255
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import photos, synthetic_image
+from PIL import Image
+
+import npcam
+from npcam import render
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def torch_input(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
+    """torchvision's Resize((s, s)) + ToTensor + Normalize, spelled out in torch."""
+    resized = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div(255)
+    return ((x - MEAN) / STD)[None]
+
+
+def torch_cam(features: torch.Tensor, fc_weight: torch.Tensor, c: int) -> torch.Tensor:
+    """The paper's CAM in torch: relu(sum_k w_k f_k) / max."""
+    cam = torch.relu(torch.einsum("k,khw->hw", fc_weight[c], features))
+    return cam / cam.max() if cam.max() > 0 else cam
+
+
+def images() -> list[tuple[str, np.ndarray]]:
+    real = [(p.name, npcam.read_image(p)) for p in photos()]
+    odd = [(f"{h}x{w}", synthetic_image(h, w, seed=h + w)) for h, w in [(1, 1), (3, 1000), (4000, 3000)]]
+    return real + odd
+
+
+@pytest.fixture(scope="module")
+def cases(model, torch_net):
+    """Each image through npcam and through torch."""
+    out = []
+    for name, rgb in images():
+        pred = model.predict(rgb)
+        x = torch_input(rgb)
+        with torch.no_grad():
+            features = torch_net.trunk(x)[0]
+            logits = torch_net(x)[0]
+        out.append((name, rgb, pred, features, logits))
+    return out
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def test_input_tensor_matches_torch(model):
+    for _, rgb in images()[:3]:
+        got = npcam.preprocess(rgb, 224, model.mean, model.std)
+        np.testing.assert_allclose(got, torch_input(rgb).numpy(), rtol=0, atol=1e-6)
+
+
+def test_features_and_logits_match_torch(cases):
+    for name, _, pred, features, logits in cases:
+        assert relative_error(pred.features, features.numpy()) <= 1e-4, name
+        assert relative_error(pred.logits, logits.numpy()) <= 1e-4, name
+        assert pred.top1 == int(logits.argmax()), name
+        np.testing.assert_allclose(pred.probs, torch.softmax(logits, 0).numpy(), atol=1e-6)
+
+
+def test_low_res_cam_matches_torch(model, torch_net, cases):
+    fc_weight = torch_net.fc.weight.detach()
+    rng = np.random.default_rng(1)
+    for name, _, pred, features, _ in cases:
+        classes = [pred.top1, *rng.choice(1000, 4, replace=False).tolist()]
+        got = model.cam(pred, classes)  # one matmul for all classes
+        assert got.shape == (5, 7, 7) and got.dtype == np.float32
+        for c, cam in zip(classes, got):
+            want = torch_cam(features, fc_weight, c).numpy()
+            assert np.abs(cam - want).max() <= 1e-5, (name, c)
+
+
+def test_full_res_cam_matches_interpolate(model, torch_net, cases):
+    fc_weight = torch_net.fc.weight.detach()
+    for name, rgb, pred, features, _ in cases:
+        size = rgb.shape[:2]
+        got = model.cam(pred, pred.top1, size=size)
+        low = torch_cam(features, fc_weight, pred.top1)
+        want = F.interpolate(low[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+        assert got.shape == size
+        assert np.abs(got - want).max() <= 1e-4, name
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 1000), (7, 7), (5, 3), (224, 224), (300, 451), (4000, 3000)])
+def test_upsample_matches_interpolate(size):
+    cam = np.random.default_rng(0).random((7, 9), dtype=np.float32)
+    want = F.interpolate(torch.from_numpy(cam)[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(npcam.upsample(cam, size), want.numpy(), rtol=0, atol=1e-6)
+
+
+def test_softmax_weighting_is_the_tutorials(model, torch_net, cases):
+    fc_weight = torch_net.fc.weight.detach()
+    for name, _, pred, features, _ in cases[:3]:
+        c = pred.top1
+        # The seed tutorial's step 3, on the same features.
+        weights = torch.softmax(fc_weight[c], dim=0)
+        res = torch.einsum("k,khw->hw", weights, features)
+        want = (res / res.max()).clamp(0, 1).numpy()
+        np.testing.assert_allclose(model.cam(pred, c, weighting="softmax"), want, rtol=0, atol=1e-5, err_msg=name)
+
+
+def test_jet_table_is_opencvs():
+    gray = np.arange(256, dtype=np.uint8)[:, None]
+    want = cv2.applyColorMap(gray, cv2.COLORMAP_JET)[:, 0, ::-1]  # BGR -> RGB
+    np.testing.assert_array_equal(render.JET, want)
+
+
+def test_colorize_matches_opencv_on_a_cam():
+    cam = npcam.upsample(np.random.default_rng(2).random((7, 7), dtype=np.float32), (300, 451))
+    gray = render.to_uint8(cam)
+    np.testing.assert_array_equal(gray, np.floor(cam * np.float32(255) + np.float32(0.5)).astype(np.uint8))  # half up
+    want = cv2.applyColorMap(gray, cv2.COLORMAP_JET)[:, :, ::-1]
+    np.testing.assert_array_equal(npcam.colorize(cam), want)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.6, 1.0])
+def test_overlay_within_one_level(alpha):
+    rgb = synthetic_image(300, 451)
+    cam = npcam.upsample(np.random.default_rng(3).random((7, 7), dtype=np.float32), rgb.shape[:2])
+    heat = npcam.colorize(cam)
+    got = npcam.overlay(rgb, cam, alpha).astype(int)
+    exact = alpha * heat + (1 - alpha) * rgb
+    assert np.abs(got - exact).max() <= 1
+    opencv = cv2.addWeighted(heat, alpha, rgb, 1 - alpha, 0)
+    assert np.abs(got - opencv).max() <= 1
+    if alpha == 0:
+        np.testing.assert_array_equal(got, rgb)
+
+
+def test_cam_with_no_positive_evidence_is_zero_not_nan():
+    features = np.abs(np.random.default_rng(4).standard_normal((8, 7, 7), dtype=np.float32))
+    fc_weight = -np.ones((2, 8), dtype=np.float32)
+    fc_weight[1] = 0
+    cams = npcam.class_activation_maps(features, fc_weight, [0, 1])
+    assert np.isfinite(cams).all() and not cams.any()
+
+
+def test_cam_is_scaled_to_one_and_mean_is_the_score(model, cases):
+    _, _, pred, _, _ = cases[0]
+    raw = model.fc_weight[pred.top1] @ pred.features.reshape(pred.features.shape[0], -1)
+    # The CAM's mean is the class score less the bias: what makes it a faithful map.
+    assert abs(raw.mean() + model.fc_bias[pred.top1] - pred.logits[pred.top1]) <= 1e-4 * abs(pred.logits).max()
+    assert model.cam(pred).max() == pytest.approx(1.0)
