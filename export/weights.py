@@ -21,6 +21,10 @@ class ExportError(Exception):
     """A problem the user can fix, as one line."""
 
 
+class WeightsNotFound(ExportError):
+    """No source had the weights (offline, no cache, no package)."""
+
+
 def find_weights(arch: Arch, explicit: Path | None = None) -> Path:
     """The state-dict file to export, trying in order:
 
@@ -55,7 +59,7 @@ def find_weights(arch: Arch, explicit: Path | None = None) -> Path:
             return download(url, cache / url.rsplit("/", 1)[1])
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             tried.append(f"downloading {url} ({getattr(e, 'reason', e)})")
-    raise ExportError(f"no weights for {arch.name}: tried " + "; ".join(tried) + ". Pass --weights FILE.")
+    raise WeightsNotFound(f"no weights for {arch.name}: tried " + "; ".join(tried) + ". Pass --weights FILE.")
 
 
 def _attr(obj, dotted: str):

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__, render
+from .boxes import DEFAULT_THRESHOLD, PAPER_THRESHOLD, cam_box, parse_threshold
 from .cam import WEIGHTINGS
 from .errors import NpcamError
 from .files import atomic_write
@@ -78,6 +79,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fc",
         help="CAM weights: fc = the paper (default), softmax = the seed tutorial's",
     )
+    p.add_argument("--bbox", action="store_true", help="draw the CAM's bounding box and report it in --json")
+    p.add_argument(
+        "--threshold",
+        type=parse_threshold,
+        default=DEFAULT_THRESHOLD,
+        help="box threshold: 'mean' (the CAM's mean, default) or a fraction of its max "
+        f"(the paper's rule is {PAPER_THRESHOLD})",
+    )
+    p.add_argument("--size", type=int, help="network input size (default: the bundle's, e.g. 224)")
     p.add_argument("--save-cam", action="store_true", help="also write the full-resolution CAM as float32 .npy")
     p.add_argument("--json", action="store_true", help="print one JSON object per image on stdout")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: one per core)")
@@ -86,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         p.error("--alpha must be between 0 and 1")
-    for name in ("top", "threads", "max_pixels"):
+    for name in ("top", "threads", "max_pixels", "size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -182,7 +192,7 @@ def plan(images: list[tuple[Path, Path | None]], output: str | None, multiple: b
 
 def process(model: Model, job: Job, args: argparse.Namespace, class_index: int | None) -> dict:
     """Predict, render and write one image; returns its JSON record."""
-    pred = model.predict(job.image, keep_aspect=args.keep_aspect, max_pixels=args.max_pixels)
+    pred = model.predict(job.image, keep_aspect=args.keep_aspect, max_pixels=args.max_pixels, size=args.size)
     classes = [class_index] if class_index is not None else [c for c, _, _ in pred.top(args.top)]
     size = pred.image.shape[:2]
     maps = []
@@ -190,8 +200,14 @@ def process(model: Model, job: Job, args: argparse.Namespace, class_index: int |
         cam = model.cam(pred, c, size=size, weighting=args.weights)
         output = job.output_for(c)
         output.parent.mkdir(parents=True, exist_ok=True)
-        _save_image(output, render.overlay(pred.image, cam, args.alpha))
+        picture = render.overlay(pred.image, cam, args.alpha)
         entry = {"class": c, "label": pred.labels[c], "score": float(pred.probs[c]), "output": str(output)}
+        if args.bbox:
+            box = cam_box(cam, args.threshold)
+            entry["bbox"] = list(box) if box else None
+            if box:
+                picture = render.draw_box(picture, box)
+        _save_image(output, picture)
         if args.save_cam:
             cam_file = output.with_suffix(".npy")
             atomic_write(cam_file, lambda f, cam=cam: np.save(f, cam.astype(np.float32), allow_pickle=False))

@@ -125,13 +125,34 @@ class Model:
             )
         return features
 
-    def predict(self, image: ImageLike, keep_aspect: bool = False, max_pixels: int = MAX_PIXELS) -> Prediction:
-        """Read, preprocess and classify one image (one trunk call)."""
-        rgb = read_image(image, max_pixels=max_pixels)
-        batch = preprocess(rgb, self.input_size, self.mean, self.std, keep_aspect)
-        features = self.features(batch)
-        logits = cam_lib.logits(features, self.fc_weight, self.fc_bias)[0]
-        return Prediction(rgb, features[0], logits, cam_lib.softmax(logits), self.labels)
+    def predict(
+        self,
+        image: ImageLike,
+        keep_aspect: bool = False,
+        max_pixels: int = MAX_PIXELS,
+        size: int | None = None,
+    ) -> Prediction:
+        """Read, preprocess and classify one image (one trunk call).
+
+        ``size`` overrides the bundle's input size (the trunk is fully convolutional).
+        """
+        return self.predict_many([read_image(image, max_pixels=max_pixels)], keep_aspect, size)[0]
+
+    def predict_many(
+        self, images: Sequence[np.ndarray], keep_aspect: bool = False, size: int | None = None
+    ) -> list[Prediction]:
+        """Classify RGB uint8 ``[H, W, 3]`` images, one trunk call per group of equal input shape."""
+        batches = [preprocess(rgb, size or self.input_size, self.mean, self.std, keep_aspect) for rgb in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, batch in enumerate(batches):
+            groups.setdefault(batch.shape, []).append(i)
+        preds: list[Prediction | None] = [None] * len(images)
+        for members in groups.values():
+            features = self.features(np.concatenate([batches[i] for i in members]))
+            logits = cam_lib.logits(features, self.fc_weight, self.fc_bias)
+            for i, f, z in zip(members, features, logits):
+                preds[i] = Prediction(images[i], f, z, cam_lib.softmax(z), self.labels)
+        return preds
 
     # features -> CAM -> overlay
 

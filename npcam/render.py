@@ -96,3 +96,23 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
     if cam.shape != image.shape[:2]:
         raise ValueError(f"cam shape {cam.shape} does not match image shape {image.shape[:2]}")
     return blend(image, colorize(cam), alpha)
+
+
+def draw_box(image: np.ndarray, box: tuple[int, int, int, int], color=(255, 255, 255)) -> np.ndarray:
+    """A copy of uint8 ``[H, W, 3]`` with the outline of inclusive box ``(x0, y0, x1, y1)``.
+
+    The line is white with a black edge, so that it shows on every jet colour,
+    and about 1/150 of the image's short side thick (at least 1 pixel).
+    """
+    out = image.copy()
+    x0, y0, x1, y1 = box
+    thick = max(1, min(image.shape[:2]) // 150)
+    for width, c in ((thick + 1, (0, 0, 0)), (thick, color)):
+        for ys, xs in (
+            (slice(y0, y0 + width), slice(x0, x1 + 1)),
+            (slice(max(y1 - width + 1, y0), y1 + 1), slice(x0, x1 + 1)),
+            (slice(y0, y1 + 1), slice(x0, x0 + width)),
+            (slice(y0, y1 + 1), slice(max(x1 - width + 1, x0), x1 + 1)),
+        ):
+            out[ys, xs] = c
+    return out

