@@ -19,6 +19,22 @@ EVAL = SHARED / "eval"
 SAMPLE = REPO / "samples" / "chelsea.png"
 
 
+# Largest errors seen by the parity tests, printed at the end of the run.
+MEASURED: dict[str, float] = {}
+
+
+def record(name: str, value: float) -> float:
+    MEASURED[name] = max(MEASURED.get(name, 0.0), value)
+    return value
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASURED:
+        terminalreporter.section("npcam vs torch: largest errors measured")
+        for name, value in sorted(MEASURED.items()):
+            terminalreporter.write_line(f"{name}: {value:.2e}")
+
+
 def random_resnet(name: str = "resnet18", seed: int = 0) -> torch.nn.Module:
     """A torchvision-layout ResNet with seeded random weights and non-trivial BN statistics."""
     from export import resnet

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import photos, synthetic_image
+from conftest import photos, record, synthetic_image
 from PIL import Image
 
 import npcam
@@ -70,8 +70,8 @@ def test_input_tensor_matches_torch(model):
 
 def test_features_and_logits_match_torch(cases):
     for name, _, pred, features, logits in cases:
-        assert relative_error(pred.features, features.numpy()) <= 1e-4, name
-        assert relative_error(pred.logits, logits.numpy()) <= 1e-4, name
+        assert record("features, relative", relative_error(pred.features, features.numpy())) <= 1e-4, name
+        assert record("logits, relative", relative_error(pred.logits, logits.numpy())) <= 1e-4, name
         assert pred.top1 == int(logits.argmax()), name
         np.testing.assert_allclose(pred.probs, torch.softmax(logits, 0).numpy(), atol=1e-6)
 
@@ -85,7 +85,7 @@ def test_low_res_cam_matches_torch(model, torch_net, cases):
         assert got.shape == (5, 7, 7) and got.dtype == np.float32
         for c, cam in zip(classes, got):
             want = torch_cam(features, fc_weight, c).numpy()
-            assert np.abs(cam - want).max() <= 1e-5, (name, c)
+            assert record("low-res CAM, abs", np.abs(cam - want).max()) <= 1e-5, (name, c)
 
 
 def test_full_res_cam_matches_interpolate(model, torch_net, cases):
@@ -96,7 +96,7 @@ def test_full_res_cam_matches_interpolate(model, torch_net, cases):
         low = torch_cam(features, fc_weight, pred.top1)
         want = F.interpolate(low[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
         assert got.shape == size
-        assert np.abs(got - want).max() <= 1e-4, name
+        assert record("full-res CAM, abs", np.abs(got - want).max()) <= 1e-4, name
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 1000), (7, 7), (5, 3), (224, 224), (300, 451), (4000, 3000)])
@@ -138,7 +138,7 @@ def test_overlay_within_one_level(alpha):
     heat = npcam.colorize(cam)
     got = npcam.overlay(rgb, cam, alpha).astype(int)
     exact = alpha * heat + (1 - alpha) * rgb
-    assert np.abs(got - exact).max() <= 1
+    assert record("overlay vs float blend, levels", np.abs(got - exact).max()) <= 1
     opencv = cv2.addWeighted(heat, alpha, rgb, 1 - alpha, 0)
     assert np.abs(got - opencv).max() <= 1
     if alpha == 0:
