@@ -69,13 +69,14 @@ def class_activation_maps(
     weights = fc_weight[np.asarray(classes, dtype=np.intp)]
     if weighting == "softmax":
         weights = softmax(weights, axis=1)
-    cams = (weights @ features.reshape(channels, h * w)).reshape(-1, h, w)
-    return normalize(cams)
+    # float64: cheap at [k, C] @ [C, h*w], and no finite float32 input can overflow it.
+    cams = weights.astype(np.float64) @ features.reshape(channels, h * w).astype(np.float64)
+    return normalize(cams.reshape(-1, h, w))
 
 
 def normalize(cams: np.ndarray) -> np.ndarray:
-    """ReLU each map of ``[k, h, w]``, then divide it by its max (float32, in place safe)."""
-    cams = np.maximum(cams, 0, dtype=np.float32)
+    """ReLU each map of ``[k, h, w]``, then divide it by its max; returns float32 in [0, 1]."""
+    cams = np.maximum(cams, 0)
     peak = cams.max(axis=(1, 2), keepdims=True)
     # An all-zero map stays zero: dividing by 1 there avoids 0/0.
-    return cams / np.where(peak > 0, peak, 1).astype(np.float32)
+    return (cams / np.where(peak > 0, peak, 1)).astype(np.float32)

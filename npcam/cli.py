@@ -104,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a file name that is not valid UTF-8 must not crash a print
+            stream.reconfigure(errors="backslashreplace")
     args = parse_args(argv)
     Image.MAX_IMAGE_PIXELS = args.max_pixels  # Pillow's bomb error then only fires above twice our limit
     try:
