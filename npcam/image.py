@@ -70,6 +70,10 @@ def read_image(source: ImageLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         # Pillow reports truncated and corrupt data as these.
         raise NpcamError(f"{path}: cannot decode image ({e})") from None
+    except Exception as e:
+        # Decoders meet arbitrary bytes and fail in arbitrary ways (the fuzzer found a
+        # TypeError from a TIFF tag of the wrong type): the file cannot be decoded.
+        raise NpcamError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

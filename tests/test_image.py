@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pytest
 from conftest import synthetic_image
@@ -115,3 +117,16 @@ def test_keep_aspect_gives_a_non_square_map(model):
     pred = model.predict(synthetic_image(300, 600), keep_aspect=True)
     assert pred.features.shape == (512, 7, 14)
     assert model.cam(pred, size=(300, 600)).shape == (300, 600)
+
+
+def test_fuzzer_finding_tiff_with_double_strip_offsets(tmp_path):
+    """Found by scripts/fuzz_decode.py: Pillow raises TypeError loading this TIFF."""
+    data = base64.b64decode(
+        "SUkqAAgAAAAKAAABBAABAAAAEQAAAAEBBAABAAAADAAAAAIBAwADAAAAhgAAAAMBAwABAAAAAQAAAAYBAwABAAAAAgAAABEBDAAB"
+        "AAAAjAAAABUBAwABAAAAAwAAABYBBAABAAAADAAAABcBBAABAAAAZAIAABwBAwABAAAAAQAAAAAAAAAIAAgACABegcFv1cALfMfa"
+        "a7ANBwtOxZ1n"
+    )
+    path = tmp_path / "fuzz.tif"
+    path.write_bytes(data)
+    with pytest.raises(NpcamError, match="fuzz.tif: cannot decode image"):
+        npcam.read_image(path)

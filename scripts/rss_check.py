@@ -1,0 +1,60 @@
+"""Does memory stay flat over a long run? Process N images in one process, watch RSS.
+
+    python scripts/rss_check.py --model DIR [--images DIR] [-n 500]
+
+Runs the CLI's per-image path (read, predict, CAM, overlay, box, atomic
+JPEG + .npy write) over the images in ``--images`` (default ../shared/eval/images),
+cycling through them until N are done, and prints RSS (Linux ``VmRSS``) at
+intervals. Growth after the warm-up is what a leak would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from npcam.cli import Job, collect, parse_args, process
+from npcam.model import Model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS: this check needs Linux")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--images", type=Path, default=REPO.parent / "shared" / "eval" / "images")
+    p.add_argument("-n", type=int, default=500)
+    args = p.parse_args()
+    model = Model(args.model)
+    images = [path for path, _ in collect([str(args.images)])[0]]
+    if not images:
+        print(f"rss_check: error: {args.images}: no images", file=sys.stderr)
+        return 2
+    print(f"{args.n} images from {args.images} ({len(images)} files, cycled), model {model.arch}")
+    print(f"{'images':>7} {'RSS MiB':>8}")
+    print(f"{0:>7} {rss_mib():8.1f}")
+    with tempfile.TemporaryDirectory() as out:
+        cli_args = parse_args(["x", "--bbox", "--save-cam"])
+        readings = {}
+        for i in range(args.n):
+            path = images[i % len(images)]
+            process(model, Job(path, Path(out) / f"{i}_cam.jpg"), cli_args, None)
+            if (i + 1) in (1, 10, 50) or (i + 1) % 100 == 0:
+                readings[i + 1] = rss_mib()
+                print(f"{i + 1:>7} {readings[i + 1]:8.1f}", flush=True)
+    warm = readings.get(50, readings[min(readings)])
+    print(f"growth from image 50 to {args.n}: {readings[max(readings)] - warm:+.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Hostile and odd inputs, interrupted runs, full disks: one-line errors, no partial files.
+
+Every bad input is generated here; nothing binary is checked in. Permission
+cases need permission bits to matter, so as root the CLI runs without the
+capabilities that let root ignore them (``setpriv``, from util-linux).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, SAMPLE, synthetic_image
+from PIL import Image
+
+from npcam.cli import main
+
+UNPRIVILEGED = (
+    ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    if os.geteuid() == 0
+    else []
+)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` but holds a few bytes of data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def corpus(directory: Path) -> dict[str, tuple[str, str | None]]:
+    """Write every case into ``directory``; returns name -> (expected outcome, error text or None)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(synthetic_image(120, 160))
+    jpeg, png = encoded(rgb, "JPEG"), encoded(rgb, "PNG")
+    frames = [Image.fromarray(synthetic_image(50, 70, seed=s)).convert("P") for s in range(3)]
+    palette = rgb.convert("P")
+    cases = {
+        "empty.jpg": (b"", "error", "not an image"),
+        "random.jpg": (rng.bytes(5000), "error", "not an image"),
+        "text.jpg": (b"this is a text file, not a JPEG\n" * 10, "error", "not an image"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "error", "cannot decode"),
+        "truncated.png": (png[: len(png) // 2], "error", "cannot decode"),
+        "bomb.png": (png_claiming(100_000, 100_000), "error", "decompression bomb"),
+        "tiny.png": (encoded(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "ok", None),
+        "strip.png": (encoded(Image.fromarray(synthetic_image(1, 10_000)), "PNG"), "ok", None),
+        "gray16.png": (encoded(Image.fromarray(rng.integers(0, 65535, (80, 60), dtype=np.uint16)), "PNG"), "ok", None),
+        "cmyk.jpg": (encoded(rgb.convert("CMYK"), "JPEG"), "ok", None),
+        "palette_transparent.png": (encoded(palette, "PNG", transparency=0), "ok", None),
+        "rgba.png": (encoded(rgb.convert("RGBA"), "PNG"), "ok", None),
+        "la.png": (encoded(rgb.convert("LA"), "PNG"), "ok", None),
+        "animated.gif": (encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]), "ok", None),
+    }
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        cases[f"exif{orientation}.jpg"] = (encoded(rgb, "JPEG", exif=exif), "ok", None)
+    expected = {}
+    for name, (data, outcome, message) in cases.items():
+        (directory / name).write_bytes(data)
+        expected[name] = (outcome, message)
+    (directory / "broken_link.jpg").symlink_to(directory / "does_not_exist.jpg")
+    expected["broken_link.jpg"] = ("error", "no such file")
+    odd_name = os.fsdecode(b"caf\xe9-\xff.jpg")  # Latin-1 bytes: not valid UTF-8
+    (directory / odd_name).write_bytes(jpeg)
+    expected[odd_name] = ("ok", None)
+    return expected
+
+
+def outputs_are_complete(directory: Path) -> list[Path]:
+    """Every file in ``directory`` decodes fully; no temporary files are left. Returns the files."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    assert [p for p in files if p.name.startswith(".") or p.suffix == ".tmp"] == []
+    for p in files:
+        with Image.open(p) as image:
+            image.load()  # raises on a truncated file
+    return files
+
+
+@pytest.fixture
+def cli(bundle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args):
+        code = main(["-m", str(bundle), *map(str, args)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_each_bad_or_odd_image_has_its_documented_outcome(cli, tmp_path):
+    inputs = tmp_path / "corpus"
+    inputs.mkdir()
+    expected = corpus(inputs)
+    for name, (outcome, message) in expected.items():
+        out_dir = tmp_path / "out" / name.encode("utf-8", "surrogateescape").hex()
+        code, out, err = cli(inputs / name, "-o", f"{out_dir}/", "--json")
+        record = json.loads(out.splitlines()[-1])
+        if outcome == "ok":
+            assert code == 0, (name, err)
+            width, height = Image.open(record["output"]).size
+            assert (width, height) == (record["width"], record["height"]), name
+        else:
+            assert code == 1, name
+            assert err.count("\n") == 1 and err.startswith("npcam: error: ") and message in err, (name, err)
+            assert str(inputs / name).encode("utf-8", "backslashreplace").decode() in err or name in err
+            assert not out_dir.exists() or outputs_are_complete(out_dir) == []
+
+
+def test_a_strip_keeps_its_shape(cli, tmp_path):
+    Image.fromarray(synthetic_image(10_000, 1)).save(tmp_path / "tall.png")
+    code, out, _ = cli(tmp_path / "tall.png", "--json")
+    assert code == 0 and Image.open(json.loads(out)["output"]).size == (1, 10_000)
+
+
+def test_pixel_limit_flag(cli, tmp_path):
+    Image.fromarray(synthetic_image(300, 400)).save(tmp_path / "p.png")
+    code, _, err = cli(tmp_path / "p.png", "--max-pixels", "100000")
+    assert code == 1 and "120,000 pixels, over the limit of 100,000 (raise it with --max-pixels)" in err
+    assert cli(tmp_path / "p.png", "--max-pixels", "120000")[0] == 0
+
+
+def test_batch_of_20_good_and_10_bad(cli, tmp_path):
+    data = tmp_path / "batch"
+    data.mkdir()
+    for i in range(20):
+        Image.fromarray(synthetic_image(60 + i, 80, seed=i)).save(data / f"good{i:02d}.jpg")
+    bad = {f"bad{i:02d}.{'jpg' if i % 2 else 'png'}": b"\0" * i for i in range(10)}
+    for name, data_bytes in bad.items():
+        (data / name).write_bytes(data_bytes)
+    code, out, err = cli(data, "-o", f"{tmp_path}/out/")
+    assert code == 1
+    assert len(outputs_are_complete(tmp_path / "out")) == 20
+    for name in bad:
+        assert err.count(f"{data / name}:") == 1, name
+    assert err.count("npcam: error:") == 10 and len(out.splitlines()) == 20
+
+
+def test_full_disk_leaves_no_file(cli, tmp_path, monkeypatch):
+    real_fdopen = os.fdopen
+
+    def to_dev_full(fd, mode="r", *args, **kwargs):
+        os.close(fd)  # the temporary file stays, empty, as on a disk that just filled up
+        return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", to_dev_full)
+    code, _, err = cli(SAMPLE, "-o", f"{tmp_path}/out/")
+    monkeypatch.undo()
+    assert code == 1 and "No space left on device" in err and "chelsea.png" in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_writing_over_a_special_file_is_refused(cli, tmp_path):
+    fifo = tmp_path / "out.png"
+    os.mkfifo(fifo)  # renaming over it would destroy it, as it would a device
+    code, _, err = cli(SAMPLE, "-o", fifo)
+    assert code == 1 and "is not a regular file" in err
+    assert fifo.is_fifo() and [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_existing_output_is_replaced_whole(cli, tmp_path):
+    target = tmp_path / "out.png"
+    target.write_bytes(b"old content")
+    assert cli(SAMPLE, "-o", target)[0] == 0
+    assert Image.open(target).size == (451, 300)
+
+
+def run_cli(args, cwd, unprivileged=False, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = (UNPRIVILEGED if unprivileged else []) + [sys.executable, "-m", "npcam", *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+needs_setpriv = pytest.mark.skipif(
+    os.geteuid() == 0 and shutil.which("setpriv") is None,
+    reason="running as root without setpriv: permission bits cannot be enforced",
+)
+
+
+@needs_setpriv
+def test_unreadable_file(bundle, tmp_path):
+    Image.fromarray(synthetic_image(50, 50)).save(tmp_path / "locked.jpg")
+    (tmp_path / "locked.jpg").chmod(0)
+    result = run_cli(["-m", bundle, tmp_path / "locked.jpg"], tmp_path, unprivileged=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"npcam: error: {tmp_path / 'locked.jpg'}: permission denied"
+
+
+@needs_setpriv
+def test_unwritable_output_directory(bundle, tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    result = run_cli(["-m", bundle, SAMPLE, "-o", f"{tmp_path}/ro/"], tmp_path, unprivileged=True)
+    assert result.returncode == 1 and "Permission denied" in result.stderr and "Traceback" not in result.stderr
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_broken_bundle_stops_before_any_image(bundle, tmp_path):
+    broken = tmp_path / "bundle"
+    shutil.copytree(bundle, broken)
+    (broken / "trunk.onnx").write_bytes(b"not onnx")
+    result = run_cli(["-m", broken, SAMPLE, "-o", f"{tmp_path}/out/"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "trunk.onnx" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_leaves_only_complete_files(bundle, tmp_path):
+    data = tmp_path / "many"
+    data.mkdir()
+    for i in range(60):
+        Image.fromarray(synthetic_image(750, 1000, seed=i)).save(data / f"p{i:02d}.png")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "npcam", "-m", str(bundle), str(data), "-o", f"{out}/"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(out.glob("*.jpg"))) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert 3 <= len(outputs_are_complete(out)) < 60
