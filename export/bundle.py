@@ -42,10 +42,14 @@ class _Trunk(nn.Module):
         return self.net.trunk(x)
 
 
-def export_bundle(arch: Arch, net: nn.Module, out: Path, source: Path, opset: int = OPSET) -> dict:
+def export_bundle(
+    arch: Arch, net: nn.Module, out: Path, source: Path, opset: int = OPSET, calibrate: Path | None = None
+) -> dict:
     """Export ``net`` (weights loaded, any mode) as a bundle at ``out``.
 
-    Returns the bundle metadata and the self-check's errors.
+    With ``calibrate`` (a directory of images) the trunk is quantized to int8
+    after the fp32 trunk has passed the self-check. Returns the bundle
+    metadata and the checks' results.
     """
     net = net.eval()
     out = out.expanduser().absolute()
@@ -59,6 +63,8 @@ def export_bundle(arch: Arch, net: nn.Module, out: Path, source: Path, opset: in
     try:
         meta = _write(arch, net, tmp, source, opset)
         meta["check"] = self_check(arch, net, tmp)
+        if calibrate is not None:
+            meta["int8"] = _quantize(tmp, meta, calibrate)
         _replace_dir(tmp, out)
         return meta
     finally:
@@ -99,6 +105,7 @@ def _write(arch: Arch, net: nn.Module, tmp: Path, source: Path, opset: int) -> d
         "classes": fc.out_features,
         "files": {name: _sha256(tmp / name) for name in FILES},
         "source_weights": {"name": source.name, "sha256": _sha256(source)},
+        "precision": "fp32",
         "opset": opset,
         "versions": {
             "npcam": npcam.__version__,
@@ -111,6 +118,25 @@ def _write(arch: Arch, net: nn.Module, tmp: Path, source: Path, opset: int) -> d
     }
     (tmp / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
+
+
+def _quantize(bundle: Path, meta: dict, calibrate: Path) -> dict:
+    """Quantize the bundle's trunk in place; returns how closely it follows fp32."""
+    from .quantize import agreement, calibration_inputs, quantize_trunk
+
+    fp32 = npcam.load(bundle)
+    inputs = calibration_inputs(calibrate, fp32)
+    quantize_trunk(bundle / "trunk.onnx", inputs)
+    meta["precision"] = "int8"
+    meta["calibration"] = {"images": len(inputs), "method": "MinMax", "format": "QDQ, per-channel weights"}
+    meta["files"]["trunk.onnx"] = _sha256(bundle / "trunk.onnx")
+    (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    result = agreement(fp32, npcam.load(bundle), inputs)
+    if result["top1_agreement"] < 0.8:
+        raise ExportError(
+            f"int8 trunk agrees with fp32 on only {result['top1_agreement']:.0%} of the calibration images"
+        )
+    return result
 
 
 def self_check(arch: Arch, net: nn.Module, bundle: Path) -> dict:

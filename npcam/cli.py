@@ -11,7 +11,13 @@ import argparse
 import json
 import os
 import sys
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +28,12 @@ from .boxes import DEFAULT_THRESHOLD, PAPER_THRESHOLD, cam_box, parse_threshold
 from .cam import WEIGHTINGS
 from .errors import NpcamError
 from .files import atomic_write
-from .image import MAX_PIXELS
+from .image import MAX_PIXELS, read_image
 from .model import Model, Prediction, default_model_dir
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+BATCH = 4  # images per trunk call in a directory run: enough to amortize, little memory
 SAVE_OPTIONS = {"JPEG": {"quality": 90}, "PNG": {"compress_level": 1}, "WEBP": {"quality": 90}}
 
 
@@ -121,26 +128,84 @@ def main(argv: list[str] | None = None) -> int:
     for message in missing:
         _error(message, args.json)
     try:
-        for n, job in enumerate(jobs, 1):
-            _progress(n, len(jobs), job.image)
-            try:
-                record = process(model, job, args, class_index)
-            except NpcamError as e:
-                failed += 1
-                _error(str(e), args.json, job.image)
-                continue
-            except (MemoryError, OSError) as e:
-                failed += 1
-                _error(f"{job.image}: {type(e).__name__}: {e}", args.json, job.image)
-                continue
-            _clear_progress()
-            print(json.dumps(record) if args.json else _describe(record, verbose=len(jobs) == 1), flush=True)
+        with closing(run(model, jobs, args, class_index)) as results:
+            for n, (job, result) in enumerate(results, 1):
+                _progress(n, len(jobs), job.image)
+                if isinstance(result, str):
+                    failed += 1
+                    _error(result, args.json, job.image)
+                    continue
+                _clear_progress()
+                print(json.dumps(result) if args.json else _describe(result, verbose=len(jobs) == 1), flush=True)
     except KeyboardInterrupt:
         _clear_progress()
         _error("interrupted; files already written are complete")
         return EXIT_INTERRUPTED
     _clear_progress()
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def run(
+    model: Model, jobs: list[Job], args: argparse.Namespace, class_index: int | None
+) -> Iterator[tuple[Job, dict | str]]:
+    """Process the jobs, yielding each with its JSON record or its one-line error, in input order.
+
+    Two worker threads read and preprocess the next images, and render and
+    write finished ones, while this thread runs the trunk: onnxruntime, Pillow's
+    codecs and NumPy's large operations release the GIL. Up to ``BATCH``
+    consecutive images share a trunk call when their input shapes match. On
+    an interrupt, work not started is dropped and files being written are
+    finished, so that only complete files remain.
+    """
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        rendering: deque[tuple[Job, Future | str]] = deque()
+        loading = _ahead(pool, jobs, partial(_load, model, args), depth=2 * BATCH)
+        while batch := list(islice(loading, BATCH)):
+            loaded = [(job, _result(job, future)) for job, future in batch]
+            ready = [(job, item) for job, item in loaded if not isinstance(item, str)]
+            preds = iter(model.predict_batch([rgb for _, (rgb, _) in ready], [x for _, (_, x) in ready]))
+            for job, item in loaded:
+                task = (
+                    item if isinstance(item, str) else pool.submit(_render, model, job, next(preds), args, class_index)
+                )
+                rendering.append((job, task))
+            while rendering and (len(rendering) > BATCH or _done(rendering[0][1])):
+                job, task = rendering.popleft()
+                yield job, _result(job, task)
+        while rendering:
+            job, task = rendering.popleft()
+            yield job, _result(job, task)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _ahead(pool: ThreadPoolExecutor, jobs: list[Job], fn, depth: int) -> Iterator[tuple[Job, Future]]:
+    """``(job, pool.submit(fn, job))`` in order, keeping ``depth`` jobs submitted ahead."""
+    queue: deque[tuple[Job, Future]] = deque()
+    for job in jobs:
+        queue.append((job, pool.submit(fn, job)))
+        if len(queue) > depth:
+            yield queue.popleft()
+    yield from queue
+
+
+def _done(task: Future | str) -> bool:
+    return isinstance(task, str) or task.done()
+
+
+def _result(job: Job, task: Future | str):
+    """A task's value, or its failure as a one-line message naming the file."""
+    if isinstance(task, str):
+        return task
+    try:
+        return task.result()
+    except NpcamError as e:
+        return str(e)
+    except (MemoryError, OSError) as e:
+        return f"{job.image}: {type(e).__name__}: {e}"
 
 
 def collect(inputs: list[str]) -> tuple[list[tuple[Path, Path | None]], list[str]]:
@@ -193,9 +258,14 @@ def plan(images: list[tuple[Path, Path | None]], output: str | None, multiple: b
     return jobs
 
 
-def process(model: Model, job: Job, args: argparse.Namespace, class_index: int | None) -> dict:
-    """Predict, render and write one image; returns its JSON record."""
-    pred = model.predict(job.image, keep_aspect=args.keep_aspect, max_pixels=args.max_pixels, size=args.size)
+def _load(model: Model, args: argparse.Namespace, job: Job) -> tuple[np.ndarray, np.ndarray]:
+    """Read an image and make its network input (runs in a worker thread)."""
+    rgb = read_image(job.image, max_pixels=args.max_pixels)
+    return rgb, model.preprocess(rgb, args.keep_aspect, args.size)
+
+
+def _render(model: Model, job: Job, pred: Prediction, args: argparse.Namespace, class_index: int | None) -> dict:
+    """CAM, overlay, box and files for one prediction (runs in a worker thread); returns its JSON record."""
     classes = [class_index] if class_index is not None else [c for c, _, _ in pred.top(args.top)]
     size = pred.image.shape[:2]
     maps = []

@@ -142,13 +142,23 @@ class Model:
         self, images: Sequence[np.ndarray], keep_aspect: bool = False, size: int | None = None
     ) -> list[Prediction]:
         """Classify RGB uint8 ``[H, W, 3]`` images, one trunk call per group of equal input shape."""
-        batches = [preprocess(rgb, size or self.input_size, self.mean, self.std, keep_aspect) for rgb in images]
+        return self.predict_batch(images, [self.preprocess(rgb, keep_aspect, size) for rgb in images])
+
+    def preprocess(self, image: np.ndarray, keep_aspect: bool = False, size: int | None = None) -> np.ndarray:
+        """:func:`npcam.image.preprocess` with this model's input size and statistics: ``[1, 3, h, w]``."""
+        return preprocess(image, size or self.input_size, self.mean, self.std, keep_aspect)
+
+    def predict_batch(self, images: Sequence[np.ndarray], inputs: Sequence[np.ndarray]) -> list[Prediction]:
+        """Classify images whose network inputs (from :meth:`preprocess`) are already made.
+
+        Inputs of equal shape share one trunk call.
+        """
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, batch in enumerate(batches):
-            groups.setdefault(batch.shape, []).append(i)
+        for i, x in enumerate(inputs):
+            groups.setdefault(x.shape, []).append(i)
         preds: list[Prediction | None] = [None] * len(images)
         for members in groups.values():
-            features = self.features(np.concatenate([batches[i] for i in members]))
+            features = self.features(np.concatenate([inputs[i] for i in members]))
             logits = cam_lib.logits(features, self.fc_weight, self.fc_bias)
             for i, f, z in zip(members, features, logits):
                 preds[i] = Prediction(images[i], f, z, cam_lib.softmax(z), self.labels)

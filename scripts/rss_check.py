@@ -2,8 +2,8 @@
 
     python scripts/rss_check.py --model DIR [--images DIR] [-n 500]
 
-Runs the CLI's per-image path (read, predict, CAM, overlay, box, atomic
-JPEG + .npy write) over the images in ``--images`` (default ../shared/eval/images),
+Runs the CLI's pipeline (read, predict, CAM, overlay, box, atomic JPEG +
+.npy write) over the images in ``--images`` (default ../shared/eval/images),
 cycling through them until N are done, and prints RSS (Linux ``VmRSS``) at
 intervals. Growth after the warm-up is what a leak would show.
 """
@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from npcam.cli import Job, collect, parse_args, process
+from npcam.cli import Job, collect, parse_args, run
 from npcam.model import Model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,13 +44,14 @@ def main() -> int:
     print(f"{0:>7} {rss_mib():8.1f}")
     with tempfile.TemporaryDirectory() as out:
         cli_args = parse_args(["x", "--bbox", "--save-cam"])
+        jobs = [Job(images[i % len(images)], Path(out) / f"{i}_cam.jpg") for i in range(args.n)]
         readings = {}
-        for i in range(args.n):
-            path = images[i % len(images)]
-            process(model, Job(path, Path(out) / f"{i}_cam.jpg"), cli_args, None)
-            if (i + 1) in (1, 10, 50) or (i + 1) % 100 == 0:
-                readings[i + 1] = rss_mib()
-                print(f"{i + 1:>7} {readings[i + 1]:8.1f}", flush=True)
+        for i, (_, result) in enumerate(run(model, jobs, cli_args, None), 1):
+            if isinstance(result, str):
+                print(f"rss_check: {result}", file=sys.stderr)
+            if i in (1, 10, 50) or i % 100 == 0:
+                readings[i] = rss_mib()
+                print(f"{i:>7} {readings[i]:8.1f}", flush=True)
     warm = readings.get(50, readings[min(readings)])
     print(f"growth from image 50 to {args.n}: {readings[max(readings)] - warm:+.1f} MiB")
     return 0

@@ -127,3 +127,38 @@ def test_no_weights_says_what_was_tried(tmp_path, monkeypatch):
     with pytest.raises(ExportError) as e:
         find_weights(arch)
     assert "torch hub cache" in str(e.value) and "downloading" in str(e.value) and "--weights" in str(e.value)
+
+
+def test_int8_export_quantizes_the_trunk(resnet18_weights, tmp_path):
+    import onnx
+    from conftest import synthetic_image
+    from PIL import Image
+
+    images = tmp_path / "calibration"
+    images.mkdir()
+    for i in range(6):
+        Image.fromarray(synthetic_image(200, 260, seed=i)).save(images / f"{i}.jpg")
+    out = run("resnet18", tmp_path / "b8", resnet18_weights, int8=images)
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["precision"] == "int8" and meta["calibration"]["images"] == 6
+    ops = {n.op_type for n in onnx.load(out / "trunk.onnx").graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    model = npcam.load(out)  # hashes were updated after quantizing
+    assert model.predict(images / "0.jpg").features.shape == (512, 7, 7)
+
+
+def test_int8_without_images_is_a_clear_error(resnet18_weights, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(
+        [
+            "resnet18",
+            "--weights",
+            str(resnet18_weights),
+            "--out",
+            str(tmp_path / "b"),
+            "--int8",
+            str(tmp_path / "empty"),
+        ]
+    )
+    assert code == 1 and "no images to calibrate" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
