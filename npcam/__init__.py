@@ -17,7 +17,7 @@ from .cam import class_activation_maps, logits, softmax
 from .errors import NpcamError
 from .image import preprocess, read_image
 from .model import Model, Prediction, default_model_dir, load
-from .render import JET, blend, colorize, overlay
+from .render import JET, colorize, overlay
 from .upsample import upsample
 
 __version__ = "0.1.0"
@@ -27,7 +27,6 @@ __all__ = [
     "Model",
     "NpcamError",
     "Prediction",
-    "blend",
     "class_activation_maps",
     "colorize",
     "default_model_dir",

@@ -17,7 +17,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,11 @@ from .boxes import DEFAULT_THRESHOLD, PAPER_THRESHOLD, cam_box, parse_threshold
 from .cam import WEIGHTINGS
 from .errors import NpcamError
 from .files import atomic_write
-from .image import MAX_PIXELS, read_image
+from .image import MAX_PIXELS
 from .model import Model, Prediction, default_model_dir
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
-BATCH = 4  # images per trunk call in a directory run: enough to amortize, little memory
 SAVE_OPTIONS = {"JPEG": {"quality": 90}, "PNG": {"compress_level": 1}, "WEBP": {"quality": 90}}
 
 
@@ -119,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images, missing = collect(args.inputs)
         jobs = plan(images, args.output, multiple=args.top > 1)
-        model = Model(args.model or default_model_dir(), threads=args.threads)
+        # Several images run side by side, one onnxruntime thread each: on few cores that beats
+        # splitting each image's trunk across threads (measured: Lite0 7.2 vs 11.8 ms an image).
+        threads = args.threads or (1 if len(jobs) > 1 else None)
+        model = Model(args.model or default_model_dir(), threads=threads)
         class_index = model.class_index(args.class_) if args.class_ is not None else None
     except NpcamError as e:
         _error(str(e))
@@ -150,32 +151,17 @@ def run(
 ) -> Iterator[tuple[Job, dict | str]]:
     """Process the jobs, yielding each with its JSON record or its one-line error, in input order.
 
-    Two worker threads read and preprocess the next images, and render and
-    write finished ones, while this thread runs the trunk: onnxruntime, Pillow's
-    codecs and NumPy's large operations release the GIL. Up to ``BATCH``
-    consecutive images share a trunk call when their input shapes match. On
-    an interrupt, work not started is dropped and files being written are
-    finished, so that only complete files remain.
+    Several images are in flight at once, one per worker thread, each going
+    through the whole pipeline: onnxruntime, Pillow's codecs and NumPy's large
+    operations release the GIL, so the workers overlap decoding, the trunk and
+    encoding. On an interrupt, work not started is dropped and files being
+    written are finished, so that only complete files remain.
     """
-    pool = ThreadPoolExecutor(max_workers=2)
+    workers = 1 if len(jobs) == 1 else max(1, (os.cpu_count() or 1) // (args.threads or 1))
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        rendering: deque[tuple[Job, Future | str]] = deque()
-        loading = _ahead(pool, jobs, partial(_load, model, args), depth=2 * BATCH)
-        while batch := list(islice(loading, BATCH)):
-            loaded = [(job, _result(job, future)) for job, future in batch]
-            ready = [(job, item) for job, item in loaded if not isinstance(item, str)]
-            preds = iter(model.predict_batch([rgb for _, (rgb, _) in ready], [x for _, (_, x) in ready]))
-            for job, item in loaded:
-                task = (
-                    item if isinstance(item, str) else pool.submit(_render, model, job, next(preds), args, class_index)
-                )
-                rendering.append((job, task))
-            while rendering and (len(rendering) > BATCH or _done(rendering[0][1])):
-                job, task = rendering.popleft()
-                yield job, _result(job, task)
-        while rendering:
-            job, task = rendering.popleft()
-            yield job, _result(job, task)
+        for job, future in _ahead(pool, jobs, partial(_process, model, args, class_index), depth=2 * workers):
+            yield job, _result(job, future)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
@@ -192,14 +178,8 @@ def _ahead(pool: ThreadPoolExecutor, jobs: list[Job], fn, depth: int) -> Iterato
     yield from queue
 
 
-def _done(task: Future | str) -> bool:
-    return isinstance(task, str) or task.done()
-
-
-def _result(job: Job, task: Future | str):
+def _result(job: Job, task: Future):
     """A task's value, or its failure as a one-line message naming the file."""
-    if isinstance(task, str):
-        return task
     try:
         return task.result()
     except NpcamError as e:
@@ -258,14 +238,14 @@ def plan(images: list[tuple[Path, Path | None]], output: str | None, multiple: b
     return jobs
 
 
-def _load(model: Model, args: argparse.Namespace, job: Job) -> tuple[np.ndarray, np.ndarray]:
-    """Read an image and make its network input (runs in a worker thread)."""
-    rgb = read_image(job.image, max_pixels=args.max_pixels)
-    return rgb, model.preprocess(rgb, args.keep_aspect, args.size)
+def _process(model: Model, args: argparse.Namespace, class_index: int | None, job: Job) -> dict:
+    """One image from file to written overlay (runs in a worker thread); returns its JSON record."""
+    pred = model.predict(job.image, keep_aspect=args.keep_aspect, max_pixels=args.max_pixels, size=args.size)
+    return _render(model, job, pred, args, class_index)
 
 
 def _render(model: Model, job: Job, pred: Prediction, args: argparse.Namespace, class_index: int | None) -> dict:
-    """CAM, overlay, box and files for one prediction (runs in a worker thread); returns its JSON record."""
+    """CAM, overlay, box and files for one prediction; returns its JSON record."""
     classes = [class_index] if class_index is not None else [c for c, _, _ in pred.top(args.top)]
     size = pred.image.shape[:2]
     maps = []
@@ -280,7 +260,7 @@ def _render(model: Model, job: Job, pred: Prediction, args: argparse.Namespace, 
             entry["bbox"] = list(box) if box else None
             if box:
                 picture = render.draw_box(picture, box)
-        _save_image(output, picture)
+        save_image(output, picture)
         if args.save_cam:
             cam_file = output.with_suffix(".npy")
             atomic_write(cam_file, lambda f, cam=cam: np.save(f, cam.astype(np.float32), allow_pickle=False))
@@ -303,7 +283,8 @@ def _format_for(path: Path) -> str:
     return fmt
 
 
-def _save_image(path: Path, picture: np.ndarray) -> None:
+def save_image(path: Path, picture: np.ndarray) -> None:
+    """Write uint8 ``[H, W, 3]`` atomically, in the format the extension names (JPEG quality 90, fast PNG)."""
     fmt = _format_for(path)
     image = Image.fromarray(picture)
     atomic_write(path, lambda f: image.save(f, format=fmt, **SAVE_OPTIONS.get(fmt, {})))

@@ -52,50 +52,48 @@ def to_uint8(cam: np.ndarray) -> np.ndarray:
 
 def colorize(cam: np.ndarray) -> np.ndarray:
     """Jet heat map of a CAM: float ``[H, W]`` in [0, 1] to uint8 RGB ``[H, W, 3]``."""
-    return JET[to_uint8(cam)]
+    return np.take(JET, to_uint8(cam), axis=0)  # np.take: ~3x faster than JET[index] here
 
 
-def blend(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """``alpha * heat + (1 - alpha) * image``, rounded, in integer arithmetic.
+# Pixels per slice in overlay(): a slice's temporaries (~9 bytes a pixel) then stay in cache.
+CHUNK_PIXELS = 1 << 19
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The jet-coloured CAM blended over the image: ``alpha * heat + (1 - alpha) * image``.
 
     Parameters
     ----------
-    image, heat : uint8 ``[H, W, 3]``
+    image : uint8 ``[H, W, 3]``
+    cam : float ``[H, W]`` in [0, 1], at the image's size
     alpha : float in [0, 1]
         Opacity of the heat map: 0 gives the photo, 1 the heat map alone.
 
     Returns
     -------
     uint8 ``[H, W, 3]``, within one level of the exact float blend.
+
+    Integer arithmetic with alpha in 1/256 steps, so every term fits in uint16.
+    The heat map's share takes only 256 values per channel and comes from a
+    table; the work goes slice by slice so that the temporaries stay in cache.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], not {alpha}")
-    # alpha in 1/256 steps keeps every term below 2**16.
-    a = np.uint16(round(alpha * 256))
-    out = heat.astype(np.uint16) * a
-    out += image.astype(np.uint16) * (np.uint16(256) - a)
-    out += np.uint16(128)
-    out >>= 8
-    return out.astype(np.uint8)
-
-
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The jet-coloured CAM blended over the image.
-
-    Parameters
-    ----------
-    image : uint8 ``[H, W, 3]``
-    cam : float ``[H, W]`` in [0, 1], at the image's size
-    alpha : float
-        Heat-map opacity, see :func:`blend`.
-
-    Returns
-    -------
-    uint8 ``[H, W, 3]``
-    """
     if cam.shape != image.shape[:2]:
         raise ValueError(f"cam shape {cam.shape} does not match image shape {image.shape[:2]}")
-    return blend(image, colorize(cam), alpha)
+    a = round(alpha * 256)
+    heat_share = JET.astype(np.uint16) * np.uint16(a) + np.uint16(128)  # [256, 3], +128 rounds
+    out = np.empty_like(image)
+    rows = max(1, CHUNK_PIXELS // max(1, image.shape[1]))
+    for top in range(0, image.shape[0], rows):
+        part = slice(top, top + rows)
+        mixed = np.take(heat_share, to_uint8(cam[part]), axis=0)
+        photo = image[part].astype(np.uint16)
+        photo *= np.uint16(256 - a)
+        mixed += photo
+        mixed >>= 8
+        out[part] = mixed
+    return out
 
 
 def draw_box(image: np.ndarray, box: tuple[int, int, int, int], color=(255, 255, 255)) -> np.ndarray:
