@@ -5,9 +5,10 @@
 
 Same weights for everyone (a seeded random-init ResNet-18, and EfficientNet-Lite0's
 real ones), same inputs (photos from ../shared/eval plus generated 1 MP and
-12 MP JPEGs), same output (a JPEG overlay of the top-1 CAM). Methods alternate
-within each round (A B C A B C …) and every figure is a median, because the
-machines are shared and noisy. Measures:
+12 MP JPEGs), same output (a JPEG overlay of the top-1 CAM). Each method runs in
+a worker process of its own, as it would for its users (npcam's workers never
+import torch), and the workers take turns: round 1 of A, B, C…, then round 2.
+Every figure is a median, because the machines are shared and noisy. Measures:
 
 1. end to end per image, decode to file written, with npcam's stage breakdown:
    npcam fp32, npcam int8, a plain torch pipeline (forward, CAM, F.interpolate,
@@ -34,24 +35,19 @@ import textwrap
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from torchcam.methods import CAM
-from torchcam.utils import overlay_mask
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # export/ runs from a checkout, it is not installed
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # export/ runs from a checkout, it is not installed
+# npcam before NumPy, as in the CLI: npcam then sets NumPy's BLAS threads (see npcam/__init__.py).
+import npcam  # noqa: E402, I001
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
-import npcam  # noqa: E402
-from export.__main__ import run as export  # noqa: E402
-from export.archs import ARCHS  # noqa: E402
-from export.bundle import _Trunk  # noqa: E402
-from export.weights import find_weights, load_state_dict  # noqa: E402
 from npcam.cli import Job, parse_args, run, save_image  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+# torch, torchcam, OpenCV and export/ are imported where they are used, so that
+# the processes that measure npcam never load them.
+
 EVAL = REPO.parent / "shared" / "eval" / "images"
 PHOTOS = [
     "227/ILSVRC2012_val_00000361.JPEG",
@@ -61,140 +57,198 @@ PHOTOS = [
     "package_photos/bus.jpg",
     "package_photos/zidane.jpg",
 ]
+SMALL = "ILSVRC2012_val_00000006.JPEG"  # 496x368, 0.18 MP
 STAGES = ["decode", "preprocess", "trunk", "head+CAM", "upsample", "colormap+blend", "encode"]
+POST_TRUNK = ("head+CAM", "upsample", "colormap+blend")
 
 
 def median_ms(times: list[float]) -> float:
     return float(np.median(times) * 1000)
 
 
-# The methods: each writes the top-1 CAM overlay of `path` to `out` as JPEG.
+# The methods: each writes the top-1 CAM overlay of `path` to `out` as a JPEG.
 
 
-def npcam_staged(model: npcam.Model, path: Path, out: Path) -> dict[str, float]:
-    """npcam's CLI path, one step at a time, with each step timed."""
-    t = [time.perf_counter()]
-    rgb = npcam.read_image(path)
-    t.append(time.perf_counter())
-    x = model.preprocess(rgb)
-    t.append(time.perf_counter())
-    features = model.features(x)
-    t.append(time.perf_counter())
-    logits = npcam.logits(features, model.fc_weight, model.fc_bias)[0]
-    cam = npcam.class_activation_maps(features[0], model.fc_weight, [int(np.argmax(logits))])[0]
-    npcam.softmax(logits)
-    t.append(time.perf_counter())
-    full = npcam.upsample(cam, rgb.shape[:2])
-    t.append(time.perf_counter())
-    picture = npcam.overlay(rgb, full, 0.5)
-    t.append(time.perf_counter())
-    save_image(out, picture)
-    t.append(time.perf_counter())
-    return dict(zip(STAGES, np.diff(t)))
+def npcam_method(bundle: str):
+    """npcam's CLI path, one step at a time, each step timed."""
+    model = npcam.load(bundle)
+
+    def method(path: Path, out: Path) -> dict[str, float]:
+        t = [time.perf_counter()]
+        rgb = npcam.read_image(path)
+        t.append(time.perf_counter())
+        x = model.preprocess(rgb)
+        t.append(time.perf_counter())
+        features = model.features(x)
+        t.append(time.perf_counter())
+        logits = npcam.logits(features, model.fc_weight, model.fc_bias)[0]
+        npcam.softmax(logits)
+        cam = npcam.class_activation_maps(features[0], model.fc_weight, [int(np.argmax(logits))])[0]
+        t.append(time.perf_counter())
+        full = npcam.upsample(cam, rgb.shape[:2])
+        t.append(time.perf_counter())
+        picture = npcam.overlay(rgb, full, 0.5)
+        t.append(time.perf_counter())
+        save_image(out, picture)
+        t.append(time.perf_counter())
+        return dict(zip(STAGES, np.diff(t)))
+
+    return method
 
 
-class TorchWay:
-    """The same job in torch: what a user of the seed tutorial would write, done right."""
+def torch_method(arch_name: str, weights: str, use_torchcam: bool):
+    """The same job in torch: plainly, or through TorchCAM's extractor and overlay."""
+    import cv2
+    import torch
+    import torch.nn.functional as F
 
-    def __init__(self, net: torch.nn.Module, fc: torch.nn.Linear, size: int, mean, std):
-        self.net, self.fc, self.size = net.eval(), fc, size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+    from export.archs import ARCHS
+    from export.bundle import _Trunk
+    from export.weights import load_state_dict
 
-    def tensor(self, img: Image.Image) -> torch.Tensor:
-        resized = img.resize((self.size, self.size), Image.BILINEAR)
+    arch = ARCHS[arch_name]
+    net = arch.build()
+    net.load_state_dict(load_state_dict(Path(weights)), strict=True)
+    net.eval()
+    fc = getattr(net, arch.fc_name)
+    mean, std = torch.tensor(arch.mean).view(3, 1, 1), torch.tensor(arch.std).view(3, 1, 1)
+
+    def tensor(img: Image.Image) -> torch.Tensor:
+        resized = img.resize((arch.input_size, arch.input_size), Image.BILINEAR)
         x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div(255)
-        return ((x - self.mean) / self.std)[None]
+        return ((x - mean) / std)[None]
 
-    def __call__(self, path: Path, out: Path) -> None:
+    def plain(path: Path, out: Path) -> None:
         img = Image.open(path).convert("RGB")
         with torch.no_grad():
-            features = self.net.trunk(self.tensor(img))
-            logits = self.fc(features.mean(dim=(2, 3)))
-            cam = torch.relu(torch.einsum("k,khw->hw", self.fc.weight[logits.argmax()], features[0]))
+            features = net.trunk(tensor(img))
+            logits = fc(features.mean(dim=(2, 3)))
+            cam = torch.relu(torch.einsum("k,khw->hw", fc.weight[logits.argmax()], features[0]))
             cam = cam / cam.max().clamp(min=1e-12)
             cam = F.interpolate(cam[None, None], size=(img.height, img.width), mode="bilinear", align_corners=False)
         heat = cv2.applyColorMap((cam[0, 0] * 255).round().byte().numpy(), cv2.COLORMAP_JET)
         bgr = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR)
         cv2.imwrite(str(out), cv2.addWeighted(heat, 0.5, bgr, 0.5, 0), [cv2.IMWRITE_JPEG_QUALITY, 90])
 
+    if not use_torchcam:
+        return plain
 
-class TorchCamWay(TorchWay):
-    """TorchCAM's CAM extractor and overlay on the same module."""
+    from torchcam.methods import CAM
+    from torchcam.utils import overlay_mask
 
-    def __init__(self, net, fc, size, mean, std):
-        super().__init__(net, fc, size, mean, std)
-        # TorchCAM hooks a module's output, so the trunk becomes a module ahead of GAP + FC.
-        self.classifier = torch.nn.Sequential(_Trunk(net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc).eval()
-        self.extractor = CAM(self.classifier, target_layer=self.classifier[0], fc_layer=self.classifier[3])
+    # TorchCAM hooks a module's output, so the trunk becomes a module ahead of GAP + FC.
+    classifier = torch.nn.Sequential(_Trunk(net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc).eval()
+    extractor = CAM(classifier, target_layer=classifier[0], fc_layer=classifier[3])
 
-    def __call__(self, path: Path, out: Path) -> None:
+    def torchcam_way(path: Path, out: Path) -> None:
         img = Image.open(path).convert("RGB")
         with torch.no_grad():
-            scores = self.classifier(self.tensor(img))
-            cam = self.extractor(int(scores.argmax()), scores)[0][0]
+            scores = classifier(tensor(img))
+            cam = extractor(int(scores.argmax()), scores)[0][0]
         overlay_mask(img, Image.fromarray(cam.numpy(), mode="F"), alpha=0.5).save(out, quality=90)
 
-
-# Setup
-
-
-def make_inputs(tmp: Path) -> list[Path]:
-    paths = [EVAL / p for p in PHOTOS]
-    rng = np.random.default_rng(0)
-    for name, (h, w) in {"1mp.jpg": (864, 1152), "12mp.jpg": (3000, 4000)}.items():
-        y, x = np.mgrid[0:h, 0:w]
-        base = 127 + 100 * np.sin(x[..., None] / 97.0 + y[..., None] / 61.0 + np.array([0, 2, 4]))
-        noisy = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save(tmp / name, quality=90)
-        paths.append(tmp / name)
-    return paths
+    return torchcam_way
 
 
-def random_resnet18_weights(tmp: Path) -> Path:
-    from export import resnet
-
-    torch.manual_seed(0)
-    path = tmp / "resnet18-random.pth"
-    torch.save(resnet.resnet18().state_dict(), path)
-    return path
+# Worker processes: one per method, driven over stdin/stdout, one JSON line each way.
 
 
-def torch_net(arch_name: str, weights: Path) -> tuple[torch.nn.Module, torch.nn.Linear]:
-    arch = ARCHS[arch_name]
-    net = arch.build()
-    net.load_state_dict(load_state_dict(weights), strict=True)
-    return net.eval(), getattr(net, arch.fc_name)
-
-
-# Measurements
-
-
-def end_to_end(models: dict, inputs: list[Path], tmp: Path, rounds: int) -> dict:
-    """Median seconds per (method, image), methods alternating within each round."""
-    times: dict[tuple[str, str], list[float]] = {}
-    stages: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for r in range(rounds + 1):  # round 0 warms up caches and lazy initialisation
-        for name, method in models.items():
+def worker(spec: dict) -> None:
+    if spec["kind"] == "npcam":
+        method = npcam_method(spec["bundle"])
+    else:
+        method = torch_method(spec["arch"], spec["weights"], spec["kind"] == "torchcam")
+    inputs = [Path(p) for p in spec["inputs"]]
+    out = Path(spec["out"])
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["do"] == "round":
+            reply = {}
             for path in inputs:
-                out = tmp / f"out_{name.replace(' ', '_')}_{path.stem}.jpg"
                 start = time.perf_counter()
-                result = method(path, out)
-                elapsed = time.perf_counter() - start
-                if r == 0:
-                    continue
-                times.setdefault((name, path.name), []).append(elapsed)
-                if isinstance(result, dict):
-                    for stage, seconds in result.items():
-                        stages.setdefault((name, path.name), {}).setdefault(stage, []).append(seconds)
+                stages = method(path, out / f"{path.stem}.jpg")
+                reply[path.name] = {"total": time.perf_counter() - start, "stages": stages}
+        elif command["do"] == "throughput":
+            reply = throughput(spec["bundle"], out, command["rounds"])
+        else:
+            break
+        print(json.dumps(reply), flush=True)
+
+
+class Worker:
+    def __init__(self, spec: dict):
+        command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ask(None)
+
+    def ask(self, command: dict | None) -> dict:
+        if command is not None:
+            self.process.stdin.write(json.dumps(command) + "\n")
+            self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a benchmark worker died (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def throughput(bundle: str, tmp: Path, rounds: int) -> dict:
+    """200 photos: the CLI's pipeline vs a plain loop over the API, each with its own default threads."""
+    photos = sorted(p for p in EVAL.rglob("*") if p.is_file())[:200]
+    out = tmp / "directory"
+    out.mkdir(exist_ok=True)
+    jobs = [Job(p, out / f"{i}_cam.jpg") for i, p in enumerate(photos)]
+    args = parse_args(["x"])
+    loop_model = npcam.load(bundle)  # onnxruntime uses every core for each image
+    cli_model = npcam.load(bundle, threads=1)  # what the CLI loads for several images: one thread per worker
+
+    def sequential():
+        for job in jobs:
+            save_image(job.output, loop_model.overlay(loop_model.predict(job.image)))
+
+    def pipelined():
+        for _, result in run(cli_model, jobs, args, None):
+            assert not isinstance(result, str), result
+
+    times = {"sequential": [], "pipelined": []}
+    for _ in range(rounds):
+        for name, fn in (("sequential", sequential), ("pipelined", pipelined)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {"images": len(photos), **{f"{k}_s": float(np.median(v)) for k, v in times.items()}}
+
+
+# Measurements driven from the main process
+
+
+def end_to_end(workers: dict[str, Worker], rounds: int) -> dict:
+    """Median ms per (method, image) and npcam's stages; a warm-up round first."""
+    totals: dict[str, list[float]] = {}
+    stages: dict[str, dict[str, list[float]]] = {}
+    for r in range(rounds + 1):
+        for name, w in workers.items():
+            reply = w.ask({"do": "round"})
+            if r == 0:
+                continue
+            for image, result in reply.items():
+                totals.setdefault(f"{name}|{image}", []).append(result["total"])
+                for stage, seconds in (result["stages"] or {}).items():
+                    stages.setdefault(f"{name}|{image}", {}).setdefault(stage, []).append(seconds)
     return {
-        "ms": {f"{m}|{p}": median_ms(t) for (m, p), t in times.items()},
-        "stages_ms": {f"{m}|{p}": {s: median_ms(t) for s, t in st.items()} for (m, p), st in stages.items()},
+        "ms": {k: median_ms(v) for k, v in totals.items()},
+        "stages_ms": {k: {s: median_ms(t) for s, t in v.items()} for k, v in stages.items()},
     }
 
 
 def post_trunk_vs_opencv(rounds: int) -> dict:
     """At 12 MP: npcam's upsample+colormap+blend vs OpenCV's resize+applyColorMap+addWeighted."""
+    import cv2
+
     rng = np.random.default_rng(1)
     cam = rng.random((7, 7), dtype=np.float32)
     image = rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
@@ -236,16 +290,28 @@ TORCH_SCRIPT = textwrap.dedent(
     """
 )
 
+# Runs a command and reports its wall time and peak RSS. A child forked from a big
+# process would start with that process's RSS as its high-water mark, so a small
+# launcher process forks the command instead.
+LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the command's own output is not the report
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
 
 def timed_process(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{command[:4]} failed: {process.stderr.read().decode()[-500:]}")
-    return elapsed, usage.ru_maxrss / 1024
+    """Wall seconds and peak RSS (MiB) of one process running ``command``."""
+    result = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *command], capture_output=True, text=True)
+    wall, rss_kib, code = result.stdout.split()
+    if int(code) != 0:
+        raise RuntimeError(f"{command[:4]} failed: {result.stderr[-500:]}")
+    return float(wall), int(rss_kib) / 1024
 
 
 def cold_start(arch: str, bundle: Path, weights: Path, image: Path, tmp: Path, rounds: int) -> dict:
@@ -285,30 +351,38 @@ def installed_mib(roots: list[str]) -> tuple[float, list[str]]:
     return total / 2**20, sorted(seen)
 
 
-def throughput(bundle: Path, tmp: Path, rounds: int) -> dict:
-    """200 photos: the CLI's pipelined run vs a plain loop over the API, in one process."""
-    photos = sorted(p for p in EVAL.rglob("*") if p.is_file())[:200]
-    model = npcam.load(bundle)
-    args = parse_args(["x"])
-    out = tmp / "dir_out"
-    out.mkdir(exist_ok=True)
-    jobs = [Job(p, out / f"{i}_cam.jpg") for i, p in enumerate(photos)]
+def make_inputs(tmp: Path) -> list[Path]:
+    paths = [EVAL / p for p in PHOTOS]
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"1mp.jpg": (864, 1152), "12mp.jpg": (3000, 4000)}.items():
+        y, x = np.mgrid[0:h, 0:w]
+        base = 127 + 100 * np.sin(x[..., None] / 97.0 + y[..., None] / 61.0 + np.array([0, 2, 4]))
+        noisy = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(tmp / name, quality=90)
+        paths.append(tmp / name)
+    return paths
 
-    def sequential():
-        for job in jobs:
-            save_image(job.output, model.overlay(model.predict(job.image)))
 
-    def pipelined():
-        for _, result in run(model, jobs, args, None):
-            assert not isinstance(result, str), result
+def export_bundles(tmp: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The bundles to time, and the torch weights behind them."""
+    import torch
 
-    times = {"sequential": [], "pipelined": []}
-    for _ in range(rounds):
-        for name, fn in (("sequential", sequential), ("pipelined", pipelined)):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {"images": len(photos), **{f"{k}_s": float(np.median(v)) for k, v in times.items()}}
+    from export import resnet
+    from export.__main__ import run as export
+    from export.archs import ARCHS
+    from export.weights import find_weights
+
+    torch.manual_seed(0)
+    weights = {"ResNet-18": tmp / "resnet18-random.pth", "Lite0": find_weights(ARCHS["efficientnet_lite0"])}
+    torch.save(resnet.resnet18().state_dict(), weights["ResNet-18"])
+    calibration = EVAL / "crop8"
+    bundles = {
+        "ResNet-18 fp32": export("resnet18", tmp / "r18", weights["ResNet-18"]),
+        "ResNet-18 int8": export("resnet18", tmp / "r18_int8", weights["ResNet-18"], int8=calibration),
+        "Lite0 fp32": export("efficientnet_lite0", tmp / "lite0"),
+        "Lite0 int8": export("efficientnet_lite0", tmp / "lite0_int8", int8=calibration),
+    }
+    return bundles, weights
 
 
 def cpu_name() -> str:
@@ -318,35 +392,27 @@ def cpu_name() -> str:
     return platform.processor()
 
 
-# Report
-
-
-def report(results: dict, inputs: list[Path]) -> str:
+def report(results: dict) -> str:
     e2e = results["end_to_end"]["ms"]
     methods = list(dict.fromkeys(k.split("|")[0] for k in e2e))
+    inputs = results["inputs"]
     lines = [
         f"npcam benchmark, {results['date']}, {results['cpu']}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, onnxruntime {npcam.model.ort.__version__}, {results['rounds']} rounds, medians",
+        f"{results['versions']}, {results['rounds']} rounds, medians, outputs in {results['outputs']}",
         "",
         "End to end per image, decode to JPEG written (ms):",
         "| image | size | " + " | ".join(methods) + " |",
         "|---|---|" + "---|" * len(methods),
     ]
-    for path in inputs:
-        with Image.open(path) as im:
-            size = f"{im.width}x{im.height}"
-        lines.append(
-            f"| {path.name} | {size} | " + " | ".join(f"{e2e[f'{m}|{path.name}']:.1f}" for m in methods) + " |"
-        )
-    geo = {m: float(np.exp(np.mean([np.log(e2e[f"{m}|{p.name}"]) for p in inputs[:-1]]))) for m in methods}
+    for name, size in inputs.items():
+        lines.append(f"| {name} | {size} | " + " | ".join(f"{e2e[f'{m}|{name}']:.1f}" for m in methods) + " |")
+    small = [n for n in inputs if n != "12mp.jpg"]
+    geo = {m: float(np.exp(np.mean([np.log(e2e[f"{m}|{n}"]) for n in small]))) for m in methods}
     lines.append("| geometric mean, photos ≤ 1 MP | | " + " | ".join(f"{geo[m]:.1f}" for m in methods) + " |")
-    lines += ["", "Ratios (geometric mean over the photos ≤ 1 MP):"]
+    lines += ["", "Ratios to TorchCAM (geometric mean over the photos ≤ 1 MP):"]
     for arch in ("ResNet-18", "Lite0"):
-        base = f"TorchCAM {arch}"
-        if base in geo:
-            for m in (f"npcam {arch} fp32", f"npcam {arch} int8", f"torch {arch}"):
-                if m in geo:
-                    lines.append(f"- {m} / {base}: {geo[m] / geo[base]:.2f}")
+        for m in (f"npcam {arch} fp32", f"npcam {arch} int8", f"torch {arch}"):
+            lines.append(f"- {m} / TorchCAM {arch}: {geo[m] / geo[f'TorchCAM {arch}']:.2f}")
     stages = results["end_to_end"]["stages_ms"]
     lines += [
         "",
@@ -356,20 +422,19 @@ def report(results: dict, inputs: list[Path]) -> str:
     ]
     for key, st in stages.items():
         lines.append(f"| {key.replace('|', ', ')} | " + " | ".join(f"{st[s]:.2f}" for s in STAGES) + " |")
-    share = results["post_trunk_share"]
-    lines += [
-        "",
-        f"Post-trunk work (head+CAM, upsample, colormap+blend) on {share['image']}: "
-        + ", ".join(f"{m} {v:.1%} of the trunk" for m, v in share["share"].items()),
-    ]
+    lines += ["", f"Post-trunk work (head+CAM, upsample, colormap+blend) on {SMALL}, as a share of the trunk:"]
+    for key, st in stages.items():
+        if key.endswith(SMALL):
+            lines.append(
+                f"- {key.split('|')[0]}: {sum(st[s] for s in POST_TRUNK):.2f} ms, {sum(st[s] for s in POST_TRUNK) / st['trunk']:.1%}"
+            )
     opencv = results["post_trunk_12mp"]
     lines.append(
         f"12 MP upsample+colormap+blend: npcam {opencv['npcam_ms']:.1f} ms, OpenCV resize+applyColorMap+addWeighted "
         f"{opencv['opencv_ms']:.1f} ms, ratio {opencv['npcam_ms'] / opencv['opencv_ms']:.2f}"
     )
-    cold = results["cold_start"]
     lines += ["", "Cold start, one process for one image (wall ms, peak RSS MiB):"]
-    for arch, r in cold.items():
+    for arch, r in results["cold_start"].items():
         lines.append(
             f"- {arch}: npcam {r['npcam']['wall_ms']:.0f} ms / {r['npcam']['peak_rss_mib']:.0f} MiB, torch script "
             f"{r['torch']['wall_ms']:.0f} ms / {r['torch']['peak_rss_mib']:.0f} MiB, wall ratio "
@@ -380,11 +445,11 @@ def report(results: dict, inputs: list[Path]) -> str:
         f"\nInstalled size: npcam's runtime dependencies {size['runtime_mib']:.0f} MiB "
         f"({', '.join(size['runtime'])}); torch and its dependencies {size['torch_mib']:.0f} MiB"
     )
-    t = results["throughput"]
-    lines.append(
-        f"Directory of {t['images']} photos (ResNet-18): sequential loop {t['sequential_s']:.2f} s, pipelined CLI "
-        f"{t['pipelined_s']:.2f} s, speed-up {t['sequential_s'] / t['pipelined_s']:.2f}x"
-    )
+    for arch, t in results["throughput"].items():
+        lines.append(
+            f"Directory of {t['images']} photos ({arch} fp32): sequential loop {t['sequential_s']:.2f} s, "
+            f"pipelined CLI {t['pipelined_s']:.2f} s, speed-up {t['sequential_s'] / t['pipelined_s']:.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -392,64 +457,60 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
     if not EVAL.is_dir():
         print(f"bench: error: {EVAL} is absent: the benchmark needs its photos", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp_name:
+    # Outputs go to a RAM disk when there is one: on the project's VMs a write to the
+    # virtual disk costs the next compute ~10 ms (measured: ResNet-18 trunk 17.8 ms
+    # alone, 30.8 ms after a 100 kB write to /tmp, 17.6 ms after one to /dev/shm),
+    # for every method alike, which would hide the differences being measured.
+    ram = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(dir=ram if ram.is_dir() else None) as tmp_name:
         tmp = Path(tmp_name)
         inputs = make_inputs(tmp)
-        calibration = EVAL / "crop8"
-        r18_weights = random_resnet18_weights(tmp)
-        lite_weights = find_weights(ARCHS["efficientnet_lite0"])
-        bundles = {
-            "ResNet-18 fp32": export("resnet18", tmp / "r18", r18_weights),
-            "ResNet-18 int8": export("resnet18", tmp / "r18_int8", r18_weights, int8=calibration),
-            "Lite0 fp32": export("efficientnet_lite0", tmp / "lite0"),
-            "Lite0 int8": export("efficientnet_lite0", tmp / "lite0_int8", int8=calibration),
-        }
-        models = {
-            f"npcam {k}": (lambda m: lambda path, out: npcam_staged(m, path, out))(npcam.load(b))
-            for k, b in bundles.items()
-        }
-        for arch, name, weights in (
-            ("ResNet-18", "resnet18", r18_weights),
-            ("Lite0", "efficientnet_lite0", lite_weights),
-        ):
-            net, fc = torch_net(name, weights)
-            a = ARCHS[name]
-            models[f"torch {arch}"] = TorchWay(net, fc, a.input_size, a.mean, a.std)
-            models[f"TorchCAM {arch}"] = TorchCamWay(net, fc, a.input_size, a.mean, a.std)
-        print(f"measuring {len(models)} methods on {len(inputs)} images, {args.rounds} rounds…", file=sys.stderr)
+        bundles, weights = export_bundles(tmp)
+        specs = {f"npcam {name}": {"kind": "npcam", "bundle": str(b)} for name, b in bundles.items()}
+        for arch, name in (("ResNet-18", "resnet18"), ("Lite0", "efficientnet_lite0")):
+            specs[f"torch {arch}"] = {"kind": "torch", "arch": name, "weights": str(weights[arch])}
+            specs[f"TorchCAM {arch}"] = {"kind": "torchcam", "arch": name, "weights": str(weights[arch])}
+        workers = {}
+        for i, (name, spec) in enumerate(specs.items()):
+            (tmp / f"out{i}").mkdir()
+            workers[name] = Worker({**spec, "inputs": [str(p) for p in inputs], "out": str(tmp / f"out{i}")})
+        import torch
+
         results = {
             "date": time.strftime("%Y-%m-%d"),
             "cpu": cpu_name(),
+            "versions": f"torch {torch.__version__}, onnxruntime {npcam.model.ort.__version__}",
             "rounds": args.rounds,
-            "end_to_end": end_to_end(models, inputs, tmp, args.rounds),
+            "outputs": str(tmp.parent),
+            "inputs": {p.name: "x".join(map(str, Image.open(p).size)) for p in inputs},
         }
-        small = "ILSVRC2012_val_00000006.JPEG"  # 496x368, 0.18 MP
-        post = ("head+CAM", "upsample", "colormap+blend")
-        results["post_trunk_share"] = {
-            "image": small,
-            "share": {
-                m: sum(st[s] for s in post) / st["trunk"]
-                for key, st in results["end_to_end"]["stages_ms"].items()
-                for m in [key.split("|")[0]]
-                if key.endswith(small)
-            },
-        }
+        print(f"measuring {len(workers)} methods on {len(inputs)} images, {args.rounds} rounds…", file=sys.stderr)
+        results["end_to_end"] = end_to_end(workers, args.rounds)
         results["post_trunk_12mp"] = post_trunk_vs_opencv(args.rounds)
+        print("directory throughput…", file=sys.stderr)
+        results["throughput"] = {
+            arch: workers[f"npcam {arch} fp32"].ask({"do": "throughput", "rounds": max(2, args.rounds // 2)})
+            for arch in ("ResNet-18", "Lite0")
+        }
+        for w in workers.values():
+            w.close()
         print("cold starts…", file=sys.stderr)
         results["cold_start"] = {
-            "ResNet-18": cold_start("resnet18", bundles["ResNet-18 fp32"], r18_weights, inputs[1], tmp, args.rounds),
-            "Lite0": cold_start("efficientnet_lite0", bundles["Lite0 fp32"], lite_weights, inputs[1], tmp, args.rounds),
+            arch: cold_start(name, bundles[f"{arch} fp32"], weights[arch], inputs[1], tmp, args.rounds)
+            for arch, name in (("ResNet-18", "resnet18"), ("Lite0", "efficientnet_lite0"))
         }
         runtime_mib, runtime = installed_mib(["numpy", "pillow", "onnxruntime"])
         torch_mib, _ = installed_mib(["torch"])
         results["installed"] = {"runtime_mib": runtime_mib, "runtime": runtime, "torch_mib": torch_mib}
-        print("directory throughput…", file=sys.stderr)
-        results["throughput"] = throughput(bundles["ResNet-18 fp32"], tmp, max(2, args.rounds // 2))
-        text = report(results, inputs)
+    text = report(results)
     print(text)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

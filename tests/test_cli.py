@@ -16,19 +16,6 @@ import npcam
 from npcam.cli import main
 
 
-@pytest.fixture
-def run(bundle, capsys, tmp_path, monkeypatch):
-    """Run the CLI in-process from an empty working directory; returns (code, stdout, stderr)."""
-    monkeypatch.chdir(tmp_path)
-
-    def _run(*args):
-        code = main(["-m", str(bundle), *map(str, args)])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return _run
-
-
 def leftovers(directory):
     """Temporary files an interrupted or failed write would leave."""
     return [p for p in directory.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
@@ -40,18 +27,18 @@ def photo(tmp_path, name="photo.jpg", size=(375, 500)):
     return path
 
 
-def test_default_output_in_current_directory(run, tmp_path):
+def test_default_output_in_current_directory(cli, tmp_path):
     image = photo(tmp_path / "in" if (tmp_path / "in").mkdir() is None else tmp_path)
-    code, out, err = run(image)
+    code, out, err = cli(image)
     assert code == 0, err
     written = tmp_path / "photo_cam.jpg"
     assert Image.open(written).size == (500, 375) and Image.open(written).format == "JPEG"
     assert "top-5" in out and "photo_cam.jpg" in out
 
 
-def test_json_record(run, tmp_path, model):
+def test_json_record(cli, tmp_path, model):
     image = photo(tmp_path)
-    code, out, _ = run(image, "--json", "--save-cam", "-o", f"{tmp_path}/out/")
+    code, out, _ = cli(image, "--json", "--save-cam", "-o", f"{tmp_path}/out/")
     assert code == 0
     record = json.loads(out)
     assert {"image", "class", "label", "score", "top5", "output", "cam"} <= record.keys()
@@ -65,9 +52,9 @@ def test_json_record(run, tmp_path, model):
     assert record["output"] == str(tmp_path / "out" / "photo_cam.jpg")
 
 
-def test_output_file_picks_format_and_class_by_label(run, tmp_path, model):
+def test_output_file_picks_format_and_class_by_label(cli, tmp_path, model):
     image = photo(tmp_path)
-    code, out, err = run(image, "-o", tmp_path / "explained.png", "--class", "tabby", "--json", "--alpha", "0.3")
+    code, out, err = cli(image, "-o", tmp_path / "explained.png", "--class", "tabby", "--json", "--alpha", "0.3")
     assert code == 0, err
     record = json.loads(out)
     assert record["class"] == 281 and record["output"] == str(tmp_path / "explained.png")
@@ -75,8 +62,8 @@ def test_output_file_picks_format_and_class_by_label(run, tmp_path, model):
     np.testing.assert_array_equal(written, model.overlay(image, 281, alpha=0.3))  # PNG is lossless
 
 
-def test_top_k_writes_one_overlay_per_class(run, tmp_path):
-    code, out, _ = run(photo(tmp_path), "--top", "3", "--json")
+def test_top_k_writes_one_overlay_per_class(cli, tmp_path):
+    code, out, _ = cli(photo(tmp_path), "--top", "3", "--json")
     assert code == 0
     record = json.loads(out)
     assert len(record["maps"]) == 3
@@ -85,13 +72,13 @@ def test_top_k_writes_one_overlay_per_class(run, tmp_path):
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 1000), (4000, 3000)])
-def test_output_has_the_input_size(run, tmp_path, size):
-    code, _, err = run(photo(tmp_path, "odd.png", size), "-o", tmp_path / "o.png")
+def test_output_has_the_input_size(cli, tmp_path, size):
+    code, _, err = cli(photo(tmp_path, "odd.png", size), "-o", tmp_path / "o.png")
     assert code == 0, err
     assert Image.open(tmp_path / "o.png").size == (size[1], size[0])
 
 
-def test_directory_with_bad_files_does_the_good_ones(run, tmp_path):
+def test_directory_with_bad_files_does_the_good_ones(cli, tmp_path):
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
     for i in range(3):
@@ -100,7 +87,7 @@ def test_directory_with_bad_files_does_the_good_ones(run, tmp_path):
     (data / "text.jpg").write_text("not an image")
     (data / "empty.png").write_bytes(b"")
     (data / "notes.txt").write_text("ignored: not an image suffix")
-    code, out, err = run(data, "-o", f"{tmp_path}/out/", "--json")
+    code, out, err = cli(data, "-o", f"{tmp_path}/out/", "--json")
     assert code == 1
     records = [json.loads(line) for line in out.splitlines()]
     done = sorted(r["output"] for r in records if "output" in r)
@@ -111,8 +98,8 @@ def test_directory_with_bad_files_does_the_good_ones(run, tmp_path):
     assert leftovers(tmp_path / "out") == []
 
 
-def test_missing_file_is_reported_and_others_still_run(run, tmp_path):
-    code, out, err = run(tmp_path / "nope.jpg", photo(tmp_path))
+def test_missing_file_is_reported_and_others_still_run(cli, tmp_path):
+    code, out, err = cli(tmp_path / "nope.jpg", photo(tmp_path))
     assert code == 1
     assert err.strip() == f"npcam: error: {tmp_path / 'nope.jpg'}: no such file"
     assert (tmp_path / "photo_cam.jpg").is_file()
@@ -133,32 +120,32 @@ def test_no_bundle_says_how_to_create_one(tmp_path, capsys):
         (["-o", "x.unknown"], "cannot tell an image format"),
     ],
 )
-def test_usage_errors(run, tmp_path, args, message):
-    code, _, err = run(photo(tmp_path), *args)
+def test_usage_errors(cli, tmp_path, args, message):
+    code, _, err = cli(photo(tmp_path), *args)
     assert code == 2 and message in err
 
 
-def test_one_output_file_for_many_inputs_is_refused(run, tmp_path):
-    code, _, err = run(photo(tmp_path, "a.jpg"), photo(tmp_path, "b.jpg"), "-o", tmp_path / "one.jpg")
+def test_one_output_file_for_many_inputs_is_refused(cli, tmp_path):
+    code, _, err = cli(photo(tmp_path, "a.jpg"), photo(tmp_path, "b.jpg"), "-o", tmp_path / "one.jpg")
     assert code == 2 and "give a directory" in err
 
 
-def test_never_overwrites_an_input(run, tmp_path):
+def test_never_overwrites_an_input(cli, tmp_path):
     image = photo(tmp_path, "photo_cam.jpg")
     before = image.read_bytes()
-    code, _, err = run(photo(tmp_path, "photo.jpg"), image)  # photo.jpg's default output is photo_cam.jpg
+    code, _, err = cli(photo(tmp_path, "photo.jpg"), image)  # photo.jpg's default output is photo_cam.jpg
     assert code == 2 and "is an input" in err
-    code, _, err = run(image, "-o", image)
+    code, _, err = cli(image, "-o", image)
     assert code == 2 and image.read_bytes() == before
 
 
-def test_bad_alpha_is_a_usage_error(run, tmp_path):
+def test_bad_alpha_is_a_usage_error(cli, tmp_path):
     with pytest.raises(SystemExit) as e:
-        run(photo(tmp_path), "--alpha", "1.5")
+        cli(photo(tmp_path), "--alpha", "1.5")
     assert e.value.code == 2
 
 
-def test_unwritable_output_leaves_no_file(run, tmp_path):
+def test_unwritable_output_leaves_no_file(cli, tmp_path):
     if os.geteuid() == 0:
         # root ignores directory permissions; a path under a regular file fails for everyone.
         blocker = tmp_path / "file"
@@ -167,7 +154,7 @@ def test_unwritable_output_leaves_no_file(run, tmp_path):
     else:
         target = f"{tmp_path}/ro/"
         (tmp_path / "ro").mkdir(mode=0o500)
-    code, _, err = run(photo(tmp_path), "-o", target)
+    code, _, err = cli(photo(tmp_path), "-o", target)
     assert code == 1 and "photo.jpg" in err and "Traceback" not in err
 
 

@@ -24,8 +24,6 @@ import pytest
 from conftest import REPO, SAMPLE, synthetic_image
 from PIL import Image
 
-from npcam.cli import main
-
 UNPRIVILEGED = (
     ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search", "--"]
     if os.geteuid() == 0
@@ -98,18 +96,6 @@ def outputs_are_complete(directory: Path) -> list[Path]:
         with Image.open(p) as image:
             image.load()  # raises on a truncated file
     return files
-
-
-@pytest.fixture
-def cli(bundle, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args):
-        code = main(["-m", str(bundle), *map(str, args)])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def test_each_bad_or_odd_image_has_its_documented_outcome(cli, tmp_path):

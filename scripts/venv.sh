@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install npcam into it with the given extras, e.g. `export,test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: on the project's machines this version is the local CPU build.
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[$1]"
