@@ -148,9 +148,12 @@ def preprocess(
     float32 ``[1, 3, h, w]``: ``(pixel / 255 - mean) / std``.
     """
     h, w = input_size(image.shape[0], image.shape[1], size, keep_aspect)
-    resized = Image.fromarray(image).resize((w, h), Image.BILINEAR)
-    x = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
-    # Same operation order as torchvision's ToTensor + Normalize, so inputs match bit for bit.
-    x -= np.asarray(mean, dtype=np.float32)[:, None, None]
-    x /= np.asarray(std, dtype=np.float32)[:, None, None]
-    return x[None]
+    resized = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    # A uint8 channel normalizes to only 256 values: a table, made with the same float32
+    # operations in the same order as torchvision's ToTensor + Normalize (bit-identical).
+    levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255)
+    table = (levels - np.asarray(mean, dtype=np.float32)[:, None]) / np.asarray(std, dtype=np.float32)[:, None]
+    x = np.empty((1, 3, h, w), dtype=np.float32)
+    for c in range(3):
+        np.take(table[c], resized[:, :, c], out=x[0, c])
+    return x
