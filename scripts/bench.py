@@ -392,36 +392,32 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def report(results: dict) -> str:
     e2e = results["end_to_end"]["ms"]
     methods = list(dict.fromkeys(k.split("|")[0] for k in e2e))
     inputs = results["inputs"]
+    small = [n for n in inputs if n != "12mp.jpg"]
+    geo = {m: float(np.exp(np.mean([np.log(e2e[f"{m}|{n}"]) for n in small]))) for m in methods}
+    rows = [[name, size, *(f"{e2e[f'{m}|{name}']:.1f}" for m in methods)] for name, size in inputs.items()]
+    rows.append(["geometric mean, photos ≤ 1 MP", "", *(f"{geo[m]:.1f}" for m in methods)])
     lines = [
         f"npcam benchmark, {results['date']}, {results['cpu']}, {os.cpu_count()} cores, "
         f"{results['versions']}, {results['rounds']} rounds, medians, outputs in {results['outputs']}",
         "",
         "End to end per image, decode to JPEG written (ms):",
-        "| image | size | " + " | ".join(methods) + " |",
-        "|---|---|" + "---|" * len(methods),
+        *markdown_table(["image", "size", *methods], rows),
     ]
-    for name, size in inputs.items():
-        lines.append(f"| {name} | {size} | " + " | ".join(f"{e2e[f'{m}|{name}']:.1f}" for m in methods) + " |")
-    small = [n for n in inputs if n != "12mp.jpg"]
-    geo = {m: float(np.exp(np.mean([np.log(e2e[f"{m}|{n}"]) for n in small]))) for m in methods}
-    lines.append("| geometric mean, photos ≤ 1 MP | | " + " | ".join(f"{geo[m]:.1f}" for m in methods) + " |")
     lines += ["", "Ratios to TorchCAM (geometric mean over the photos ≤ 1 MP):"]
     for arch in ("ResNet-18", "Lite0"):
         for m in (f"npcam {arch} fp32", f"npcam {arch} int8", f"torch {arch}"):
             lines.append(f"- {m} / TorchCAM {arch}: {geo[m] / geo[f'TorchCAM {arch}']:.2f}")
     stages = results["end_to_end"]["stages_ms"]
-    lines += [
-        "",
-        "npcam stage breakdown (ms):",
-        "| method, image | " + " | ".join(STAGES) + " |",
-        "|---|" + "---|" * len(STAGES),
-    ]
-    for key, st in stages.items():
-        lines.append(f"| {key.replace('|', ', ')} | " + " | ".join(f"{st[s]:.2f}" for s in STAGES) + " |")
+    rows = [[key.replace("|", ", "), *(f"{st[s]:.2f}" for s in STAGES)] for key, st in stages.items()]
+    lines += ["", "npcam stage breakdown (ms):", *markdown_table(["method, image", *STAGES], rows)]
     lines += ["", f"Post-trunk work (head+CAM, upsample, colormap+blend) on {SMALL}, as a share of the trunk:"]
     for key, st in stages.items():
         if key.endswith(SMALL):
