@@ -61,7 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files, or directories searched recursively")
     p.add_argument(
-        "-m", "--model", type=Path, help="model bundle directory (default: $NPCAM_MODEL, else ~/.cache/npcam/resnet18)"
+        "-m",
+        "--model",
+        type=Path,
+        help="model bundle directory (default: $NPCAM_MODEL, else ~/.cache/npcam/resnet18, "
+        "else ~/.cache/npcam/efficientnet_lite0)",
     )
     p.add_argument(
         "-o",
@@ -95,7 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, help="network input size (default: the bundle's, e.g. 224)")
     p.add_argument("--save-cam", action="store_true", help="also write the full-resolution CAM as float32 .npy")
     p.add_argument("--json", action="store_true", help="print one JSON object per image on stdout")
-    p.add_argument("--threads", type=int, help="onnxruntime threads (default: one per core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="onnxruntime threads per image (default: every core for one image; one for several, "
+        "which then run side by side, one per core)",
+    )
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})")
     p.add_argument("--version", action="version", version=f"npcam {__version__}")
     args = p.parse_args(argv)
@@ -113,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):  # a file name that is not valid UTF-8 must not crash a print
             stream.reconfigure(errors="backslashreplace")
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        _clear_progress()
+        _error("interrupted; files already written are complete")
+        return EXIT_INTERRUPTED
+
+
+def _main(args: argparse.Namespace) -> int:
     Image.MAX_IMAGE_PIXELS = args.max_pixels  # Pillow's bomb error then only fires above twice our limit
     try:
         images, missing = collect(args.inputs)
@@ -128,20 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     failed = len(missing)
     for message in missing:
         _error(message, args.json)
-    try:
-        with closing(run(model, jobs, args, class_index)) as results:
-            for n, (job, result) in enumerate(results, 1):
-                _progress(n, len(jobs), job.image)
-                if isinstance(result, str):
-                    failed += 1
-                    _error(result, args.json, job.image)
-                    continue
-                _clear_progress()
-                print(json.dumps(result) if args.json else _describe(result, verbose=len(jobs) == 1), flush=True)
-    except KeyboardInterrupt:
-        _clear_progress()
-        _error("interrupted; files already written are complete")
-        return EXIT_INTERRUPTED
+    with closing(run(model, jobs, args, class_index)) as results:
+        for n, (job, result) in enumerate(results, 1):
+            _progress(n, len(jobs), job.image)
+            if isinstance(result, str):
+                failed += 1
+                _error(result, args.json, job.image)
+                continue
+            _clear_progress()
+            print(json.dumps(result) if args.json else _describe(result, verbose=len(jobs) == 1), flush=True)
     _clear_progress()
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
