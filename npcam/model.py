@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 from . import cam as cam_lib
 from . import render
 from .errors import NpcamError
-from .image import MAX_PIXELS, ImageLike, preprocess, read_image
+from .image import MAX_PIXELS, ImageLike, open_image, preprocess
 from .upsample import upsample
 
 FORMAT = "npcam-bundle"
@@ -136,7 +137,8 @@ class Model:
 
         ``size`` overrides the bundle's input size (the trunk is fully convolutional).
         """
-        return self.predict_many([read_image(image, max_pixels=max_pixels)], keep_aspect, size)[0]
+        pil = open_image(image, max_pixels)
+        return self.predict_batch([np.asarray(pil)], [self.preprocess(pil, keep_aspect, size)])[0]
 
     def predict_many(
         self, images: Sequence[np.ndarray], keep_aspect: bool = False, size: int | None = None
@@ -144,7 +146,9 @@ class Model:
         """Classify RGB uint8 ``[H, W, 3]`` images, one trunk call per group of equal input shape."""
         return self.predict_batch(images, [self.preprocess(rgb, keep_aspect, size) for rgb in images])
 
-    def preprocess(self, image: np.ndarray, keep_aspect: bool = False, size: int | None = None) -> np.ndarray:
+    def preprocess(
+        self, image: np.ndarray | Image.Image, keep_aspect: bool = False, size: int | None = None
+    ) -> np.ndarray:
         """:func:`npcam.image.preprocess` with this model's input size and statistics: ``[1, 3, h, w]``."""
         return preprocess(image, size or self.input_size, self.mean, self.std, keep_aspect)
 

@@ -75,9 +75,10 @@ def npcam_method(bundle: str):
 
     def method(path: Path, out: Path) -> dict[str, float]:
         t = [time.perf_counter()]
-        rgb = npcam.read_image(path)
+        pil = npcam.image.open_image(path)  # as Model.predict does
+        rgb = np.asarray(pil)
         t.append(time.perf_counter())
-        x = model.preprocess(rgb)
+        x = model.preprocess(pil)
         t.append(time.perf_counter())
         features = model.features(x)
         t.append(time.perf_counter())
