@@ -15,6 +15,7 @@ Nothing in a bundle is executed as Python: arrays load with
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -99,15 +100,16 @@ class Model:
         self.input_size: int = int(meta["input_size"])
         self.mean = tuple(float(v) for v in meta["mean"])
         self.std = tuple(float(v) for v in meta["std"])
-        self.fc_weight = _load_array(self.path / "fc_weight.npy", ndim=2)
-        self.fc_bias = _load_array(self.path / "fc_bias.npy", ndim=1)
+        # Parsed from the bytes that were hashed, not read again: what was checked is what runs.
+        self.fc_weight = _load_array(self.path / "fc_weight.npy", blobs["fc_weight.npy"], ndim=2)
+        self.fc_bias = _load_array(self.path / "fc_bias.npy", blobs["fc_bias.npy"], ndim=1)
         classes, channels = self.fc_weight.shape
         if self.fc_bias.shape != (classes,):
             raise NpcamError(
                 f"{self.path / 'fc_bias.npy'}: shape {list(self.fc_bias.shape)}, "
                 f"expected [{classes}] to match fc_weight.npy"
             )
-        self.labels = _load_labels(self.path / "labels.json", classes)
+        self.labels = _load_labels(self.path / "labels.json", blobs["labels.json"], classes)
         self.session = _open_session(self.path / "trunk.onnx", blobs["trunk.onnx"], channels, threads)
 
     def __repr__(self) -> str:
@@ -295,14 +297,14 @@ def _check_hashes(path: Path, meta: dict, blobs: dict[str, bytes]) -> None:
             raise NpcamError(f"{path / name}: sha256 does not match bundle.json (corrupt or modified file)")
 
 
-def _load_array(path: Path, ndim: int) -> np.ndarray:
+def _load_array(path: Path, data: bytes, ndim: int) -> np.ndarray:
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
         # allow_pickle=False turns an object array into a ValueError: never unpickle.
         raise NpcamError(f"{path}: not a plain .npy array ({e})") from None
-    except OSError as e:
-        raise NpcamError(f"{path}: cannot read ({e})") from None
+    except (OSError, EOFError) as e:
+        raise NpcamError(f"{path}: not a complete .npy file ({e})") from None
     if not isinstance(array, np.ndarray):
         raise NpcamError(f"{path}: not a single .npy array")
     if array.dtype != np.float32:
@@ -314,9 +316,9 @@ def _load_array(path: Path, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _load_labels(path: Path, classes: int) -> tuple[str, ...]:
+def _load_labels(path: Path, data: bytes, classes: int) -> tuple[str, ...]:
     try:
-        labels = json.loads(_read_file(path))
+        labels = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise NpcamError(f"{path}: not valid JSON ({e})") from None
     if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):

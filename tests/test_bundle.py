@@ -88,6 +88,15 @@ def test_bad_fc_weight(copy, array, message):
         npcam.load(copy)
 
 
+@pytest.mark.parametrize("keep", [0, 6, 100])
+def test_truncated_npy(copy, keep):
+    data = (copy / "fc_bias.npy").read_bytes()
+    (copy / "fc_bias.npy").write_bytes(data[:keep])
+    rehash(copy)
+    with pytest.raises(NpcamError, match="fc_bias.npy: not a"):
+        npcam.load(copy)
+
+
 class Boom:
     def __reduce__(self):
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
