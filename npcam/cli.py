@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -235,6 +236,10 @@ def plan(images: list[tuple[Path, Path | None]], output: str | None, multiple: b
             raise NpcamError(f"{target.parent}: output directory does not exist")
         if images and target.resolve() == images[0][0].resolve():
             raise NpcamError(f"-o {output}: is the input image; choose another name")
+        per_class = re.compile(re.escape(target.stem) + r"_\d+" + re.escape(target.suffix))
+        source = images[0][0].resolve() if images else None
+        if multiple and source and source.parent == target.resolve().parent and per_class.fullmatch(source.name):
+            raise NpcamError(f"{source}: an input named like a --top output; choose another -o")
         return [Job(images[0][0], target, multiple)] if images else []
     out_dir = Path(output or ".")
     inputs = {p.resolve() for p, _ in images}
@@ -248,6 +253,13 @@ def plan(images: list[tuple[Path, Path | None]], output: str | None, multiple: b
             raise NpcamError(f"{out}: output for {path} {clash}; choose another -o")
         taken[key] = path
         jobs.append(Job(path, out, multiple))
+    if multiple:  # per-class names are known only after prediction: refuse any input they could be
+        pattern = re.compile(r"(.+)_cam_\d+\.jpg")
+        stems = {(job.output.resolve().parent, job.output.stem[: -len("_cam")]) for job in jobs}
+        for path in inputs:
+            match = pattern.fullmatch(path.name)
+            if match and (path.parent, match.group(1)) in stems:
+                raise NpcamError(f"{path}: an input named like a --top output; choose another -o")
     return jobs
 
 

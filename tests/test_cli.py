@@ -139,6 +139,17 @@ def test_never_overwrites_an_input(cli, tmp_path):
     assert code == 2 and image.read_bytes() == before
 
 
+def test_top_k_never_overwrites_an_input_named_like_its_outputs(cli, tmp_path):
+    image = photo(tmp_path, "photo.jpg")
+    lookalike = photo(tmp_path, "photo_cam_281.jpg")
+    before = lookalike.read_bytes()
+    code, _, err = cli(image, lookalike, "--top", "3")
+    assert code == 2 and "named like a --top output" in err and lookalike.read_bytes() == before
+    renamed = lookalike.rename(tmp_path / "out_281.jpg")  # what -o out.jpg --top 3 could write
+    code, _, err = cli(renamed, "--top", "3", "-o", tmp_path / "out.jpg")
+    assert code == 2 and "named like a --top output" in err and renamed.read_bytes() == before
+
+
 def test_bad_alpha_is_a_usage_error(cli, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli(photo(tmp_path), "--alpha", "1.5")
