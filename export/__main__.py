@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from npcam import NpcamError
 from npcam.model import CACHE_DIR, default_model_dir
 
 from .archs import ARCHS
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             auto()
         else:
             run(args.arch, args.out, args.weights, args.opset, args.int8)
-    except ExportError as e:
+    except (ExportError, NpcamError) as e:  # NpcamError: the written bundle failed to load in the self-check
         print(f"export: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
