@@ -116,8 +116,12 @@ def _write(arch: Arch, net: nn.Module, tmp: Path, source: Path, opset: int) -> d
         },
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    (tmp / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    _write_meta(tmp, meta)
     return meta
+
+
+def _write_meta(bundle: Path, meta: dict) -> None:
+    (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def _quantize(bundle: Path, meta: dict, calibrate: Path) -> dict:
@@ -130,7 +134,7 @@ def _quantize(bundle: Path, meta: dict, calibrate: Path) -> dict:
     meta["precision"] = "int8"
     meta["calibration"] = {"images": len(inputs), "method": "MinMax", "format": "QDQ, per-channel weights"}
     meta["files"]["trunk.onnx"] = _sha256(bundle / "trunk.onnx")
-    (bundle / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    _write_meta(bundle, meta)
     result = agreement(fp32, npcam.load(bundle), inputs)
     if result["top1_agreement"] < 0.8:
         raise ExportError(

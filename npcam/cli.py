@@ -227,50 +227,48 @@ def collect(inputs: list[str]) -> tuple[list[tuple[Path, Path | None]], list[str
 def plan(images: list[tuple[Path, Path | None]], output: str | None, multiple: bool) -> list[Job]:
     """Decide every output path up front, so that no output overwrites an input or another output."""
     to_dir = output is None or output.endswith(("/", os.sep)) or Path(output).is_dir()
-    if not to_dir and len(images) > 1:
-        raise NpcamError(f"-o {output}: names one file, but there are {len(images)} images; give a directory")
-    if not to_dir:
+    if to_dir:
+        out_dir = Path(output or ".")
+        jobs = [
+            Job(path, out_dir / (path.parent.relative_to(root) if root else Path()) / f"{path.stem}_cam.jpg", multiple)
+            for path, root in images
+        ]
+    else:
+        if len(images) > 1:
+            raise NpcamError(f"-o {output}: names one file, but there are {len(images)} images; give a directory")
         target = Path(output)
         _format_for(target)
         if not target.parent.is_dir():
             raise NpcamError(f"{target.parent}: output directory does not exist")
-        if images and target.resolve() == images[0][0].resolve():
-            raise NpcamError(f"-o {output}: is the input image; choose another name")
-        per_class = re.compile(re.escape(target.stem) + r"_\d+" + re.escape(target.suffix))
-        source = images[0][0].resolve() if images else None
-        if multiple and source and source.parent == target.resolve().parent and per_class.fullmatch(source.name):
-            raise NpcamError(f"{source}: an input named like a --top output; choose another -o")
-        return [Job(images[0][0], target, multiple)] if images else []
-    out_dir = Path(output or ".")
-    inputs = {p.resolve() for p, _ in images}
-    jobs, taken = [], {}
-    for path, root in images:
-        sub = path.parent.relative_to(root) if root is not None else Path()
-        out = out_dir / sub / f"{path.stem}_cam.jpg"
-        key = out.resolve()
-        if key in inputs or key in taken:
-            clash = "is an input" if key in inputs else f"is also the output of {taken[key]}"
-            raise NpcamError(f"{out}: output for {path} {clash}; choose another -o")
-        taken[key] = path
-        jobs.append(Job(path, out, multiple))
-    if multiple:  # per-class names are known only after prediction: refuse any input they could be
-        pattern = re.compile(r"(.+)_cam_\d+\.jpg")
-        stems = {(job.output.resolve().parent, job.output.stem[: -len("_cam")]) for job in jobs}
-        for path in inputs:
-            match = pattern.fullmatch(path.name)
-            if match and (path.parent, match.group(1)) in stems:
-                raise NpcamError(f"{path}: an input named like a --top output; choose another -o")
+        jobs = [Job(path, target, multiple) for path, _ in images]
+    _refuse_clashes(jobs)
     return jobs
 
 
+def _refuse_clashes(jobs: list[Job]) -> None:
+    """No output may be an input or another job's output.
+
+    Per-class outputs (``--top``) are named only after prediction, so an input
+    named like one (``<stem>_<digits><suffix>`` beside a job's output) is refused too.
+    """
+    inputs = {job.image.resolve() for job in jobs}
+    owners: dict[Path, Job] = {}
+    for job in jobs:
+        key = job.output.resolve()
+        if key in inputs or key in owners:
+            clash = "is an input" if key in inputs else f"is also the output of {owners[key].image}"
+            raise NpcamError(f"{job.output}: output for {job.image} {clash}; choose another -o")
+        owners[key] = job
+    for path in inputs:
+        match = re.fullmatch(r"(.+)_\d+(\.[^.]*)", path.name)
+        owner = owners.get(path.with_name(match[1] + match[2])) if match else None
+        if owner is not None and owner.per_class:
+            raise NpcamError(f"{path}: an input named like a --top output; choose another -o")
+
+
 def _process(model: Model, args: argparse.Namespace, class_index: int | None, job: Job) -> dict:
-    """One image from file to written overlay (runs in a worker thread); returns its JSON record."""
+    """One image from file to written overlay and CAM files (runs in a worker thread); returns its JSON record."""
     pred = model.predict(job.image, keep_aspect=args.keep_aspect, max_pixels=args.max_pixels, size=args.size)
-    return _render(model, job, pred, args, class_index)
-
-
-def _render(model: Model, job: Job, pred: Prediction, args: argparse.Namespace, class_index: int | None) -> dict:
-    """CAM, overlay, box and files for one prediction; returns its JSON record."""
     classes = [class_index] if class_index is not None else [c for c, _, _ in pred.top(args.top)]
     size = pred.image.shape[:2]
     maps = []

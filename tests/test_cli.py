@@ -28,7 +28,8 @@ def photo(tmp_path, name="photo.jpg", size=(375, 500)):
 
 
 def test_default_output_in_current_directory(cli, tmp_path):
-    image = photo(tmp_path / "in" if (tmp_path / "in").mkdir() is None else tmp_path)
+    (tmp_path / "in").mkdir()
+    image = photo(tmp_path / "in")
     code, out, err = cli(image)
     assert code == 0, err
     written = tmp_path / "photo_cam.jpg"
