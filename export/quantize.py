@@ -1,14 +1,23 @@
-"""An int8 trunk: onnxruntime static quantization, calibrated on the user's images.
+"""An int8 trunk: onnxruntime static quantization (QDQ, MinMax), calibrated on the user's images.
 
-QDQ format, per-channel weights (int8) and per-tensor activations (uint8),
-MinMax calibration. On the dev machine it ran the EfficientNet-Lite0 trunk
-1.4-2.4x faster than fp32, with CAMs correlating 0.997 with fp32 but top-1
-agreeing on only 96-97% of the dev photos (88% on photos unlike the
-calibration set), so fp32 stays the default (see the README).
+A bundle travels between machines, so its int8 trunk must compute the same
+on every CPU. onnxruntime's usual u8s8 kernels on x86 without VNNI
+(AVX2-only CPUs) multiply with ``vpmaddubsw``, which saturates when 8-bit
+weights meet large activations; on such a CPU a trunk quantized that way
+agreed with fp32 on only 63% of images. Two settings avoid the saturation on
+every CPU, and the export tries both and keeps the one that agrees best with
+fp32 on the calibration images:
+
+- ``u8s8 reduce_range``: weights in 7 bits, so two products always fit in int16;
+- ``u8u8``: unsigned weights, which onnxruntime multiplies without that instruction.
+
+The bundle records the settings, the agreement and the CPU it was measured on.
 """
 
 from __future__ import annotations
 
+import platform
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,23 +26,29 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 import npcam
-from npcam.cli import collect
+from npcam import bundle as bundle_format
+from npcam.files import find_images
 
-from .weights import ExportError
+from .errors import ExportError
 
 CALIBRATION_IMAGES = 64
+MIN_AGREEMENT = 0.8
+SETTINGS = {
+    "u8s8 reduce_range": {"weight_type": QuantType.QInt8, "reduce_range": True},
+    "u8u8": {"weight_type": QuantType.QUInt8, "reduce_range": False},
+}
 
 
 def calibration_inputs(directory: Path, model: npcam.Model) -> list[np.ndarray]:
     """Up to ``CALIBRATION_IMAGES`` network inputs from the images under ``directory``, evenly spaced."""
-    images = [path for path, _ in collect([str(directory)])[0]]
+    images = find_images([directory]).images
     if not images:
         raise ExportError(f"{directory}: no images to calibrate the int8 trunk on")
     step = max(1, len(images) // CALIBRATION_IMAGES)
     inputs = []
-    for path in images[::step][:CALIBRATION_IMAGES]:
+    for image in images[::step][:CALIBRATION_IMAGES]:
         try:
-            inputs.append(model.preprocess(npcam.read_image(path)))
+            inputs.append(model.preprocess(image.path))
         except npcam.NpcamError:
             continue  # a bad file among the calibration images is skipped, not fatal
     if not inputs:
@@ -50,21 +65,61 @@ class _Inputs(CalibrationDataReader):
         return None if x is None else {"image": x}
 
 
-def quantize_trunk(trunk: Path, inputs: list[np.ndarray]) -> None:
-    """Replace the fp32 ONNX file ``trunk`` with its statically quantized version."""
+def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, settings: str) -> None:
+    """Write the statically quantized version of the fp32 ONNX file ``trunk`` to ``out``."""
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        # Symbolic shape inference cannot follow the dynamic "SAME" padding arithmetic; ONNX's own can.
+        # Symbolic shape inference cannot follow dynamic "SAME" padding arithmetic; ONNX's own can.
         quant_pre_process(str(trunk), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared),
-            str(trunk),
+            str(out),
             _Inputs(inputs),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            **SETTINGS[settings],
         )
+
+
+def quantize_bundle(bundle: Path, meta: dict, images: Path) -> dict:
+    """Replace the bundle's fp32 trunk with the best-agreeing int8 one; returns the updated metadata.
+
+    Refuses (ExportError) when even the best agrees with fp32 on fewer than
+    ``MIN_AGREEMENT`` of the calibration images.
+    """
+    fp32 = npcam.load(bundle)
+    inputs = calibration_inputs(images, fp32)
+    trunk = bundle / "trunk.onnx"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        original = Path(tmp) / "fp32.onnx"
+        shutil.copyfile(trunk, original)
+        for name in SETTINGS:
+            candidate = Path(tmp) / f"{name.replace(' ', '_')}.onnx"
+            quantize_trunk(original, inputs, candidate, name)
+            shutil.copyfile(candidate, trunk)
+            bundle_format.seal(bundle, meta)
+            results[name] = agreement(fp32, npcam.load(bundle), inputs)
+        best = max(results, key=lambda n: (results[n]["top1_agreement"], results[n]["cam_pearson"]))
+        shutil.copyfile(Path(tmp) / f"{best.replace(' ', '_')}.onnx", trunk)
+    if results[best]["top1_agreement"] < MIN_AGREEMENT:
+        raise ExportError(
+            f"int8 trunk agrees with fp32 on only {results[best]['top1_agreement']:.0%} of the calibration images "
+            f"(best of {', '.join(SETTINGS)}); keep the fp32 bundle"
+        )
+    return {
+        **meta,
+        "precision": "int8",
+        "int8": {
+            "settings": best,
+            "images": len(inputs),
+            **results[best],
+            "tried": results,
+            "cpu": cpu_name(),
+            "format": "QDQ, per-channel weights, MinMax calibration",
+        },
+    }
 
 
 def agreement(fp32: npcam.Model, int8: npcam.Model, inputs: list[np.ndarray]) -> dict[str, float]:
@@ -72,9 +127,24 @@ def agreement(fp32: npcam.Model, int8: npcam.Model, inputs: list[np.ndarray]) ->
     agree, correlation = [], []
     for x in inputs:
         features = [model.features(x)[0] for model in (fp32, int8)]
-        top1 = [int(np.argmax(npcam.logits(f[None], fp32.fc_weight, fp32.fc_bias))) for f in features]
+        top1 = [int(np.argmax(fp32.head.forward(f.mean(axis=(1, 2))[None]))) for f in features]
         agree.append(top1[0] == top1[1])
-        cam_a, cam_b = (npcam.class_activation_maps(f, fp32.fc_weight, [top1[0]]).ravel() for f in features)
-        if cam_a.std() > 0 and cam_b.std() > 0:
-            correlation.append(np.corrcoef(cam_a, cam_b)[0, 1])
+        cams = [npcam.cam.weighted_maps(f, fp32.head.gradient(f.mean(axis=(1, 2)), [top1[0]])).ravel() for f in features]
+        if cams[0].std() > 0 and cams[1].std() > 0:
+            correlation.append(np.corrcoef(cams[0], cams[1])[0, 1])
     return {"top1_agreement": float(np.mean(agree)), "cam_pearson": float(np.mean(correlation) if correlation else 0.0)}
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512 VNNI (what decides the int8 kernels)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx512_vnni", "avx_vnni", "avx512f", "avx2") if f in flags]
+    return f"{name} ({', '.join(isa) or platform.machine()})"

@@ -99,13 +99,13 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.trunk(x)), 1))
 
 
-def resnet18() -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2])
+def resnet18(num_classes: int = 1000) -> ResNet:
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
 
 
-def resnet34() -> ResNet:
-    return ResNet(BasicBlock, [3, 4, 6, 3])
+def resnet34(num_classes: int = 1000) -> ResNet:
+    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes)
 
 
-def resnet50() -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 6, 3])
+def resnet50(num_classes: int = 1000) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes)

@@ -15,10 +15,7 @@ from pathlib import Path
 import torch
 
 from .archs import Arch
-
-
-class ExportError(Exception):
-    """A problem the user can fix, as one line."""
+from .errors import ExportError
 
 
 class WeightsNotFound(ExportError):

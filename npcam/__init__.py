@@ -26,7 +26,9 @@ if "numpy" not in _sys.modules:
 from .boxes import cam_box  # noqa: E402
 from .cam import class_activation_maps, logits, softmax  # noqa: E402
 from .errors import NpcamError  # noqa: E402
-from .image import preprocess, read_image  # noqa: E402
+from .explain import Explanation, Options, describe, draw, explain  # noqa: E402
+from .image import open_image, preprocess, read_image  # noqa: E402
+from .methods import METHODS  # noqa: E402
 from .model import Model, Prediction, default_model_dir, load  # noqa: E402
 from .render import JET, colorize, overlay  # noqa: E402
 from .upsample import upsample  # noqa: E402
@@ -34,16 +36,23 @@ from .upsample import upsample  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "Explanation",
     "JET",
+    "METHODS",
     "Model",
     "NpcamError",
+    "Options",
     "cam_box",
     "Prediction",
     "class_activation_maps",
     "colorize",
     "default_model_dir",
+    "describe",
+    "draw",
+    "explain",
     "load",
     "logits",
+    "open_image",
     "overlay",
     "preprocess",
     "read_image",

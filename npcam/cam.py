@@ -1,18 +1,17 @@
-"""The classifier head and Class Activation Maps, in NumPy.
+"""Class activation maps in NumPy: weight the feature channels, keep the positive part, scale to [0, 1].
 
 A CNN that ends in global average pooling (GAP) and one linear layer scores
 class ``c`` as ``sum_k W[c,k] * mean_xy A[k,x,y] + b[c]``. Moving the sum
 inside the mean gives the CAM of Zhou et al. (2016): ``M_c = sum_k W[c,k] A[k]``,
 a map whose mean is the class score (less the bias). npcam shows where the
 evidence *for* the class is, so it keeps the positive part and scales it to
-[0, 1] by its max.
+[0, 1] by its max. The other methods (:mod:`npcam.methods`) only choose other
+channel weights, and share these steps.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-WEIGHTINGS = ("fc", "softmax")
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -21,8 +20,13 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def pool(features: np.ndarray) -> np.ndarray:
+    """Global average pooling: float32 ``[N, C, h, w]`` to float32 ``[N, C]``."""
+    return features.mean(axis=(2, 3), dtype=np.float32)
+
+
 def logits(features: np.ndarray, fc_weight: np.ndarray, fc_bias: np.ndarray) -> np.ndarray:
-    """Class scores from conv features: GAP, then the FC layer.
+    """Class scores of an affine head from conv features: GAP, then the FC layer.
 
     Parameters
     ----------
@@ -34,49 +38,44 @@ def logits(features: np.ndarray, fc_weight: np.ndarray, fc_bias: np.ndarray) -> 
     -------
     float32 ``[N, K]``
     """
-    pooled = features.mean(axis=(2, 3), dtype=np.float32)
-    return pooled @ fc_weight.T + fc_bias
+    return pool(features) @ fc_weight.T + fc_bias
 
 
-def class_activation_maps(
-    features: np.ndarray,
-    fc_weight: np.ndarray,
-    classes: np.ndarray | list[int],
-    weighting: str = "fc",
-) -> np.ndarray:
-    """CAMs of several classes for one image, in one matrix product.
+def weighted_maps(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``sum_k weights[j, k] * features[k]`` for each row j: float64 ``[k, h, w]``.
 
     Parameters
     ----------
     features : float32 ``[C, h, w]``
-        Last conv features of one image.
+    weights : float ``[k, C]``
+
+    float64 is cheap at this size, and no finite float32 input can overflow it.
+    ``optimize=True`` lets einsum hand the contraction to BLAS.
+    """
+    return np.einsum("kc,chw->khw", weights.astype(np.float64), features.astype(np.float64), optimize=True)
+
+
+def normalize(maps: np.ndarray) -> np.ndarray:
+    """ReLU each map of ``[k, h, w]``, then divide it by its max; returns float32 in [0, 1].
+
+    A map with no positive value stays all zeros, never NaN.
+    """
+    maps = np.maximum(np.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0), 0)
+    peak = maps.max(axis=(1, 2), keepdims=True)
+    return (maps / np.where(peak > 0, peak, 1)).astype(np.float32)
+
+
+def class_activation_maps(features: np.ndarray, fc_weight: np.ndarray, classes: np.ndarray | list[int]) -> np.ndarray:
+    """The paper's CAMs of several classes for one image, in one contraction.
+
+    Parameters
+    ----------
+    features : float32 ``[C, h, w]``, the last conv features of one image
     fc_weight : float32 ``[K, C]``
-    classes : int ``[k]``
-        Class indices into ``fc_weight``.
-    weighting : {"fc", "softmax"}
-        ``"fc"`` (default) uses the FC weights as they are, as in the paper.
-        ``"softmax"`` first softmaxes each weight row, as the seed tutorial
-        does; it makes every weight positive and so loses the negative evidence.
+    classes : int ``[k]``, indices into ``fc_weight``
 
     Returns
     -------
-    float32 ``[k, h, w]``, each map in [0, 1]: ``relu(W_c . A) / max``. A map
-    with no positive value is all zeros (never NaN).
+    float32 ``[k, h, w]``, each map ``relu(W_c . A) / max`` in [0, 1].
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, not {weighting!r}")
-    channels, h, w = features.shape
-    weights = fc_weight[np.asarray(classes, dtype=np.intp)]
-    if weighting == "softmax":
-        weights = softmax(weights, axis=1)
-    # float64: cheap at [k, C] @ [C, h*w], and no finite float32 input can overflow it.
-    cams = weights.astype(np.float64) @ features.reshape(channels, h * w).astype(np.float64)
-    return normalize(cams.reshape(-1, h, w))
-
-
-def normalize(cams: np.ndarray) -> np.ndarray:
-    """ReLU each map of ``[k, h, w]``, then divide it by its max; returns float32 in [0, 1]."""
-    cams = np.maximum(cams, 0)
-    peak = cams.max(axis=(1, 2), keepdims=True)
-    # An all-zero map stays zero: dividing by 1 there avoids 0/0.
-    return (cams / np.where(peak > 0, peak, 1)).astype(np.float32)
+    return normalize(weighted_maps(features, fc_weight[np.asarray(classes, dtype=np.intp)]))

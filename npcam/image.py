@@ -6,86 +6,115 @@ Reading is where user files meet npcam, so every failure becomes an
 
 from __future__ import annotations
 
+import io
 import os
+import threading
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import NpcamError
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
 # 100 MP: a 12 MP photo needs ~0.5 GB of working memory end to end; this
 # bound keeps the worst case near 4 GB. The CLI's --max-pixels raises it.
 MAX_PIXELS = 100_000_000
 
+# Pillow refuses images over its own process-wide limit while opening them. npcam
+# applies its own limit (max_pixels) from the header instead, so Pillow's check is
+# switched off for the moment of opening; the lock keeps npcam's threads from
+# restoring it under each other.
+_PILLOW_LIMIT = threading.Lock()
 
-def read_image(source: ImageLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+
+def read_image(source: ImageLike, max_pixels: int = MAX_PIXELS, name: str | None = None) -> np.ndarray:
     """Load an image as it should be seen: upright, RGB.
 
     Parameters
     ----------
-    source : path, PIL image or uint8 array ``[H, W, 3]`` (or ``[H, W]`` grey)
+    source : see :func:`open_image`
     max_pixels : int
         Refuse images with more pixels than this, before decoding them.
+    name : how error messages call the image (default: its path, or "image")
 
     Returns
     -------
     uint8 ``[H, W, 3]``, C-contiguous.
     """
     if isinstance(source, np.ndarray):
-        return _array_to_rgb(source)
-    return np.asarray(open_image(source, max_pixels))
+        return _array_to_rgb(source, name)
+    return np.asarray(open_image(source, max_pixels, name))
 
 
-def open_image(source: ImageLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """:func:`read_image` as a PIL image, decoded but not yet copied into an array.
+def open_image(source: ImageLike, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
+    """:func:`read_image` as an RGB PIL image, decoded but not yet copied into an array.
+
+    ``source`` is a path, the encoded bytes of a file, a binary file object, a
+    PIL image (EXIF orientation is applied to a copy) or a uint8 array
+    ``[H, W]``, ``[H, W, 3]`` or ``[H, W, 4]`` (alpha composited over white).
+    Every problem is an :class:`NpcamError` naming the image.
 
     Resizing for the network from this image, rather than from the array,
     saves a full-size copy (30 ms at 12 MP).
     """
     if isinstance(source, np.ndarray):
-        return Image.fromarray(_array_to_rgb(source))
+        return Image.fromarray(_array_to_rgb(source, name))
     if isinstance(source, Image.Image):
         return to_rgb(ImageOps.exif_transpose(source))  # a copy: the caller's image stays as it was
-    path = Path(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(source), name or "image", max_pixels)
+    if hasattr(source, "read"):
+        label = name or str(getattr(source, "name", "image"))
+        if not (hasattr(source, "seekable") and source.seekable()):
+            source = io.BytesIO(source.read())
+        return _decode(source, label, max_pixels)
+    return _decode(Path(source), name or str(source), max_pixels)
+
+
+def _decode(source: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # Pillow warns above its own bomb limit; ours is checked below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise NpcamError(
-                        f"{path}: {width}x{height} is {width * height:,} pixels, over the limit "
-                        f"of {max_pixels:,} (raise it with --max-pixels)"
-                    )
-                img.seek(0)  # first frame of an animation
+        with _PILLOW_LIMIT:
+            pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                img = Image.open(source)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pillow_limit
+        with img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise NpcamError(
+                    f"{name}: {width}x{height} is {width * height:,} pixels, over the limit "
+                    f"of {max_pixels:,} (raise it with --max-pixels)"
+                )
+            img.seek(0)  # first frame of an animation
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is checked above
                 img.load()  # before the file closes
-                ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
-                return to_rgb(img)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
+            return to_rgb(img)
     except NpcamError:
         raise
     except FileNotFoundError:
-        raise NpcamError(f"{path}: no such file") from None
+        raise NpcamError(f"{name}: no such file") from None
     except IsADirectoryError:
-        raise NpcamError(f"{path}: is a directory") from None
+        raise NpcamError(f"{name}: is a directory") from None
     except PermissionError:
-        raise NpcamError(f"{path}: permission denied") from None
+        raise NpcamError(f"{name}: permission denied") from None
     except UnidentifiedImageError:
-        raise NpcamError(f"{path}: not an image Pillow can read") from None
+        raise NpcamError(f"{name}: not an image Pillow can read") from None
     except Image.DecompressionBombError as e:
-        raise NpcamError(f"{path}: refused as a decompression bomb ({e})") from None
+        raise NpcamError(f"{name}: refused as a decompression bomb ({e})") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         # Pillow reports truncated and corrupt data as these.
-        raise NpcamError(f"{path}: cannot decode image ({e})") from None
+        raise NpcamError(f"{name}: cannot decode image ({e})") from None
     except Exception as e:
         # Decoders meet arbitrary bytes and fail in arbitrary ways (the fuzzer found a
         # TypeError from a TIFF tag of the wrong type): the file cannot be decoded.
-        raise NpcamError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+        raise NpcamError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -110,15 +139,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+def _array_to_rgb(array: np.ndarray, name: str | None = None) -> np.ndarray:
+    """A uint8 grey, RGB or RGBA array as C-contiguous RGB ``[H, W, 3]`` (alpha over white, as for files)."""
+    label = name or "image array"
     if array.dtype != np.uint8:
-        raise NpcamError(f"image array must be uint8, not {array.dtype}")
+        raise NpcamError(f"{label}: must be uint8, not {array.dtype} (scale it to 0..255 first)")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise NpcamError(f"image array must be [H, W, 3] or [H, W], not {list(array.shape)}")
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise NpcamError(f"{label}: must be [H, W], [H, W, 3] or [H, W, 4], not {list(array.shape)}")
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise NpcamError("image array is empty")
+        raise NpcamError(f"{label}: is empty")
+    if array.shape[2] == 4:
+        return np.asarray(to_rgb(Image.fromarray(array, "RGBA")))
     return np.ascontiguousarray(array)
 
 

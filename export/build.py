@@ -1,0 +1,173 @@
+"""From a split model to a checked bundle on disk; shared by every export route (needs no torch).
+
+The bundle is built in a staging directory (:func:`npcam.bundle.staged`),
+checked against the original model on random inputs, optionally quantized,
+and only then moved into place: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+
+import npcam
+from npcam import bundle as bundle_format
+from npcam.cam import softmax
+
+from .errors import ExportError
+from .split import Split
+
+TOLERANCE = 1e-4  # relative: max |npcam - original| / max |original|
+IMAGENET_LABELS = Path(__file__).with_name("imagenet_classes.txt")
+
+# reference(x) -> the original model's output for float32 [N,3,H,W] RGB normalized inputs
+Reference = Callable[[np.ndarray], np.ndarray]
+
+
+def read_labels(path: Path | None, classes: int) -> list[str]:
+    """Class names: from ``path`` (one per line, or a JSON list), else ImageNet's for 1000 classes, else ``class i``."""
+    if path is None:
+        if classes == 1000:
+            return IMAGENET_LABELS.read_text(encoding="utf-8").splitlines()
+        return [f"class {i}" for i in range(classes)]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: cannot read labels ({getattr(e, 'strerror', None) or e})") from None
+    if text.lstrip().startswith("["):
+        try:
+            labels = json.loads(text)
+        except ValueError as e:
+            raise ExportError(f"{path}: not valid JSON ({e})") from None
+        if not all(isinstance(x, str) for x in labels):
+            raise ExportError(f"{path}: a JSON label file must be a list of strings")
+    else:
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(labels) != classes:
+        raise ExportError(f"{path}: {len(labels)} labels, but the model has {classes} classes")
+    return labels
+
+
+def default_out(name: str, source_sha256: str) -> Path:
+    """``~/.cache/npcam/NAME``, refusing to replace a bundle made from other weights."""
+    out = (bundle_format.CACHE_DIR / name).expanduser()
+    meta_file = out / "bundle.json"
+    if meta_file.is_file():
+        try:
+            existing = json.loads(meta_file.read_text(encoding="utf-8")).get("source", {}).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            existing = None
+        if existing != source_sha256:
+            raise ExportError(f"{out} holds a bundle of another model; choose a directory with --out (or delete it)")
+    return out
+
+
+def export(
+    split: Split,
+    out: Path,
+    labels: Sequence[str],
+    meta: dict,
+    reference: Reference,
+    reference_sizes: Sequence[tuple[int, int, int]] | None = None,
+    int8: Path | None = None,
+) -> dict:
+    """Write ``split`` as a bundle at ``out`` and check it against ``reference``; returns bundle.json's content.
+
+    ``meta`` holds the model's name (``arch``), ``mean``, ``std`` and
+    ``source``. The check runs ``reference_sizes`` (batch, height, width),
+    default a batch of 2 at the input size and, for a trunk of dynamic size,
+    one non-square input.
+    """
+    s = split.input_size
+    sizes = reference_sizes or ([(2, s, s)] + ([] if split.fixed_size else [(1, s + 48, s - 40)]))
+    with bundle_format.staged(out) as tmp:
+        meta = bundle_format.write(
+            tmp,
+            split.trunk.SerializeToString(),
+            split.head,
+            labels,
+            {
+                **meta,
+                "input_size": split.input_size,
+                "fixed_size": split.fixed_size,
+                "stride": split.stride,
+                "output": split.output,
+                "layout": split.layout,
+                "precision": "fp32",
+                "opset": max((o.version for o in split.trunk.opset_import if o.domain in ("", "ai.onnx")), default=0),
+                "versions": {
+                    "npcam": npcam.__version__,
+                    "onnx": onnx.__version__,
+                    "onnxruntime": onnxruntime.__version__,
+                    "numpy": np.__version__,
+                    **meta.get("versions", {}),
+                },
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        meta["check"] = self_check(tmp, reference, split.output, sizes)
+        if int8 is not None:
+            from .quantize import quantize_bundle
+
+            meta = quantize_bundle(tmp, meta, int8)
+        meta = bundle_format.seal(tmp, meta)
+    return meta
+
+
+def self_check(bundle: Path, reference: Reference, output: str, sizes: Sequence[tuple[int, int, int]]) -> dict:
+    """Compare the bundle (onnxruntime trunk + NumPy head) with the original model on random inputs.
+
+    Raises above ``TOLERANCE`` (relative to the largest output).
+    """
+    try:
+        model = npcam.load(bundle)
+    except npcam.NpcamError as e:
+        raise ExportError(f"the written bundle does not load: {e}") from None
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for n, h, w in sizes:
+        x = rng.standard_normal((n, 3, h, w), dtype=np.float32)
+        want = np.asarray(reference(x), dtype=np.float64).reshape(n, -1)
+        got = model.scores(x).astype(np.float64)
+        if output == "probabilities":
+            got = softmax(got, axis=1)
+        elif output == "log_probabilities":
+            got = np.log(softmax(got, axis=1))
+        worst = max(worst, relative_error(got, want))
+    if not worst <= TOLERANCE:
+        raise ExportError(
+            f"self-check failed: the bundle's {output} differ from the original model's by {worst:.2e} "
+            f"(relative, limit {TOLERANCE})"
+        )
+    return {"scores_relative_error": worst, "inputs": [list(s) for s in sizes]}
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    if got.shape != want.shape:
+        return float("inf")
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def report(meta: dict, out: Path) -> None:
+    """One line on stderr saying what was exported and how well it matched."""
+    head = "affine head: CAM" if meta["head"] == "affine" else "graph head: Grad-CAM"
+    size = f"{meta['input_size']}px" + (" fixed" if meta.get("fixed_size") else "")
+    print(
+        f"exported {meta['arch']} ({meta['classes']} classes, {meta['channels']} channels, {head}, {size}) to {out} "
+        f"(self-check: {meta['output']} within {meta['check']['scores_relative_error']:.1e} of the original)",
+        file=sys.stderr,
+    )
+    if meta.get("precision") == "int8":
+        q = meta["int8"]
+        print(
+            f"int8 trunk ({q['settings']}) calibrated on {q['images']} images: top-1 agrees with fp32 on "
+            f"{q['top1_agreement']:.1%} of them, CAM correlation {q['cam_pearson']:.3f} (on {q['cpu']})",
+            file=sys.stderr,
+        )

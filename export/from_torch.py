@@ -1,0 +1,103 @@
+"""Torch modules to ONNX, for the one head finder in :mod:`export.split` (needs torch).
+
+The built-in architectures and ``python -m export torch MODULE:CALLABLE`` both
+come through here: the whole classifier is exported, and the splitter finds
+its last global pooling, as for any ONNX file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .errors import ExportError
+
+
+def load_callable(spec: str) -> nn.Module:
+    """``package.module:callable`` -> the ``nn.Module`` it returns (the current directory is importable)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ExportError(f"{spec!r}: expected MODULE:CALLABLE, e.g. mypkg.models:build")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module may fail in any way while importing
+        raise ExportError(f"{spec}: cannot import {module_name} ({type(e).__name__}: {e})") from None
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ExportError(f"{spec}: {module_name} has no attribute {attr!r}")
+        target = getattr(target, part)
+    try:
+        net = target() if callable(target) and not isinstance(target, nn.Module) else target
+    except Exception as e:
+        raise ExportError(f"{spec}: calling it failed ({type(e).__name__}: {e})") from None
+    if not isinstance(net, nn.Module):
+        raise ExportError(f"{spec}: returned a {type(net).__name__}, not a torch nn.Module")
+    return net.eval()
+
+
+def load_weights(net: nn.Module, state: dict, source: Path, name: str) -> None:
+    """``load_state_dict(strict=True)``, with a one-line error naming what does not fit."""
+    own = net.state_dict()
+    problems = (
+        [f"missing {k}" for k in own if k not in state]
+        + [f"unexpected {k}" for k in state if k not in own]
+        + [
+            f"{k} is {list(state[k].shape)}, not {list(own[k].shape)}"
+            for k in own
+            if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+        ]
+    )
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ExportError(f"{source}: not {name} weights ({'; '.join(problems[:3])}{more})")
+    net.load_state_dict(state, strict=True)
+
+
+def to_onnx(net: nn.Module, input_size: int, opset: int) -> onnx.ModelProto:
+    """The whole classifier as ONNX, with dynamic batch, height and width where torch can trace them."""
+    dummy = torch.zeros(1, 3, input_size, input_size)
+    axes = {"input": {0: "N", 2: "H", 3: "W"}, "scores": {0: "N"}}
+    for dynamic_axes in (axes, {"input": {0: "N"}, "scores": {0: "N"}}, None):
+        buffer = io.BytesIO()
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+                torch.onnx.export(
+                    net.eval(),
+                    (dummy,),
+                    buffer,
+                    input_names=["input"],
+                    output_names=["scores"],
+                    dynamic_axes=dynamic_axes,
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+            return onnx.load_from_string(buffer.getvalue())
+        except Exception as e:  # torch's exporter raises many types
+            error = e
+    raise ExportError(f"torch could not export the module to ONNX ({type(error).__name__}: {str(error).splitlines()[0]})")
+
+
+def reference(net: nn.Module):
+    """The module as the self-check's reference: float32 ``[N,3,H,W]`` in, its output as NumPy."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = net.eval()(torch.from_numpy(x))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.detach().float().numpy()
+
+    return run

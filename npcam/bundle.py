@@ -1,0 +1,365 @@
+"""The model bundle: its format, read and written here and nowhere else.
+
+A bundle is a directory::
+
+    trunk.onnx      image float32 [N,3,H,W] (RGB, normalized) -> features float32 [N,C,h,w]
+    fc_weight.npy   float32 [K,C]   } head "affine": scores = mean_hw(features) @ W.T + b
+    fc_bias.npy     float32 [K]     }
+    head.json       the head's ops  } head "graph": any function of the pooled vector
+    head.npz        its constants   } (see npcam.head.GraphHead)
+    labels.json     the K class names, a JSON list of strings
+    bundle.json     what follows
+
+``bundle.json`` keys (the README has the same table):
+
+================  ========  ==============================================================
+key               required  meaning
+================  ========  ==============================================================
+format            yes       ``"npcam-bundle"``
+format_version    yes       1 or 2 (this npcam writes 2, reads both)
+arch              yes       a name for the model, e.g. ``resnet18`` or ``onnx:mobilenet``
+input_size        yes       side of the square network input, in pixels
+mean, std         yes       3 numbers each: ``x = (pixel / 255 - mean) / std``, RGB order
+files             yes       ``{file name: sha256 hex}`` for every file above but bundle.json
+head              v2        ``"affine"`` or ``"graph"`` (v1 bundles are affine)
+fixed_size        no        true: the trunk takes only ``input_size`` (no --size/--keep-aspect)
+stride            no        input pixels per feature cell (default 32)
+channels, classes no        C and K, for people reading the file
+================  ========  ==============================================================
+
+Any other key (source, self-check results, versions, ...) is informational.
+``head.json`` holds ``{"input": name, "input_shape": [-1, ...], "output": name,
+"ops": [{"op", "inputs", "output", "attrs"}]}``; an op input names an earlier
+output, the input, or an array in ``head.npz``.
+
+Nothing in a bundle is executed as Python: arrays load with
+``allow_pickle=False``, the trunk runs in onnxruntime and the head's ops come
+from a fixed list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NpcamError
+from .head import AffineHead, GraphHead, Op
+
+FORMAT = "npcam-bundle"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+HEAD_FILES = {"affine": ("fc_weight.npy", "fc_bias.npy"), "graph": ("head.json", "head.npz")}
+CACHE_DIR = Path("~/.cache/npcam")
+# Looked for in this order when no model is named: ResNet-18 is the default,
+# EfficientNet-Lite0 is what the offline demo exports when ResNet-18 weights
+# cannot be had.
+DEFAULT_ARCHS = ("resnet18", "efficientnet_lite0")
+DEFAULT_STRIDE = 32
+
+
+def default_model_dir() -> Path:
+    """``$NPCAM_MODEL``, else the first existing of ``~/.cache/npcam/{resnet18,efficientnet_lite0}``."""
+    if os.environ.get("NPCAM_MODEL"):
+        return Path(os.environ["NPCAM_MODEL"]).expanduser()
+    candidates = [(CACHE_DIR / arch).expanduser() for arch in DEFAULT_ARCHS]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle's contents, checked: what :class:`npcam.Model` runs."""
+
+    path: Path
+    meta: dict
+    trunk: bytes
+    head: AffineHead | GraphHead
+    labels: tuple[str, ...]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.meta["input_size"])
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self.meta["mean"])
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self.meta["std"])
+
+    @property
+    def fixed_size(self) -> bool:
+        return bool(self.meta.get("fixed_size", False))
+
+    @property
+    def stride(self) -> int:
+        return int(self.meta.get("stride", DEFAULT_STRIDE))
+
+
+def files_for(head_kind: str) -> tuple[str, ...]:
+    """The files a bundle with this kind of head holds, besides bundle.json."""
+    return ("trunk.onnx", *HEAD_FILES[head_kind], "labels.json")
+
+
+# Reading
+
+
+def read(path: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Read and check a bundle directory; every problem is one :class:`NpcamError` line naming the file.
+
+    ``verify`` checks each file's sha256 against ``bundle.json``.
+    """
+    path = Path(path).expanduser()
+    meta = _read_meta(path)
+    names = files_for(meta["head"])
+    blobs = {name: _read_file(path / name) for name in names}
+    if verify:
+        _check_hashes(path, meta, blobs)
+    # Parsed from the bytes that were hashed, not read again: what was checked is what runs.
+    if meta["head"] == "affine":
+        weight = _load_array(path / "fc_weight.npy", blobs["fc_weight.npy"], ndim=2)
+        bias = _load_array(path / "fc_bias.npy", blobs["fc_bias.npy"], ndim=1)
+        if bias.shape != weight.shape[:1]:
+            raise NpcamError(
+                f"{path / 'fc_bias.npy'}: shape {list(bias.shape)}, expected [{weight.shape[0]}] to match fc_weight.npy"
+            )
+        head: AffineHead | GraphHead = AffineHead(weight, bias)
+    else:
+        head = _load_graph_head(path, blobs["head.json"], blobs["head.npz"])
+    labels = _load_labels(path / "labels.json", blobs["labels.json"], head.classes)
+    return Bundle(path, meta, blobs["trunk.onnx"], head, labels)
+
+
+def _read_meta(path: Path) -> dict:
+    meta_file = path / "bundle.json"
+    if path.is_file() or (not path.exists() and path.suffix == ".onnx"):
+        raise NpcamError(
+            f"{path}: a model bundle is a directory; to explain this model, convert it first with "
+            f"`python -m export onnx {path} --out DIR` (see the README, 'Your own model')"
+        )
+    if not path.is_dir():
+        raise NpcamError(
+            f"{path}: no model bundle here; create one with `python -m export auto` or "
+            f"`python -m export resnet18 --out {path}` (see the README)"
+        )
+    try:
+        meta = json.loads(_read_file(meta_file))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NpcamError(f"{meta_file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise NpcamError(f"{meta_file}: not an npcam bundle description (key 'format' is not {FORMAT!r})")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise NpcamError(
+            f"{meta_file}: bundle format version {meta.get('format_version')!r}, this npcam reads "
+            f"{' and '.join(map(str, READABLE_VERSIONS))}; export the model again or upgrade npcam"
+        )
+    if meta["format_version"] == 1:
+        meta = {**meta, "head": "affine"}
+    missing = [k for k in ("arch", "input_size", "mean", "std", "files", "head") if k not in meta]
+    if missing:
+        raise NpcamError(f"{meta_file}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    if meta["head"] not in HEAD_FILES:
+        raise NpcamError(f"{meta_file}: key 'head' must be one of {', '.join(HEAD_FILES)}, not {meta['head']!r}")
+    for key in ("input_size", "stride"):
+        value = meta.get(key, DEFAULT_STRIDE)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise NpcamError(f"{meta_file}: key {key!r} must be a positive integer, not {value!r}")
+    for key in ("mean", "std"):
+        values = meta[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
+            raise NpcamError(f"{meta_file}: key {key!r} must be a list of 3 numbers (R, G, B)")
+    if not all(v > 0 for v in meta["std"]):
+        raise NpcamError(f"{meta_file}: key 'std' must be positive")
+    if not isinstance(meta.get("fixed_size", False), bool):
+        raise NpcamError(f"{meta_file}: key 'fixed_size' must be true or false")
+    if not isinstance(meta["files"], dict):
+        raise NpcamError(f"{meta_file}: key 'files' must map file names to sha256 digests")
+    return meta
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NpcamError(f"{path}: missing from the bundle") from None
+    except OSError as e:
+        raise NpcamError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _check_hashes(path: Path, meta: dict, blobs: dict[str, bytes]) -> None:
+    for name, data in blobs.items():
+        expected = meta["files"].get(name)
+        if expected is None:
+            raise NpcamError(f"{path / 'bundle.json'}: key 'files' has no sha256 for {name}")
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise NpcamError(f"{path / name}: sha256 does not match bundle.json (corrupt or modified file)")
+
+
+def _load_array(path: Path, data: bytes, ndim: int) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:
+        # allow_pickle=False turns an object array into a ValueError: never unpickle.
+        raise NpcamError(f"{path}: not a plain .npy array ({e})") from None
+    except (OSError, EOFError) as e:
+        raise NpcamError(f"{path}: not a complete .npy file ({e})") from None
+    if not isinstance(array, np.ndarray):
+        raise NpcamError(f"{path}: not a single .npy array")
+    if array.dtype != np.float32:
+        raise NpcamError(f"{path}: dtype {array.dtype}, expected float32")
+    if array.ndim != ndim or 0 in array.shape:
+        raise NpcamError(f"{path}: shape {list(array.shape)}, expected {ndim} non-empty dimensions")
+    if not np.isfinite(array).all():
+        raise NpcamError(f"{path}: contains NaN or infinite values")
+    return np.ascontiguousarray(array)
+
+
+def _load_graph_head(path: Path, spec_bytes: bytes, arrays_bytes: bytes) -> GraphHead:
+    spec_file, arrays_file = path / "head.json", path / "head.npz"
+    try:
+        spec = json.loads(spec_bytes)
+        ops = [Op(o["op"], tuple(o["inputs"]), o["output"], dict(o.get("attrs", {}))) for o in spec["ops"]]
+        input_shape = [int(d) for d in spec["input_shape"]]
+        names = (spec["input"], spec["output"])
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise NpcamError(f"{spec_file}: not a head description ({type(e).__name__}: {e})") from None
+    try:
+        with np.load(io.BytesIO(arrays_bytes), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise NpcamError(f"{arrays_file}: not a plain .npz of arrays ({e})") from None
+    known = set(arrays) | {names[0]} | {op.output for op in ops}
+    for op in ops:
+        unknown = [n for n in op.inputs if n not in known]
+        if unknown:
+            raise NpcamError(f"{spec_file}: op {op.op} reads {unknown[0]!r}, which is neither computed nor in head.npz")
+    if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
+        raise NpcamError(f"{arrays_file}: contains NaN or infinite values")
+    try:
+        return GraphHead(ops, arrays, input_shape, *names)
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise NpcamError(f"{spec_file}: the head cannot run ({e})") from None
+
+
+def _load_labels(path: Path, data: bytes, classes: int) -> tuple[str, ...]:
+    try:
+        labels = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise NpcamError(f"{path}: not valid JSON ({e})") from None
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise NpcamError(f"{path}: must be a JSON list of strings")
+    if len(labels) != classes:
+        raise NpcamError(f"{path}: {len(labels)} labels, but the head has {classes} classes")
+    return tuple(labels)
+
+
+# Writing
+
+
+def write(
+    directory: Path,
+    trunk: bytes,
+    head: AffineHead | GraphHead,
+    labels: Sequence[str],
+    meta: dict,
+) -> dict:
+    """Write a bundle's files into ``directory`` (existing, empty), then ``bundle.json``; returns the metadata.
+
+    ``meta`` must hold ``arch``, ``input_size``, ``mean`` and ``std``; the
+    format keys, the head kind, the channel and class counts and the hashes
+    are added here.
+    """
+    if len(labels) != head.classes:
+        raise NpcamError(f"{len(labels)} labels for a head with {head.classes} classes")
+    (directory / "trunk.onnx").write_bytes(trunk)
+    if isinstance(head, AffineHead):
+        np.save(directory / "fc_weight.npy", head.weight.astype(np.float32), allow_pickle=False)
+        np.save(directory / "fc_bias.npy", head.bias.astype(np.float32), allow_pickle=False)
+    else:
+        spec = {
+            "input": head.input,
+            "input_shape": list(head.input_shape),
+            "output": head.output,
+            "ops": [{"op": o.op, "inputs": list(o.inputs), "output": o.output, "attrs": o.attrs} for o in head.ops],
+        }
+        (directory / "head.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+        np.savez(directory / "head.npz", **head.arrays)
+    (directory / "labels.json").write_text(json.dumps(list(labels), indent=0, ensure_ascii=False) + "\n", "utf-8")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "head": head.kind,
+        "channels": head.channels,
+        "classes": head.classes,
+    }
+    return seal(directory, meta)
+
+
+def seal(directory: Path, meta: dict) -> dict:
+    """Hash the bundle's files and (re)write ``bundle.json``; call after changing a file."""
+    meta = {**meta, "files": {name: _sha256(directory / name) for name in files_for(meta["head"])}}
+    (directory / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A fresh directory beside ``out`` to build a bundle in; on success it replaces ``out``.
+
+    On any failure (including Ctrl-C) the directory is removed and ``out`` is
+    left as it was, so an export either completes or changes nothing. An
+    existing ``out`` that is not a bundle is never replaced.
+    """
+    out = out.expanduser().absolute()
+    if out.exists() and not (out / "bundle.json").is_file():
+        raise NpcamError(f"{out}: exists and is not an npcam bundle; not replacing it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary directory
+    try:
+        yield tmp
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``, replacing an old bundle only once the new one is complete."""
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rename(target, old / "bundle")
+    try:
+        os.rename(new, target)
+    except OSError:
+        os.rename(old / "bundle", target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file (for recording a model's source)."""
+    return _sha256(path)

@@ -1,0 +1,218 @@
+"""The per-image pipeline: read -> predict -> maps -> render -> write, with one plain options object.
+
+The CLI, the scripts, the exporter's calibration, ``npcam.dataset`` and
+``npcam serve`` all go through here::
+
+    options = Options(top=3, bbox=True).checked(model)
+    explanation = explain(model, "photo.jpg", options)
+    picture = draw(explanation, 0, options)             # uint8 [H, W, 3]
+    record = describe(explanation, options)             # the JSON record (npcam.record)
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from . import record as records
+from . import render as rendering
+from .boxes import DEFAULT_THRESHOLD, Box, cam_box
+from .errors import NpcamError
+from .files import Job, save_array, save_image
+from .image import MAX_PIXELS, ImageLike, open_image
+from .methods import Progress
+from .model import Model, Prediction
+from .upsample import upsample
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to explain: the CLI's options, as a value.
+
+    Attributes
+    ----------
+    classes : explain these classes (indices or labels); empty: the top ``top``
+    top : how many of the most probable classes to explain
+    method : a name from :data:`npcam.methods.METHODS`; None: the model's default
+    alpha : heat-map opacity in [0, 1]
+    bbox : find each map's box (and draw it)
+    threshold : the box threshold, ``"mean"`` or a fraction of the max
+    keep_aspect, size : the network input (see :func:`npcam.image.input_size`)
+    max_pixels : refuse larger images before decoding them
+    save_cam : write each full-resolution map as ``.npy`` beside its overlay
+    lowres : put each map at feature resolution into the record
+    """
+
+    classes: tuple[int | str, ...] = ()
+    top: int = 1
+    method: str | None = None
+    alpha: float = 0.5
+    bbox: bool = False
+    threshold: float | str = DEFAULT_THRESHOLD
+    keep_aspect: bool = False
+    size: int | None = None
+    max_pixels: int = MAX_PIXELS
+    save_cam: bool = False
+    lowres: bool = False
+
+    def checked(self, model: Model) -> Options:
+        """These options made concrete for ``model`` (class indices, method name); one-line errors otherwise."""
+        if not 0.0 <= self.alpha <= 1.0:
+            raise NpcamError(f"alpha must be between 0 and 1, not {self.alpha}")
+        if self.top < 1:
+            raise NpcamError(f"top must be at least 1, not {self.top}")
+        if self.max_pixels < 1:
+            raise NpcamError(f"max_pixels must be at least 1, not {self.max_pixels}")
+        model.check_input_options(self.keep_aspect, self.size)
+        return replace(
+            self,
+            classes=tuple(model.class_index(c) for c in self.classes),
+            method=model.method(self.method).name,
+        )
+
+
+@dataclass
+class Explanation:
+    """One image explained: its prediction and one map per explained class.
+
+    ``maps`` is float32 ``[k, h, w]`` in [0, 1] at feature resolution;
+    :meth:`full` upsamples one to the image's size (once).
+    """
+
+    name: str
+    prediction: Prediction
+    method: str
+    classes: list[int]
+    maps: np.ndarray
+    _full: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def full(self, i: int) -> np.ndarray:
+        """Map ``i`` at the image's size: float32 ``[H, W]``."""
+        if i not in self._full:
+            self._full[i] = upsample(self.maps[i], self.prediction.image.shape[:2])
+        return self._full[i]
+
+    def box(self, i: int, threshold: float | str = DEFAULT_THRESHOLD) -> Box | None:
+        return cam_box(self.full(i), threshold)
+
+
+def explain(
+    model: Model,
+    image: ImageLike,
+    options: Options = Options(),
+    name: str | None = None,
+    progress: Progress | None = None,
+) -> Explanation:
+    """Read, predict and compute the maps of one image; ``options`` must come from :meth:`Options.checked`.
+
+    ``name`` is how records and errors call the image (default: its path).
+    """
+    label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
+    pil = open_image(image, options.max_pixels, label)
+    x = model.preprocess(pil, options.keep_aspect, options.size)
+    prediction = model.predict_batch([np.asarray(pil)], [x])[0]
+    classes = list(options.classes) or [c for c, _, _ in prediction.top(options.top)]
+    maps = model.cam(prediction, classes, method=options.method, progress=progress)
+    return Explanation(label, prediction, options.method or model.default_method, classes, maps)
+
+
+def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:
+    """Map ``i`` jet-coloured over the image, with its box if ``options.bbox``: uint8 ``[H, W, 3]``."""
+    picture = rendering.overlay(explanation.prediction.image, explanation.full(i), options.alpha)
+    box = explanation.box(i, options.threshold) if options.bbox else None
+    return rendering.draw_box(picture, box) if box else picture
+
+
+def describe(
+    explanation: Explanation,
+    options: Options,
+    outputs: Sequence[Path | None] | None = None,
+    cams: Sequence[Path] | None = None,
+) -> dict:
+    """The explanation's record (:mod:`npcam.record`), naming the files written for it, if any."""
+    maps = []
+    for i, c in enumerate(explanation.classes):
+        extra: dict = {}
+        if outputs is not None:
+            extra["output"] = str(outputs[i]) if outputs[i] is not None else None
+        if options.bbox:
+            box = explanation.box(i, options.threshold)
+            extra["bbox"] = list(box) if box else None
+        if cams is not None:
+            extra["cam"] = str(cams[i])
+        if options.lowres:
+            extra["lowres"] = records.lowres(explanation.maps[i])
+        maps.append(records.map_entry(explanation.prediction, c, **extra))
+    return records.make(explanation.name, explanation.prediction, explanation.method, maps)
+
+
+def write(explanation: Explanation, job: Job, options: Options, protected: Iterable[Path] = ()) -> dict:
+    """Write the overlay (and ``.npy`` map with ``save_cam``) of each explained class; returns the record."""
+    outputs, cams = [], []
+    for i, c in enumerate(explanation.classes):
+        output = job.output_for(c)
+        save_image(output, draw(explanation, i, options), protected)
+        outputs.append(output)
+        if options.save_cam:
+            cams.append(output.with_suffix(".npy"))
+            save_array(cams[-1], explanation.full(i))
+    return describe(explanation, options, outputs, cams if options.save_cam else None)
+
+
+def explain_file(model: Model, options: Options, protected: frozenset[Path], job: Job) -> dict:
+    """One job from file to written overlays; returns its record."""
+    return write(explain(model, job.image, options, str(job.image)), job, options, protected)
+
+
+Result = tuple[Job, "dict | str"]
+
+
+def explain_files(
+    model: Model, jobs: Sequence[Job], options: Options, workers: int | None = None
+) -> Iterator[Result]:
+    """Explain and write every job; yields each with its record or its one-line error, in input order.
+
+    Several images are in flight at once, one per worker thread, each going
+    through the whole pipeline: onnxruntime, Pillow's codecs and NumPy's large
+    operations release the GIL, so the workers overlap decoding, the trunk and
+    encoding. When the consumer stops (an interrupt, a closed pipe), work not
+    started is dropped and files being written are finished, so that only
+    complete files remain. No job writes over another job's input.
+    """
+    workers = workers or (1 if len(jobs) == 1 else max(1, os.cpu_count() or 1))
+    protected = frozenset(job.image.resolve() for job in jobs)
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for job, future in _ahead(pool, jobs, partial(explain_file, model, options, protected), depth=2 * workers):
+            yield job, _result(job, future)
+    except BaseException:  # includes GeneratorExit: the consumer stopped early
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _ahead(pool: ThreadPoolExecutor, jobs: Sequence[Job], fn: Callable, depth: int) -> Iterator[tuple[Job, Future]]:
+    """``(job, pool.submit(fn, job))`` in order, keeping ``depth`` jobs submitted ahead."""
+    queue: deque[tuple[Job, Future]] = deque()
+    for job in jobs:
+        queue.append((job, pool.submit(fn, job)))
+        if len(queue) > depth:
+            yield queue.popleft()
+    yield from queue
+
+
+def _result(job: Job, task: Future) -> dict | str:
+    """A task's record, or its failure as a one-line message naming the file."""
+    try:
+        return task.result()
+    except NpcamError as e:
+        return str(e)
+    except (MemoryError, OSError) as e:
+        return f"{job.image}: {type(e).__name__}: {e}"

@@ -1,0 +1,374 @@
+"""The classifier head: from the pooled feature vector to the class scores, in NumPy.
+
+Every network npcam explains pools its last conv features globally,
+``p = mean_xy A[:, x, y]``, and then scores the classes with a head ``y = f(p)``.
+
+- :class:`AffineHead`: ``f(p) = W p + b``. This is where CAM is defined
+  (Zhou et al. 2016): the map ``W_c . A`` averages to the score.
+- :class:`GraphHead`: any small function of ``p`` (a 1x1 conv and HardSwish
+  as in MobileNetV3, LayerNorm as in ConvNeXt, an MLP), kept as a list of ONNX-like
+  ops. npcam evaluates it and its exact gradient here, in float64: since the
+  pooling spreads ``df/dp_k`` evenly over positions, that gradient is all
+  Grad-CAM needs (Selvaraju et al. 2017), with no autograd framework.
+
+Both have ``forward(pooled) -> scores`` and ``gradient(pooled, classes) -> d score / d pooled``.
+The graph format is written by the exporter (``head.json`` + ``head.npz``) and
+documented in :mod:`npcam.bundle`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class AffineHead:
+    """``scores = pooled @ weight.T + bias``: one linear layer after global average pooling.
+
+    Parameters
+    ----------
+    weight : float32 ``[K, C]``
+    bias : float32 ``[K]``
+    """
+
+    kind = "affine"
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray):
+        self.weight = weight
+        self.bias = bias
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def classes(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, pooled: np.ndarray) -> np.ndarray:
+        """float32 ``[N, C]`` to float32 ``[N, K]``."""
+        return pooled @ self.weight.T + self.bias
+
+    def gradient(self, pooled: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+        """``d scores[c] / d pooled`` for each class: the FC rows, float64 ``[k, C]`` (``pooled`` is unused)."""
+        return self.weight[np.asarray(classes, dtype=np.intp)].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One node of a graph head: ``output = op(*inputs, **attrs)``.
+
+    An input names either an earlier op's output (or the head's input) or a
+    constant array of the head.
+    """
+
+    op: str
+    inputs: tuple[str, ...]
+    output: str
+    attrs: dict = field(default_factory=dict)
+
+
+class GraphHead:
+    """A head given as a list of ops on the pooled vector, evaluated in float64.
+
+    Parameters
+    ----------
+    ops : the nodes in an order where each input is computed before it is used
+    arrays : the constants the ops name
+    input_shape : the pooled tensor's layout with -1 for the batch, e.g.
+        ``[-1, C, 1, 1]`` after GlobalAveragePool, ``[-1, C]`` after a flat mean
+    input, output : names of the pooled tensor and of the scores
+    """
+
+    kind = "graph"
+
+    def __init__(
+        self,
+        ops: Sequence[Op],
+        arrays: dict[str, np.ndarray],
+        input_shape: Sequence[int],
+        input: str = "pooled",
+        output: str = "scores",
+    ):
+        self.ops = list(ops)
+        self.arrays = {k: np.asarray(v, dtype=np.float64) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input = input
+        self.output = output
+        for op in self.ops:
+            if op.op not in OPS:
+                raise ValueError(f"unsupported op {op.op} in the head")
+        self.classes = int(self.forward(np.zeros((1, self.channels))).shape[1])
+
+    @property
+    def channels(self) -> int:
+        return math.prod(self.input_shape[1:])
+
+    def _run(self, pooled: np.ndarray) -> dict[str, np.ndarray]:
+        values: dict[str, np.ndarray] = {self.input: pooled.astype(np.float64).reshape(-1, *self.input_shape[1:])}
+        for op in self.ops:
+            args = [values[n] if n in values else self.arrays[n] for n in op.inputs]
+            values[op.output] = OPS[op.op].forward(args, op.attrs)
+        return values
+
+    def forward(self, pooled: np.ndarray) -> np.ndarray:
+        """float ``[N, C]`` to float32 ``[N, K]``."""
+        return self.forward_float64(pooled).astype(np.float32)
+
+    def forward_float64(self, pooled: np.ndarray) -> np.ndarray:
+        """float ``[N, C]`` to float64 ``[N, K]``, as computed."""
+        scores = self._run(pooled)[self.output]
+        return scores.reshape(scores.shape[0], -1)
+
+    def gradient(self, pooled: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+        """``d scores[c] / d pooled`` at this image's pooled vector, by reverse mode: float64 ``[k, C]``.
+
+        One backward pass for all classes: the cotangent carries one row per class.
+        """
+        values = self._run(pooled.reshape(1, -1))
+        classes = np.asarray(classes, dtype=np.intp)
+        scores = values[self.output]
+        seed = np.zeros((len(classes), scores.reshape(1, -1).shape[1]))
+        seed[np.arange(len(classes)), classes] = 1.0
+        grads: dict[str, np.ndarray] = {self.output: seed.reshape(len(classes), *scores.shape[1:])}
+        for op in reversed(self.ops):
+            dy = grads.pop(op.output, None)
+            if dy is None:
+                continue  # this op does not reach the scores
+            args = [values[n] if n in values else self.arrays[n] for n in op.inputs]
+            variable = [n in values for n in op.inputs]
+            for name, is_var, g in zip(op.inputs, variable, OPS[op.op].backward(args, op.attrs, values[op.output], dy, variable)):
+                if is_var and g is not None:
+                    grads[name] = grads[name] + g if name in grads else g
+        return grads[self.input].reshape(len(classes), -1)
+
+
+# The ops: forward on float64 arrays (batch first), and the vector-Jacobian product.
+# backward(args, attrs, y, dy, variable) returns one gradient per input (None for constants);
+# dy has a batch of k (one row per class) where the forward ran on a batch of 1.
+
+
+@dataclass(frozen=True)
+class _Rule:
+    forward: object
+    backward: object
+
+
+def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``g`` down to ``shape`` (keeping ``g``'s batch), undoing NumPy broadcasting."""
+    target = (g.shape[0], *shape[1:]) if len(shape) == g.ndim else shape
+    while g.ndim > len(target):
+        g = g.sum(axis=0)
+    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, target)) if b == 1 and a != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+def _elementwise(f, df):
+    """A pointwise op ``y = f(x)`` with ``dy/dx = df(x, y)``."""
+    return _Rule(
+        lambda a, at: f(a[0], at),
+        lambda a, at, y, dy, v: [dy * df(a[0], y, at)],
+    )
+
+
+def _binary(f, dfa, dfb):
+    return _Rule(
+        lambda a, at: f(a[0], a[1]),
+        lambda a, at, y, dy, v: [
+            _unbroadcast(dy * dfa(a[0], a[1]), a[0].shape) if v[0] else None,
+            _unbroadcast(dy * dfb(a[0], a[1]), a[1].shape) if v[1] else None,
+        ],
+    )
+
+
+def _gemm_forward(a, at):
+    x = a[0].T if at.get("transA", 0) else a[0]
+    w = a[1].T if at.get("transB", 0) else a[1]
+    y = at.get("alpha", 1.0) * (x @ w)
+    return y + at.get("beta", 1.0) * a[2] if len(a) > 2 else y
+
+
+def _gemm_backward(a, at, y, dy, v):
+    if at.get("transA", 0) or v[1:] != [False] * (len(a) - 1):
+        raise ValueError("Gemm: only the first input may depend on the pooled vector, untransposed")
+    w = a[1].T if at.get("transB", 0) else a[1]
+    return [at.get("alpha", 1.0) * dy @ w.T] + [None] * (len(a) - 1)
+
+
+def _matmul_backward(a, at, y, dy, v):
+    if v[1] or a[1].ndim != 2:
+        raise ValueError("MatMul: the second input must be a constant matrix")
+    return [dy @ a[1].T, None]
+
+
+def _conv_forward(a, at):
+    """A 1x1 convolution on a 1x1 map: a matrix product over channels."""
+    x, w = a[0], a[1]
+    y = x.reshape(x.shape[0], -1) @ w.reshape(w.shape[0], -1).T
+    if len(a) > 2:
+        y = y + a[2]
+    return y.reshape(x.shape[0], w.shape[0], 1, 1)
+
+
+def _conv_backward(a, at, y, dy, v):
+    w = a[1]
+    dx = dy.reshape(dy.shape[0], -1) @ w.reshape(w.shape[0], -1)
+    return [dx.reshape(dy.shape[0], *a[0].shape[1:])] + [None] * (len(a) - 1)
+
+
+def _bn_scale(a, at):
+    """Per-channel (axis 1) scale and shift of inference-mode BatchNormalization, broadcastable."""
+    x, gamma, beta, mean, var = a
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    scale = gamma / np.sqrt(var + at.get("epsilon", 1e-5))
+    return scale.reshape(shape), (beta - mean * scale).reshape(shape)
+
+
+def _bn_forward(a, at):
+    scale, shift = _bn_scale(a, at)
+    return a[0] * scale + shift
+
+
+def _bn_backward(a, at, y, dy, v):
+    return [dy * _bn_scale(a, at)[0]] + [None] * 4
+
+
+def _ln_axes(x, at):
+    axis = at.get("axis", -1) % x.ndim
+    return tuple(range(axis, x.ndim))
+
+
+def _ln_parts(a, at):
+    x = a[0]
+    axes = _ln_axes(x, at)
+    centred = x - x.mean(axis=axes, keepdims=True)
+    inv_std = 1.0 / np.sqrt((centred**2).mean(axis=axes, keepdims=True) + at.get("epsilon", 1e-5))
+    return centred * inv_std, inv_std, axes
+
+
+def _ln_forward(a, at):
+    xhat = _ln_parts(a, at)[0]
+    y = xhat * a[1]
+    return y + a[2] if len(a) > 2 else y
+
+
+def _ln_backward(a, at, y, dy, v):
+    xhat, inv_std, axes = _ln_parts(a, at)
+    g = dy * a[1]
+    dx = inv_std * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+    return [dx] + [None] * (len(a) - 1)
+
+
+def _reshape_to(x: np.ndarray, shape) -> np.ndarray:
+    """ONNX Reshape: a 0 copies the input's dimension, -1 is inferred."""
+    shape = [x.shape[i] if d == 0 else int(d) for i, d in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _like_input(a, dy):
+    """Reshape the cotangent to the op's input shape, with the cotangent's batch."""
+    return [dy.reshape(dy.shape[0], *a[0].shape[1:])] + [None] * (len(a) - 1)
+
+
+def _reduce_mean_axes(x, at):
+    return tuple(int(ax) % x.ndim for ax in at.get("axes", range(x.ndim)))
+
+
+def _reduce_mean_backward(a, at, y, dy, v):
+    x = a[0]
+    axes = _reduce_mean_axes(x, at)
+    if not at.get("keepdims", 1):
+        dy = np.expand_dims(dy, axes)
+    n = math.prod(x.shape[ax] for ax in axes)
+    return [np.broadcast_to(dy / n, (dy.shape[0], *x.shape[1:])).copy()]
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def _gelu(x, at):
+    if at.get("approximate", "none") == "tanh":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+
+
+def _dgelu(x, y, at):
+    if at.get("approximate", "none") == "tanh":
+        k = math.sqrt(2 / math.pi)
+        t = np.tanh(k * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * k * (1 + 3 * 0.044715 * x**2)
+    return 0.5 * (1 + _erf(x / math.sqrt(2))) + x * np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
+
+
+def _hard_sigmoid(x, at):
+    return np.clip(at.get("alpha", 0.2) * x + at.get("beta", 0.5), 0, 1)
+
+
+def _clip_bounds(at):
+    return at.get("min", -np.inf), at.get("max", np.inf)
+
+
+OPS: dict[str, _Rule] = {
+    "Gemm": _Rule(_gemm_forward, _gemm_backward),
+    "MatMul": _Rule(lambda a, at: a[0] @ a[1], _matmul_backward),
+    "Conv": _Rule(_conv_forward, _conv_backward),
+    "Add": _binary(np.add, lambda a, b: 1.0, lambda a, b: 1.0),
+    "Sub": _binary(np.subtract, lambda a, b: 1.0, lambda a, b: -1.0),
+    "Mul": _binary(np.multiply, lambda a, b: b, lambda a, b: a),
+    "Div": _binary(np.divide, lambda a, b: 1.0 / b, lambda a, b: -a / b**2),
+    "Pow": _Rule(  # constant exponent only
+        lambda a, at: a[0] ** a[1],
+        lambda a, at, y, dy, v: [dy * a[1] * a[0] ** (a[1] - 1), None],
+    ),
+    "Relu": _elementwise(lambda x, at: np.maximum(x, 0), lambda x, y, at: x > 0),
+    "LeakyRelu": _elementwise(
+        lambda x, at: np.where(x > 0, x, at.get("alpha", 0.01) * x),
+        lambda x, y, at: np.where(x > 0, 1.0, at.get("alpha", 0.01)),
+    ),
+    "Clip": _elementwise(
+        lambda x, at: np.clip(x, *_clip_bounds(at)),
+        lambda x, y, at: (x > _clip_bounds(at)[0]) & (x < _clip_bounds(at)[1]),
+    ),
+    "HardSigmoid": _elementwise(
+        _hard_sigmoid,
+        lambda x, y, at: at.get("alpha", 0.2) * ((y > 0) & (y < 1)),
+    ),
+    "HardSwish": _elementwise(
+        lambda x, at: x * np.clip(x / 6 + 0.5, 0, 1),
+        # torch's rule: 0 below -3, x/3 + 1/2 up to 3, 1 above.
+        lambda x, y, at: np.where(x < -3, 0.0, np.where(x <= 3, x / 3 + 0.5, 1.0)),
+    ),
+    "Sigmoid": _elementwise(lambda x, at: 1 / (1 + np.exp(-x)), lambda x, y, at: y * (1 - y)),
+    "Tanh": _elementwise(lambda x, at: np.tanh(x), lambda x, y, at: 1 - y**2),
+    "Erf": _elementwise(lambda x, at: _erf(x), lambda x, y, at: 2 / math.sqrt(math.pi) * np.exp(-(x**2))),
+    "Gelu": _elementwise(_gelu, _dgelu),
+    "Sqrt": _elementwise(lambda x, at: np.sqrt(x), lambda x, y, at: 0.5 / y),
+    "Neg": _elementwise(lambda x, at: -x, lambda x, y, at: -1.0),
+    "BatchNormalization": _Rule(_bn_forward, _bn_backward),
+    "LayerNormalization": _Rule(_ln_forward, _ln_backward),
+    "ReduceMean": _Rule(
+        lambda a, at: a[0].mean(axis=_reduce_mean_axes(a[0], at), keepdims=bool(at.get("keepdims", 1))),
+        _reduce_mean_backward,
+    ),
+    "Flatten": _Rule(
+        lambda a, at: a[0].reshape(math.prod(a[0].shape[: at.get("axis", 1)]), -1),
+        lambda a, at, y, dy, v: _like_input(a, dy),
+    ),
+    "Reshape": _Rule(lambda a, at: _reshape_to(a[0], at["shape"]), lambda a, at, y, dy, v: _like_input(a, dy)),
+    "Squeeze": _Rule(
+        lambda a, at: np.squeeze(a[0], axis=tuple(at["axes"])),
+        lambda a, at, y, dy, v: _like_input(a, dy),
+    ),
+    "Unsqueeze": _Rule(
+        lambda a, at: np.expand_dims(a[0], axis=tuple(at["axes"])),
+        lambda a, at, y, dy, v: _like_input(a, dy),
+    ),
+    "Transpose": _Rule(
+        lambda a, at: np.transpose(a[0], at["perm"]),
+        lambda a, at, y, dy, v: [np.transpose(dy, np.argsort(at["perm"]))],
+    ),
+}

@@ -1,0 +1,217 @@
+"""Explanation methods, without autograd: each one gives the feature channels their weights.
+
+Notation: ``A`` is the trunk's output ``[C, h, w]``, ``p = mean_hw A`` the pooled
+vector, ``y = f(p)`` the head's class scores, and ``G = dy_c/dp`` the head's
+gradient (:mod:`npcam.head`). Because of the global pooling,
+``dy_c/dA_k(i, j) = G_k / (h w)`` at every position, which is why most
+gradient methods have a closed form here. For an affine head ``G = W_c`` (the
+FC row), so Grad-CAM *is* CAM on these networks.
+
+================  =========================================  ===========================
+method            channel weights                            extra work
+================  =========================================  ===========================
+cam               W_c (Zhou et al. 2016; affine heads only)  none
+gradcam           G (Selvaraju et al. 2017)                  one head backward pass
+hirescam          = gradcam: sum_k G_k/hw * A_k is Grad-CAM  (alias)
+xgradcam          = gradcam: sum_ij G_k/hw * A_k / sum A_k   (alias)
+layercam          max(G, 0) (Jiang et al. 2021)              one head backward pass
+gradcampp         max(G, 0) / (2 + G * p) (Chattopadhay      one head backward pass
+                  et al. 2018, as pytorch-grad-cam computes)
+ablationcam       (y_c - y_c[p_k = 0]) / y_c (Desai &        C head passes (closed form
+                  Ramaswamy 2020)                            for an affine head)
+eigencam          first principal component of A (Muhammad   one SVD; class-agnostic
+                  & Yeasin 2020)
+scorecam          softmax_k y_c(x * U(norm(A_k)))            C trunk passes, batched and
+                  (Wang et al. 2020, as TorchCAM computes)   shared by every class
+softmax           softmax(W_c): the seed tutorial's variant  none
+================  =========================================  ===========================
+
+Every map then goes through the same ReLU and max scaling (:func:`npcam.cam.normalize`).
+To add a method: write a function ``(model, prediction, classes) -> [k, h, w]``
+raw maps and register it in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .cam import softmax, weighted_maps
+from .errors import NpcamError
+from .upsample import upsample
+
+if TYPE_CHECKING:
+    from .model import Model, Prediction
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named explanation method.
+
+    ``maps(model, prediction, classes, progress)`` returns float64 ``[k, h, w]`` raw maps.
+    """
+
+    name: str
+    summary: str
+    maps: Callable[..., np.ndarray]
+    affine_only: bool = False
+    extra_passes: bool = False
+
+
+def _head_gradient(model: Model, pred: Prediction, classes: Sequence[int]) -> np.ndarray:
+    return model.head.gradient(pred.pooled, classes)
+
+
+def _cam(model, pred, classes, progress=None):
+    return weighted_maps(pred.features, model.head.weight[list(classes)])
+
+
+def _softmax_weights(model, pred, classes, progress=None):
+    return weighted_maps(pred.features, softmax(model.head.weight[list(classes)].astype(np.float64), axis=1))
+
+
+def _gradcam(model, pred, classes, progress=None):
+    return weighted_maps(pred.features, _head_gradient(model, pred, classes))
+
+
+def _layercam(model, pred, classes, progress=None):
+    return weighted_maps(pred.features, np.maximum(_head_gradient(model, pred, classes), 0))
+
+
+def gradcampp_weights(gradient: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+    """Grad-CAM++ channel weights on a globally pooled head, up to a positive scale.
+
+    pytorch-grad-cam computes, with ``g = G/(hw)`` and ``S_k = sum_ij A_k``,
+    ``alpha = g^2 / (2 g^2 + S_k g^3)`` (0 where g = 0) and
+    ``w_k = sum_ij max(g, 0) * alpha``; that is ``max(G, 0) / (2 + G * p)`` times hw.
+    (pytorch-grad-cam adds eps=1e-6 to the denominator, which for typical head
+    gradients of 1e-4..1e-3 per position changes its own result; npcam leaves
+    it out.) A zero denominator gives a zero weight.
+
+    Parameters
+    ----------
+    gradient : float64 ``[k, C]``, ``G`` for each class
+    pooled : ``[C]``, ``p``
+    """
+    denominator = 2.0 + gradient * pooled.astype(np.float64)
+    safe = np.where(denominator == 0, 1.0, denominator)
+    return np.where(denominator == 0, 0.0, np.maximum(gradient, 0) / safe)
+
+
+def _gradcampp(model, pred, classes, progress=None):
+    return weighted_maps(pred.features, gradcampp_weights(_head_gradient(model, pred, classes), pred.pooled))
+
+
+def ablation_weights(model: Model, pred: Prediction, classes: Sequence[int]) -> np.ndarray:
+    """Ablation-CAM weights ``(y_c - y_c with channel k zeroed) / y_c``: float64 ``[k, C]``.
+
+    Zeroing the channel map ``A_k`` zeroes ``p_k``, so only the head runs again.
+    For an affine head the drop is ``W_ck p_k`` exactly; other heads run C
+    forward passes in one batch. A zero score gives zero weights.
+    (pytorch-grad-cam ablates with ``min(A) - 1e7`` instead of 0 when the
+    activations can be negative; npcam follows the paper.)
+    """
+    classes = list(classes)
+    pooled = pred.pooled.astype(np.float64)
+    scores = pred.logits[classes].astype(np.float64)
+    if model.head.kind == "affine":
+        drop = model.head.weight[classes].astype(np.float64) * pooled
+    else:
+        ablated = np.repeat(pooled[None], len(pooled), axis=0)
+        np.fill_diagonal(ablated, 0.0)
+        drop = (scores[:, None] - model.head.forward(ablated)[:, classes].T.astype(np.float64))
+    safe = np.where(scores == 0, 1.0, scores)[:, None]
+    return np.where(scores[:, None] == 0, 0.0, drop / safe)
+
+
+def _ablationcam(model, pred, classes, progress=None):
+    return weighted_maps(pred.features, ablation_weights(model, pred, classes))
+
+
+def eigen_map(features: np.ndarray) -> np.ndarray:
+    """Eigen-CAM: the ``[hw, C]`` activations, centred, projected on their first principal component.
+
+    The sign of a principal component is arbitrary; npcam picks the one whose
+    map correlates positively with the channel mean of the activations.
+    Returns float64 ``[h, w]``.
+    """
+    channels, h, w = features.shape
+    rows = features.reshape(channels, h * w).T.astype(np.float64)
+    centred = rows - rows.mean(axis=0)
+    if not np.any(centred):
+        return np.zeros((h, w))
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    projection = centred @ vt[0]
+    mean = rows.mean(axis=1)
+    if np.dot(projection - projection.mean(), mean - mean.mean()) < 0:
+        projection = -projection
+    return projection.reshape(h, w)
+
+
+def _eigencam(model, pred, classes, progress=None):
+    return np.repeat(eigen_map(pred.features)[None], len(classes), axis=0)
+
+
+SCORECAM_BATCH = 32
+
+
+def score_weights(model: Model, pred: Prediction, classes: Sequence[int], progress: Progress | None = None):
+    """Score-CAM weights as TorchCAM computes them: float64 ``[k, C]``.
+
+    Each channel map is min-max normalized at feature resolution (TorchCAM's
+    eps of 1e-8), upsampled bilinearly to the network input, multiplied into
+    the input, and scored by the whole network; the weights are the softmax
+    over channels of the class's logits. The passes do not depend on the
+    class, so every class shares them. Channels with identical masks (all-zero
+    channels, or one active cell at the same place) give identical inputs, so
+    each distinct mask runs once: the result is the same, with fewer passes.
+    """
+    x = pred.input  # [1, 3, H, W]
+    features = pred.features
+    low = features - features.min(axis=(1, 2), keepdims=True)
+    low = (low / (low.max(axis=(1, 2), keepdims=True) + np.float32(1e-8))).astype(np.float32)
+    unique, inverse = np.unique(low.reshape(len(low), -1), axis=0, return_inverse=True)
+    unique = unique.reshape(-1, *low.shape[1:])
+    scores = np.empty((len(unique), len(model.labels)), dtype=np.float32)
+    for start in range(0, len(unique), SCORECAM_BATCH):
+        masks = upsample(unique[start : start + SCORECAM_BATCH], x.shape[2:])  # [b, H, W]
+        scores[start : start + len(masks)] = model.scores(masks[:, None] * x)
+        if progress:
+            progress(min(start + SCORECAM_BATCH, len(unique)), len(unique))
+    per_channel = scores[inverse.ravel()][:, list(classes)].T.astype(np.float64)  # [k, C]
+    return softmax(per_channel, axis=1)
+
+
+def _scorecam(model, pred, classes, progress=None):
+    return weighted_maps(pred.features, score_weights(model, pred, classes, progress))
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("cam", "the paper's CAM: the FC row's weights (affine heads; the default there)", _cam, affine_only=True),
+        Method("gradcam", "Grad-CAM: the head's gradient (equals cam on an affine head; the default otherwise)", _gradcam),
+        Method("hirescam", "HiResCAM: equals gradcam on a globally pooled head", _gradcam),
+        Method("xgradcam", "XGrad-CAM: equals gradcam on a globally pooled head", _gradcam),
+        Method("layercam", "Layer-CAM: the gradient's positive part (negative weights clamped)", _layercam),
+        Method("gradcampp", "Grad-CAM++ (also gradcam++): max(G,0)/(2 + G*p), as pytorch-grad-cam", _gradcampp),
+        Method("ablationcam", "Ablation-CAM: the score's drop when each channel is zeroed", _ablationcam),
+        Method("eigencam", "Eigen-CAM: first principal component of the features (class-agnostic)", _eigencam),
+        Method("scorecam", "Score-CAM: one network pass per channel mask, as TorchCAM (slow)", _scorecam, extra_passes=True),
+        Method("softmax", "the seed tutorial's variant: softmax over the FC row (affine heads)", _softmax_weights, affine_only=True),
+    ]
+}
+ALIASES = {"gradcam++": "gradcampp"}
+
+
+def get(name: str) -> Method:
+    """The method called ``name`` (case-insensitive); a one-line error lists the valid names."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in METHODS:
+        raise NpcamError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[key]

@@ -1,0 +1,95 @@
+"""The explanation record: what ``npcam --json`` prints, ``npcam serve`` returns and
+``npcam.dataset`` stores as Parquet rows. Made here and nowhere else.
+
+One record per input image (the README has the same table):
+
+==========  ===========================  =============================================================
+key         type                         meaning
+==========  ===========================  =============================================================
+image       str                          the input as given (a path, or the name of uploaded bytes)
+width       int                          the upright image's size in pixels
+height      int
+method      str                          the explanation method
+top5        list of {class,label,score}  the five most probable classes
+maps        list of map entries          one per explained class (the top-1, ``--class``, or ``--top K``)
+class       int                          ``maps[0]``'s class, label and score, for one-class use
+label       str
+score       float                        softmax probability
+output      str or null                  ``maps[0]``'s overlay file (null where none is written)
+bbox        [x0, y0, x1, y1] or null     ``maps[0]``'s box (with ``--bbox``), inclusive pixels
+cam         str                          ``maps[0]``'s full-resolution float32 ``.npy`` (CLI ``--save-cam``)
+lowres      {shape, values}              ``maps[0]``'s map at feature resolution, float16 values row-major
+                                         (``npcam.dataset --save-cam``)
+error       str                          only with ``image``: why this image failed
+==========  ===========================  =============================================================
+
+A map entry has ``class``, ``label``, ``score`` and, as above, ``output``,
+``bbox``, ``cam``, ``lowres``. Optional keys are absent when not asked for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .model import Prediction
+
+
+def top5(prediction: Prediction) -> list[dict[str, Any]]:
+    return [{"class": c, "label": label, "score": score} for c, label, score in prediction.top(5)]
+
+
+def map_entry(prediction: Prediction, index: int, **extra: Any) -> dict[str, Any]:
+    """One explained class: ``class``, ``label``, ``score`` and the optional keys given."""
+    return {"class": index, "label": prediction.labels[index], "score": float(prediction.probs[index]), **extra}
+
+
+def lowres(cam: np.ndarray) -> dict[str, Any]:
+    """A feature-resolution map as ``{"shape": [h, w], "values": [...]}`` (float16 precision)."""
+    return {"shape": list(cam.shape), "values": cam.astype(np.float16).astype(float).ravel().tolist()}
+
+
+def make(image: str, prediction: Prediction, method: str, maps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record of one explained image."""
+    height, width = prediction.image.shape[:2]
+    return {
+        "image": image,
+        "width": width,
+        "height": height,
+        "method": method,
+        "top5": top5(prediction),
+        **maps[0],
+        "maps": maps,
+    }
+
+
+def error(image: str, message: str) -> dict[str, str]:
+    """The record of an image that failed."""
+    return {"image": image, "error": message}
+
+
+def arrow_schema():
+    """The records' schema as Parquet stores them (imports pyarrow; for :mod:`npcam.dataset`)."""
+    import pyarrow as pa
+
+    scored = [("class", pa.int64()), ("label", pa.string()), ("score", pa.float64())]
+    extra = [
+        ("output", pa.string()),
+        ("bbox", pa.list_(pa.int64())),
+        ("cam", pa.string()),
+        ("lowres", pa.struct([("shape", pa.list_(pa.int64())), ("values", pa.list_(pa.float16()))])),
+    ]
+    return pa.schema(
+        [
+            ("image", pa.string()),
+            ("width", pa.int64()),
+            ("height", pa.int64()),
+            ("method", pa.string()),
+            ("top5", pa.list_(pa.struct(scored))),
+            *scored,
+            *extra,
+            ("maps", pa.list_(pa.struct(scored + extra))),
+            ("error", pa.string()),
+        ]
+    )

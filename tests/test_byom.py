@@ -1,0 +1,200 @@
+"""Bring your own model: ONNX files and torch modules of several families, against torch on the same weights.
+
+For each family the reference is torch itself: autograd Grad-CAM at the
+tensor the last global pooling reads (for an affine head that is CAM, up to a
+positive scale, so the normalized maps must agree either way), and the
+module's own probabilities. Tolerances: full-resolution maps and probabilities
+within 1e-4, the same top-1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import PHOTOS, record
+
+import models
+import npcam
+from export.__main__ import main as export_main
+from export.__main__ import run_onnx, run_torch
+
+SIZE = 128
+
+
+def onnx_bytes(net: torch.nn.Module, shape, dynamic=True, opset=17) -> bytes:
+    buffer = io.BytesIO()
+    axes = {"x": {0: "N", 1 if shape[-1] == 3 else 2: "H", 2 if shape[-1] == 3 else 3: "W"}, "y": {0: "N"}}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(shape),), buffer, input_names=["x"], output_names=["y"],
+                          dynamic_axes=axes if dynamic else None, opset_version=opset, dynamo=False)  # fmt: skip
+    return buffer.getvalue()
+
+
+def torch_gradcam(net, x: torch.Tensor, c: int, size) -> np.ndarray:
+    """Autograd Grad-CAM at the last pooled features, normalized and upsampled as npcam does."""
+    features = net.features(x).detach().requires_grad_(True)
+    net.scores(features)[0, c].backward()
+    weights = features.grad.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * features).sum(dim=1))[0].detach().double()
+    cam = cam / cam.max() if cam.max() > 0 else cam
+    return F.interpolate(cam[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def check_against_torch(bundle, net, nhwc=False, name=""):
+    """npcam's default method on the bundle vs torch's Grad-CAM, on the sample photos: maps and probabilities."""
+    model = npcam.load(bundle)
+    for photo in PHOTOS:
+        pred = model.predict(photo)
+        x = torch.from_numpy(pred.input)
+        x = x.permute(0, 2, 3, 1) if nhwc else x
+        with torch.no_grad():
+            probs = torch.softmax(net.scores(net.features(x)), dim=-1)[0].numpy()
+        assert record(f"BYOM probabilities, abs ({name})", np.abs(pred.probs - probs).max()) <= 1e-4, photo.name
+        assert pred.top1 == int(probs.argmax())
+        size = pred.image.shape[:2]
+        for c in (pred.top1, (pred.top1 + 3) % models.CLASSES):
+            got = model.cam(pred, c, size=size)
+            want = torch_gradcam(net, x, c, size)
+            assert record(f"BYOM full-res map, abs ({name})", np.abs(got - want).max()) <= 1e-4, (photo.name, c)
+    return model
+
+
+AFFINE = ["mobilenet_v2ish", "densenetish", "two_linear"]
+GRAPH = ["mobilenet_v3ish", "convnextish", "mlp_head"]
+
+
+@pytest.mark.parametrize("family", AFFINE + GRAPH)
+def test_torch_module_route(family, tmp_path):
+    net = getattr(models, family)()
+    out = run_torch(f"models:{family}", tmp_path / family, input_size=SIZE)
+    model = check_against_torch(out, net, name=family)
+    assert model.head.kind == ("affine" if family in AFFINE else "graph")
+    assert model.default_method == ("cam" if family in AFFINE else "gradcam")
+    assert not model.bundle.fixed_size and model.labels == tuple(f"class {i}" for i in range(models.CLASSES))
+
+
+@pytest.mark.parametrize("family", AFFINE + GRAPH)
+def test_onnx_route(family, tmp_path):
+    net = getattr(models, family)()
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE)))
+    model = check_against_torch(run_onnx(tmp_path / "m.onnx", tmp_path / "b"), net, name=family)
+    assert model.head.kind == ("affine" if family in AFFINE else "graph")
+
+
+def test_affine_heads_fold_to_the_exact_weights(tmp_path):
+    net = models.two_linear()
+    model = npcam.load(run_torch("models:two_linear", tmp_path / "b", input_size=SIZE))
+    w = (net.fc2.weight @ net.fc1.weight).detach().numpy()
+    b = (net.fc2.weight @ net.fc1.bias + net.fc2.bias).detach().numpy()
+    np.testing.assert_allclose(model.fc_weight, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.fc_bias, b, rtol=1e-5, atol=1e-6)
+
+
+def test_keras_like_nhwc_graph(tmp_path):
+    net = models.keras_nhwc()
+    (tmp_path / "keras.onnx").write_bytes(onnx_bytes(net, (1, SIZE, SIZE, 3)))
+    out = run_onnx(tmp_path / "keras.onnx", tmp_path / "b", mean=[0.5] * 3, std=[0.25] * 3)
+    model = check_against_torch(out, net, nhwc=True, name="keras_nhwc")
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["layout"] == "NHWC" and meta["output"] == "probabilities" and model.mean == (0.5, 0.5, 0.5)
+    np.testing.assert_allclose(model.fc_weight, net.kernel.detach().numpy().T, rtol=1e-6)
+
+
+def test_bgr_model_gets_the_channel_flip_in_its_trunk(tmp_path):
+    net = models.densenetish()
+
+    class BGR(torch.nn.Module):  # the same network, fed BGR
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x.flip(1))
+
+    (tmp_path / "bgr.onnx").write_bytes(onnx_bytes(BGR().eval(), (1, 3, SIZE, SIZE)))
+    check_against_torch(run_onnx(tmp_path / "bgr.onnx", tmp_path / "b", bgr=True), net, name="bgr")
+
+
+def test_fixed_size_trunk_refuses_other_sizes_in_one_line(tmp_path, capsys):
+    net = models.densenetish()
+    (tmp_path / "fixed.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE), dynamic=False))
+    model = npcam.load(run_onnx(tmp_path / "fixed.onnx", tmp_path / "b"))
+    # The trunk itself is fully convolutional: a static ONNX declaration alone does not fix the size.
+    assert not model.bundle.fixed_size
+
+
+def test_label_file_names_the_classes(tmp_path, capsys):
+    net = models.mlp_head()
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE)))
+    names = [f"part {i}" for i in range(models.CLASSES)]
+    (tmp_path / "labels.json").write_text(json.dumps(names))
+    code = export_main(["onnx", str(tmp_path / "m.onnx"), "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 0 and "graph head: Grad-CAM" in err
+    from npcam.cli import main
+
+    assert main(["-m", str(tmp_path / "b"), str(PHOTOS[0]), "--json", "-o", str(tmp_path / "o.jpg")]) == 0
+    record_ = json.loads(capsys.readouterr().out)
+    assert record_["label"] in names and record_["method"] == "gradcam"
+
+
+@pytest.mark.parametrize(
+    "family, message",
+    [
+        ("vggish", "no global average pooling found"),
+        ("skip_into_head", "before the last global pooling"),
+    ],
+)
+def test_unsupported_heads_are_refused_in_one_line(family, message, tmp_path, capsys):
+    net = getattr(models, family)()
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE), dynamic=False))
+    code = export_main(["onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "nothing was written" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    code = export_main(["torch", f"models:{family}", "--input-size", str(SIZE), "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "t").exists()
+
+
+def test_not_an_onnx_file(tmp_path, capsys):
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all" * 10)
+    assert export_main(["onnx", str(tmp_path / "junk.onnx"), "--out", str(tmp_path / "b")]) == 1
+    assert "not an ONNX model" in capsys.readouterr().err
+    assert export_main(["onnx", str(tmp_path / "missing.onnx")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_model_flag_given_an_onnx_file_says_how_to_convert(tmp_path, capsys):
+    from npcam.cli import main
+
+    (tmp_path / "small.onnx").write_bytes(onnx_bytes(models.mlp_head(), (1, 3, SIZE, SIZE)))
+    assert main(["-m", str(tmp_path / "small.onnx"), str(PHOTOS[0])]) == 2
+    err = capsys.readouterr().err
+    assert f"python -m export onnx {tmp_path / 'small.onnx'} --out DIR" in err and len(err.strip().splitlines()) == 1
+
+
+def test_onnx_route_imports_no_torch(tmp_path):
+    """`python -m export onnx` runs where torch cannot be imported."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes(models.convnextish(), (1, 3, SIZE, SIZE)))
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
+    result = subprocess.run([sys.executable, "-m", "export", "onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "b")],
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert npcam.load(tmp_path / "b").head.kind == "graph"
