@@ -225,8 +225,8 @@ def _error(message: str) -> None:
 class Progress:
     """A one-line progress display on stderr, when stderr is a terminal: count, rate and time left."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
         self.start = time.monotonic()
         self.shown = False
 

@@ -154,16 +154,21 @@ def describe(
 
 
 def write(explanation: Explanation, job: Job, options: Options, protected: Iterable[Path] = ()) -> dict:
-    """Write the overlay (and ``.npy`` map with ``save_cam``) of each explained class; returns the record."""
-    outputs, cams = [], []
-    for i, c in enumerate(explanation.classes):
-        output = job.output_for(c)
-        save_image(output, draw(explanation, i, options), protected)
-        outputs.append(output)
-        if options.save_cam:
-            cams.append(output.with_suffix(".npy"))
-            save_array(cams[-1], explanation.full(i))
-    return describe(explanation, options, outputs, cams if options.save_cam else None)
+    """Write the overlay (and ``.npy`` map with ``save_cam``) of each explained class; returns the record.
+
+    ``protected`` paths (the run's inputs) are never written over: such a job
+    fails before writing anything.
+    """
+    outputs = [job.output_for(c) for c in explanation.classes]
+    for output in outputs:
+        if output.resolve() in protected:
+            raise NpcamError(f"{output}: is one of the input images; not writing over it (choose another -o)")
+    cams = [output.with_suffix(".npy") for output in outputs] if options.save_cam else None
+    for i, output in enumerate(outputs):
+        save_image(output, draw(explanation, i, options))
+        if cams:
+            save_array(cams[i], explanation.full(i))
+    return describe(explanation, options, outputs, cams)
 
 
 def explain_file(model: Model, options: Options, protected: frozenset[Path], job: Job) -> dict:

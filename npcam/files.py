@@ -173,14 +173,9 @@ def encode_image(picture: np.ndarray, fmt: str, file: BinaryIO) -> None:
     image.save(file, format=fmt, **options)
 
 
-def save_image(path: Path, picture: np.ndarray, protected: Iterable[Path] = ()) -> None:
-    """Write uint8 ``[H, W, 3]`` atomically in the format the extension names.
-
-    ``protected`` paths (the run's inputs) are never written over.
-    """
+def save_image(path: Path, picture: np.ndarray) -> None:
+    """Write uint8 ``[H, W, 3]`` atomically in the format the extension names."""
     fmt = image_format(path)
-    if path.resolve() in protected:
-        raise NpcamError(f"{path}: is one of the input images; not writing over it")
     atomic_write(path, lambda f: encode_image(picture, fmt, f))
 
 

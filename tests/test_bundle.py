@@ -68,7 +68,7 @@ def test_truncated_onnx(copy):
 def test_channels_that_do_not_match_the_fc(copy):
     np.save(copy / "fc_weight.npy", np.zeros((1000, 256), dtype=np.float32))
     rehash(copy)
-    with pytest.raises(NpcamError, match="512 channels"):
+    with pytest.raises(NpcamError, match="512 channels, the head expects 256"):
         npcam.load(copy)
 
 
@@ -118,7 +118,7 @@ def test_pickle_disguised_as_npy_is_never_unpickled(copy, tmp_path, monkeypatch)
 def test_labels_of_the_wrong_length(copy):
     (copy / "labels.json").write_text(json.dumps(["a"] * 999))
     rehash(copy)
-    with pytest.raises(NpcamError, match="999 labels"):
+    with pytest.raises(NpcamError, match="999 labels, but the head has 1000 classes"):
         npcam.load(copy)
 
 
@@ -134,3 +134,89 @@ def test_future_format_version(copy):
     (copy / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(NpcamError, match="format version 99"):
         npcam.load(copy)
+
+
+def test_version_1_bundles_keep_loading(copy, model):
+    """Bundles written before format 2 (no head, fixed_size or stride keys) load as affine, dynamic, stride 32."""
+    meta = json.loads((copy / "bundle.json").read_text())
+    for key in ("head", "fixed_size", "stride", "layout", "output", "check", "channels", "classes"):
+        meta.pop(key, None)
+    meta["format_version"] = 1
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    old = npcam.load(copy)
+    assert old.head.kind == "affine" and not old.bundle.fixed_size and old.bundle.stride == 32
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    np.testing.assert_array_equal(old.scores(x), model.scores(x))
+
+
+@pytest.mark.parametrize("key", ["arch", "input_size", "mean", "std", "files", "head"])
+def test_each_missing_key_is_named(copy, key):
+    meta = json.loads((copy / "bundle.json").read_text())
+    del meta[key]
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(NpcamError, match=f"bundle.json: missing key {key}$"):
+        npcam.load(copy)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("head", "conv", "key 'head' must be one of affine, graph"),
+        ("input_size", "224", "key 'input_size' must be a positive integer"),
+        ("stride", 0, "key 'stride' must be a positive integer"),
+        ("mean", [0.5, 0.5], "key 'mean' must be a list of 3 numbers"),
+        ("fixed_size", "yes", "key 'fixed_size' must be true or false"),
+    ],
+)
+def test_each_wrong_key_is_named(copy, key, value, message):
+    meta = json.loads((copy / "bundle.json").read_text())
+    meta[key] = value
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(NpcamError, match=message):
+        npcam.load(copy)
+
+
+@pytest.fixture(scope="module")
+def graph_bundle(tmp_path_factory):
+    from export.__main__ import run_torch
+
+    return run_torch("models:mlp_head", tmp_path_factory.mktemp("graph") / "b", input_size=128)
+
+
+@pytest.fixture
+def graph_copy(graph_bundle, tmp_path):
+    dst = tmp_path / "graph"
+    shutil.copytree(graph_bundle, dst)
+    return dst
+
+
+def test_graph_head_files(graph_copy):
+    assert sorted(p.name for p in graph_copy.iterdir()) == ["bundle.json", "head.json", "head.npz", "labels.json", "trunk.onnx"]
+    spec = json.loads((graph_copy / "head.json").read_text())
+    assert [op["op"] for op in spec["ops"]] == ["Flatten", "Gemm", "Relu", "Gemm"] and spec["input_shape"] == [-1, 128, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda spec: spec["ops"][0].update(op="Exec"), "unsupported op Exec"),
+        (lambda spec: spec["ops"][1].update(inputs=["nowhere", "c0"]), "reads 'nowhere', which is neither computed nor in head.npz"),
+        (lambda spec: spec.pop("ops"), "head.json: not a head description"),
+    ],
+)
+def test_broken_graph_head_description(graph_copy, change, message):
+    spec = json.loads((graph_copy / "head.json").read_text())
+    change(spec)
+    (graph_copy / "head.json").write_text(json.dumps(spec))
+    rehash(graph_copy)
+    with pytest.raises(NpcamError, match=message):
+        npcam.load(graph_copy)
+
+
+def test_graph_head_arrays_are_never_unpickled(graph_copy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.savez(graph_copy / "head.npz", c0=np.array([Boom()], dtype=object))
+    rehash(graph_copy)
+    with pytest.raises(NpcamError, match="head.npz: not a plain .npz of arrays"):
+        npcam.load(graph_copy)
+    assert not (tmp_path / "PWNED").exists()

@@ -1,7 +1,8 @@
-"""The command line: outputs, JSON, exit codes, bad input, and no torch at run time."""
+"""The command line: outputs, JSON Lines, exit codes, directory runs, bad input, and no torch at run time."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,11 +10,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, SAMPLE, synthetic_image
+from conftest import PHOTOS, REPO, SAMPLE, synthetic_image
 from PIL import Image
 
 import npcam
-from npcam.cli import main
+from npcam.cli import Progress, main
 
 
 def leftovers(directory):
@@ -21,20 +22,24 @@ def leftovers(directory):
     return [p for p in directory.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
-def photo(tmp_path, name="photo.jpg", size=(375, 500)):
+def photo(tmp_path, name="photo.jpg", size=(375, 500), seed=0):
     path = tmp_path / name
-    Image.fromarray(synthetic_image(*size)).save(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(synthetic_image(*size, seed=seed)).save(path)
     return path
 
 
+def records(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
 def test_default_output_in_current_directory(cli, tmp_path):
-    (tmp_path / "in").mkdir()
     image = photo(tmp_path / "in")
     code, out, err = cli(image)
     assert code == 0, err
     written = tmp_path / "photo_cam.jpg"
     assert Image.open(written).size == (500, 375) and Image.open(written).format == "JPEG"
-    assert "top-5" in out and "photo_cam.jpg" in out
+    assert "top-5" in out and "photo_cam.jpg" in out and "CAM of" in out
 
 
 def test_json_record(cli, tmp_path, model):
@@ -42,11 +47,12 @@ def test_json_record(cli, tmp_path, model):
     code, out, _ = cli(image, "--json", "--save-cam", "-o", f"{tmp_path}/out/")
     assert code == 0
     record = json.loads(out)
-    assert {"image", "class", "label", "score", "top5", "output", "cam"} <= record.keys()
+    assert {"image", "width", "height", "method", "top5", "maps", "class", "label", "score", "output", "cam"} <= record.keys()
     pred = model.predict(image)
-    assert record["class"] == pred.top1 and record["label"] == pred.labels[pred.top1]
+    assert record["class"] == pred.top1 and record["label"] == pred.labels[pred.top1] and record["method"] == "cam"
     assert record["score"] == pytest.approx(float(pred.probs.max()))
     assert [t["class"] for t in record["top5"]] == [c for c, _, _ in pred.top(5)]
+    assert record["maps"] == [{k: record[k] for k in ("class", "label", "score", "output", "cam")}]
     cam = np.load(record["cam"], allow_pickle=False)
     assert cam.dtype == np.float32 and cam.shape == (375, 500)
     np.testing.assert_allclose(cam, model.cam(pred, size=(375, 500)), atol=1e-6)
@@ -63,6 +69,12 @@ def test_output_file_picks_format_and_class_by_label(cli, tmp_path, model):
     np.testing.assert_array_equal(written, model.overlay(image, 281, alpha=0.3))  # PNG is lossless
 
 
+def test_output_file_in_a_folder_that_does_not_exist_yet(cli, tmp_path):
+    code, _, err = cli(photo(tmp_path), "-o", tmp_path / "new" / "deeper" / "x.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "new" / "deeper" / "x.png").size == (500, 375)
+
+
 def test_top_k_writes_one_overlay_per_class(cli, tmp_path):
     code, out, _ = cli(photo(tmp_path), "--top", "3", "--json")
     assert code == 0
@@ -70,6 +82,16 @@ def test_top_k_writes_one_overlay_per_class(cli, tmp_path):
     assert len(record["maps"]) == 3
     for m in record["maps"]:
         assert (tmp_path / f"photo_cam_{m['class']}.jpg").is_file()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam", "gradcam++", "eigencam", "softmax"])
+def test_method_option(cli, tmp_path, model, method):
+    image = photo(tmp_path)
+    code, out, err = cli(image, "--method", method, "--json", "-o", tmp_path / "m.png")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["method"] == method.replace("++", "pp")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "m.png")), model.overlay(image, method=record["method"]))
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 1000), (4000, 3000)])
@@ -81,7 +103,6 @@ def test_output_has_the_input_size(cli, tmp_path, size):
 
 def test_directory_with_bad_files_does_the_good_ones(cli, tmp_path):
     data = tmp_path / "data"
-    (data / "sub").mkdir(parents=True)
     for i in range(3):
         photo(data, f"good{i}.jpg", (60, 80))
     photo(data / "sub", "nested.png", (50, 50))
@@ -90,13 +111,22 @@ def test_directory_with_bad_files_does_the_good_ones(cli, tmp_path):
     (data / "notes.txt").write_text("ignored: not an image suffix")
     code, out, err = cli(data, "-o", f"{tmp_path}/out/", "--json")
     assert code == 1
-    records = [json.loads(line) for line in out.splitlines()]
-    done = sorted(r["output"] for r in records if "output" in r)
+    found = records(out)
+    done = sorted(r["output"] for r in found if "output" in r)
     assert len(done) == 4 and str(tmp_path / "out" / "sub" / "nested_cam.jpg") in done
-    assert sorted(r["image"] for r in records if "error" in r) == [str(data / "empty.png"), str(data / "text.jpg")]
+    assert sorted(r["image"] for r in found if "error" in r) == [str(data / "empty.png"), str(data / "text.jpg")]
     assert err.count("npcam: error:") == 2 and "text.jpg: not an image" in err
     assert not (tmp_path / "out" / "text_cam.jpg").exists()
     assert leftovers(tmp_path / "out") == []
+
+
+def test_hidden_files_and_folders_are_skipped(cli, tmp_path):
+    data = tmp_path / "data"
+    photo(data, "seen.jpg", (40, 40))
+    photo(data / ".thumbnails", "thumb.jpg", (40, 40))
+    photo(data, ".hidden.jpg", (40, 40))
+    code, out, _ = cli(data, "-o", f"{tmp_path}/out/", "--json")
+    assert code == 0 and [r["image"] for r in records(out)] == [str(data / "seen.jpg")]
 
 
 def test_missing_file_is_reported_and_others_still_run(cli, tmp_path):
@@ -104,6 +134,81 @@ def test_missing_file_is_reported_and_others_still_run(cli, tmp_path):
     assert code == 1
     assert err.strip() == f"npcam: error: {tmp_path / 'nope.jpg'}: no such file"
     assert (tmp_path / "photo_cam.jpg").is_file()
+
+
+def test_json_lines_have_a_record_for_every_input_missing_ones_included(cli, tmp_path):
+    code, out, _ = cli(tmp_path / "nope.jpg", photo(tmp_path, "a.jpg"), photo(tmp_path, "b.jpg", seed=1), "--json")
+    lines = records(out)  # one JSON object per line: JSON Lines
+    assert code == 1 and len(lines) == 3
+    assert lines[0] == {"image": str(tmp_path / "nope.jpg"), "error": f"{tmp_path / 'nope.jpg'}: no such file"}
+    assert [r["image"] for r in lines[1:]] == [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+
+
+def test_inputs_with_the_same_stem_get_distinct_outputs(cli, tmp_path):
+    data = tmp_path / "data"
+    photo(data, "a.jpg", seed=1)
+    photo(data, "a.png", seed=2)
+    photo(data, "b.jpg", seed=3)
+    code, out, err = cli(data, "-o", f"{tmp_path}/out/", "--json")
+    assert code == 0, err
+    outputs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert outputs == ["a_jpg_cam.jpg", "a_png_cam.jpg", "b_cam.jpg"]
+
+
+def test_an_input_named_like_an_output_is_never_overwritten(cli, tmp_path):
+    mine = photo(tmp_path, "photo_cam.jpg", seed=5)  # the user's own photo, named like an output
+    before = mine.read_bytes()
+    code, out, err = cli(photo(tmp_path, "photo.jpg"), mine, "--json")
+    assert code == 0, err
+    assert mine.read_bytes() == before
+    assert sorted(r["output"] for r in records(out)) == ["photo_cam_cam.jpg", "photo_jpg_cam.jpg"]  # in the current folder
+    code, _, err = cli(mine, "-o", mine)
+    assert code == 2 and "is the input image" in err and mine.read_bytes() == before
+
+
+def test_top_k_never_overwrites_an_input_named_like_its_outputs(cli, tmp_path, model):
+    image = photo(tmp_path, "photo.jpg")
+    top1 = model.predict(image).top1
+    lookalike = photo(tmp_path, f"photo_cam_{top1}.jpg", seed=7)  # a user's file, not one npcam wrote
+    before = lookalike.read_bytes()
+    code, out, err = cli(image, lookalike, "--top", "3", "--json")
+    assert code == 1 and "is one of the input images" in err and lookalike.read_bytes() == before
+    failed = [r for r in records(out) if "error" in r]
+    assert [r["image"] for r in failed] == [str(image)]
+    written = {p.name for p in tmp_path.glob("photo_cam_*.jpg")} - {lookalike.name}
+    assert written and all(name.startswith(f"{lookalike.stem}_cam_") for name in written)  # nothing of photo.jpg
+
+
+def test_a_second_run_in_the_same_folder_skips_its_own_outputs(cli, tmp_path):
+    for i in range(3):
+        photo(tmp_path, f"p{i}.jpg", (60, 80), seed=i)
+    code, _, err = cli(".")
+    assert code == 0, err
+    first = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*_cam.jpg")}
+    assert sorted(first) == ["p0_cam.jpg", "p1_cam.jpg", "p2_cam.jpg"]
+    code, out, err = cli(".", "--json")  # the directory now holds npcam's outputs as well
+    assert code == 0, err
+    assert sorted(r["image"] for r in records(out)) == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert sorted(p.name for p in tmp_path.glob("*_cam*.jpg")) == sorted(first)  # no p0_cam_cam.jpg
+    code, out, err = cli(*sorted(p.name for p in tmp_path.glob("*.jpg")))  # as `npcam *.jpg` would
+    assert code == 0 and "skipped 3 image(s) npcam wrote" in err
+
+
+def test_closed_stdout_ends_the_run_quietly(bundle, tmp_path):
+    data = tmp_path / "data"
+    for i in range(12):
+        photo(data, f"p{i:02d}.jpg", (300, 400), seed=i)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for extra in ([], ["--json"]):
+        out = tmp_path / ("out" + "".join(extra))
+        command = f"{sys.executable} -m npcam -m {bundle} {data} -o {out}/ {' '.join(extra)} | head -1; echo ${{PIPESTATUS[0]}}"
+        result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300)
+        first, status = result.stdout.splitlines()
+        assert status in ("0", "141"), result.stderr  # 0: all done before head closed the pipe
+        assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr
+        assert leftovers(out) == []
+        if extra:
+            assert json.loads(first)["image"] == str(data / "p00.jpg")
 
 
 def test_no_bundle_says_how_to_create_one(tmp_path, capsys):
@@ -119,42 +224,40 @@ def test_no_bundle_says_how_to_create_one(tmp_path, capsys):
         (["--class", "1000"], "out of range"),
         (["--class", "no such thing"], "no class is named"),
         (["-o", "x.unknown"], "cannot tell an image format"),
+        (["--size", "16"], "must be at least 64 (2 feature cells at a stride of 32)"),
     ],
 )
 def test_usage_errors(cli, tmp_path, args, message):
     code, _, err = cli(photo(tmp_path), *args)
-    assert code == 2 and message in err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--threshold", "2"], "must be 'mean' or a fraction of the max in (0, 1]"),
+        (["--alpha", "1.5"], "between 0 (the photo) and 1 (the heat map alone)"),
+        (["--top", "0"], "must be at least 1"),
+        (["--method", "nope"], "must be one of cam, gradcam"),
+    ],
+)
+def test_argument_errors_say_what_is_valid(cli, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        cli(photo(tmp_path), *args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_names_every_method(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for name in npcam.METHODS:
+        assert f"\n  {name} " in text
 
 
 def test_one_output_file_for_many_inputs_is_refused(cli, tmp_path):
     code, _, err = cli(photo(tmp_path, "a.jpg"), photo(tmp_path, "b.jpg"), "-o", tmp_path / "one.jpg")
     assert code == 2 and "give a directory" in err
-
-
-def test_never_overwrites_an_input(cli, tmp_path):
-    image = photo(tmp_path, "photo_cam.jpg")
-    before = image.read_bytes()
-    code, _, err = cli(photo(tmp_path, "photo.jpg"), image)  # photo.jpg's default output is photo_cam.jpg
-    assert code == 2 and "is an input" in err
-    code, _, err = cli(image, "-o", image)
-    assert code == 2 and image.read_bytes() == before
-
-
-def test_top_k_never_overwrites_an_input_named_like_its_outputs(cli, tmp_path):
-    image = photo(tmp_path, "photo.jpg")
-    lookalike = photo(tmp_path, "photo_cam_281.jpg")
-    before = lookalike.read_bytes()
-    code, _, err = cli(image, lookalike, "--top", "3")
-    assert code == 2 and "named like a --top output" in err and lookalike.read_bytes() == before
-    renamed = lookalike.rename(tmp_path / "out_281.jpg")  # what -o out.jpg --top 3 could write
-    code, _, err = cli(renamed, "--top", "3", "-o", tmp_path / "out.jpg")
-    assert code == 2 and "named like a --top output" in err and renamed.read_bytes() == before
-
-
-def test_bad_alpha_is_a_usage_error(cli, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        cli(photo(tmp_path), "--alpha", "1.5")
-    assert e.value.code == 2
 
 
 def test_unwritable_output_leaves_no_file(cli, tmp_path):
@@ -168,6 +271,22 @@ def test_unwritable_output_leaves_no_file(cli, tmp_path):
         (tmp_path / "ro").mkdir(mode=0o500)
     code, _, err = cli(photo(tmp_path), "-o", target)
     assert code == 1 and "photo.jpg" in err and "Traceback" not in err
+
+
+def test_progress_line_shows_count_rate_and_time_left():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    progress = Progress(screen)
+    progress.start -= 2.0  # two seconds in
+    progress.show(4, 10, "photos/p3.jpg")
+    line = screen.getvalue()
+    assert "[4/10]" in line and "img/s" in line and "left" in line and "p3.jpg" in line
+    assert "2.0 img/s, 0:03 left" in line
+    progress.clear()
+    assert screen.getvalue().endswith("\r\x1b[K")
 
 
 def test_runs_with_torch_unimportable(bundle, tmp_path):
@@ -189,24 +308,37 @@ def test_runs_with_torch_unimportable(bundle, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["output"] == str(tmp_path / "o.jpg")
     assert Image.open(tmp_path / "o.jpg").size == (451, 300)
-    modules = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, npcam, npcam.cli; print(sorted(m for m in sys.modules if m.startswith('torch')))",
-        ],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    heavy = "torch onnx ray pyarrow starlette uvicorn selenium".split()
+    code = f"import sys, npcam, npcam.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
+    modules = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                             capture_output=True, text=True, check=True)  # fmt: skip
     assert modules.stdout.strip() == "[]"
 
 
-def test_api_accepts_path_pil_and_array(model):
+def test_api_accepts_paths_bytes_files_pil_and_arrays(model):
     rgb = npcam.read_image(SAMPLE)
-    by_path, by_pil, by_array = (model.predict(x) for x in (SAMPLE, Image.open(SAMPLE), rgb))
-    np.testing.assert_array_equal(by_path.logits, by_array.logits)
-    np.testing.assert_array_equal(by_pil.logits, by_array.logits)
+    def inputs():
+        return [SAMPLE, str(SAMPLE), SAMPLE.read_bytes(), open(SAMPLE, "rb"), Image.open(SAMPLE), rgb]
+
+    preds = [model.predict(x) for x in inputs()]
+    for pred in preds:
+        np.testing.assert_array_equal(pred.logits, preds[-1].logits)
+        assert isinstance(pred.image, np.ndarray) and pred.image.shape == rgb.shape
+    many = model.predict_many(inputs())  # the same inputs as predict, in one trunk call
+    for pred in many:  # a batch may round differently from single images
+        np.testing.assert_allclose(pred.logits, preds[0].logits, rtol=0, atol=1e-5 * np.abs(preds[0].logits).max())
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    np.testing.assert_array_equal(model.predict(rgba).logits, preds[0].logits)
     assert model.cam(rgb).shape == (7, 7)
     assert model.overlay(rgb).shape == rgb.shape
+
+
+def test_library_pipeline_gives_the_cli_record(model, tmp_path, cli):
+    options = npcam.Options(top=2, bbox=True).checked(model)
+    explanation = npcam.explain(model, PHOTOS[1], options)
+    record = npcam.describe(explanation, options)
+    code, out, _ = cli(PHOTOS[1], "--top", "2", "--bbox", "--json")
+    from_cli = json.loads(out)
+    for key in ("image", "width", "height", "top5", "class", "label", "score", "bbox", "method"):
+        assert record[key] == from_cli[key], key
+    assert [{k: v for k, v in m.items() if k != "output"} for m in from_cli["maps"]] == record["maps"]

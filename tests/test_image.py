@@ -130,3 +130,56 @@ def test_fuzzer_finding_tiff_with_double_strip_offsets(tmp_path):
     path.write_bytes(data)
     with pytest.raises(NpcamError, match="fuzz.tif: cannot decode image"):
         npcam.read_image(path)
+
+
+def test_the_library_owns_its_pixel_limit(tmp_path):
+    """Pillow's own bomb limit (~179 MP) neither overrides nor preempts npcam's max_pixels."""
+    from test_robustness import png_claiming
+
+    path = tmp_path / "claims_200mp.png"
+    path.write_bytes(png_claiming(20_000, 10_000))
+    with pytest.raises(NpcamError, match="cannot decode"):  # past the header check: the data is just missing
+        npcam.read_image(path, max_pixels=300_000_000)
+    with pytest.raises(NpcamError, match="200,000,000 pixels, over the limit of 5,000,000"):
+        npcam.read_image(path, max_pixels=5_000_000)
+    big = save(tmp_path, Image.fromarray(synthetic_image(1000, 1200)), "big.jpg")
+    with pytest.raises(NpcamError, match="1,200,000 pixels, over the limit of 1,000,000"):
+        npcam.read_image(big, max_pixels=1_000_000)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's global is left as it was
+
+
+def test_bytes_and_file_objects(tmp_path):
+    import io
+
+    path = save(tmp_path, Image.fromarray(synthetic_image(30, 40)), "p.png")
+    want = npcam.read_image(path)
+    np.testing.assert_array_equal(npcam.read_image(path.read_bytes()), want)
+    with open(path, "rb") as f:
+        np.testing.assert_array_equal(npcam.read_image(f), want)
+
+    class Stream(io.RawIOBase):  # a pipe-like, unseekable stream
+        def __init__(self, data):
+            self.data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            return self.data.readinto(b)
+
+    np.testing.assert_array_equal(npcam.read_image(Stream(path.read_bytes())), want)
+    with pytest.raises(NpcamError, match="upload.jpg: not an image Pillow can read"):
+        npcam.read_image(b"garbage", name="upload.jpg")
+    with pytest.raises(NpcamError, match="^image: not an image"):
+        npcam.read_image(b"garbage")
+
+
+def test_rgba_and_single_channel_arrays():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255
+    out = npcam.read_image(rgba)
+    assert (out[:2] == [200, 0, 0]).all() and (out[2:] == 255).all()  # as for an RGBA file
+    assert npcam.read_image(np.zeros((5, 6, 1), np.uint8)).shape == (5, 6, 3)
+    with pytest.raises(NpcamError, match=r"must be \[H, W\], \[H, W, 3\] or \[H, W, 4\]"):
+        npcam.read_image(np.zeros((5, 6, 2), np.uint8))

@@ -13,16 +13,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import EVAL, REPO, SAMPLE, random_resnet
+from conftest import EVAL, PHOTOS, REPO, SAMPLE, needs_eval, random_resnet
 
 import npcam
 from export import archs
 from export.__main__ import main as export_main
 from export.__main__ import run
 from npcam.boxes import cam_box
-
-needs_eval = pytest.mark.skipif(not EVAL.is_dir(), reason=f"{EVAL} is absent: no real photos to test on")
-
 
 @pytest.fixture(scope="session")
 def lite0(tmp_path_factory):
@@ -42,9 +39,8 @@ def test_cat_is_a_cat(lite0):
     assert sum(p for c, _, p in pred.top(5) if 281 <= c <= 285) > 0.8
 
 
-@needs_eval
 def test_coffee_is_espresso_or_a_cup(lite0):
-    pred = lite0.predict(EVAL / "images/package_photos/coffee.png")
+    pred = lite0.predict(PHOTOS[1])
     assert pred.top1 in (967, 968, 504), pred.top(5)
 
 
@@ -52,7 +48,7 @@ def test_coffee_is_espresso_or_a_cup(lite0):
 def test_cam_peak_lies_in_the_object_box(lite0):
     """Over the annotated dev images the model gets right, the top-1 CAM peaks inside a box."""
     rows = manifest_rows()
-    preds = lite0.predict_many([npcam.read_image(p) for p, _, _ in rows])
+    preds = lite0.predict_many([p for p, _, _ in rows])
     inside = []
     for (_, label, boxes), pred in zip(rows, preds):
         if pred.top1 != label:
@@ -105,7 +101,7 @@ def test_deeper_resnets_export_with_random_weights(name, channels, tmp_path):
     model = npcam.load(run(name, tmp_path / name, tmp_path / "w.pth"))  # the export self-checks vs torch
     pred = model.predict(SAMPLE)
     with torch.no_grad():
-        x = torch.from_numpy(npcam.preprocess(pred.image, 224, model.mean, model.std))
+        x = torch.from_numpy(pred.input)
         want = net(x)[0].numpy()
     assert np.abs(pred.logits - want).max() <= 1e-4 * np.abs(want).max()
     assert model.cam(pred).shape == (7, 7)
@@ -115,7 +111,7 @@ def test_auto_falls_back_to_lite0_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("NPCAM_MODEL", raising=False)
-    offline = archs.Arch("resnet18", archs.ARCHS["resnet18"].build, urls=((tmp_path / "gone-abcdef.pth").as_uri(),))
+    offline = archs.Arch("resnet18", archs.ARCHS["resnet18"].builder, urls=((tmp_path / "gone-abcdef.pth").as_uri(),))
     monkeypatch.setitem(archs.ARCHS, "resnet18", offline)
     assert export_main(["auto"]) == 0
     err = capsys.readouterr().err
