@@ -42,9 +42,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--int8", metavar="IMAGES", type=Path, help="also quantize the trunk to int8, calibrated on these images"
     )
     preprocessing = argparse.ArgumentParser(add_help=False)
-    preprocessing.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="on the 0-1 pixel scale (default: ImageNet's)")
-    preprocessing.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="on the 0-1 pixel scale (default: ImageNet's)")
-    preprocessing.add_argument("--input-size", type=int, metavar="N", help="input side (default: the model's own, else 224)")
+    preprocessing.add_argument(
+        "--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="on the 0-1 pixel scale (default: ImageNet's)"
+    )
+    preprocessing.add_argument(
+        "--std", type=float, nargs=3, metavar=("R", "G", "B"), help="on the 0-1 pixel scale (default: ImageNet's)"
+    )
+    preprocessing.add_argument(
+        "--input-size", type=int, metavar="N", help="input side (default: the model's own, else 224)"
+    )
     for name, arch in sorted(ARCHS.items()):
         p = routes.add_parser(name, parents=[common], help=f"built-in {name} ({arch.input_size}px)")
         p.add_argument("--weights", type=Path, help="state-dict .pth (default: the official weights; see the README)")
@@ -52,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     routes.add_parser(AUTO, help="the demo's model: an existing default bundle, else resnet18, else efficientnet_lite0")
     p = routes.add_parser("onnx", parents=[common, preprocessing], help="any ONNX image classifier (no torch needed)")
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
-    p.add_argument("--bgr", action="store_true", help="the model takes BGR images (the channel flip goes into the trunk)")
+    p.add_argument(
+        "--bgr", action="store_true", help="the model takes BGR images (the channel flip goes into the trunk)"
+    )
     p.add_argument("--output", metavar="NAME", help="which model output holds the class scores (default: the only one)")
     p = routes.add_parser("torch", parents=[common, preprocessing], help="a torch module from MODULE:CALLABLE")
     p.add_argument("spec", metavar="MODULE:CALLABLE", help="e.g. mypkg.models:build (run from where it imports)")
@@ -122,7 +130,9 @@ def run_onnx(
     except FileNotFoundError:
         raise ExportError(f"{model}: no such file") from None
     except Exception as e:  # protobuf's decode errors have many types
-        raise ExportError(f"{model}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ExportError(
+            f"{model}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     try:
         parts = split(original, input_size, bgr=bgr, output=output)
     except ExportError as e:
@@ -136,7 +146,9 @@ def run_onnx(
         "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr},
     }
     reference = _onnx_reference(original, parts.layout, bgr, output)
-    meta = build.export(parts, out, build.read_labels(labels, parts.head.classes), meta, reference, _onnx_sizes(original, parts), int8)
+    meta = build.export(
+        parts, out, build.read_labels(labels, parts.head.classes), meta, reference, _onnx_sizes(original, parts), int8
+    )
     build.report(meta, out)
     return out
 
@@ -178,7 +190,9 @@ def run_torch(
         parts = split(from_torch.to_onnx(net, size, opset), size)
     except ExportError as e:
         raise ExportError(f"{spec}: {e}; nothing was written") from None
-    meta = build.export(parts, out, build.read_labels(labels, parts.head.classes), meta, from_torch.reference(net), int8=int8)
+    meta = build.export(
+        parts, out, build.read_labels(labels, parts.head.classes), meta, from_torch.reference(net), int8=int8
+    )
     build.report(meta, out)
     return out
 
@@ -251,9 +265,29 @@ def main(argv: list[str] | None = None) -> int:
         if args.route == AUTO:
             auto()
         elif args.route == "onnx":
-            run_onnx(args.model, args.out, args.labels, args.mean, args.std, args.input_size, args.bgr, args.output, args.int8)
+            run_onnx(
+                args.model,
+                args.out,
+                args.labels,
+                args.mean,
+                args.std,
+                args.input_size,
+                args.bgr,
+                args.output,
+                args.int8,
+            )
         elif args.route == "torch":
-            run_torch(args.spec, args.out, args.weights, args.labels, args.mean, args.std, args.input_size, args.opset, args.int8)
+            run_torch(
+                args.spec,
+                args.out,
+                args.weights,
+                args.labels,
+                args.mean,
+                args.std,
+                args.input_size,
+                args.opset,
+                args.int8,
+            )
         else:
             run(args.route, args.out, args.weights, args.opset, args.int8, args.labels)
     except (ExportError, NpcamError) as e:

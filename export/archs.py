@@ -54,9 +54,21 @@ class Arch:
 ARCHS: dict[str, Arch] = {
     a.name: a
     for a in [
-        Arch("resnet18", "export.resnet:resnet18", urls=(TORCHVISION + "resnet18-f37072fd.pth", TORCHVISION + "resnet18-5c106cde.pth")),
-        Arch("resnet34", "export.resnet:resnet34", urls=(TORCHVISION + "resnet34-b627a593.pth", TORCHVISION + "resnet34-333f7ec4.pth")),
-        Arch("resnet50", "export.resnet:resnet50", urls=(TORCHVISION + "resnet50-0676ba61.pth", TORCHVISION + "resnet50-19c8e357.pth")),
+        Arch(
+            "resnet18",
+            "export.resnet:resnet18",
+            urls=(TORCHVISION + "resnet18-f37072fd.pth", TORCHVISION + "resnet18-5c106cde.pth"),
+        ),
+        Arch(
+            "resnet34",
+            "export.resnet:resnet34",
+            urls=(TORCHVISION + "resnet34-b627a593.pth", TORCHVISION + "resnet34-333f7ec4.pth"),
+        ),
+        Arch(
+            "resnet50",
+            "export.resnet:resnet50",
+            urls=(TORCHVISION + "resnet50-0676ba61.pth", TORCHVISION + "resnet50-19c8e357.pth"),
+        ),
     ]
     + [
         Arch(

@@ -87,7 +87,9 @@ def to_onnx(net: nn.Module, input_size: int, opset: int) -> onnx.ModelProto:
             return onnx.load_from_string(buffer.getvalue())
         except Exception as e:  # torch's exporter raises many types
             error = e
-    raise ExportError(f"torch could not export the module to ONNX ({type(error).__name__}: {str(error).splitlines()[0]})")
+    raise ExportError(
+        f"torch could not export the module to ONNX ({type(error).__name__}: {str(error).splitlines()[0]})"
+    )
 
 
 def reference(net: nn.Module):

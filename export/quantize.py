@@ -129,7 +129,9 @@ def agreement(fp32: npcam.Model, int8: npcam.Model, inputs: list[np.ndarray]) ->
         features = [model.features(x)[0] for model in (fp32, int8)]
         top1 = [int(np.argmax(fp32.head.forward(f.mean(axis=(1, 2))[None]))) for f in features]
         agree.append(top1[0] == top1[1])
-        cams = [npcam.cam.weighted_maps(f, fp32.head.gradient(f.mean(axis=(1, 2)), [top1[0]])).ravel() for f in features]
+        cams = [
+            npcam.cam.weighted_maps(f, fp32.head.gradient(f.mean(axis=(1, 2)), [top1[0]])).ravel() for f in features
+        ]
         if cams[0].std() > 0 and cams[1].std() > 0:
             correlation.append(np.corrcoef(cams[0], cams[1])[0, 1])
     return {"top1_agreement": float(np.mean(agree)), "cam_pearson": float(np.mean(correlation) if correlation else 0.0)}

@@ -83,7 +83,9 @@ def split(
     static_hw = _dims(image)[2:] if layout == "NCHW" else _dims(image)[1:3]
     size = input_size or next((d for d in static_hw if isinstance(d, int) and d > 0), None) or 224
     if all(isinstance(d, int) and d > 0 for d in static_hw) and input_size and list(static_hw) != [size, size]:
-        raise ExportError(f"the model's input is {static_hw[0]}x{static_hw[1]}; --input-size {input_size} does not fit it")
+        raise ExportError(
+            f"the model's input is {static_hw[0]}x{static_hw[1]}; --input-size {input_size} does not fit it"
+        )
     scores_name, output_kind = _scores(graph, output)
     values = _Values(model, image.name, layout, size)
     pool, head_nodes, kinds = _find_head(graph, scores_name, values)
@@ -106,7 +108,9 @@ def _image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
     initializers = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise ExportError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); npcam needs one image input")
+        raise ExportError(
+            f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); npcam needs one image input"
+        )
     image = inputs[0]
     dims = _dims(image)
     if image.type.tensor_type.elem_type != TensorProto.FLOAT:
@@ -238,11 +242,15 @@ def _is_global_pool(node: onnx.NodeProto, values: _Values) -> bool:
         return sorted(_reduce_axes(node, values)) in ([2, 3], [1, 2])
     if node.op_type == "AveragePool":
         pads = _attr(node, "pads", [0, 0, 0, 0])
-        return shape is not None and len(shape) == 4 and list(_attr(node, "kernel_shape")) == shape[2:] and not any(pads)
+        return (
+            shape is not None and len(shape) == 4 and list(_attr(node, "kernel_shape")) == shape[2:] and not any(pads)
+        )
     return False
 
 
-def _find_head(graph: onnx.GraphProto, scores: str, values: _Values) -> tuple[onnx.NodeProto, list[onnx.NodeProto], dict]:
+def _find_head(
+    graph: onnx.GraphProto, scores: str, values: _Values
+) -> tuple[onnx.NodeProto, list[onnx.NodeProto], dict]:
     """The last global pooling whose output reaches the scores through a self-contained head.
 
     Returns the pooling node, the head's nodes in graph order, and each head
@@ -343,7 +351,9 @@ def _head_ops(
         try:
             runs.append({pooled_name: pooled, **evaluator.run(None, {pooled_name: pooled}, intermediate=True)})
         except Exception as e:  # the reference evaluator raises whatever the op's code raises
-            raise ExportError(f"the head does not run on a batch of {batch} pooled vectors ({_first_line(e)})") from None
+            raise ExportError(
+                f"the head does not run on a batch of {batch} pooled vectors ({_first_line(e)})"
+            ) from None
     ops, arrays, alias = [], {}, {}
 
     def ref(name: str) -> str:
@@ -360,7 +370,9 @@ def _head_ops(
     for node in nodes:
         if kinds.get(node.output[0]) != "data":
             continue  # folded: constants and shape arithmetic
-        if node.op_type in NOOPS or (node.op_type == "Cast" and _attr(node, "to") in (TensorProto.FLOAT, TensorProto.DOUBLE)):
+        if node.op_type in NOOPS or (
+            node.op_type == "Cast" and _attr(node, "to") in (TensorProto.FLOAT, TensorProto.DOUBLE)
+        ):
             alias[node.output[0]] = alias.get(node.input[0], node.input[0])
             continue
         if node.op_type not in OPS:
@@ -498,7 +510,9 @@ def _fold(head: GraphHead) -> AffineHead | GraphHead:
 # The trunk
 
 
-def _trunk(model: onnx.ModelProto, image: str, features: str, layout: str, bgr: bool, pool_layout: str) -> onnx.ModelProto:
+def _trunk(
+    model: onnx.ModelProto, image: str, features: str, layout: str, bgr: bool, pool_layout: str
+) -> onnx.ModelProto:
     """The nodes the pooling's input needs, wrapped so that it reads ``image`` NCHW RGB and writes ``features`` NCHW.
 
     Identity nodes are rewired away (torch writes them to share equal
@@ -538,7 +552,9 @@ def _trunk(model: onnx.ModelProto, image: str, features: str, layout: str, bgr: 
     inner = "image"
     if bgr:
         inner = _unique("npcam_rgb_to_bgr", names)
-        adapters.append(helper.make_node("Slice", ["image", "npcam_c0", "npcam_c1", "npcam_c2", "npcam_c3"], [inner], name=inner))
+        adapters.append(
+            helper.make_node("Slice", ["image", "npcam_c0", "npcam_c1", "npcam_c2", "npcam_c3"], [inner], name=inner)
+        )
         extra += [
             numpy_helper.from_array(np.array([v], dtype=np.int64), n)
             for n, v in (("npcam_c0", -1), ("npcam_c1", -(2**62)), ("npcam_c2", 1), ("npcam_c3", -1))
@@ -553,7 +569,9 @@ def _trunk(model: onnx.ModelProto, image: str, features: str, layout: str, bgr: 
         node.input[:] = [rename.get(source(i), source(i)) if i else i for i in node.input]
         node.output[:] = [rename.get(o, o) for o in node.output]
     if pool_layout == "NHWC":
-        adapters.append(helper.make_node("Transpose", [out], ["features"], name="npcam_nhwc_to_nchw", perm=[0, 3, 1, 2]))
+        adapters.append(
+            helper.make_node("Transpose", [out], ["features"], name="npcam_nhwc_to_nchw", perm=[0, 3, 1, 2])
+        )
     used = {i for n in nodes + adapters for i in n.input}
     initializers = [copy.deepcopy(i) for i in graph.initializer if i.name in used] + extra
     taken: set[str] = set()
@@ -562,7 +580,9 @@ def _trunk(model: onnx.ModelProto, image: str, features: str, layout: str, bgr: 
             node.name = _unique(f"{node.op_type}_{n}", taken)
         taken.add(node.name)
     new_graph = helper.make_graph(
-        adapters[: len(adapters) - (pool_layout == "NHWC")] + nodes + adapters[len(adapters) - (pool_layout == "NHWC") :],
+        adapters[: len(adapters) - (pool_layout == "NHWC")]
+        + nodes
+        + adapters[len(adapters) - (pool_layout == "NHWC") :],
         "npcam_trunk",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", "C", "h", "w"])],
@@ -614,10 +634,14 @@ def _check_trunk(trunk: onnx.ModelProto, size: int, pooled_shape: list[int]) -> 
         raise ExportError(f"the trunk cut from the model does not run ({_first_line(e)})") from None
     features = single[0]
     if features.ndim != 4 or features.shape[1] != channels:
-        raise ExportError(f"the trunk gives features of shape {list(features.shape)}, the head expects {channels} channels")
+        raise ExportError(
+            f"the trunk gives features of shape {list(features.shape)}, the head expects {channels} channels"
+        )
     try:
         both = session.run(["features"], {"image": x})[0]
-        batch_ok = both.shape == (2, *features.shape[1:]) and np.allclose(both, np.concatenate(single), rtol=1e-4, atol=1e-5 * np.abs(features).max())
+        batch_ok = both.shape == (2, *features.shape[1:]) and np.allclose(
+            both, np.concatenate(single), rtol=1e-4, atol=1e-5 * np.abs(features).max()
+        )
     except Exception:
         batch_ok = False
     stride = max(1, round(size / features.shape[2]))
@@ -625,7 +649,9 @@ def _check_trunk(trunk: onnx.ModelProto, size: int, pooled_shape: list[int]) -> 
     for h, w in ((size + 2 * stride, size), (size, size + 3 * stride)):
         try:
             out = session.run(["features"], {"image": rng.standard_normal((1, 3, h, w), dtype=np.float32)})[0]
-            dynamic &= out.shape[1] == channels and abs(out.shape[2] - h / stride) <= 1 and abs(out.shape[3] - w / stride) <= 1
+            dynamic &= (
+                out.shape[1] == channels and abs(out.shape[2] - h / stride) <= 1 and abs(out.shape[3] - w / stride) <= 1
+            )
         except Exception:
             dynamic = False
     set_input_dims(trunk, "N" if batch_ok else 1, "H" if dynamic else size, "W" if dynamic else size)

@@ -74,8 +74,12 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_", metavar="IDX|LABEL", help="explain this class (default: the top-1)")
     which.add_argument("--top", type=_at_least(1), default=1, metavar="K", help="explain each of the top K classes")
-    p.add_argument("--method", type=_method, help="explanation method (default: cam, or gradcam for a non-affine head; see below)")
-    p.add_argument("--keep-aspect", action="store_true", help="scale the short side to the input size instead of squashing")
+    p.add_argument(
+        "--method", type=_method, help="explanation method (default: cam, or gradcam for a non-affine head; see below)"
+    )
+    p.add_argument(
+        "--keep-aspect", action="store_true", help="scale the short side to the input size instead of squashing"
+    )
     p.add_argument("--size", type=_at_least(1), help="network input size (default: the bundle's, e.g. 224)")
     p.add_argument("--bbox", action="store_true", help="find each map's bounding box (drawn, and in the record)")
     p.add_argument(
@@ -84,7 +88,9 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_THRESHOLD,
         help=f"box threshold: 'mean' (the map's mean, default) or a fraction of its max (the paper's is {PAPER_THRESHOLD})",
     )
-    p.add_argument("--max-pixels", type=_at_least(1), default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})")
+    p.add_argument(
+        "--max-pixels", type=_at_least(1), default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
+    )
 
 
 def options_from(args: argparse.Namespace, **extra) -> Options:
@@ -132,7 +138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "image, its extension picking the format (default: <stem>_cam.jpg in the current directory)",
     )
     add_explanation_options(p)
-    p.add_argument("--alpha", type=_fraction, default=0.5, help="heat-map opacity from 0 (photo) to 1 (heat map) (default 0.5)")
+    p.add_argument(
+        "--alpha", type=_fraction, default=0.5, help="heat-map opacity from 0 (photo) to 1 (heat map) (default 0.5)"
+    )
     p.add_argument("--save-cam", action="store_true", help="also write each full-resolution map as float32 .npy")
     p.add_argument("--json", action="store_true", help="print one JSON record per image on stdout (JSON Lines)")
     p.add_argument(
@@ -249,4 +257,8 @@ class Progress:
 
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )

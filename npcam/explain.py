@@ -179,9 +179,7 @@ def explain_file(model: Model, options: Options, protected: frozenset[Path], job
 Result = tuple[Job, "dict | str"]
 
 
-def explain_files(
-    model: Model, jobs: Sequence[Job], options: Options, workers: int | None = None
-) -> Iterator[Result]:
+def explain_files(model: Model, jobs: Sequence[Job], options: Options, workers: int | None = None) -> Iterator[Result]:
     """Explain and write every job; yields each with its record or its one-line error, in input order.
 
     Several images are in flight at once, one per worker thread, each going

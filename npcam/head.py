@@ -140,7 +140,9 @@ class GraphHead:
                 continue  # this op does not reach the scores
             args = [values[n] if n in values else self.arrays[n] for n in op.inputs]
             variable = [n in values for n in op.inputs]
-            for name, is_var, g in zip(op.inputs, variable, OPS[op.op].backward(args, op.attrs, values[op.output], dy, variable)):
+            for name, is_var, g in zip(
+                op.inputs, variable, OPS[op.op].backward(args, op.attrs, values[op.output], dy, variable)
+            ):
                 if is_var and g is not None:
                     grads[name] = grads[name] + g if name in grads else g
         return grads[self.input].reshape(len(classes), -1)

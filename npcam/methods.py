@@ -124,7 +124,7 @@ def ablation_weights(model: Model, pred: Prediction, classes: Sequence[int]) -> 
     else:
         ablated = np.repeat(pooled[None], len(pooled), axis=0)
         np.fill_diagonal(ablated, 0.0)
-        drop = (scores[:, None] - model.head.forward(ablated)[:, classes].T.astype(np.float64))
+        drop = scores[:, None] - model.head.forward(ablated)[:, classes].T.astype(np.float64)
     safe = np.where(scores == 0, 1.0, scores)[:, None]
     return np.where(scores[:, None] == 0, 0.0, drop / safe)
 
@@ -136,17 +136,18 @@ def _ablationcam(model, pred, classes, progress=None):
 def eigen_map(features: np.ndarray) -> np.ndarray:
     """Eigen-CAM: the ``[hw, C]`` activations, centred, projected on their first principal component.
 
-    The sign of a principal component is arbitrary; npcam picks the one whose
-    map correlates positively with the channel mean of the activations.
-    Returns float64 ``[h, w]``.
+    That projection is ``sigma_1 u_1`` of the centred matrix's SVD, found as the
+    top eigenvector of its small ``[hw, hw]`` Gram matrix. The sign of a
+    principal component is arbitrary; npcam picks the one whose map correlates
+    positively with the channel mean of the activations. Returns float64 ``[h, w]``.
     """
     channels, h, w = features.shape
     rows = features.reshape(channels, h * w).T.astype(np.float64)
     centred = rows - rows.mean(axis=0)
-    if not np.any(centred):
+    values, vectors = np.linalg.eigh(centred @ centred.T)
+    if not values[-1] > 0:
         return np.zeros((h, w))
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    projection = centred @ vt[0]
+    projection = vectors[:, -1] * np.sqrt(values[-1])
     mean = rows.mean(axis=1)
     if np.dot(projection - projection.mean(), mean - mean.mean()) < 0:
         projection = -projection
@@ -194,16 +195,27 @@ def _scorecam(model, pred, classes, progress=None):
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("cam", "the paper's CAM: the FC row's weights (affine heads; the default there)", _cam, affine_only=True),
-        Method("gradcam", "Grad-CAM: the head's gradient (equals cam on an affine head; the default otherwise)", _gradcam),
+        Method(
+            "cam", "the paper's CAM: the FC row's weights (affine heads; the default there)", _cam, affine_only=True
+        ),
+        Method(
+            "gradcam", "Grad-CAM: the head's gradient (equals cam on an affine head; the default otherwise)", _gradcam
+        ),
         Method("hirescam", "HiResCAM: equals gradcam on a globally pooled head", _gradcam),
         Method("xgradcam", "XGrad-CAM: equals gradcam on a globally pooled head", _gradcam),
         Method("layercam", "Layer-CAM: the gradient's positive part (negative weights clamped)", _layercam),
         Method("gradcampp", "Grad-CAM++ (also gradcam++): max(G,0)/(2 + G*p), as pytorch-grad-cam", _gradcampp),
         Method("ablationcam", "Ablation-CAM: the score's drop when each channel is zeroed", _ablationcam),
         Method("eigencam", "Eigen-CAM: first principal component of the features (class-agnostic)", _eigencam),
-        Method("scorecam", "Score-CAM: one network pass per channel mask, as TorchCAM (slow)", _scorecam, extra_passes=True),
-        Method("softmax", "the seed tutorial's variant: softmax over the FC row (affine heads)", _softmax_weights, affine_only=True),
+        Method(
+            "scorecam", "Score-CAM: one network pass per channel mask, as TorchCAM (slow)", _scorecam, extra_passes=True
+        ),
+        Method(
+            "softmax",
+            "the seed tutorial's variant: softmax over the FC row (affine heads)",
+            _softmax_weights,
+            affine_only=True,
+        ),
     ]
 }
 ALIASES = {"gradcam++": "gradcampp"}

@@ -196,7 +196,9 @@ class Model:
             features = self.features(batch)
             logits = self.head.forward(pool(features))
             for j, i in enumerate(members):
-                preds[i] = Prediction(images[i], batch[j : j + 1], features[j], logits[j], softmax(logits[j]), self.labels)
+                preds[i] = Prediction(
+                    images[i], batch[j : j + 1], features[j], logits[j], softmax(logits[j]), self.labels
+                )
         return preds
 
     # features -> maps -> overlay

@@ -43,7 +43,8 @@ import npcam  # noqa: E402, I001
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from npcam.cli import Job, parse_args, run, save_image  # noqa: E402
+from npcam.explain import Options, explain_files  # noqa: E402
+from npcam.files import Job, save_image  # noqa: E402
 
 # torch, torchcam, OpenCV and export/ are imported where they are used, so that
 # the processes that measure npcam never load them.
@@ -104,7 +105,6 @@ def torch_method(arch_name: str, weights: str, use_torchcam: bool):
     import torch.nn.functional as F
 
     from export.archs import ARCHS
-    from export.bundle import _Trunk
     from export.weights import load_state_dict
 
     arch = ARCHS[arch_name]
@@ -137,8 +137,10 @@ def torch_method(arch_name: str, weights: str, use_torchcam: bool):
     from torchcam.methods import CAM
     from torchcam.utils import overlay_mask
 
+    Trunk = _trunk_module()
+
     # TorchCAM hooks a module's output, so the trunk becomes a module ahead of GAP + FC.
-    classifier = torch.nn.Sequential(_Trunk(net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc).eval()
+    classifier = torch.nn.Sequential(Trunk(net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc).eval()
     extractor = CAM(classifier, target_layer=classifier[0], fc_layer=classifier[3])
 
     def torchcam_way(path: Path, out: Path) -> None:
@@ -149,6 +151,22 @@ def torch_method(arch_name: str, weights: str, use_torchcam: bool):
         overlay_mask(img, Image.fromarray(cam.numpy(), mode="F"), alpha=0.5).save(out, quality=90)
 
     return torchcam_way
+
+
+def _trunk_module():
+    import torch
+
+    class Trunk(torch.nn.Module):
+        """A built-in architecture's conv trunk as a module of its own, for TorchCAM's hooks."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.trunk(x)
+
+    return Trunk
 
 
 # Worker processes: one per method, driven over stdin/stdout, one JSON line each way.
@@ -203,7 +221,6 @@ def throughput(bundle: str, tmp: Path, rounds: int) -> dict:
     out = tmp / "directory"
     out.mkdir(exist_ok=True)
     jobs = [Job(p, out / f"{i}_cam.jpg") for i, p in enumerate(photos)]
-    args = parse_args(["x"])
     loop_model = npcam.load(bundle)  # onnxruntime uses every core for each image
     cli_model = npcam.load(bundle, threads=1)  # what the CLI loads for several images: one thread per worker
 
@@ -212,7 +229,7 @@ def throughput(bundle: str, tmp: Path, rounds: int) -> dict:
             save_image(job.output, loop_model.overlay(loop_model.predict(job.image)))
 
     def pipelined():
-        for _, result in run(cli_model, jobs, args, None):
+        for _, result in explain_files(cli_model, jobs, Options().checked(cli_model)):
             assert not isinstance(result, str), result
 
     times = {"sequential": [], "pipelined": []}

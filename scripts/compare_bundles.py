@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # export/ runs 
 
 import npcam  # noqa: E402
 from export.quantize import agreement  # noqa: E402
-from npcam.cli import collect  # noqa: E402
+from npcam.files import find_images  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -23,8 +23,8 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     reference, other = npcam.load(argv[0]), npcam.load(argv[1])
-    images = [path for path, _ in collect([argv[2]])[0]]
-    inputs = [reference.preprocess(npcam.read_image(p)) for p in images]
+    images = [image.path for image in find_images([argv[2]]).images]
+    inputs = [reference.preprocess(p) for p in images]
     result = agreement(reference, other, inputs)
     print(f"n={len(inputs)} top1_agreement={result['top1_agreement']:.4f} cam_pearson={result['cam_pearson']:.4f}")
     return 0

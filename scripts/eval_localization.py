@@ -1,6 +1,6 @@
 """Weakly supervised localization with CAM boxes, as in Zhou et al. (2016).
 
-    python scripts/eval_localization.py MANIFEST ROOT --model DIR [--threshold T]
+    python scripts/eval_localization.py MANIFEST ROOT --model DIR [--method NAME] [--threshold T]
         [--keep-aspect] [--size S] [--sweep 0.1,0.2,...] [--subset K/N] [--json FILE]
 
 MANIFEST is a CSV like ../shared/eval/manifest.csv: ``file`` (relative to
@@ -43,18 +43,20 @@ def read_manifest(manifest: Path, root: Path) -> list[tuple[Path, int, list[tupl
     return rows
 
 
-def evaluate(model, rows, thresholds, keep_aspect=False, size=None, batch=32) -> dict[float, dict[str, float]]:
+def evaluate(
+    model, rows, thresholds, keep_aspect=False, size=None, batch=32, method=None
+) -> dict[float, dict[str, float]]:
     """Counts of correct classification and localization at each threshold."""
     hits = {t: {"gt_known_loc": 0, "top1_loc": 0} for t in thresholds}
     top1 = 0
     with ThreadPoolExecutor(max_workers=2) as pool:  # decoding overlaps the trunk (onnxruntime drops the GIL)
         chunks = [rows[i : i + batch] for i in range(0, len(rows), batch)]
-        images = pool.map(lambda chunk: [npcam.read_image(p) for p, _, _ in chunk], chunks)
+        images = pool.map(lambda chunk: [npcam.open_image(p) for p, _, _ in chunk], chunks)
         for done, (chunk, rgbs) in enumerate(zip(chunks, images)):
             for (_, label, gt_boxes), pred in zip(chunk, model.predict_many(rgbs, keep_aspect, size)):
                 correct = pred.top1 == label
                 top1 += correct
-                cam = model.cam(pred, label, size=pred.image.shape[:2])
+                cam = model.cam(pred, label, size=pred.image.shape[:2], method=method)
                 for t in thresholds:
                     box = cam_box(cam, t)
                     found = box is not None and max(iou(box, g) for g in gt_boxes) >= IOU
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("manifest", type=Path)
     p.add_argument("root", type=Path, help="directory the manifest's file names are relative to")
     p.add_argument("--model", type=Path, help="bundle directory (default: npcam's default)")
+    p.add_argument("--method", help="explanation method (default: the model's, cam or gradcam)")
     p.add_argument("--threshold", type=parse_threshold, default=DEFAULT_THRESHOLD, help="'mean' or a fraction")
     p.add_argument("--keep-aspect", action="store_true")
     p.add_argument("--size", type=int, help="network input size (default: the bundle's)")
@@ -99,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise ValueError(f"{args.manifest}: no rows with boxes")
         sweep = list(dict.fromkeys(parse_threshold(t) for t in args.sweep.split(","))) if args.sweep else []
-        results = evaluate(model, rows, list(dict.fromkeys([*sweep, args.threshold])), args.keep_aspect, args.size)
+        method = model.method(args.method).name
+        thresholds = list(dict.fromkeys([*sweep, args.threshold]))
+        results = evaluate(model, rows, thresholds, args.keep_aspect, args.size, method=method)
     except (npcam.NpcamError, OSError, KeyError, ValueError) as e:
         print(f"eval_localization: error: {e}", file=sys.stderr)
         return 2

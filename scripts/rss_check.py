@@ -2,8 +2,8 @@
 
     python scripts/rss_check.py --model DIR [--images DIR] [-n 500]
 
-Runs the CLI's pipeline (read, predict, CAM, overlay, box, atomic JPEG +
-.npy write) over the images in ``--images`` (default ../shared/eval/images),
+Runs the library pipeline the CLI runs (read, predict, CAM, overlay, box,
+atomic JPEG + .npy write) over the images in ``--images`` (default ../shared/eval/images),
 cycling through them until N are done, and prints RSS (Linux ``VmRSS``) at
 intervals. Growth after the warm-up is what a leak would show.
 """
@@ -15,7 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from npcam.cli import Job, collect, parse_args, run
+from npcam import Options
+from npcam.explain import explain_files
+from npcam.files import Job, find_images
 from npcam.model import Model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,8 +36,8 @@ def main() -> int:
     p.add_argument("--images", type=Path, default=REPO.parent / "shared" / "eval" / "images")
     p.add_argument("-n", type=int, default=500)
     args = p.parse_args()
-    model = Model(args.model)
-    images = [path for path, _ in collect([str(args.images)])[0]]
+    model = Model(args.model, threads=1)  # as the CLI loads it for several images
+    images = [image.path for image in find_images([args.images]).images]
     if not images:
         print(f"rss_check: error: {args.images}: no images", file=sys.stderr)
         return 2
@@ -43,10 +45,10 @@ def main() -> int:
     print(f"{'images':>7} {'RSS MiB':>8}")
     print(f"{0:>7} {rss_mib():8.1f}")
     with tempfile.TemporaryDirectory() as out:
-        cli_args = parse_args(["x", "--bbox", "--save-cam"])
+        options = Options(bbox=True, save_cam=True).checked(model)  # as `npcam --bbox --save-cam`
         jobs = [Job(images[i % len(images)], Path(out) / f"{i}_cam.jpg") for i in range(args.n)]
         readings = {}
-        for i, (_, result) in enumerate(run(model, jobs, cli_args, None), 1):
+        for i, (_, result) in enumerate(explain_files(model, jobs, options), 1):
             if isinstance(result, str):
                 print(f"rss_check: {result}", file=sys.stderr)
             if i in (1, 10, 50) or i % 100 == 0:

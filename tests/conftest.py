@@ -21,7 +21,9 @@ SAMPLES = REPO / "samples"
 SAMPLE = SAMPLES / "chelsea.png"
 PHOTOS = [SAMPLES / "chelsea.png", SAMPLES / "coffee.jpg", SAMPLES / "rocket.jpg"]
 
-needs_eval = pytest.mark.skipif(not EVAL.is_dir(), reason=f"{EVAL} is absent: the dev photo set is not beside this clone")
+needs_eval = pytest.mark.skipif(
+    not EVAL.is_dir(), reason=f"{EVAL} is absent: the dev photo set is not beside this clone"
+)
 
 # Largest errors seen by the parity tests, printed at the end of the run.
 MEASURED: dict[str, float] = {}

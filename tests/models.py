@@ -42,7 +42,9 @@ def _seeded(cls):
 
 
 def _conv_bn(cin, cout, k=3, stride=1, groups=1, act=nn.ReLU6):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), act()
+    )
 
 
 class InvertedResidual(nn.Module):

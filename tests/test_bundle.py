@@ -191,16 +191,30 @@ def graph_copy(graph_bundle, tmp_path):
 
 
 def test_graph_head_files(graph_copy):
-    assert sorted(p.name for p in graph_copy.iterdir()) == ["bundle.json", "head.json", "head.npz", "labels.json", "trunk.onnx"]
+    assert sorted(p.name for p in graph_copy.iterdir()) == [
+        "bundle.json",
+        "head.json",
+        "head.npz",
+        "labels.json",
+        "trunk.onnx",
+    ]
     spec = json.loads((graph_copy / "head.json").read_text())
-    assert [op["op"] for op in spec["ops"]] == ["Flatten", "Gemm", "Relu", "Gemm"] and spec["input_shape"] == [-1, 128, 1, 1]
+    assert [op["op"] for op in spec["ops"]] == ["Flatten", "Gemm", "Relu", "Gemm"] and spec["input_shape"] == [
+        -1,
+        128,
+        1,
+        1,
+    ]
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
         (lambda spec: spec["ops"][0].update(op="Exec"), "unsupported op Exec"),
-        (lambda spec: spec["ops"][1].update(inputs=["nowhere", "c0"]), "reads 'nowhere', which is neither computed nor in head.npz"),
+        (
+            lambda spec: spec["ops"][1].update(inputs=["nowhere", "c0"]),
+            "reads 'nowhere', which is neither computed nor in head.npz",
+        ),
         (lambda spec: spec.pop("ops"), "head.json: not a head description"),
     ],
 )

@@ -13,13 +13,13 @@ import io
 import json
 import warnings
 
+import models
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import PHOTOS, record
 
-import models
 import npcam
 from export.__main__ import main as export_main
 from export.__main__ import run_onnx, run_torch
@@ -135,7 +135,9 @@ def test_label_file_names_the_classes(tmp_path, capsys):
     (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE)))
     names = [f"part {i}" for i in range(models.CLASSES)]
     (tmp_path / "labels.json").write_text(json.dumps(names))
-    code = export_main(["onnx", str(tmp_path / "m.onnx"), "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "b")])
+    code = export_main(
+        ["onnx", str(tmp_path / "m.onnx"), "--labels", str(tmp_path / "labels.json"), "--out", str(tmp_path / "b")]
+    )
     err = capsys.readouterr().err
     assert code == 0 and "graph head: Grad-CAM" in err
     from npcam.cli import main

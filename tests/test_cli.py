@@ -47,7 +47,19 @@ def test_json_record(cli, tmp_path, model):
     code, out, _ = cli(image, "--json", "--save-cam", "-o", f"{tmp_path}/out/")
     assert code == 0
     record = json.loads(out)
-    assert {"image", "width", "height", "method", "top5", "maps", "class", "label", "score", "output", "cam"} <= record.keys()
+    assert {
+        "image",
+        "width",
+        "height",
+        "method",
+        "top5",
+        "maps",
+        "class",
+        "label",
+        "score",
+        "output",
+        "cam",
+    } <= record.keys()
     pred = model.predict(image)
     assert record["class"] == pred.top1 and record["label"] == pred.labels[pred.top1] and record["method"] == "cam"
     assert record["score"] == pytest.approx(float(pred.probs.max()))
@@ -91,7 +103,9 @@ def test_method_option(cli, tmp_path, model, method):
     assert code == 0, err
     record = json.loads(out)
     assert record["method"] == method.replace("++", "pp")
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "m.png")), model.overlay(image, method=record["method"]))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "m.png")), model.overlay(image, method=record["method"])
+    )
 
 
 @pytest.mark.parametrize("size", [(1, 1), (3, 1000), (4000, 3000)])
@@ -161,7 +175,10 @@ def test_an_input_named_like_an_output_is_never_overwritten(cli, tmp_path):
     code, out, err = cli(photo(tmp_path, "photo.jpg"), mine, "--json")
     assert code == 0, err
     assert mine.read_bytes() == before
-    assert sorted(r["output"] for r in records(out)) == ["photo_cam_cam.jpg", "photo_jpg_cam.jpg"]  # in the current folder
+    assert sorted(r["output"] for r in records(out)) == [
+        "photo_cam_cam.jpg",
+        "photo_jpg_cam.jpg",
+    ]  # in the current folder
     code, _, err = cli(mine, "-o", mine)
     assert code == 2 and "is the input image" in err and mine.read_bytes() == before
 
@@ -317,6 +334,7 @@ def test_runs_with_torch_unimportable(bundle, tmp_path):
 
 def test_api_accepts_paths_bytes_files_pil_and_arrays(model):
     rgb = npcam.read_image(SAMPLE)
+
     def inputs():
         return [SAMPLE, str(SAMPLE), SAMPLE.read_bytes(), open(SAMPLE, "rb"), Image.open(SAMPLE), rgb]
 

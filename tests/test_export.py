@@ -14,7 +14,7 @@ from PIL import Image
 import npcam
 from export import build, resnet
 from export.__main__ import main, run
-from export.archs import ARCHS, Arch
+from export.archs import Arch
 from export.errors import ExportError
 from export.weights import find_weights
 
@@ -98,9 +98,22 @@ def test_fine_tuned_checkpoint_with_labels(tmp_path, capsys):
     assert model.class_index("kind 7") == 7
     # A JSON list works too; a list of the wrong length is one line, and nothing is written.
     (tmp_path / "labels.json").write_text(json.dumps(names))
-    assert npcam.load(run("resnet18", tmp_path / "j", tmp_path / "ft10.pth", labels=tmp_path / "labels.json")).labels[3] == "kind 3"
+    assert (
+        npcam.load(run("resnet18", tmp_path / "j", tmp_path / "ft10.pth", labels=tmp_path / "labels.json")).labels[3]
+        == "kind 3"
+    )
     (tmp_path / "nine.txt").write_text("\n".join(names[:9]))
-    code = main(["resnet18", "--weights", str(tmp_path / "ft10.pth"), "--labels", str(tmp_path / "nine.txt"), "--out", str(tmp_path / "x")])
+    code = main(
+        [
+            "resnet18",
+            "--weights",
+            str(tmp_path / "ft10.pth"),
+            "--labels",
+            str(tmp_path / "nine.txt"),
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "9 labels, but the model has 10 classes" in err and not (tmp_path / "x").exists()
 
@@ -216,7 +229,17 @@ def test_int8_export_quantizes_the_trunk(resnet18_weights, tmp_path):
 
 def test_int8_without_images_is_a_clear_error(resnet18_weights, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    code = main(["resnet18", "--weights", str(resnet18_weights), "--out", str(tmp_path / "b"), "--int8", str(tmp_path / "empty")])
+    code = main(
+        [
+            "resnet18",
+            "--weights",
+            str(resnet18_weights),
+            "--out",
+            str(tmp_path / "b"),
+            "--int8",
+            str(tmp_path / "empty"),
+        ]
+    )
     assert code == 1 and "no images to calibrate" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 

@@ -44,11 +44,17 @@ UNARY = {
 }  # fmt: skip
 
 
-def one_op_head(op: str, attrs: dict | None = None, extra: tuple[str, ...] = (), arrays=None, shape=(-1, C)) -> GraphHead:
+def one_op_head(
+    op: str, attrs: dict | None = None, extra: tuple[str, ...] = (), arrays=None, shape=(-1, C)
+) -> GraphHead:
     """pooled -> op -> Gemm to 3 classes (so that each op is tested inside a head)."""
     arrays = dict(arrays or {})
     arrays["w"] = RNG.standard_normal((3, C))
-    ops = [Op(op, ("pooled", *extra), "t", attrs or {}), Op("Flatten", ("t",), "u", {"axis": 1}), Op("Gemm", ("u", "w"), "scores", {"transB": 1})]
+    ops = [
+        Op(op, ("pooled", *extra), "t", attrs or {}),
+        Op("Flatten", ("t",), "u", {"axis": 1}),
+        Op("Gemm", ("u", "w"), "scores", {"transB": 1}),
+    ]
     return GraphHead(ops, arrays, shape)
 
 
@@ -134,7 +140,9 @@ def graph_model(head_nodes, head_inits, *, input_shape=("N", 3, 32, 32), trunk_e
                 inputs=None, scores="y"):  # fmt: skip
     """A small trunk (3x3 conv, stride 4, ReLU: 32x32 -> [N,8,8,8] as 'f') and the given head nodes."""
     trunk = [
-        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], strides=[4, 4], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node(
+            "Conv", ["x", "conv_w", "conv_b"], ["c"], strides=[4, 4], pads=[1, 1, 1, 1], kernel_shape=[3, 3]
+        ),
         helper.make_node("Relu", ["c"], ["f0" if trunk_extra else "f"]),
         *trunk_extra,
     ]
@@ -153,7 +161,9 @@ def graph_model(head_nodes, head_inits, *, input_shape=("N", 3, 32, 32), trunk_e
 
 def features_of(image: np.ndarray) -> torch.Tensor:
     """The trunk above in torch: [1,8,h,w] from a network input."""
-    return torch.relu(F.conv2d(torch.from_numpy(image), torch.from_numpy(CONV_W), torch.from_numpy(CONV_B), stride=4, padding=1))
+    return torch.relu(
+        F.conv2d(torch.from_numpy(image), torch.from_numpy(CONV_W), torch.from_numpy(CONV_B), stride=4, padding=1)
+    )
 
 
 def export_graph(model, tmp_path, *args) -> npcam.Model:

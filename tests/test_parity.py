@@ -105,7 +105,9 @@ def test_head_matches_torch_on_the_same_features(model, torch_net, cases):
 
 def test_end_to_end_scores(cases):
     for name, _, pred, _, logits in cases:
-        assert record("logits end to end, relative", relative_error(pred.logits, logits.numpy())) <= FEATURES_TOLERANCE, name
+        assert (
+            record("logits end to end, relative", relative_error(pred.logits, logits.numpy())) <= FEATURES_TOLERANCE
+        ), name
         assert pred.top1 == int(logits.argmax()), name
         np.testing.assert_allclose(pred.probs, torch.softmax(logits, 0).numpy(), atol=1e-6)
 

@@ -21,6 +21,7 @@ from export.__main__ import main as export_main
 from export.__main__ import run
 from npcam.boxes import cam_box
 
+
 @pytest.fixture(scope="session")
 def lite0(tmp_path_factory):
     return npcam.load(run("efficientnet_lite0", tmp_path_factory.mktemp("lite") / "efficientnet_lite0"))

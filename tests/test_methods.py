@@ -1,0 +1,297 @@
+"""The explanation methods and faithfulness metrics, against TorchCAM and independent torch references.
+
+Maps are compared as npcam shows them: ReLU, then divided by the max (TorchCAM
+min-max normalizes, and its CAM skips the ReLU, so its raw maps are taken with
+``normalized=False`` and put through the same step). Tolerance 1e-5 on [0, 1]
+maps computed from the same features; 1e-4 where torch computes the features.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from conftest import PHOTOS, record
+
+import npcam
+import npcam.metrics
+from npcam import methods
+from npcam.cam import normalize, weighted_maps
+
+torchcam = pytest.importorskip("torchcam", reason="TorchCAM (in the test extra) is the reference for these tests")
+from torchcam import methods as tc  # noqa: E402
+from torchcam.metrics import ClassificationMetric, DeletionInsertionMetric  # noqa: E402
+
+
+class Trunk(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.trunk(x)
+
+
+@pytest.fixture(scope="module")
+def classifier(torch_net):
+    """The ResNet-18 as TorchCAM needs it: the trunk a module of its own, then GAP, Flatten, FC."""
+    return torch.nn.Sequential(Trunk(torch_net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch_net.fc).eval()
+
+
+def shown(raw) -> np.ndarray:
+    """A raw map as npcam shows it: ReLU, divided by its max."""
+    raw = raw.detach().double().numpy() if isinstance(raw, torch.Tensor) else raw
+    return normalize(raw[None])[0]
+
+
+def torchcam_map(extractor_cls, classifier, x, c, **kwargs) -> np.ndarray:
+    with extractor_cls(classifier, target_layer=classifier[0], **kwargs) as extractor:
+        scores = classifier(x)
+        context = torch.no_grad() if extractor_cls in (tc.CAM, tc.ScoreCAM) else nullcontext()
+        with context:
+            raw = extractor(c, scores, normalized=False)[0][0]
+    return shown(raw)
+
+
+@pytest.fixture(scope="module")
+def preds(model):
+    return [model.predict(p) for p in PHOTOS]
+
+
+@pytest.mark.parametrize(
+    "name, extractor, kwargs",
+    [
+        ("cam", tc.CAM, {"fc_layer": 3}),
+        ("gradcam", tc.GradCAM, {}),
+        ("xgradcam", tc.XGradCAM, {}),
+        ("layercam", tc.LayerCAM, {}),
+    ],
+)
+def test_matches_torchcam(name, extractor, kwargs, model, preds, classifier):
+    if "fc_layer" in kwargs:
+        kwargs = {"fc_layer": classifier[kwargs["fc_layer"]]}
+    for pred in preds:
+        x = torch.from_numpy(pred.input)
+        for c in (pred.top1, 7):
+            want = torchcam_map(extractor, classifier, x, c, **kwargs)
+            got = model.cam(pred, c, method=name)
+            assert record(f"vs TorchCAM {name}, abs", np.abs(got - want).max()) <= 1e-4, c
+
+
+def test_score_cam_matches_torchcam(model, classifier):
+    """TorchCAM's ScoreCAM (one pass per channel) on small inputs, to keep the test fast."""
+    for photo in PHOTOS[:1]:
+        pred = model.predict(photo, size=96)
+        x = torch.from_numpy(pred.input)
+        want = torchcam_map(tc.ScoreCAM, classifier, x, pred.top1, batch_size=64)
+        got = model.cam(pred, method="scorecam")
+        assert record("vs TorchCAM scorecam, abs", np.abs(got - want).max()) <= 1e-4, photo.name
+
+
+def test_score_cam_shares_passes_between_classes_and_skips_duplicate_masks(model, monkeypatch):
+    pred = model.predict(PHOTOS[0], size=96)
+    calls = []
+    real = model.scores
+    monkeypatch.setattr(model, "scores", lambda batch: calls.append(len(batch)) or real(batch))
+    both = model.cam(pred, [pred.top1, 3], method="scorecam")
+    distinct = len(np.unique(methods_low_masks(pred), axis=0))
+    assert sum(calls) == distinct < pred.features.shape[0]  # one pass per distinct mask, for both classes
+    np.testing.assert_allclose(both[0], model.cam(pred, pred.top1, method="scorecam"), atol=1e-6)
+
+
+def methods_low_masks(pred):
+    f = pred.features
+    low = f - f.min(axis=(1, 2), keepdims=True)
+    low = low / (low.max(axis=(1, 2), keepdims=True) + np.float32(1e-8))
+    return low.reshape(len(low), -1)
+
+
+def test_gradcampp_follows_pytorch_grad_cam_and_torchcam_differs(model, preds, classifier):
+    """npcam's Grad-CAM++ is pytorch-grad-cam's alpha (without its eps), from torch autograd here.
+
+    TorchCAM's GradCAMpp divides a masked *copy* of alpha (``alpha[mask].div_``),
+    so its alpha stays g^2 and its weights are sum_ij g^2 relu(g): proportional
+    to relu(W)^3 on a pooled head. The test pins both facts down.
+    """
+    for pred in preds:
+        x = torch.from_numpy(pred.input)
+        features = classifier[0](x).detach().requires_grad_(True)
+        classifier[3](classifier[2](classifier[1](features)))[0, pred.top1].backward()
+        g, a = features.grad.double(), features.detach().double()
+        g2, g3 = g**2, g**3
+        alpha = torch.where(g != 0, g2 / (2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3), torch.zeros_like(g))
+        weights = (torch.relu(g) * alpha).sum(dim=(2, 3))
+        want = shown((weights[:, :, None, None] * a).sum(1)[0])
+        got = model.cam(pred, method="gradcampp")
+        assert record("gradcampp vs pytorch-grad-cam's formula, abs", np.abs(got - want).max()) <= 1e-4
+        theirs = torchcam_map(tc.GradCAMpp, classifier, x, pred.top1)
+        cubed = shown(weighted_maps(pred.features, np.maximum(model.fc_weight[[pred.top1]], 0) ** 3)[0])
+        assert record("TorchCAM GradCAMpp vs relu(W)^3 weights, abs", np.abs(theirs - cubed).max()) <= 1e-4
+        assert np.abs(theirs - got).max() > 1e-2  # so the two libraries' Grad-CAM++ really differ
+
+
+def test_hirescam_equals_gradcam_on_a_pooled_head(model, preds, classifier):
+    """HiResCAM (sum_k grad_k * A_k, elementwise, from autograd) equals Grad-CAM here: the gradient is flat."""
+    for pred in preds:
+        features = classifier[0](torch.from_numpy(pred.input)).detach().requires_grad_(True)
+        classifier[3](classifier[2](classifier[1](features)))[0, pred.top1].backward()
+        want = shown((features.grad * features).sum(1)[0])
+        for name in ("hirescam", "gradcam", "cam"):
+            assert np.abs(model.cam(pred, method=name) - want).max() <= 1e-4, name
+
+
+def test_ablation_weights_equal_brute_force_ablation(model, preds):
+    pred = preds[0]
+    classes = [pred.top1, 11]
+    features = pred.features.astype(np.float64)
+    brute = np.zeros((2, len(features)))
+    base = model.head.forward(pred.pooled[None])[0]
+    for k in range(len(features)):
+        ablated = features.copy()
+        ablated[k] = 0
+        score = model.head.forward(ablated.mean(axis=(1, 2))[None].astype(np.float32))[0]
+        brute[:, k] = (base[classes] - score[classes]) / base[classes]
+    got = methods.ablation_weights(model, pred, classes)
+    np.testing.assert_allclose(got, brute, rtol=1e-4, atol=1e-6 * np.abs(brute).max())
+
+
+def test_ablation_on_a_graph_head_equals_brute_force(tmp_path):
+    from export.__main__ import run_torch
+
+    graph = npcam.load(run_torch("models:mlp_head", tmp_path / "b", input_size=128))
+    pred = graph.predict(PHOTOS[0])
+    got = methods.ablation_weights(graph, pred, [pred.top1])[0]
+    y = pred.logits[pred.top1]
+    for k in (0, 5, 77):
+        p = pred.pooled.copy()
+        p[k] = 0
+        assert got[k] == pytest.approx((y - graph.head.forward(p[None])[0, pred.top1]) / y, rel=1e-4, abs=1e-7)
+
+
+def test_eigen_cam_is_the_first_principal_component_with_a_positive_sign(model, preds):
+    for pred in preds:
+        a = torch.from_numpy(pred.features).double().flatten(1).T  # [hw, C]
+        centred = a - a.mean(dim=0)
+        projection = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        mean = a.mean(dim=1)
+        if torch.dot(projection - projection.mean(), mean - mean.mean()) < 0:
+            projection = -projection
+        want = shown(projection.reshape(pred.features.shape[1:]))
+        got = model.cam(pred, [1, 2], method="eigencam")
+        np.testing.assert_allclose(got[0], want, atol=1e-6)
+        np.testing.assert_array_equal(got[0], got[1])  # class-agnostic
+
+
+@pytest.mark.parametrize("name", list(npcam.METHODS))
+def test_every_method_keeps_zero_maps_zero_and_never_gives_nan(name, model):
+    """No positive evidence, zero features, a zero score: all-zero maps, never NaN."""
+    pred = model.predict(PHOTOS[0], size=64)
+    for features in (np.zeros_like(pred.features), -np.abs(pred.features)):
+        blank = npcam.Prediction(pred.image, pred.input, features, pred.logits * 0, pred.probs, pred.labels)
+        maps = model.cam(blank, [0, 1], method=name)
+        assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1, name
+        if not features.any():
+            assert not maps.any(), name
+
+
+def test_method_names_and_aliases(model, preds):
+    assert model.method("gradcam++").name == "gradcampp" and model.method("GradCAM").name == "gradcam"
+    with pytest.raises(npcam.NpcamError, match="unknown method 'nope'; choose one of cam, gradcam"):
+        model.method("nope")
+
+
+# Metrics, against TorchCAM's implementations fed the same maps
+
+
+class Given:
+    """A stand-in TorchCAM extractor that returns given maps, so only the metrics' arithmetic is compared."""
+
+    def __init__(self, model, maps):
+        self.model, self.maps = model, maps
+
+    def __call__(self, class_idx=None, scores=None, normalized=True, **kwargs):
+        return [self.maps]
+
+    def fuse_cams(self, cams):
+        return cams[0]
+
+    def _hooks_off(self):
+        return nullcontext()
+
+
+@pytest.mark.parametrize("method, photo", [("cam", 0), ("layercam", 1), ("eigencam", 2)])
+def test_metrics_match_torchcam(method, photo, model, classifier):
+    for pred in [model.predict(PHOTOS[photo], size=128)]:
+        cam = model.cam(pred, pred.top1, method=method)
+        x = torch.from_numpy(pred.input)
+        given = Given(classifier, torch.from_numpy(cam)[None])
+        theirs = ClassificationMetric(given, partial(torch.softmax, dim=-1))
+        with torch.no_grad():
+            theirs.update(x, class_idx=pred.top1)
+        drop, increase = npcam.metrics.confidence_change(model, pred, cam, pred.top1)
+        assert drop == pytest.approx(theirs.summary()["avg_drop"], abs=1e-4)
+        assert float(increase) == theirs.summary()["conf_increase"]
+        curves = DeletionInsertionMetric(given, partial(torch.softmax, dim=-1), steps=20)
+        with torch.no_grad():
+            curves.update(x, class_idx=pred.top1)
+        deletion, insertion = npcam.metrics.deletion_insertion(model, pred, cam, pred.top1)
+        assert record("deletion AUC vs TorchCAM, abs", abs(deletion - curves.summary()["deletion_auc"])) <= 1e-4
+        assert record("insertion AUC vs TorchCAM, abs", abs(insertion - curves.summary()["insertion_auc"])) <= 1e-4
+
+
+def test_deletion_ranks_ties_in_raster_order():
+    """Ties are broken in raster order, as torch's stable descending argsort does."""
+    full = np.zeros((4, 5), np.float32)
+    full[2, 3] = 1.0
+    want = torch.argsort(torch.argsort(torch.from_numpy(full).flatten(), descending=True, stable=True))
+    np.testing.assert_array_equal(npcam.metrics._ranks(full), want.numpy())
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    """A MobileNetV3-like graph head (1x1 conv, HardSwish, Linear after the pooling) and its torch module."""
+    import models
+
+    from export.__main__ import run_torch
+
+    return npcam.load(
+        run_torch("models:mobilenet_v3ish", tmp_path_factory.mktemp("v3") / "b", input_size=128)
+    ), models.mobilenet_v3ish()
+
+
+@pytest.mark.parametrize("name", ["gradcam", "layercam", "gradcampp"])
+def test_gradient_methods_on_a_graph_head_match_autograd(name, v3):
+    model, net = v3
+    for photo in PHOTOS:
+        pred = model.predict(photo)
+        features = net.features(torch.from_numpy(pred.input)).detach().requires_grad_(True)
+        net.scores(features)[0, pred.top1].backward()
+        g, a = features.grad.double(), features.detach().double()
+        if name == "gradcam":
+            weights = g.mean(dim=(2, 3))
+        elif name == "layercam":
+            weights = torch.relu(g).sum(dim=(2, 3))
+        else:
+            g2, g3 = g**2, g**3
+            alpha = torch.where(g != 0, g2 / (2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g3), torch.zeros_like(g))
+            weights = (torch.relu(g) * alpha).sum(dim=(2, 3))
+        want = shown((weights[:, :, None, None] * a).sum(1)[0])
+        got = model.cam(pred, method=name)
+        assert record(f"graph head {name} vs autograd, abs", np.abs(got - want).max()) <= 1e-4, photo.name
+
+
+def test_an_affine_head_as_a_graph_gives_the_same_maps(model, preds):
+    """The same FC layer as an AffineHead (CAM) and as a one-Gemm GraphHead (Grad-CAM): maps within 1e-6."""
+    from npcam.head import GraphHead, Op
+
+    graph = GraphHead([Op("Gemm", ("pooled", "w", "b"), "scores", {"transB": 1})],
+                      {"w": model.fc_weight, "b": model.fc_bias}, (-1, model.head.channels))  # fmt: skip
+    for pred in preds:
+        classes = [pred.top1, 4, 500]
+        cam = model.cam(pred, classes, method="cam")
+        gradient = graph.gradient(pred.pooled, classes)
+        np.testing.assert_allclose(gradient, model.fc_weight[classes], rtol=1e-6)
+        np.testing.assert_allclose(normalize(weighted_maps(pred.features, gradient)), cam, atol=1e-6)
