@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 import npcam
 import npcam.metrics as metrics
 
