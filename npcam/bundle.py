@@ -106,6 +106,11 @@ class Bundle:
         return int(self.meta.get("stride", DEFAULT_STRIDE))
 
 
+def digest(meta: dict) -> str:
+    """One sha256 for a whole bundle: of its files' digests, as ``bundle.json`` lists them."""
+    return hashlib.sha256(json.dumps(meta["files"], sort_keys=True).encode()).hexdigest()
+
+
 def files_for(head_kind: str) -> tuple[str, ...]:
     """The files a bundle with this kind of head holds, besides bundle.json."""
     return ("trunk.onnx", *HEAD_FILES[head_kind], "labels.json")
@@ -308,7 +313,7 @@ def write(
 
 def seal(directory: Path, meta: dict) -> dict:
     """Hash the bundle's files and (re)write ``bundle.json``; call after changing a file."""
-    meta = {**meta, "files": {name: _sha256(directory / name) for name in files_for(meta["head"])}}
+    meta = {**meta, "files": {name: sha256_file(directory / name) for name in files_for(meta["head"])}}
     (directory / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
@@ -352,14 +357,10 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file."""
+    sha = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 hex digest of a file (for recording a model's source)."""
-    return _sha256(path)
+            sha.update(chunk)
+    return sha.hexdigest()

@@ -1,0 +1,311 @@
+"""Explain whole datasets on Ray Data: ``python -m npcam.dataset SRC --model DIR --out DEST`` (or ``npcam dataset``).
+
+Each image becomes one row of Parquet in ``DEST``: the same record that
+``npcam --json`` prints (:mod:`npcam.record`), or ``{image, error}`` for an
+image that failed. With no ``--address``, Ray starts inside this process on
+this machine's cores; ``--address auto|HOST:PORT`` (or ``RAY_ADDRESS``) runs
+the same job on an existing cluster.
+
+- ``SRC``: a directory (searched recursively, hidden files and npcam's own
+  outputs skipped), a glob (``photos/*/*.jpg``), a list file (``.txt``/``.lst``,
+  one path or URI a line), or a URI that pyarrow can list (``s3://bucket/prefix``).
+- Resumable: a run skips the images ``DEST`` already holds a row for. Ray
+  writes each Parquet file in place, so a file cut short by a killed run has no
+  footer; the next run deletes it and explains its images again. Nothing is
+  duplicated, nothing is lost.
+- Every file's Parquet metadata (key ``npcam``) holds the bundle's digest and
+  the options; a run with another model or other options into the same ``DEST``
+  is refused.
+- On small machines: each actor (one onnxruntime session, one thread) asks for
+  half a CPU, so Ray's other tasks (the Parquet writers) always find room:
+  with whole CPUs, two actors on two cores starve them and the job hangs.
+
+Needs the ``dataset`` extra (``pip install .[dataset]``: Ray Data and pyarrow);
+``import npcam`` never imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import glob
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import __version__
+from . import bundle as bundle_format
+from . import record as records
+from .errors import NpcamError
+from .explain import Options
+from .files import IMAGE_SUFFIXES, find_images, plan_outputs
+
+META_KEY = b"npcam"
+ACTOR_CPUS = 0.5
+
+
+def list_images(src: str) -> list[str]:
+    """The images ``src`` names, in a stable order (see the module's docstring)."""
+    if "://" in src:
+        return _list_uri(src)
+    path = Path(src)
+    if path.is_dir():
+        return [str(i.path) for i in find_images([path]).images]
+    if path.suffix.lower() in (".txt", ".lst") and path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if glob.has_magic(src):
+        return sorted(p for p in glob.glob(src, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    if path.is_file():
+        return [src]
+    raise NpcamError(f"{src}: no such file, directory or pattern")
+
+
+def _list_uri(src: str) -> list[str]:
+    from pyarrow import fs
+
+    pattern = src if glob.has_magic(src) else None
+    base = src.split("*", 1)[0].rsplit("/", 1)[0] if pattern else src
+    filesystem, root = fs.FileSystem.from_uri(base)
+    scheme = src.split("://", 1)[0]
+    infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    uris = [f"{scheme}://{i.path}" for i in infos if i.type == fs.FileType.File]
+    uris = [u for u in uris if Path(u).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(fnmatch.filter(uris, pattern) if pattern else uris)
+
+
+def read_bytes(source: str) -> bytes:
+    """A local path's or a URI's content (``s3://``, ``gs://``... through pyarrow's filesystems)."""
+    if "://" not in source:
+        with open(source, "rb") as f:
+            return f.read()
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(source)
+    with filesystem.open_input_file(path) as f:
+        return f.read()
+
+
+def done_images(dest: str, stamp: dict) -> set[str]:
+    """The images ``dest`` already holds rows for; removes files a killed run cut short.
+
+    Refuses (NpcamError) when ``dest`` holds results of another model or other options.
+    """
+    import pyarrow.parquet as pq
+    from pyarrow import fs
+
+    filesystem, root = (
+        fs.FileSystem.from_uri(dest) if "://" in dest else (fs.LocalFileSystem(), str(Path(dest).absolute()))
+    )
+    if filesystem.get_file_info(root).type == fs.FileType.NotFound:
+        return set()
+    done: set[str] = set()
+    for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
+        if info.type != fs.FileType.File or not info.path.endswith(".parquet"):
+            continue
+        try:
+            with filesystem.open_input_file(info.path) as f:
+                table = pq.ParquetFile(f)
+                theirs = json.loads((table.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
+                images = table.read(columns=["image"]).column("image").to_pylist()
+        except Exception:  # no footer, or not Parquet: written by a run that was killed
+            filesystem.delete_file(info.path)
+            continue
+        if theirs != stamp:
+            what = "another model" if theirs.get("bundle") != stamp["bundle"] else "other options"
+            raise NpcamError(f"{dest}: holds results made with {what} ({info.path}); choose another --out")
+        done.update(images)
+    return done
+
+
+def explainer_class(model_dir: str, options: Options):
+    """The actor class: one model per actor, explaining a batch of ``{image, overlay}`` rows into records."""
+
+    class Explainer:
+        def __init__(self):
+            from .model import Model
+
+            self.model = Model(model_dir, threads=1)  # one core per actor; Ray runs one actor per half CPU
+            self.schema = records.arrow_schema()
+
+        def __call__(self, batch: dict):
+            import pyarrow as pa
+
+            from .explain import describe, explain, write
+            from .files import Job
+
+            rows = []
+            for image, overlay in zip(batch["image"], batch["overlay"]):
+                image = str(image)
+                try:
+                    explanation = explain(self.model, read_bytes(image), options, name=image)
+                    if overlay:
+                        rows.append(write(explanation, Job(Path(image), Path(overlay), options.top > 1), options))
+                    else:
+                        rows.append(describe(explanation, options))
+                except NpcamError as e:
+                    rows.append(records.error(image, str(e)))
+                except (OSError, MemoryError) as e:
+                    rows.append(records.error(image, f"{image}: {type(e).__name__}: {e}"))
+            return pa.Table.from_pylist(rows, schema=self.schema)
+
+    return Explainer
+
+
+def run(
+    src: str,
+    model_dir: str,
+    dest: str,
+    options: Options,
+    overlays: str | None = None,
+    address: str | None = None,
+    actors: int | None = None,
+    batch_size: int = 16,
+    rows_per_file: int = 1000,
+) -> dict:
+    """Explain every image of ``src`` not yet in ``dest``; returns a summary (counts, seconds)."""
+    from .model import Model
+
+    started = time.monotonic()
+    model = Model(model_dir, threads=1)
+    options = options.checked(model)
+    stamp = json.loads(
+        json.dumps(
+            {
+                "bundle": bundle_format.digest(model.meta),
+                "arch": model.arch,
+                "options": {k: v for k, v in asdict(options).items() if k != "max_pixels"},
+                "npcam": __version__.split(".")[0],
+            }
+        )
+    )  # as it reads back from the files' metadata
+    images = list_images(src)
+    done = done_images(dest, stamp)
+    todo = [i for i in images if i not in done]
+    summary = {"images": len(images), "already_done": len(images) - len(todo), "explained": 0, "errors": 0}
+    if not todo:
+        summary["seconds"] = time.monotonic() - started
+        return summary
+    if overlays:
+        root = src if Path(src).is_dir() else None
+        jobs = plan_outputs([_input(i, root) for i in todo], overlays.rstrip("/") + "/", per_class=options.top > 1)
+        outputs = [str(j.output) for j in jobs]
+    else:
+        outputs = [""] * len(todo)
+    ray = _start_ray(address)
+    try:
+        import ray.data
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        pool = actors or max(1, cpus)
+        schema = records.arrow_schema().with_metadata({META_KEY: json.dumps(stamp).encode()})
+        items = [{"image": i, "overlay": o} for i, o in zip(todo, outputs)]
+        blocks = min(len(items), max(pool, min(len(items) // batch_size, 10_000)))
+        dataset = ray.data.from_items(items, override_num_blocks=blocks)
+        dataset = dataset.map_batches(
+            explainer_class(str(model.path), options),
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool),
+            num_cpus=ACTOR_CPUS,
+        )
+        dataset.write_parquet(
+            dest,
+            min_rows_per_file=rows_per_file,
+            ray_remote_args={"num_cpus": 0.25},
+            schema=schema,
+        )
+    finally:
+        if address is None:
+            ray.shutdown()
+    rows = _count(dest, set(todo))
+    summary.update(explained=rows["rows"], errors=rows["errors"], seconds=time.monotonic() - started, actors=pool)
+    return summary
+
+
+def _input(image: str, root: str | None):
+    from .files import Input
+
+    return Input(Path(image), Path(root) if root else None)
+
+
+def _count(dest: str, wanted: set[str]) -> dict:
+    import pyarrow.dataset as pds
+
+    table = pds.dataset(dest, format="parquet").to_table(columns=["image", "error"])
+    mine = [e for i, e in zip(table.column("image").to_pylist(), table.column("error").to_pylist()) if i in wanted]
+    return {"rows": len(mine), "errors": sum(e is not None for e in mine)}
+
+
+def _start_ray(address: str | None):
+    """Ray in this process (own temp dir, this machine's cores, quiet), or connected to ``address``."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-user local instance: no token warning
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise NpcamError("npcam dataset needs Ray Data: pip install 'npcam[dataset]'") from None
+    # Ray Data sets up its loggers when imported: quiet them after that (progress bars stay on a terminal).
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        temp = tempfile.mkdtemp(prefix="npcam-ray-", dir="/tmp" if Path("/tmp").is_dir() else None)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=False,
+            _temp_dir=temp,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=True,
+        )
+    else:
+        ray.init(address=address or os.environ["RAY_ADDRESS"], logging_level=logging.WARNING, log_to_driver=False)
+    return ray
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import add_explanation_options, options_from
+
+    p = argparse.ArgumentParser(
+        prog="npcam dataset",
+        description="Explain a whole dataset into Parquet, one row per image, on Ray Data "
+        "(embedded by default, a cluster with --address).",
+    )
+    p.add_argument("src", metavar="SRC", help="a directory, a glob, a list file (.txt), or a URI (s3://…)")
+    p.add_argument("--model", "-m", required=True, help="model bundle directory")
+    p.add_argument("--out", required=True, metavar="DEST", help="Parquet directory (local or URI); re-runs resume")
+    add_explanation_options(p)
+    p.add_argument("--save-cam", action="store_true", help="store each map at feature resolution (float16) in its row")
+    p.add_argument("--overlays", metavar="DIR", help="also write overlay JPEGs here (off by default at this scale)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (with --overlays)")
+    p.add_argument("--address", help="a Ray cluster: auto or HOST:PORT (default: $RAY_ADDRESS, else Ray in-process)")
+    p.add_argument("--actors", type=int, help="model actors (default: one per CPU of the cluster)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per actor call (default 16)")
+    p.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet file at least (default 1000)")
+    args = p.parse_args(argv)
+    options = options_from(args, alpha=args.alpha, lowres=args.save_cam)
+    try:
+        summary = run(args.src, args.model, args.out, options, args.overlays, args.address, args.actors,
+                      args.batch_size, args.rows_per_file)  # fmt: skip
+    except NpcamError as e:
+        print(f"npcam dataset: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("npcam dataset: interrupted; run the same command again to finish", file=sys.stderr)
+        return 130
+    print(
+        f"{summary['images']} images: {summary['already_done']} already in {args.out}, {summary['explained']} explained "
+        f"now ({summary['errors']} failed) in {summary['seconds']:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Whole datasets on embedded Ray Data: the CLI's records as Parquet rows, bad images as rows, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import PHOTOS, REPO, synthetic_image
+from PIL import Image
+
+pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '.[dataset]' (CI installs it)")
+pq = pytest.importorskip("pyarrow.parquet")
+import pyarrow.dataset as pds  # noqa: E402
+
+from npcam import dataset  # noqa: E402
+from npcam.cli import main as cli_main  # noqa: E402
+from npcam.explain import Options  # noqa: E402
+
+
+def rows(dest) -> list[dict]:
+    return pds.dataset(str(dest), format="parquet").to_table().to_pylist()
+
+
+def plain(record: dict) -> dict:
+    """A row without the keys Parquet fills with null where the JSON record leaves them out."""
+    out = {k: v for k, v in record.items() if v is not None}
+    if "maps" in out:
+        out["maps"] = [{k: v for k, v in m.items() if v is not None} for m in out["maps"]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    for photo in PHOTOS:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    (folder / "broken.jpg").write_bytes(PHOTOS[1].read_bytes()[:3000])
+    (folder / "text.png").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def parquet(bundle, images, tmp_path_factory):
+    """One embedded run (two actors on this machine's cores), shared by the tests below."""
+    dest = tmp_path_factory.mktemp("out") / "rows"
+    summary = dataset.run(str(images), str(bundle), str(dest), Options(top=2, bbox=True), batch_size=2)
+    return dest, summary
+
+
+def test_every_image_gets_one_row_and_bad_ones_an_error(parquet, images):
+    dest, summary = parquet
+    found = rows(dest)
+    assert sorted(r["image"] for r in found) == sorted(str(p) for p in images.iterdir())
+    errors = {r["image"]: r["error"] for r in found if r["error"]}
+    assert set(errors) == {str(images / "broken.jpg"), str(images / "text.png")}
+    assert "cannot decode" in errors[str(images / "broken.jpg")] and "not an image" in errors[str(images / "text.png")]
+    assert summary["explained"] == 5 and summary["errors"] == 2 and summary["already_done"] == 0
+
+
+def test_rows_are_the_clis_records(parquet, images, bundle, capsys, tmp_path):
+    dest, _ = parquet
+    by_image = {r["image"]: plain(r) for r in rows(dest)}
+    paths = sorted(str(p) for p in images.iterdir())
+    assert cli_main(["-m", str(bundle), *paths, "--top", "2", "--bbox", "--json", "-o", f"{tmp_path}/"]) == 1
+    for line in capsys.readouterr().out.splitlines():
+        record = json.loads(line)
+        record.pop("output", None)
+        for m in record.get("maps", []):
+            m.pop("output")
+        assert by_image[record["image"]] == record, record["image"]
+
+
+def test_the_bundle_digest_and_options_are_in_every_files_metadata(parquet, bundle):
+    dest, _ = parquet
+    import npcam
+
+    for path in dest.glob("*.parquet"):
+        stamp = json.loads(pq.read_schema(path).metadata[b"npcam"])
+        assert stamp["bundle"] == npcam.bundle.digest(npcam.load(bundle).meta)
+        assert stamp["options"]["top"] == 2 and stamp["options"]["bbox"] is True
+
+
+def test_a_rerun_does_nothing_and_another_model_is_refused(parquet, images, bundle, tmp_path):
+    dest, _ = parquet
+    before = sorted(p.name for p in dest.iterdir())
+    again = dataset.run(str(images), str(bundle), str(dest), Options(top=2, bbox=True))
+    assert again["already_done"] == 5 and again["explained"] == 0 and sorted(p.name for p in dest.iterdir()) == before
+    import shutil
+
+    import npcam
+
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    meta = json.loads((other / "bundle.json").read_text())
+    meta["arch"] = "renamed"  # the same files: the digest is of the files
+    (other / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(npcam.NpcamError, match="holds results made with other options|another model"):
+        dataset.run(str(images), str(other), str(dest), Options(top=2, bbox=True))
+    with pytest.raises(npcam.NpcamError, match="holds results made with other options"):
+        dataset.run(str(images), str(bundle), str(dest), Options(top=3))
+
+
+def test_low_resolution_maps_as_float16(bundle, tmp_path):
+    dest = tmp_path / "lowres"
+    dataset.run(str(PHOTOS[0]), str(bundle), str(dest), Options(lowres=True))
+    (row,) = rows(dest)
+    assert row["lowres"]["shape"] == [7, 7] and len(row["lowres"]["values"]) == 49
+    assert max(row["lowres"]["values"]) == 1.0 and row["maps"][0]["lowres"] == row["lowres"]
+    schema = pq.read_schema(next(dest.glob("*.parquet")))
+    assert str(schema.field("lowres").type) == "struct<shape: list<element: int64>, values: list<element: halffloat>>"
+
+
+def test_sources_globs_and_list_files(images, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# my images\n{images / 'coffee.jpg'}\n\n{images / 'rocket.jpg'}\n")
+    assert dataset.list_images(str(listing)) == [str(images / "coffee.jpg"), str(images / "rocket.jpg")]
+    assert dataset.list_images(str(images / "*.jpg")) == sorted(str(p) for p in images.glob("*.jpg"))
+    assert dataset.list_images(f"file://{images}") == sorted(f"file://{p}" for p in images.iterdir())
+
+
+def test_overlays_on_request(bundle, images, tmp_path):
+    dest, overlays = tmp_path / "rows", tmp_path / "overlays"
+    dataset.run(str(images), str(bundle), str(dest), Options(), overlays=str(overlays))
+    written = sorted(p.name for p in overlays.iterdir())
+    assert written == ["chelsea_cam.jpg", "coffee_cam.jpg", "rocket_cam.jpg"]
+    assert {r["output"] for r in rows(dest) if not r["error"]} == {str(overlays / n) for n in written}
+
+
+def test_a_killed_run_finishes_on_the_second_with_nothing_lost_or_duplicated(bundle, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(60):
+        Image.fromarray(synthetic_image(120, 160, seed=i)).save(folder / f"img{i:03d}.jpg")
+    dest = tmp_path / "rows"
+    command = [sys.executable, "-m", "npcam.dataset", str(folder), "--model", str(bundle), "--out", str(dest),
+               "--batch-size", "1", "--rows-per-file", "1", "--actors", "1"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(dest.glob("*.parquet"))) < 5 and process.poll() is None:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and its embedded Ray, mid-run
+    process.wait()
+    partial = len(list(dest.glob("*.parquet")))
+    assert 5 <= partial < 60, process.stderr.read()[-2000:]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = [r["image"] for r in rows(dest)]
+    assert sorted(found) == sorted(str(p) for p in folder.iterdir())  # each once: nothing lost, nothing twice
+    assert "already in" in result.stderr
