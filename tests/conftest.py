@@ -119,3 +119,44 @@ def cli(bundle, capsys, tmp_path, monkeypatch):
         return code, out, err
 
     return run
+
+
+class Server:
+    """``npcam serve`` in a subprocess on a free loopback port; ``url`` once it listens."""
+
+    def __init__(self, bundle: Path, *args: str):
+        import os
+        import subprocess
+        import sys
+
+        command = [sys.executable, "-m", "npcam", "serve", "--model", str(bundle), "--port", "0", *args]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        first = self.process.stderr.readline()  # the start-up line names the URL
+        self.log.append(first)
+        if "http://" not in first:
+            self.process.kill()
+            raise RuntimeError(f"npcam serve did not start: {first}{self.process.stderr.read()}")
+        self.url = first[first.index("http://") :].split()[0].rstrip("/")
+
+    def stop(self, signal_number=None) -> int:
+        import signal
+
+        self.process.send_signal(signal_number or signal.SIGTERM)
+        _, rest = self.process.communicate(timeout=60)
+        self.log.append(rest)
+        return self.process.returncode
+
+
+def http(url: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None):
+    """``(status, content type, body bytes)`` of one request; HTTP errors are answers too."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.headers.get("content-type", ""), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("content-type", ""), e.read()
