@@ -123,6 +123,6 @@ def test_a_bad_file_shows_the_servers_message(server, browser, tmp_path):
     browser.get(f"{server.url}/")
     WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
     browser.find_element(By.ID, "file").send_keys(str(bad))
-    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "status").text)
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "status").get_attribute("class") == "error")
     status = browser.find_element(By.ID, "status")
     assert "not an image Pillow can read" in status.text and status.get_attribute("class") == "error"
