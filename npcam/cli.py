@@ -199,7 +199,11 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             print(json.dumps(error_record(str(path), message)), flush=True)
     failed = len(found.missing)
     workers = 1 if len(jobs) == 1 else max(1, (os.cpu_count() or 1) // (args.threads or 1))
-    with closing(explain_files(model, jobs, options, workers)) as results:
+    # A method with extra network passes (Score-CAM) shows them for a single image; several show the image count.
+    passes = None
+    if len(jobs) == 1 and METHODS[options.method].extra_passes:
+        passes = lambda done, total: progress.show(done, total, f"{options.method} passes", unit="passes")  # noqa: E731
+    with closing(explain_files(model, jobs, options, workers, passes)) as results:
         for n, (job, result) in enumerate(results, 1):
             progress.show(n, len(jobs), job.image)
             if isinstance(result, str):
@@ -238,13 +242,13 @@ class Progress:
         self.start = time.monotonic()
         self.shown = False
 
-    def show(self, n: int, total: int, label: object) -> None:
+    def show(self, n: int, total: int, label: object, unit: str = "img") -> None:
         if total <= 1 or not self.stream.isatty():
             return
         elapsed = time.monotonic() - self.start
         rate = n / elapsed if elapsed > 0 else 0.0
         left = (total - n) / rate if rate > 0 else 0.0
-        self.stream.write(f"\r\x1b[K[{n}/{total}] {rate:.1f} img/s, {_clock(left)} left  {label}")
+        self.stream.write(f"\r\x1b[K[{n}/{total}] {rate:.1f} {unit}/s, {_clock(left)} left  {label}")
         self.stream.flush()
         self.shown = True
 

@@ -171,15 +171,19 @@ def write(explanation: Explanation, job: Job, options: Options, protected: Itera
     return describe(explanation, options, outputs, cams)
 
 
-def explain_file(model: Model, options: Options, protected: frozenset[Path], job: Job) -> dict:
+def explain_file(
+    model: Model, options: Options, protected: frozenset[Path], job: Job, progress: Progress | None = None
+) -> dict:
     """One job from file to written overlays; returns its record."""
-    return write(explain(model, job.image, options, str(job.image)), job, options, protected)
+    return write(explain(model, job.image, options, str(job.image), progress), job, options, protected)
 
 
 Result = tuple[Job, "dict | str"]
 
 
-def explain_files(model: Model, jobs: Sequence[Job], options: Options, workers: int | None = None) -> Iterator[Result]:
+def explain_files(
+    model: Model, jobs: Sequence[Job], options: Options, workers: int | None = None, progress: Progress | None = None
+) -> Iterator[Result]:
     """Explain and write every job; yields each with its record or its one-line error, in input order.
 
     Several images are in flight at once, one per worker thread, each going
@@ -188,12 +192,14 @@ def explain_files(model: Model, jobs: Sequence[Job], options: Options, workers: 
     encoding. When the consumer stops (an interrupt, a closed pipe), work not
     started is dropped and files being written are finished, so that only
     complete files remain. No job writes over another job's input.
+    ``progress`` goes to methods with extra passes (Score-CAM).
     """
     workers = workers or (1 if len(jobs) == 1 else max(1, os.cpu_count() or 1))
     protected = frozenset(job.image.resolve() for job in jobs)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        for job, future in _ahead(pool, jobs, partial(explain_file, model, options, protected), depth=2 * workers):
+        task = partial(explain_file, model, options, protected, progress=progress)
+        for job, future in _ahead(pool, jobs, task, depth=2 * workers):
             yield job, _result(job, future)
     except BaseException:  # includes GeneratorExit: the consumer stopped early
         pool.shutdown(wait=True, cancel_futures=True)

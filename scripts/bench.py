@@ -17,7 +17,11 @@ Every figure is a median, because the machines are shared and noisy. Measures:
    upsample+colormap+blend vs OpenCV's resize+applyColorMap+addWeighted;
 3. cold start and peak RSS: one ``python -m npcam`` process vs a one-image torch script;
 4. installed size of the runtime's dependencies vs torch's;
-5. throughput over a directory of 200 photos: the pipelined CLI vs a sequential loop.
+5. throughput over a directory of 200 photos: the pipelined CLI vs a sequential loop;
+6. the explanation methods (``--only methods`` runs just this): each method's own
+   time at 0.2 MP against CAM's, the CAM weighting as ``np.einsum`` against the
+   float64 matmul it replaced, and Score-CAM per image against TorchCAM's
+   ScoreCAM on the same weights and photos.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import argparse
 import importlib.metadata as md
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -190,6 +193,10 @@ def worker(spec: dict) -> None:
                 reply[path.name] = {"total": time.perf_counter() - start, "stages": stages}
         elif command["do"] == "throughput":
             reply = throughput(spec["bundle"], out, command["rounds"])
+        elif command["do"] == "methods":
+            reply = method_costs(spec["bundle"], command["rounds"])
+        elif command["do"] == "scorecam":
+            reply = scorecam_seconds(spec, [Path(p) for p in command["photos"]])
         else:
             break
         print(json.dumps(reply), flush=True)
@@ -239,6 +246,115 @@ def throughput(bundle: str, tmp: Path, rounds: int) -> dict:
             fn()
             times[name].append(time.perf_counter() - start)
     return {"images": len(photos), **{f"{k}_s": float(np.median(v)) for k, v in times.items()}}
+
+
+def method_costs(bundle: str, rounds: int) -> dict:
+    """Median ms of each method's maps (the top-1 class, after prediction) on the 0.2 MP photo, and einsum vs matmul."""
+    model = npcam.load(bundle)
+    pred = model.predict(EVAL / "crop8" / SMALL)
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds + 1):
+        for name, method in npcam.METHODS.items():
+            if name == "scorecam" or (method.affine_only and model.head.kind != "affine"):
+                continue
+            start = time.perf_counter()
+            model.cam(pred, pred.top1, method=name)
+            times.setdefault(name, []).append(time.perf_counter() - start)
+    weights = model.fc_weight[[pred.top1]]
+    f = pred.features
+
+    def matmul():  # the CAM weighting before the method registry
+        return weights.astype(np.float64) @ f.reshape(f.shape[0], -1).astype(np.float64)
+
+    contraction = {"einsum": lambda: npcam.cam.weighted_maps(f, weights), "matmul": matmul}
+    for _ in range(rounds * 20):
+        for name, fn in contraction.items():
+            start = time.perf_counter()
+            fn()
+            times.setdefault(name, []).append(time.perf_counter() - start)
+    return {name: median_ms(t[1:]) for name, t in times.items()}
+
+
+def scorecam_seconds(spec: dict, photos: list[Path]) -> dict:
+    """Seconds per photo for Score-CAM of the top-1 class, from file to map: npcam or TorchCAM."""
+    if spec["kind"] == "npcam":
+        model = npcam.load(spec["bundle"])
+
+        def run(path):
+            pred = model.predict(path)
+            model.cam(pred, pred.top1, method="scorecam")
+
+    else:
+        import torch
+        from torchcam.methods import ScoreCAM
+
+        from export.archs import ARCHS
+        from export.weights import load_state_dict
+
+        arch = ARCHS[spec["arch"]]
+        net = arch.build()
+        net.load_state_dict(load_state_dict(Path(spec["weights"])), strict=True)
+        net.eval()
+        fc = getattr(net, "fc", None) or net._fc
+        classifier = torch.nn.Sequential(
+            _trunk_module()(net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc
+        ).eval()
+        extractor = ScoreCAM(classifier, target_layer=classifier[0], batch_size=32)
+        mean, std = torch.tensor(arch.mean).view(3, 1, 1), torch.tensor(arch.std).view(3, 1, 1)
+
+        def run(path):
+            img = Image.open(path).convert("RGB").resize((arch.input_size,) * 2, Image.BILINEAR)
+            x = ((torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255 - mean) / std)[None]
+            with torch.no_grad():
+                scores = classifier(x)
+                extractor(int(scores.argmax()), scores)
+
+    out = {}
+    for path in photos:
+        start = time.perf_counter()
+        run(path)
+        out[path.name] = time.perf_counter() - start
+    return out
+
+
+def methods_section(bundles: dict, weights: dict, rounds: int, tmp: Path) -> dict:
+    """Method costs in the npcam workers, and Score-CAM npcam vs TorchCAM, taking turns photo set by photo set."""
+    photos = [str(EVAL / p) for p in PHOTOS[:3]]
+    result: dict = {"costs_ms": {}, "scorecam_s": {}}
+    for arch, name in (("ResNet-18", "resnet18"), ("Lite0", "efficientnet_lite0")):
+        ours = Worker({"kind": "npcam", "bundle": str(bundles[f"{arch} fp32"]), "inputs": [], "out": str(tmp)})
+        theirs = Worker(
+            {"kind": "torchcam", "arch": name, "weights": str(weights[arch]), "inputs": [], "out": str(tmp)}
+        )
+        result["costs_ms"][arch] = ours.ask({"do": "methods", "rounds": rounds})
+        runs: dict[str, list[dict]] = {"npcam": [], "TorchCAM": []}
+        for _ in range(max(1, rounds // 2)):
+            runs["npcam"].append(ours.ask({"do": "scorecam", "photos": photos}))
+            runs["TorchCAM"].append(theirs.ask({"do": "scorecam", "photos": photos}))
+        result["scorecam_s"][arch] = {
+            who: {Path(p).name: float(np.median([r[Path(p).name] for r in rs])) for p in photos}
+            for who, rs in runs.items()
+        }
+        ours.close()
+        theirs.close()
+    return result
+
+
+def methods_report(section: dict) -> list[str]:
+    lines = ["", "Explanation methods: ms for the maps of the top-1 class after prediction, on "
+             f"{SMALL} (0.18 MP), medians:"]  # fmt: skip
+    archs = list(section["costs_ms"])
+    names = [n for n in npcam.METHODS if n != "scorecam"] + ["einsum", "matmul"]
+    rows = [[n, *(f"{section['costs_ms'][a].get(n, float('nan')):.3f}" for a in archs)] for n in names]
+    lines += markdown_table(["method", *archs], rows)
+    lines += ["", "Score-CAM of the top-1 class per photo, file to map, seconds (median), npcam vs TorchCAM ScoreCAM:"]
+    rows = []
+    for arch, runs in section["scorecam_s"].items():
+        for photo in runs["npcam"]:
+            ours, theirs = runs["npcam"][photo], runs["TorchCAM"][photo]
+            rows.append([arch, photo, f"{ours:.2f}", f"{theirs:.2f}", f"{ours / theirs:.2f}"])
+    lines += markdown_table(["model", "photo", "npcam s", "TorchCAM s", "ratio"], rows)
+    return lines
 
 
 # Measurements driven from the main process
@@ -381,7 +497,7 @@ def make_inputs(tmp: Path) -> list[Path]:
     return paths
 
 
-def export_bundles(tmp: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+def export_bundles(tmp: Path, int8: bool = True) -> tuple[dict[str, Path], dict[str, Path]]:
     """The bundles to time, and the torch weights behind them."""
     import torch
 
@@ -396,18 +512,19 @@ def export_bundles(tmp: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     calibration = EVAL / "crop8"
     bundles = {
         "ResNet-18 fp32": export("resnet18", tmp / "r18", weights["ResNet-18"]),
-        "ResNet-18 int8": export("resnet18", tmp / "r18_int8", weights["ResNet-18"], int8=calibration),
         "Lite0 fp32": export("efficientnet_lite0", tmp / "lite0"),
-        "Lite0 int8": export("efficientnet_lite0", tmp / "lite0_int8", int8=calibration),
     }
-    return bundles, weights
+    if int8:
+        bundles["ResNet-18 int8"] = export("resnet18", tmp / "r18_int8", weights["ResNet-18"], int8=calibration)
+        bundles["Lite0 int8"] = export("efficientnet_lite0", tmp / "lite0_int8", int8=calibration)
+    order = ("ResNet-18 fp32", "ResNet-18 int8", "Lite0 fp32", "Lite0 int8")
+    return {k: bundles[k] for k in order if k in bundles}, weights
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+    from export.quantize import cpu_name as name
+
+    return name()
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -471,6 +588,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", type=Path, help="also write the raw results here")
+    p.add_argument("--only", choices=["all", "methods"], default="all", help="run every part, or the methods part only")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -486,6 +604,17 @@ def main() -> int:
     ram = Path("/dev/shm")
     with tempfile.TemporaryDirectory(dir=ram if ram.is_dir() else None) as tmp_name:
         tmp = Path(tmp_name)
+        if args.only == "methods":
+            bundles, weights = export_bundles(tmp, int8=False)
+            import torch
+
+            section = methods_section(bundles, weights, args.rounds, tmp)
+            print(f"npcam benchmark (methods), {time.strftime('%Y-%m-%d')}, {cpu_name()}, {os.cpu_count()} cores, "
+                  f"torch {torch.__version__}, onnxruntime {npcam.model.ort.__version__}, {args.rounds} rounds")  # fmt: skip
+            print("\n".join(methods_report(section)))
+            if args.json:
+                args.json.write_text(json.dumps(section, indent=2))
+            return 0
         inputs = make_inputs(tmp)
         bundles, weights = export_bundles(tmp)
         specs = {f"npcam {name}": {"kind": "npcam", "bundle": str(b)} for name, b in bundles.items()}
@@ -524,7 +653,9 @@ def main() -> int:
         runtime_mib, runtime = installed_mib(["numpy", "pillow", "onnxruntime"])
         torch_mib, _ = installed_mib(["torch"])
         results["installed"] = {"runtime_mib": runtime_mib, "runtime": runtime, "torch_mib": torch_mib}
-    text = report(results)
+        print("explanation methods…", file=sys.stderr)
+        results["methods"] = methods_section(bundles, weights, args.rounds, tmp)
+    text = report(results) + "\n" + "\n".join(methods_report(results["methods"]))
     print(text)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
