@@ -23,7 +23,7 @@ from npcam.bundle import CACHE_DIR, default_model_dir, sha256_file
 from . import build
 from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from .errors import ExportError
-from .split import split
+from .split import Split, split
 
 OPSET = 17
 AUTO = "auto"
@@ -97,9 +97,7 @@ def run(
     classes = int(fc.shape[0]) if getattr(fc, "ndim", 0) == 2 else 1000
     net = arch.build(num_classes=classes)
     from_torch.load_weights(net, state, source, arch.name)
-    name = arch.name if weights is None else source.stem
     digest = sha256_file(source)
-    out = _out(out, name + ("_int8" if int8 else ""), digest)
     meta = {
         "arch": arch.name,
         "mean": list(arch.mean),
@@ -107,10 +105,9 @@ def run(
         "source": {"kind": "torch", "name": source.name, "sha256": digest},
         "versions": _torch_versions(),
     }
-    parts = split(from_torch.to_onnx(net, arch.input_size, opset), arch.input_size)
-    meta = build.export(parts, out, build.read_labels(labels, classes), meta, from_torch.reference(net), int8=int8)
-    build.report(meta, out)
-    return out
+    parts = _split(arch.name, from_torch.to_onnx(net, arch.input_size, opset), arch.input_size)
+    name = arch.name if weights is None else source.stem
+    return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
 
 
 def run_onnx(
@@ -133,12 +130,8 @@ def run_onnx(
         raise ExportError(
             f"{model}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    try:
-        parts = split(original, input_size, bgr=bgr, output=output)
-    except ExportError as e:
-        raise ExportError(f"{model}: {e}; nothing was written") from None
+    parts = _split(str(model), original, input_size, bgr=bgr, output=output)
     digest = sha256_file(model)
-    out = _out(out, model.stem + ("_int8" if int8 else ""), digest)
     meta = {
         "arch": f"onnx:{model.stem}",
         "mean": list(mean or IMAGENET_MEAN),
@@ -146,11 +139,9 @@ def run_onnx(
         "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr},
     }
     reference = _onnx_reference(original, parts.layout, bgr, output)
-    meta = build.export(
-        parts, out, build.read_labels(labels, parts.head.classes), meta, reference, _onnx_sizes(original, parts), int8
+    return _export(
+        parts, _out(out, model.stem, digest, int8), labels, meta, reference, _onnx_sizes(original, parts), int8
     )
-    build.report(meta, out)
-    return out
 
 
 def run_torch(
@@ -177,8 +168,6 @@ def run_torch(
         from_torch.load_weights(net, load_state_dict(weights), weights, spec)
     size = input_size or 224
     digest = sha256_file(weights) if weights else hashlib.sha256(spec.encode()).hexdigest()
-    name = weights.stem if weights else spec.rpartition(":")[2]
-    out = _out(out, name + ("_int8" if int8 else ""), digest)
     meta = {
         "arch": f"torch:{spec}",
         "mean": list(mean or IMAGENET_MEAN),
@@ -186,15 +175,9 @@ def run_torch(
         "source": {"kind": "torch", "name": weights.name if weights else spec, "sha256": digest},
         "versions": _torch_versions(),
     }
-    try:
-        parts = split(from_torch.to_onnx(net, size, opset), size)
-    except ExportError as e:
-        raise ExportError(f"{spec}: {e}; nothing was written") from None
-    meta = build.export(
-        parts, out, build.read_labels(labels, parts.head.classes), meta, from_torch.reference(net), int8=int8
-    )
-    build.report(meta, out)
-    return out
+    parts = _split(spec, from_torch.to_onnx(net, size, opset), size)
+    name = weights.stem if weights else spec.rpartition(":")[2]
+    return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
 
 
 def auto() -> Path:
@@ -219,8 +202,24 @@ def auto() -> Path:
         return run("efficientnet_lite0")
 
 
-def _out(out: Path | None, name: str, digest: str) -> Path:
-    return out.expanduser() if out is not None else build.default_out(name, digest)
+def _split(what: str, model: onnx.ModelProto, input_size: int | None, **options) -> Split:
+    """:func:`export.split.split`, its refusal naming the model."""
+    try:
+        return split(model, input_size, **options)
+    except ExportError as e:
+        raise ExportError(f"{what}: {e}; nothing was written") from None
+
+
+def _out(out: Path | None, name: str, digest: str, int8: Path | None) -> Path:
+    """``--out``, else ``~/.cache/npcam/NAME`` (``NAME_int8`` for an int8 bundle)."""
+    return out.expanduser() if out is not None else build.default_out(name + ("_int8" if int8 else ""), digest)
+
+
+def _export(parts: Split, out: Path, labels: Path | None, meta: dict, reference, sizes=None, int8=None) -> Path:
+    """Write, check and report the bundle; returns its directory."""
+    meta = build.export(parts, out, build.read_labels(labels, parts.head.classes), meta, reference, sizes, int8)
+    build.report(meta, out)
+    return out
 
 
 def _torch_versions() -> dict:

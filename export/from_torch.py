@@ -92,6 +92,17 @@ def to_onnx(net: nn.Module, input_size: int, opset: int) -> onnx.ModelProto:
     )
 
 
+class Trunk(nn.Module):
+    """A built-in architecture's conv trunk as a module of its own (TorchCAM hooks a module's output)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.trunk(x)
+
+
 def reference(net: nn.Module):
     """The module as the self-check's reference: float32 ``[N,3,H,W]`` in, its output as NumPy."""
 

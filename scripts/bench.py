@@ -140,7 +140,7 @@ def torch_method(arch_name: str, weights: str, use_torchcam: bool):
     from torchcam.methods import CAM
     from torchcam.utils import overlay_mask
 
-    Trunk = _trunk_module()
+    from export.from_torch import Trunk
 
     # TorchCAM hooks a module's output, so the trunk becomes a module ahead of GAP + FC.
     classifier = torch.nn.Sequential(Trunk(net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc).eval()
@@ -154,22 +154,6 @@ def torch_method(arch_name: str, weights: str, use_torchcam: bool):
         overlay_mask(img, Image.fromarray(cam.numpy(), mode="F"), alpha=0.5).save(out, quality=90)
 
     return torchcam_way
-
-
-def _trunk_module():
-    import torch
-
-    class Trunk(torch.nn.Module):
-        """A built-in architecture's conv trunk as a module of its own, for TorchCAM's hooks."""
-
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net.trunk(x)
-
-    return Trunk
 
 
 # Worker processes: one per method, driven over stdin/stdout, one JSON line each way.
@@ -289,16 +273,15 @@ def scorecam_seconds(spec: dict, photos: list[Path]) -> dict:
         from torchcam.methods import ScoreCAM
 
         from export.archs import ARCHS
+        from export.from_torch import Trunk
         from export.weights import load_state_dict
 
         arch = ARCHS[spec["arch"]]
         net = arch.build()
         net.load_state_dict(load_state_dict(Path(spec["weights"])), strict=True)
         net.eval()
-        fc = getattr(net, "fc", None) or net._fc
-        classifier = torch.nn.Sequential(
-            _trunk_module()(net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc
-        ).eval()
+        fc = getattr(net, arch.fc_name)
+        classifier = torch.nn.Sequential(Trunk(net), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc).eval()
         extractor = ScoreCAM(classifier, target_layer=classifier[0], batch_size=32)
         mean, std = torch.tensor(arch.mean).view(3, 1, 1), torch.tensor(arch.std).view(3, 1, 1)
 

@@ -82,6 +82,26 @@ def main() -> int:
     one.mkdir()
     shutil.copy(images[0].path, one)
     python = sys.executable
+
+    def dataset(actors: int, overlays: bool = False):
+        def command(src, out):
+            extra = ["--overlays", f"{out}-overlays"] if overlays else []
+            return [
+                python,
+                "-m",
+                "npcam.dataset",
+                str(src),
+                "--model",
+                str(args.model),
+                "--out",
+                str(out),
+                "--actors",
+                str(actors),
+                *extra,
+            ]
+
+        return command
+
     methods = {
         "CLI directory mode": lambda src, out: [
             python,
@@ -94,38 +114,10 @@ def main() -> int:
             f"{out}/",
             "--json",
         ],
-        **{
-            f"embedded Ray, {n} actor{'s' if n > 1 else ''}": (
-                lambda src, out, n=n: [
-                    python,
-                    "-m",
-                    "npcam.dataset",
-                    str(src),
-                    "--model",
-                    str(args.model),
-                    "--out",
-                    str(out),
-                    "--actors",
-                    str(n),
-                ]  # fmt: skip
-            )
-            for n in (1, 2)
-        },
+        "embedded Ray, 1 actor": dataset(1),
+        "embedded Ray, 2 actors": dataset(2),
         # The CLI always writes overlays; the dataset job writes them only when asked.
-        "embedded Ray, 2 actors, --overlays": lambda src, out: [
-            python,
-            "-m",
-            "npcam.dataset",
-            str(src),
-            "--model",
-            str(args.model),
-            "--out",
-            str(out),
-            "--actors",
-            "2",
-            "--overlays",
-            f"{out}-overlays",
-        ],  # fmt: skip
+        "embedded Ray, 2 actors, --overlays": dataset(2, overlays=True),
     }
     results: dict[str, dict[str, list[float]]] = {m: {"wall": [], "rss": [], "startup": []} for m in methods}
     try:

@@ -18,21 +18,13 @@ from conftest import PHOTOS, record
 
 import npcam
 import npcam.metrics
+from export.from_torch import Trunk
 from npcam import methods
 from npcam.cam import normalize, weighted_maps
 
 torchcam = pytest.importorskip("torchcam", reason="TorchCAM (in the test extra) is the reference for these tests")
 from torchcam import methods as tc  # noqa: E402
 from torchcam.metrics import ClassificationMetric, DeletionInsertionMetric  # noqa: E402
-
-
-class Trunk(torch.nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net.trunk(x)
 
 
 @pytest.fixture(scope="module")
