@@ -1,36 +1,11 @@
 """The model bundle: its format, read and written here and nowhere else.
 
-A bundle is a directory::
-
-    trunk.onnx      image float32 [N,3,H,W] (RGB, normalized) -> features float32 [N,C,h,w]
-    fc_weight.npy   float32 [K,C]   } head "affine": scores = mean_hw(features) @ W.T + b
-    fc_bias.npy     float32 [K]     }
-    head.json       the head's ops  } head "graph": any function of the pooled vector
-    head.npz        its constants   } (see npcam.head.GraphHead)
-    labels.json     the K class names, a JSON list of strings
-    bundle.json     what follows
-
-``bundle.json`` keys (the README has the same table):
-
-================  ========  ==============================================================
-key               required  meaning
-================  ========  ==============================================================
-format            yes       ``"npcam-bundle"``
-format_version    yes       1 or 2 (this npcam writes 2, reads both)
-arch              yes       a name for the model, e.g. ``resnet18`` or ``onnx:mobilenet``
-input_size        yes       side of the square network input, in pixels
-mean, std         yes       3 numbers each: ``x = (pixel / 255 - mean) / std``, RGB order
-files             yes       ``{file name: sha256 hex}`` for every file above but bundle.json
-head              v2        ``"affine"`` or ``"graph"`` (v1 bundles are affine)
-fixed_size        no        true: the trunk takes only ``input_size`` (no --size/--keep-aspect)
-stride            no        input pixels per feature cell (default 32)
-channels, classes no        C and K, for people reading the file
-================  ========  ==============================================================
-
-Any other key (source, self-check results, versions, ...) is informational.
-``head.json`` holds ``{"input": name, "input_shape": [-1, ...], "output": name,
-"ops": [{"op", "inputs", "output", "attrs"}]}``; an op input names an earlier
-output, the input, or an array in ``head.npz``.
+A bundle is a directory: ``trunk.onnx`` (image -> features, run by
+onnxruntime), the head (``fc_weight.npy`` + ``fc_bias.npy`` for an affine
+head, ``head.json`` + ``head.npz`` for a graph head, see :mod:`npcam.head`),
+``labels.json`` and ``bundle.json``. Every file and every ``bundle.json`` key
+is documented in the README ("Bundle format"), so that a bundle can be written
+by hand; :func:`read` names the missing or wrong key when one is not right.
 
 Nothing in a bundle is executed as Python: arrays load with
 ``allow_pickle=False``, the trunk runs in onnxruntime and the head's ops come

@@ -171,6 +171,7 @@ def run(
     """Explain every image of ``src`` not yet in ``dest``; returns a summary (counts, seconds)."""
     from .model import Model
 
+    _require_extra()
     started = time.monotonic()
     model = Model(model_dir, threads=1)
     options = options.checked(model)
@@ -242,14 +243,20 @@ def _count(dest: str, wanted: set[str]) -> dict:
     return {"rows": len(mine), "errors": sum(e is not None for e in mine)}
 
 
+def _require_extra() -> None:
+    try:
+        import pyarrow  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise NpcamError("npcam dataset needs Ray Data and pyarrow: pip install 'npcam[dataset]'") from None
+
+
 def _start_ray(address: str | None):
     """Ray in this process (own temp dir, this machine's cores, quiet), or connected to ``address``."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-user local instance: no token warning
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise NpcamError("npcam dataset needs Ray Data: pip install 'npcam[dataset]'") from None
+    import ray
+    import ray.data
+
     # Ray Data sets up its loggers when imported: quiet them after that (progress bars stay on a terminal).
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,30 +1,11 @@
 """The explanation record: what ``npcam --json`` prints, ``npcam serve`` returns and
 ``npcam.dataset`` stores as Parquet rows. Made here and nowhere else.
 
-One record per input image (the README has the same table):
-
-==========  ===========================  =============================================================
-key         type                         meaning
-==========  ===========================  =============================================================
-image       str                          the input as given (a path, or the name of uploaded bytes)
-width       int                          the upright image's size in pixels
-height      int
-method      str                          the explanation method
-top5        list of {class,label,score}  the five most probable classes
-maps        list of map entries          one per explained class (the top-1, ``--class``, or ``--top K``)
-class       int                          ``maps[0]``'s class, label and score, for one-class use
-label       str
-score       float                        softmax probability
-output      str or null                  ``maps[0]``'s overlay file (null where none is written)
-bbox        [x0, y0, x1, y1] or null     ``maps[0]``'s box (with ``--bbox``), inclusive pixels
-cam         str                          ``maps[0]``'s full-resolution float32 ``.npy`` (CLI ``--save-cam``)
-lowres      {shape, values}              ``maps[0]``'s map at feature resolution, float16 values row-major
-                                         (``npcam.dataset --save-cam``)
-error       str                          only with ``image``: why this image failed
-==========  ===========================  =============================================================
-
-A map entry has ``class``, ``label``, ``score`` and, as above, ``output``,
-``bbox``, ``cam``, ``lowres``. Optional keys are absent when not asked for.
+One record per input image: ``image``, ``width``, ``height``, ``method``,
+``top5``, ``maps`` (one entry per explained class) and the first map's keys at
+the top level; ``{image, error}`` for an image that failed. Every key is
+documented in the README ("The record"); :func:`arrow_schema` is the same
+record as Parquet stores it.
 """
 
 from __future__ import annotations

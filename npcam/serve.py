@@ -2,21 +2,10 @@
 
     npcam serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--workers N]
 
-======  ==========  =====================================================================
-method  path        what
-======  ==========  =====================================================================
-POST    /explain    an image (raw body, or multipart with one file) -> the JSON record,
-                    or with ``format=jpeg|png`` the overlay of the first explained class.
-                    Query: ``class``, ``top``, ``method``, ``alpha``, ``bbox``,
-                    ``threshold``, ``keep_aspect``, ``size``, ``format``
-GET     /model      the bundle's metadata, labels, methods and default method
-GET     /health     ``{"status": "ok"}`` for probes
-GET     /           the page
-======  ==========  =====================================================================
-
-Errors are JSON ``{"error": "one line"}``: 400 a bad image, 413 a body over
-``--max-body`` bytes, 422 bad parameters (an unknown class, say), 404/405 a
-wrong path or method. Nothing a request sends can stop the process.
+``POST /explain`` takes an image (the raw body, or a multipart file) and
+answers with the JSON record (:mod:`npcam.record`) or, with ``format=jpeg|png``,
+the overlay; ``GET /model``, ``GET /health`` and the page at ``/``. The README
+("npcam serve") has the API table, the status codes and the limits.
 
 The bundle is loaded once. ``--workers`` requests are explained at once, each
 with ``cores / workers`` onnxruntime threads, so the cores are used and never
@@ -272,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"largest image (default {MAX_PIXELS:,})")
     args = p.parse_args(argv)
     try:
+        import starlette  # noqa: F401
         import uvicorn
     except ImportError:
         print("npcam serve: error: needs Starlette and uvicorn: pip install 'npcam[serve]'", file=sys.stderr)

@@ -155,3 +155,16 @@ def test_a_killed_run_finishes_on_the_second_with_nothing_lost_or_duplicated(bun
     found = [r["image"] for r in rows(dest)]
     assert sorted(found) == sorted(str(p) for p in folder.iterdir())  # each once: nothing lost, nothing twice
     assert "already in" in result.stderr
+
+
+def test_without_the_extra_the_error_is_one_line(bundle, tmp_path):
+    """Where Ray is not installed, `npcam dataset` says which extra to install."""
+    blocker = tmp_path / "block"
+    (blocker / "ray").mkdir(parents=True)
+    (blocker / "ray" / "__init__.py").write_text("raise ImportError('ray is blocked in this test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
+    result = subprocess.run([sys.executable, "-m", "npcam", "dataset", str(PHOTOS[0]), "--model", str(bundle), "--out",
+                             str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "npcam dataset: error: npcam dataset needs Ray Data and pyarrow: pip install 'npcam[dataset]'"
+    )

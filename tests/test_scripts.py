@@ -36,7 +36,12 @@ def test_eval_localization(manifest, bundle, tmp_path):
     lines = result.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines[:2]] == ["threshold=0.2", "threshold=0.5"]
     fields = dict(item.split("=") for item in lines[-1].split())
-    assert fields["n"] == "2" and set(fields) == {"n", "top1_cls", "gt_known_loc", "top1_loc"}  # the row without a box is skipped
+    assert fields["n"] == "2" and set(fields) == {
+        "n",
+        "top1_cls",
+        "gt_known_loc",
+        "top1_loc",
+    }  # the row without a box is skipped
     assert all(0 <= float(fields[k]) <= 1 for k in ("top1_cls", "gt_known_loc", "top1_loc"))
     assert set(json.loads((tmp_path / "r.json").read_text())) == {"0.2", "0.5", "mean"}
 
@@ -56,5 +61,7 @@ def test_eval_faithfulness(manifest, bundle, tmp_path):
 
 def test_eval_scripts_refuse_an_unknown_method(manifest, bundle):
     for name in ("eval_localization.py", "eval_faithfulness.py"):
-        result = script(name, manifest, SAMPLES, "--model", bundle, "--method" + ("s" if "faith" in name else ""), "nope")
+        result = script(
+            name, manifest, SAMPLES, "--model", bundle, "--method" + ("s" if "faith" in name else ""), "nope"
+        )
         assert result.returncode == 2 and "unknown method 'nope'" in result.stderr and "Traceback" not in result.stderr
