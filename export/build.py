@@ -166,8 +166,10 @@ def report(meta: dict, out: Path) -> None:
     )
     if meta.get("precision") == "int8":
         q = meta["int8"]
+        speed = f"trunk {q['trunk_ms']:.1f} ms vs fp32 {q['fp32_trunk_ms']:.1f} ms"
         print(
             f"int8 trunk ({q['settings']}) calibrated on {q['images']} images: top-1 agrees with fp32 on "
-            f"{q['top1_agreement']:.1%} of them, CAM correlation {q['cam_pearson']:.3f} (on {q['cpu']})",
+            f"{q['top1_agreement']:.1%} of them, CAM correlation {q['cam_pearson']:.3f}, {speed} on {q['cpu']}"
+            + ("" if q["faster_than_fp32"] else "; no faster than fp32 on this CPU: consider the fp32 bundle"),
             file=sys.stderr,
         )

@@ -3,9 +3,10 @@
     python scripts/bench_dataset.py --model DIR [--images DIR] [--rounds 3]
 
 Every run is a fresh process, as a user would start it, timed from start to
-exit; outputs go to a RAM disk. Peak RSS is the largest sum of the RSS of the
-process and all its descendants (Ray's GCS, raylet and workers are children of
-the driver), sampled every 0.1 s. Start-up is a run on a single image. The
+exit; outputs go to a RAM disk. Peak memory is the largest sum of the PSS
+(resident memory, shared pages split between the processes that share them) of
+the process and all its descendants (Ray's GCS, raylet and workers are
+children of the driver), sampled every 0.1 s. Start-up is a run on a single image. The
 rounds alternate the methods; medians are printed.
 """
 
@@ -26,8 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGES = REPO.parent / "shared" / "eval" / "images"
 
 
-def tree_rss_mib(pid: int) -> float:
-    """RSS of ``pid`` and its descendants, in MiB (shared pages counted in each)."""
+def tree_pss_mib(pid: int) -> float:
+    """Proportional set size of ``pid`` and its descendants, in MiB: shared pages split between their users."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -41,8 +42,8 @@ def tree_rss_mib(pid: int) -> float:
         current = todo.pop()
         todo += children.get(current, [])
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{current}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) / 1024
         except OSError:
             continue
@@ -50,13 +51,13 @@ def tree_rss_mib(pid: int) -> float:
 
 
 def timed(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak tree RSS (MiB) of one command."""
+    """Wall seconds and peak memory (PSS of the process tree, MiB) of one command."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = 0.0
     while process.poll() is None:
-        peak = max(peak, tree_rss_mib(process.pid))
+        peak = max(peak, tree_pss_mib(process.pid))
         time.sleep(0.1)
     wall = time.perf_counter() - start
     if process.returncode not in (0, 1):
@@ -122,24 +123,22 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {m: {"wall": [], "rss": [], "startup": []} for m in methods}
     try:
         for r in range(args.rounds):
-            for name, command in methods.items():
+            for i, (name, command) in enumerate(methods.items()):
                 out = work / f"out-{r}-{name.replace(' ', '_').replace(',', '')}"
                 wall, rss = timed(command(args.images, out))
                 results[name]["wall"].append(wall)
                 results[name]["rss"].append(rss)
-                results[name]["startup"].append(
-                    timed(command(one, work / f"one-{r}-{len(results[name]['startup'])}-{name[:3]}"))[0]
-                )
+                results[name]["startup"].append(timed(command(one, work / f"one-{r}-{i}"))[0])
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(f"{out}-overlays", ignore_errors=True)
-                print(f"round {r + 1}, {name}: {wall:.1f} s, peak RSS {rss:.0f} MiB", file=sys.stderr)
+                print(f"round {r + 1}, {name}: {wall:.1f} s, peak PSS {rss:.0f} MiB", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     n = len(images)
     print(
         f"{n} images from {args.images}, {os.cpu_count()} cores, {args.rounds} rounds, medians; outputs on {ram or 'disk'}\n"
     )
-    print("| method | wall s | images/s | images/s after start-up | one-image run s | peak RSS MiB |")
+    print("| method | wall s | images/s | images/s after start-up | one-image run s | peak memory (PSS) MiB |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         wall, startup = float(np.median(r["wall"])), float(np.median(r["startup"]))
