@@ -131,9 +131,7 @@ def _scores(graph: onnx.GraphProto, name: str | None) -> tuple[str, str]:
         raise ExportError(f"the model has no output {name!r} (it has {', '.join(names)})")
     producers = {o: n for n in graph.node for o in n.output}
     node = producers.get(name)
-    while node is not None and node.op_type in NOOPS | {"Flatten", "Reshape", "Squeeze"}:
-        if node.op_type != "Identity" and node.op_type != "Dropout":
-            break
+    while node is not None and node.op_type in NOOPS:
         name, node = node.input[0], producers.get(node.input[0])
     if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
         kind = "probabilities" if node.op_type == "Softmax" else "log_probabilities"

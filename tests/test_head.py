@@ -324,3 +324,24 @@ def test_graphs_npcam_cannot_explain_are_refused_in_one_line(case, message, tmp_
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_trunk_that_takes_one_image_at_a_time(tmp_path):
+    """A Reshape with a constant batch of 1 inside the trunk: the bundle keeps batch 1 and npcam loops."""
+    w = RNG.standard_normal((K, 8)).astype(np.float32)
+    trunk_extra = [
+        helper.make_node("Reshape", ["f0", "flat"], ["g"]),
+        helper.make_node("Reshape", ["g", "back"], ["f"]),
+    ]
+    shapes = [
+        numpy_helper.from_array(np.array([1, 8, 64]), "flat"),
+        numpy_helper.from_array(np.array([1, 8, 8, 8]), "back"),
+    ]
+    nodes = [helper.make_node("GlobalAveragePool", ["f"], ["p"]), helper.make_node("Flatten", ["p"], ["q"]),
+             helper.make_node("Gemm", ["q", "W"], ["y"], transB=1)]  # fmt: skip
+    model = export_graph(graph_model(nodes, {"W": w}, input_shape=(1, 3, 32, 32), trunk_extra=trunk_extra,
+                                     trunk_inits=shapes), tmp_path)  # fmt: skip
+    assert model.session.get_inputs()[0].shape[0] == 1 and model.bundle.fixed_size
+    preds = model.predict_many(PHOTOS)  # three images, one trunk call each
+    for photo, pred in zip(PHOTOS, preds):
+        np.testing.assert_allclose(pred.logits, model.predict(photo).logits, rtol=1e-6)
