@@ -9,6 +9,7 @@ are ever left. ``npcam serve`` and ``npcam dataset`` are subcommands.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -155,12 +156,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SUBCOMMANDS:
-        if argv[0] == "serve":
-            from .serve import main as serve
-        else:
-            from .dataset import main as serve  # the same shape of entry point
-        return serve(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:  # `npcam serve …`, `npcam dataset …`: their own modules and options
+        return importlib.import_module(f"{__package__}.{argv[0]}").main(argv[1:])
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a file name that is not valid UTF-8 must not crash a print
             stream.reconfigure(errors="backslashreplace")
@@ -191,7 +188,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
     except NpcamError as e:
         _error(str(e))
         return EXIT_USAGE
-    if found.skipped and not args.json:
+    if found.skipped:
         print(f"npcam: skipped {found.skipped} image(s) npcam wrote in an earlier run", file=sys.stderr)
     for path, message in found.missing:
         _error(message)
@@ -199,11 +196,13 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             print(json.dumps(error_record(str(path), message)), flush=True)
     failed = len(found.missing)
     workers = 1 if len(jobs) == 1 else max(1, (os.cpu_count() or 1) // (args.threads or 1))
+
+    def passes(done: int, total: int) -> None:
+        progress.show(done, total, f"{options.method} passes", unit="passes")
+
     # A method with extra network passes (Score-CAM) shows them for a single image; several show the image count.
-    passes = None
-    if len(jobs) == 1 and METHODS[options.method].extra_passes:
-        passes = lambda done, total: progress.show(done, total, f"{options.method} passes", unit="passes")  # noqa: E731
-    with closing(explain_files(model, jobs, options, workers, passes)) as results:
+    extra = passes if len(jobs) == 1 and METHODS[options.method].extra_passes else None
+    with closing(explain_files(model, jobs, options, workers, extra)) as results:
         for n, (job, result) in enumerate(results, 1):
             progress.show(n, len(jobs), job.image)
             if isinstance(result, str):

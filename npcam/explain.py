@@ -92,15 +92,19 @@ class Explanation:
     classes: list[int]
     maps: np.ndarray
     _full: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _boxes: dict[tuple[int, float | str], Box | None] = field(default_factory=dict, repr=False)
 
     def full(self, i: int) -> np.ndarray:
-        """Map ``i`` at the image's size: float32 ``[H, W]``."""
+        """Map ``i`` at the image's size: float32 ``[H, W]`` (computed once)."""
         if i not in self._full:
             self._full[i] = upsample(self.maps[i], self.prediction.image.shape[:2])
         return self._full[i]
 
     def box(self, i: int, threshold: float | str = DEFAULT_THRESHOLD) -> Box | None:
-        return cam_box(self.full(i), threshold)
+        """Map ``i``'s box at the image's size (computed once per threshold)."""
+        if (i, threshold) not in self._boxes:
+            self._boxes[(i, threshold)] = cam_box(self.full(i), threshold)
+        return self._boxes[(i, threshold)]
 
 
 def explain(
