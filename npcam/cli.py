@@ -53,7 +53,7 @@ def _at_least(minimum: int):
     return parse
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_explanation_options(p)
     p.add_argument(
-        "--alpha", type=_fraction, default=0.5, help="heat-map opacity from 0 (photo) to 1 (heat map) (default 0.5)"
+        "--alpha", type=fraction, default=0.5, help="heat-map opacity from 0 (photo) to 1 (heat map) (default 0.5)"
     )
     p.add_argument("--save-cam", action="store_true", help="also write each full-resolution map as float32 .npy")
     p.add_argument("--json", action="store_true", help="print one JSON record per image on stdout (JSON Lines)")

@@ -277,12 +277,14 @@ def _start_ray(address: str | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import add_explanation_options, options_from
+    from .cli import add_explanation_options, fraction, methods_help, options_from
 
     p = argparse.ArgumentParser(
         prog="npcam dataset",
         description="Explain a whole dataset into Parquet, one row per image, on Ray Data "
         "(embedded by default, a cluster with --address).",
+        epilog=methods_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="a directory, a glob, a list file (.txt), or a URI (s3://…)")
     p.add_argument("--model", "-m", required=True, help="model bundle directory")
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     add_explanation_options(p)
     p.add_argument("--save-cam", action="store_true", help="store each map at feature resolution (float16) in its row")
     p.add_argument("--overlays", metavar="DIR", help="also write overlay JPEGs here (off by default at this scale)")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (with --overlays)")
+    p.add_argument("--alpha", type=fraction, default=0.5, help="overlay opacity from 0 to 1 (with --overlays)")
     p.add_argument("--address", help="a Ray cluster: auto or HOST:PORT (default: $RAY_ADDRESS, else Ray in-process)")
     p.add_argument("--actors", type=int, help="model actors (default: one per CPU of the cluster)")
     p.add_argument("--batch-size", type=int, default=16, help="images per actor call (default 16)")
