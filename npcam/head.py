@@ -19,7 +19,7 @@ documented in :mod:`npcam.bundle`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -155,8 +155,10 @@ class GraphHead:
 
 @dataclass(frozen=True)
 class _Rule:
-    forward: object
-    backward: object
+    """An op: ``forward(args, attrs) -> y`` and ``backward(args, attrs, y, dy, variable) -> [dx or None]``."""
+
+    forward: Callable
+    backward: Callable
 
 
 def _unbroadcast(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -198,6 +200,12 @@ def _gemm_backward(a, at, y, dy, v):
         raise ValueError("Gemm: only the first input may depend on the pooled vector, untransposed")
     w = a[1].T if at.get("transB", 0) else a[1]
     return [at.get("alpha", 1.0) * dy @ w.T] + [None] * (len(a) - 1)
+
+
+def _pow_backward(a, at, y, dy, v):
+    if v[1]:
+        raise ValueError("Pow: the exponent must be a constant")
+    return [dy * a[1] * a[0] ** (a[1] - 1), None]
 
 
 def _matmul_backward(a, at, y, dy, v):
@@ -322,10 +330,7 @@ OPS: dict[str, _Rule] = {
     "Sub": _binary(np.subtract, lambda a, b: 1.0, lambda a, b: -1.0),
     "Mul": _binary(np.multiply, lambda a, b: b, lambda a, b: a),
     "Div": _binary(np.divide, lambda a, b: 1.0 / b, lambda a, b: -a / b**2),
-    "Pow": _Rule(  # constant exponent only
-        lambda a, at: a[0] ** a[1],
-        lambda a, at, y, dy, v: [dy * a[1] * a[0] ** (a[1] - 1), None],
-    ),
+    "Pow": _Rule(lambda a, at: a[0] ** a[1], _pow_backward),
     "Relu": _elementwise(lambda x, at: np.maximum(x, 0), lambda x, y, at: x > 0),
     "LeakyRelu": _elementwise(
         lambda x, at: np.where(x > 0, x, at.get("alpha", 0.01) * x),
