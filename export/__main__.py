@@ -105,7 +105,7 @@ def run(
         "source": {"kind": "torch", "name": source.name, "sha256": digest},
         "versions": _torch_versions(),
     }
-    parts = _split(arch.name, from_torch.to_onnx(net, arch.input_size, opset), arch.input_size)
+    parts = _split(arch.name, from_torch.to_onnx(net, arch.input_size, opset), arch.input_size, output="scores")
     name = arch.name if weights is None else source.stem
     return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
 
@@ -175,7 +175,7 @@ def run_torch(
         "source": {"kind": "torch", "name": weights.name if weights else spec, "sha256": digest},
         "versions": _torch_versions(),
     }
-    parts = _split(spec, from_torch.to_onnx(net, size, opset), size)
+    parts = _split(spec, from_torch.to_onnx(net, size, opset), size, output="scores")  # a tuple's first
     name = weights.stem if weights else spec.rpartition(":")[2]
     return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
 

@@ -41,7 +41,9 @@ from .errors import ExportError
 NOOPS = {"Identity", "Dropout"}
 # Head ops that keep the head affine, so that it folds into W p + b.
 AFFINE = {"Gemm", "MatMul", "Add", "Sub", "BatchNormalization", "Flatten", "Reshape", "Squeeze", "Unsqueeze",
-          "Transpose", "Conv", "Neg", "ReduceMean"}  # fmt: skip
+          "Transpose", "Conv", "Neg", "ReduceMean", "ReduceSum", "Expand"}  # fmt: skip
+# Reductions whose axes come as an attribute, or as a second input from opset 13 (ReduceSum) or 18 (the rest).
+REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2"}
 # Mul and Div keep it affine when one side is a constant.
 SCALING = {"Mul", "Div"}
 
@@ -91,7 +93,8 @@ def split(
     pool, head_nodes, kinds = _find_head(graph, scores_name, values)
     ops, arrays, pooled_shape, scores_name = _head_ops(model, pool, head_nodes, kinds, scores_name, values)
     trunk = _trunk(model, image.name, pool.input[0], layout, bgr, values.pool_layout(pool))
-    features, fixed_size = _check_trunk(trunk, size, pooled_shape)
+    # An AveragePool's kernel covers the whole map at this size only: elsewhere the model computes something else.
+    features, fixed_size = _check_trunk(trunk, size, pooled_shape, any_size=pool.op_type != "AveragePool")
     head = _fold(GraphHead(ops, arrays, pooled_shape, pool.output[0], scores_name))
     stride = max(1, round(size / features.shape[2]))
     return Split(trunk, head, size, fixed_size, stride, output_kind, layout)
@@ -152,6 +155,8 @@ class _Values:
     def __init__(self, model: onnx.ModelProto, image: str, layout: str, size: int):
         self.model, self.image, self.layout, self.size = model, image, layout, size
         self._shapes: dict[str, list[int]] | None = None
+        input_dims = _dims(next(i for i in model.graph.input if i.name == image))
+        self.one_image = input_dims[0] == 1  # made for batch 1: its shape constants may say 1 for the batch
 
     def input_array(self, batch: int, seed: int = 0) -> np.ndarray:
         shape = (batch, 3, self.size, self.size) if self.layout == "NCHW" else (batch, self.size, self.size, 3)
@@ -259,7 +264,7 @@ def _find_head(
     if not pools:
         raise ExportError(
             "no global average pooling found: CAM and Grad-CAM need a head on globally pooled features "
-            "(a VGG-style Flatten + FC over the whole map is not supported)"
+            "(a VGG-style Flatten + FC over the whole map is not supported)" + _pool_size_hint(graph, values)
         )
     reason = ""
     for pool in reversed(pools):
@@ -269,6 +274,19 @@ def _find_head(
         except ExportError as e:
             reason = str(e)
     raise ExportError(reason)
+
+
+def _pool_size_hint(graph: onnx.GraphProto, values: _Values) -> str:
+    """If the last AveragePool would cover the whole map at another input size, say so."""
+    pools = [n for n in graph.node if n.op_type == "AveragePool"]
+    shape = values.shape(pools[-1].input[0]) if pools else None
+    if shape is None or len(shape) != 4:
+        return ""
+    kernel = list(_attr(pools[-1], "kernel_shape"))
+    return (
+        f"; its last AveragePool has a {kernel[0]}x{kernel[1]} kernel, but its input is {shape[2]}x{shape[3]} "
+        f"at {values.size} px: give the model's input size with --input-size"
+    )
 
 
 def _kinds(graph: onnx.GraphProto, pooled: str) -> dict[str, str]:
@@ -285,8 +303,8 @@ def _kinds(graph: onnx.GraphProto, pooled: str) -> dict[str, str]:
         if node.op_type == "Constant":
             continue
         found = [kinds.get(i) for i in node.input if i]
-        if node.op_type == "Shape":
-            kind = {"data": "shape", "shape": "shape", "const": "const"}.get(found[0])
+        if node.op_type == "Shape":  # of any tensor, the trunk's too (``x.view(x.size(0), -1)``)
+            kind = "const" if found[0] == "const" else "shape"
         elif "data" in found or "mixed" in found:
             kind = "data" if None not in found else "mixed"
         elif None in found:
@@ -317,13 +335,32 @@ def _head_nodes(graph: onnx.GraphProto, pool: onnx.NodeProto, scores: str, kinds
         if id(node) in needed:
             continue
         if kinds.get(name) not in ("data", "shape", "const"):
+            node = _trunk_source(node, producers, kinds)
             raise ExportError(
-                f"the head reads {name!r} ({node.op_type} {node.name!r}), which comes from before the last "
-                "global pooling; npcam needs a head that depends only on the pooled features"
+                f"the head reads {node.output[0]!r} ({node.op_type} {node.name!r}), which is computed from before "
+                f"the last global pooling ({pool.op_type} {pool.name!r}); npcam needs a head that depends only on "
+                "the pooled features"
             )
         needed[id(node)] = node
-        todo += list(node.input)
+        todo += [i for i in node.input if node.op_type != "Shape" or kinds.get(i) in ("data", "shape", "const")]
     return [n for n in graph.node if id(n) in needed]
+
+
+def _outer_shapes(nodes: list[onnx.NodeProto], kinds: dict) -> list[str]:
+    """Tensors from before the pooling whose shape (never their values) the head reads."""
+    return sorted({n.input[0] for n in nodes if n.op_type == "Shape" and kinds.get(n.input[0]) is None})
+
+
+def _trunk_source(node: onnx.NodeProto, producers: dict, kinds: dict) -> onnx.NodeProto:
+    """Where a head node that mixes in trunk tensors gets them: the first producer of a pure trunk tensor."""
+    while kinds.get(node.output[0]) == "mixed":
+        inputs = [i for i in node.input if i in producers]
+        source = next((i for i in inputs if kinds.get(i) is None), None)
+        source = source or next((i for i in inputs if kinds.get(i) == "mixed"), None)
+        if source is None:
+            break
+        node = producers[source]
+    return node
 
 
 # From ONNX nodes to npcam's head ops
@@ -342,16 +379,22 @@ def _head_ops(
     """
     pooled_name = pool.output[0]
     pooled_shape = _pooled_shape(pool, values)
-    evaluator = ReferenceEvaluator(_subgraph(model, nodes, pooled_name, pooled_shape, scores))
+    outer = {name: values.shape(name) for name in _outer_shapes(nodes, kinds)}
+    if None in outer.values():
+        raise ExportError(f"cannot tell the shape of {', '.join(k for k, v in outer.items() if v is None)}")
+    evaluator = ReferenceEvaluator(_subgraph(model, nodes, pooled_name, pooled_shape, scores, outer))
     runs = []
-    for batch in (1, 2):
+    for batch in (1,) if values.one_image else (1, 2):
         pooled = np.random.default_rng(batch).standard_normal((batch, *pooled_shape[1:])).astype(np.float32)
+        feed = {pooled_name: pooled, **{k: np.zeros((batch, *v[1:]), np.float32) for k, v in outer.items()}}
         try:
-            runs.append({pooled_name: pooled, **evaluator.run(None, {pooled_name: pooled}, intermediate=True)})
+            runs.append({**feed, **evaluator.run(None, feed, intermediate=True)})
         except Exception as e:  # the reference evaluator raises whatever the op's code raises
             raise ExportError(
                 f"the head does not run on a batch of {batch} pooled vectors ({_first_line(e)})"
             ) from None
+    if values.one_image:
+        runs.append(runs[0])  # nothing to tell apart: a batch-sized 1 in a shape is taken as the batch
     ops, arrays, alias = [], {}, {}
 
     def ref(name: str) -> str:
@@ -380,8 +423,8 @@ def _head_ops(
             )
         ops.append(_convert(node, ref, runs))
     scores = alias.get(scores, scores)
-    if not ops:
-        raise ExportError("there is no layer between the pooling and the scores")
+    if not ops:  # the classes are the pooled channels (a conv classifier before the pooling, as in SqueezeNet)
+        ops, scores = [Op("Flatten", (pooled_name,), "scores", {"axis": 1})], "scores"
     return ops, arrays, pooled_shape, scores
 
 
@@ -396,13 +439,17 @@ def _pooled_shape(pool: onnx.NodeProto, values: _Values) -> list[int]:
     return [-1, a, 1, 1] if keep else [-1, a]
 
 
-def _subgraph(model, nodes, pooled_name, pooled_shape, scores) -> onnx.ModelProto:
-    """A model from the pooled tensor to the scores, with the constants it needs, for the reference evaluator."""
+def _subgraph(model, nodes, pooled_name, pooled_shape, scores, outer) -> onnx.ModelProto:
+    """A model from the pooled tensor to the scores, with the constants it needs, for the reference evaluator.
+
+    ``outer`` maps the trunk tensors whose shapes the head reads to their shapes: they become inputs too.
+    """
     needed = {i for n in nodes for i in n.input}
     initializers = [i for i in model.graph.initializer if i.name in needed]
     pooled = helper.make_tensor_value_info(pooled_name, TensorProto.FLOAT, ["N", *pooled_shape[1:]])
+    shaped = [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N", *v[1:]]) for k, v in outer.items()]
     out = helper.make_tensor_value_info(scores, TensorProto.FLOAT, None)
-    graph = helper.make_graph(nodes, "head", [pooled], [out], initializers)
+    graph = helper.make_graph(nodes, "head", [pooled, *shaped], [out], initializers)
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
@@ -451,15 +498,25 @@ def _convert(node: onnx.NodeProto, ref, runs) -> Op:
         high = float(constant(2)) if high is None and constant(2) is not None else high
         attrs = {k: v for k, v in (("min", low), ("max", high)) if v is not None}
         return Op(op, (ref(inputs[0]),), out, attrs)
-    if op == "ReduceMean":
+    if op in REDUCTIONS:
         rank = len(np.asarray(runs[0][inputs[0]]).shape)
         axes = _attr(node, "axes")
         if axes is None:
-            axes = constant(1).astype(int).ravel().tolist() if constant(1) is not None else list(range(rank))
+            axes = constant(1).astype(int).ravel().tolist() if constant(1) is not None else []
+        if not axes and not _attr(node, "noop_with_empty_axes", 0):
+            axes = list(range(rank))
         axes = [a % rank for a in axes]
         if 0 in axes:
-            raise ExportError(f"the head's ReduceMean {node.name!r} averages over the batch")
+            raise ExportError(f"the head's {op} {node.name!r} reduces over the batch")
         return Op(op, (ref(inputs[0]),), out, {"axes": axes, "keepdims": int(_attr(node, "keepdims", 1))})
+    if op == "Expand":
+        shape = np.asarray(runs[0][inputs[1]]).astype(int).tolist()
+        batch2 = np.asarray(runs[1][inputs[1]]).astype(int).tolist()
+        if len(shape) < np.asarray(runs[0][out]).ndim:  # broadcast over trailing axes only
+            return Op(op, (ref(inputs[0]),), out, {"shape": shape})
+        if shape[1:] != batch2[1:] or (shape[0] != batch2[0] and (shape[0], batch2[0]) != (1, 2)):
+            raise ExportError(f"the head's Expand {node.name!r} does not keep the batch dimension ({shape})")
+        return Op(op, (ref(inputs[0]),), out, {"shape": [1, *shape[1:]]})  # 1: the input's own batch
     if op == "Conv":
         weight = constant(1)
         x_shape = np.asarray(runs[0][inputs[0]]).shape
@@ -544,8 +601,8 @@ def _trunk(
     if features == image:
         raise ExportError("the pooling reads the model input directly; there is no trunk")
     names = {o for n in nodes for o in n.output} | {i.name for i in graph.initializer} | {image}
-    if ("image" in names and image != "image") or ("features" in names and features != "features"):
-        raise ExportError("the model already uses the tensor names 'image' or 'features' inside; rename them first")
+    # Tensors that already bear the contract's names inside the model make way for them.
+    clashes = {n: _unique(f"{n}_in_model", names) for n in ("image", "features") if n in names - {image, features}}
     adapters, extra = [], []
     inner = "image"
     if bgr:
@@ -562,7 +619,7 @@ def _trunk(
         adapters.append(helper.make_node("Transpose", [inner], [nhwc], name=nhwc, perm=[0, 2, 3, 1]))
         inner = nhwc
     out = "features" if pool_layout == "NCHW" else _unique("npcam_nhwc_features", names)
-    rename = {image: inner, features: out}
+    rename = {**clashes, image: inner, features: out}
     for node in nodes:
         node.input[:] = [rename.get(source(i), source(i)) if i else i for i in node.input]
         node.output[:] = [rename.get(o, o) for o in node.output]
@@ -571,7 +628,9 @@ def _trunk(
             helper.make_node("Transpose", [out], ["features"], name="npcam_nhwc_to_nchw", perm=[0, 3, 1, 2])
         )
     used = {i for n in nodes + adapters for i in n.input}
-    initializers = [copy.deepcopy(i) for i in graph.initializer if i.name in used] + extra
+    initializers = [copy.deepcopy(i) for i in graph.initializer if rename.get(i.name, i.name) in used] + extra
+    for i in initializers:
+        i.name = rename.get(i.name, i.name)
     taken: set[str] = set()
     for n, node in enumerate(nodes + adapters):
         if not node.name or node.name in taken:
@@ -616,11 +675,14 @@ def set_input_dims(trunk: onnx.ModelProto, batch: int | str, height: int | str, 
             d.dim_param = v
 
 
-def _check_trunk(trunk: onnx.ModelProto, size: int, pooled_shape: list[int]) -> tuple[np.ndarray, bool]:
+def _check_trunk(
+    trunk: onnx.ModelProto, size: int, pooled_shape: list[int], any_size: bool = True
+) -> tuple[np.ndarray, bool]:
     """Run the trunk at the native size, then find out whether it also takes other batches and sizes.
 
-    Returns the native features and whether the size is fixed. The batch stays
-    fixed at 1 when a batch of 2 does not give the two single results.
+    Returns the native features and whether the size is fixed (always, unless
+    ``any_size``). The batch stays fixed at 1 when a batch of 2 does not give
+    the two single results.
     """
     channels = int(np.prod(pooled_shape[1:]))
     rng = np.random.default_rng(0)
@@ -643,8 +705,8 @@ def _check_trunk(trunk: onnx.ModelProto, size: int, pooled_shape: list[int]) -> 
     except Exception:
         batch_ok = False
     stride = max(1, round(size / features.shape[2]))
-    dynamic = True
-    for h, w in ((size + 2 * stride, size), (size, size + 3 * stride)):
+    dynamic = any_size
+    for h, w in ((size + 2 * stride, size), (size, size + 3 * stride)) if any_size else ():
         try:
             out = session.run(["features"], {"image": rng.standard_normal((1, 3, h, w), dtype=np.float32)})[0]
             dynamic &= (

@@ -118,4 +118,6 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict):
         raise ExportError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}  # saved from DataParallel/DistributedDataParallel
     return state

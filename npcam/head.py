@@ -283,17 +283,40 @@ def _like_input(a, dy):
     return [dy.reshape(dy.shape[0], *a[0].shape[1:])] + [None] * (len(a) - 1)
 
 
-def _reduce_mean_axes(x, at):
+def _reduce_axes(x, at):
     return tuple(int(ax) % x.ndim for ax in at.get("axes", range(x.ndim)))
 
 
-def _reduce_mean_backward(a, at, y, dy, v):
-    x = a[0]
-    axes = _reduce_mean_axes(x, at)
-    if not at.get("keepdims", 1):
-        dy = np.expand_dims(dy, axes)
-    n = math.prod(x.shape[ax] for ax in axes)
-    return [np.broadcast_to(dy / n, (dy.shape[0], *x.shape[1:])).copy()]
+def _reduce(f, df):
+    """A reduction ``y = f(x, axes)`` over ``attrs["axes"]``, with ``dy/dx = df(x, y)`` (y kept 1 on those axes)."""
+
+    def forward(a, at):
+        return f(a[0], _reduce_axes(a[0], at), bool(at.get("keepdims", 1)))
+
+    def backward(a, at, y, dy, v):
+        x = a[0]
+        axes = _reduce_axes(x, at)
+        if not at.get("keepdims", 1):
+            dy, y = np.expand_dims(dy, axes), np.expand_dims(y, axes)
+        return [np.broadcast_to(dy * df(x, y, axes), (dy.shape[0], *x.shape[1:])).copy()]
+
+    return _Rule(forward, backward)
+
+
+def _l2_gradient(x, y, axes):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(y > 0, x / y, 0.0)  # the norm's subgradient 0 at 0, as torch's
+
+
+def _prelu_backward(a, at, y, dy, v):
+    if v[1]:
+        raise ValueError("PRelu: the slope must be a constant")
+    x, slope = a
+    return [dy * np.where(x > 0, 1.0, slope), None]
+
+
+def _expand_backward(a, at, y, dy, v):
+    return [_unbroadcast(dy, a[0].shape)]
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -357,10 +380,24 @@ OPS: dict[str, _Rule] = {
     "Neg": _elementwise(lambda x, at: -x, lambda x, y, at: -1.0),
     "BatchNormalization": _Rule(_bn_forward, _bn_backward),
     "LayerNormalization": _Rule(_ln_forward, _ln_backward),
-    "ReduceMean": _Rule(
-        lambda a, at: a[0].mean(axis=_reduce_mean_axes(a[0], at), keepdims=bool(at.get("keepdims", 1))),
-        _reduce_mean_backward,
+    "Max": _binary(np.maximum, lambda a, b: a >= b, lambda a, b: a < b),
+    "Min": _binary(np.minimum, lambda a, b: a <= b, lambda a, b: a > b),
+    "PRelu": _Rule(lambda a, at: np.where(a[0] > 0, a[0], a[1] * a[0]), _prelu_backward),
+    "Elu": _elementwise(
+        lambda x, at: np.where(x > 0, x, at.get("alpha", 1.0) * np.expm1(np.minimum(x, 0))),
+        lambda x, y, at: np.where(x > 0, 1.0, y + at.get("alpha", 1.0)),
     ),
+    "Softplus": _elementwise(lambda x, at: np.logaddexp(0, x), lambda x, y, at: 1 / (1 + np.exp(-x))),
+    "Exp": _elementwise(lambda x, at: np.exp(x), lambda x, y, at: y),
+    "Log": _elementwise(lambda x, at: np.log(x), lambda x, y, at: 1 / x),
+    "Abs": _elementwise(lambda x, at: np.abs(x), lambda x, y, at: np.sign(x)),
+    "ReduceMean": _reduce(
+        lambda x, axes, keep: x.mean(axis=axes, keepdims=keep),
+        lambda x, y, axes: 1.0 / math.prod(x.shape[ax] for ax in axes),
+    ),
+    "ReduceSum": _reduce(lambda x, axes, keep: x.sum(axis=axes, keepdims=keep), lambda x, y, axes: 1.0),
+    "ReduceL2": _reduce(lambda x, axes, keep: np.sqrt((x**2).sum(axis=axes, keepdims=keep)), _l2_gradient),
+    "Expand": _Rule(lambda a, at: a[0] * np.ones(at["shape"]), _expand_backward),
     "Flatten": _Rule(
         lambda a, at: a[0].reshape(math.prod(a[0].shape[: at.get("axis", 1)]), -1),
         lambda a, at, y, dy, v: _like_input(a, dy),

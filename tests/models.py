@@ -222,6 +222,84 @@ class TwoLinear(MLPHead):
         return self.fc2(self.fc1(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1)))
 
 
+class CosineHead(MLPHead):
+    """A cosine classifier: normalized features against normalized class vectors, times a scale (Grad-CAM)."""
+
+    def scores(self, f):
+        pooled = F.normalize(torch.flatten(F.adaptive_avg_pool2d(f, 1), 1), dim=1)
+        return 16.0 * pooled @ F.normalize(self.fc2.weight @ self.fc1.weight, dim=1).t()
+
+
+class PReLUHead(MLPHead):
+    """GAP -> Linear -> PReLU -> ELU -> Linear: activations with a learned slope and an exponential (Grad-CAM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.PReLU(64, init=0.2)
+
+    def scores(self, f):
+        return self.fc2(F.elu(self.act(self.fc1(f.mean(dim=(2, 3))))))
+
+
+class GeMPool(MLPHead):
+    """Generalized-mean pooling (image retrieval's GeM): the pooling reads ``x**3``, the head takes the cube root."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc2 = nn.Linear(128, CLASSES)
+
+    def features(self, x):
+        return self.body(x).clamp(min=1e-6).pow(3)
+
+    def scores(self, f):
+        return self.fc2(F.adaptive_avg_pool2d(f, 1).pow(1 / 3).flatten(1))
+
+
+class SqueezeNetish(Classifier):
+    """The classifier is a 1x1 conv *before* the pooling, as in SqueezeNet and NiN: an empty head, the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = MLPHead().body
+        self.classifier = nn.Conv2d(128, CLASSES, 1)
+
+    def features(self, x):
+        return F.relu(self.classifier(self.body(x)))
+
+    def scores(self, f):
+        return torch.flatten(F.adaptive_avg_pool2d(f, 1), 1)
+
+    def forward(self, x):
+        return self.output(self.scores(self.features(x)))
+
+
+class TwoOutputs(MLPHead):
+    """Returns (class scores, an auxiliary output): the first is the classifier's."""
+
+    def forward(self, x):
+        pooled = self.features(x).mean(dim=(2, 3))
+        return self.scores(self.features(x)), pooled[:, :2]
+
+
+class FixedPool(MLPHead):
+    """``avg_pool2d`` with a fixed kernel that covers the map at 128 px only (the module fails at other sizes)."""
+
+    def scores(self, f):
+        return self.fc2(F.relu(self.fc1(F.avg_pool2d(f, 4).view(f.size(0), -1))))  # f's batch, not the pooled
+
+
+class ConcatPool(MLPHead):
+    """fastai's head: average and max pooling side by side. The max branch does not spread its gradient evenly."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(256, 64)
+
+    def scores(self, f):
+        pooled = torch.cat([F.adaptive_avg_pool2d(f, 1), F.adaptive_max_pool2d(f, 1)], 1).flatten(1)
+        return self.fc2(F.relu(self.fc1(pooled)))
+
+
 class VGGish(nn.Module):
     """No global pooling: Flatten over the whole map, then a Linear. CAM does not apply."""
 
@@ -250,3 +328,10 @@ mlp_head = _seeded(MLPHead)
 two_linear = _seeded(TwoLinear)
 vggish = _seeded(VGGish)
 skip_into_head = _seeded(SkipIntoHead)
+cosine_head = _seeded(CosineHead)
+prelu_head = _seeded(PReLUHead)
+gem_pool = _seeded(GeMPool)
+squeezenetish = _seeded(SqueezeNetish)
+two_outputs = _seeded(TwoOutputs)
+fixed_pool = _seeded(FixedPool)
+concat_pool = _seeded(ConcatPool)

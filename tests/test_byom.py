@@ -66,8 +66,17 @@ def check_against_torch(bundle, net, nhwc=False, name=""):
     return model
 
 
-AFFINE = ["mobilenet_v2ish", "densenetish", "two_linear"]
-GRAPH = ["mobilenet_v3ish", "convnextish", "mlp_head"]
+AFFINE = ["mobilenet_v2ish", "densenetish", "two_linear", "squeezenetish"]
+GRAPH = [
+    "mobilenet_v3ish",
+    "convnextish",
+    "mlp_head",
+    "cosine_head",
+    "prelu_head",
+    "gem_pool",
+    "fixed_pool",
+    "two_outputs",
+]
 
 
 @pytest.mark.parametrize("family", AFFINE + GRAPH)
@@ -77,15 +86,62 @@ def test_torch_module_route(family, tmp_path):
     model = check_against_torch(out, net, name=family)
     assert model.head.kind == ("affine" if family in AFFINE else "graph")
     assert model.default_method == ("cam" if family in AFFINE else "gradcam")
-    assert not model.bundle.fixed_size and model.labels == tuple(f"class {i}" for i in range(models.CLASSES))
+    assert model.bundle.fixed_size == (family == "fixed_pool") and model.labels == tuple(
+        f"class {i}" for i in range(models.CLASSES)
+    )
 
 
 @pytest.mark.parametrize("family", AFFINE + GRAPH)
 def test_onnx_route(family, tmp_path):
     net = getattr(models, family)()
     (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE)))
-    model = check_against_torch(run_onnx(tmp_path / "m.onnx", tmp_path / "b"), net, name=family)
+    output = "y" if family == "two_outputs" else None  # the scores' name, as the model has two outputs
+    out = run_onnx(tmp_path / "m.onnx", tmp_path / "b", input_size=SIZE, output=output)
+    model = check_against_torch(out, net, name=family)
     assert model.head.kind == ("affine" if family in AFFINE else "graph")
+
+
+def test_which_output_and_which_size_are_asked_for_in_one_line(tmp_path, capsys):
+    """Two outputs need --output; a fixed AveragePool kernel on a dynamic-size model needs --input-size."""
+    for family, flag in (("two_outputs", "name one with --output"), ("fixed_pool", "--input-size")):
+        (tmp_path / "m.onnx").write_bytes(onnx_bytes(getattr(models, family)(), (1, 3, SIZE, SIZE)))
+        assert export_main(["onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "b")]) == 1
+        err = capsys.readouterr().err
+        assert flag in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_model_made_for_one_image_at_a_time(tmp_path):
+    """A static batch of 1 throughout, so that torch writes ``view(x.size(0), -1)`` as Reshape to [1, C]."""
+    net = models.fixed_pool()
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE), dynamic=False))
+    model = check_against_torch(run_onnx(tmp_path / "m.onnx", tmp_path / "b"), net, name="batch of 1")
+    pred = model.predict_many(PHOTOS[:2])  # the head itself still takes batches
+    assert [p.top1 for p in pred] == [model.predict(p).top1 for p in PHOTOS[:2]]
+
+
+def test_tensors_named_like_the_bundle_contract_inside_the_model(tmp_path):
+    """A model that already calls inner tensors ``image`` and ``features`` (and its input ``features``)."""
+    import onnx
+
+    net = models.mlp_head()
+    graph_model = onnx.load_from_string(onnx_bytes(net, (1, 3, SIZE, SIZE)))
+    convs = [n for n in graph_model.graph.node if n.op_type == "Conv"]
+    renames = {graph_model.graph.input[0].name: "features", convs[1].output[0]: "image"}
+    for node in graph_model.graph.node:
+        node.input[:] = [renames.get(i, i) for i in node.input]
+        node.output[:] = [renames.get(o, o) for o in node.output]
+    graph_model.graph.input[0].name = "features"
+    onnx.save(graph_model, tmp_path / "m.onnx")
+    check_against_torch(run_onnx(tmp_path / "m.onnx", tmp_path / "b"), net, name="contract names inside")
+
+
+def test_data_parallel_checkpoint(tmp_path):
+    """A state dict saved from DataParallel (keys ``module.…``) inside a training checkpoint."""
+    net = models.mlp_head(seed=4)
+    state = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "ckpt.pth")
+    out = run_torch("models:mlp_head", tmp_path / "b", weights=tmp_path / "ckpt.pth", input_size=SIZE)
+    check_against_torch(out, net, name="DataParallel checkpoint")
 
 
 def test_affine_heads_fold_to_the_exact_weights(tmp_path):
@@ -152,6 +208,7 @@ def test_label_file_names_the_classes(tmp_path, capsys):
     [
         ("vggish", "no global average pooling found"),
         ("skip_into_head", "before the last global pooling"),
+        ("concat_pool", "MaxPool"),
     ],
 )
 def test_unsupported_heads_are_refused_in_one_line(family, message, tmp_path, capsys):

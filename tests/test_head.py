@@ -41,6 +41,7 @@ C = 6
 UNARY = {
     "Relu": {}, "LeakyRelu": {"alpha": 0.1}, "Clip": {"min": -0.5, "max": 0.7}, "HardSigmoid": {"alpha": 1 / 6, "beta": 0.5},
     "HardSwish": {}, "Sigmoid": {}, "Tanh": {}, "Erf": {}, "Gelu": {}, "Neg": {},
+    "Elu": {"alpha": 0.8}, "Softplus": {}, "Exp": {}, "Abs": {},
 }  # fmt: skip
 
 
@@ -72,11 +73,13 @@ def test_unary_op_gradient(op):
     np.testing.assert_allclose(head.gradient(p, [0, 1, 2]), finite_difference(head, p, [0, 1, 2]), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Pow"])
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min"])
 def test_binary_op_with_a_constant(op):
     const = RNG.uniform(0.5, 2.0, C) if op != "Pow" else np.array(2.0)
     head = one_op_head(op, extra=("k",), arrays={"k": const})
-    p = RNG.uniform(0.5, 2.0, C)
+    p = RNG.uniform(0.5, 2.0, C) if op != "PRelu" else RNG.uniform(-2, 2, C)
+    if op in ("Max", "Min"):  # some channels on each side of the constant, none at a tie
+        p = const + np.where(np.arange(C) % 2, 0.3, -0.3)
     np.testing.assert_allclose(head.gradient(p, [0, 2]), finite_difference(head, p, [0, 2]), rtol=1e-5, atol=1e-7)
 
 
@@ -121,6 +124,26 @@ def test_linear_algebra_and_normalization_ops():
     p = RNG.uniform(-1, 1, C)
     np.testing.assert_allclose(head.gradient(p, [0, 1, 3]), finite_difference(head, p, [0, 1, 3]), rtol=1e-5, atol=1e-7)
     assert head.classes == 4 and set(OPS) >= {op.op for op in ops}
+
+
+def test_reductions_expand_and_log():
+    """F.normalize's ops (ReduceL2, Clip, Expand, Div), ReduceSum with and without keepdims, Log."""
+    ops = [
+        Op("ReduceL2", ("pooled",), "n", {"axes": [1], "keepdims": 1}),
+        Op("Clip", ("n",), "n1", {"min": 1e-12}),
+        Op("Expand", ("n1",), "n2", {"shape": [1, C]}),
+        Op("Div", ("pooled", "n2"), "u"),
+        Op("ReduceSum", ("pooled",), "s", {"axes": [1], "keepdims": 0}),
+        Op("Unsqueeze", ("s",), "s1", {"axes": [1]}),
+        Op("Mul", ("u", "s1"), "v"),
+        Op("Softplus", ("v",), "v1"),
+        Op("Log", ("v1",), "v2"),
+        Op("Gemm", ("v2", "w"), "scores", {"transB": 1}),
+    ]
+    head = GraphHead(ops, {"w": RNG.standard_normal((3, C))}, (-1, C))
+    p = RNG.uniform(-1, 1, C)
+    np.testing.assert_allclose(head.gradient(p, [0, 1, 2]), finite_difference(head, p, [0, 1, 2]), rtol=1e-5, atol=1e-7)
+    assert head.forward(p[None]).shape == (1, 3) and head.forward(np.vstack([p, p])).shape == (2, 3)
 
 
 def test_head_batches_like_single_samples():
