@@ -607,13 +607,10 @@ def _trunk(
     inner = "image"
     if bgr:
         inner = _unique("npcam_rgb_to_bgr", names)
-        adapters.append(
-            helper.make_node("Slice", ["image", "npcam_c0", "npcam_c1", "npcam_c2", "npcam_c3"], [inner], name=inner)
-        )
-        extra += [
-            numpy_helper.from_array(np.array([v], dtype=np.int64), n)
-            for n, v in (("npcam_c0", -1), ("npcam_c1", -(2**62)), ("npcam_c2", 1), ("npcam_c3", -1))
-        ]
+        # Gather along the channels: the same op in every opset (Slice takes its steps as inputs only from 10).
+        order = _unique("npcam_bgr_order", names)
+        adapters.append(helper.make_node("Gather", ["image", order], [inner], name=inner, axis=1))
+        extra.append(numpy_helper.from_array(np.array([2, 1, 0], dtype=np.int64), order))
     if layout == "NHWC":
         nhwc = _unique("npcam_nchw_to_nhwc", names)
         adapters.append(helper.make_node("Transpose", [inner], [nhwc], name=nhwc, perm=[0, 2, 3, 1]))
