@@ -87,8 +87,8 @@ def test_third_party_classifier_explained_as_its_own_graph_says(name, tmp_path):
         features, pooled = session.run([pool.input[0], pool.output[0]], {image_name: x})
         features = features[0].transpose(2, 0, 1) if features.shape[-1] != pred.features.shape[-1] else features[0]
 
-        def score(p: np.ndarray) -> np.ndarray:
-            return head.run(None, {pool.output[0]: p.reshape(pooled.shape)})[0].reshape(-1)
+        def score(p: np.ndarray, shape=pooled.shape) -> np.ndarray:
+            return head.run(None, {pool.output[0]: p.reshape(shape)})[0].reshape(-1)
 
         logits = score(pooled.astype(np.float64))
         assert (
