@@ -19,7 +19,7 @@ import onnxruntime
 
 import npcam
 from npcam import bundle as bundle_format
-from npcam.cam import softmax
+from npcam.cam import probabilities, softmax
 
 from .errors import ExportError
 from .split import Split
@@ -144,8 +144,8 @@ def self_check(bundle: Path, reference: Reference, output: str, sizes: Sequence[
             raise ExportError(f"the original model fails on a random {n}x3x{h}x{w} input ({why})") from None
         checked.append([n, h, w])
         got = model.scores(x).astype(np.float64)
-        if output == "probabilities":
-            got = softmax(got, axis=1)
+        if output in ("probabilities", "sigmoid"):
+            got = probabilities(got, multi_label=output == "sigmoid")
         elif output == "log_probabilities":
             got = np.log(softmax(got, axis=1))
         worst = max(worst, relative_error(got, want))

@@ -12,7 +12,8 @@ an AveragePool whose kernel covers the whole map.
   for NHWC models, a channel flip for BGR ones) and output ``features``
   ``[N,C,h,w]``. Batch, height and width are made dynamic where the trunk runs
   that way.
-- The **head** is the rest, up to the scores before any final Softmax. Shape
+- The **head** is the rest, up to the scores before any final Softmax (or
+  Sigmoid: a multi-label model). Shape
   arithmetic (``Shape -> Slice -> Concat -> Reshape``) is evaluated here, so
   the head is a short list of ops on the pooled vector (:class:`npcam.head.GraphHead`).
   If every op is affine (Gemm, MatMul, Add, BatchNormalization, Flatten, ...),
@@ -59,7 +60,7 @@ class Split:
     input_size : the side of the input the model was made for
     fixed_size : True when the trunk only runs at ``input_size``
     stride : input pixels per feature cell
-    output : what the model's output is: "logits", "probabilities" or "log_probabilities"
+    output : what the model's output is: "logits", "probabilities", "log_probabilities" or "sigmoid"
     layout : the original input layout, "NCHW" or "NHWC"
     """
 
@@ -124,7 +125,7 @@ def _image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
 
 
 def _scores(graph: onnx.GraphProto, name: str | None) -> tuple[str, str]:
-    """The tensor holding the class scores, and what the model outputs: its final Softmax is set aside."""
+    """The tensor holding the class scores, and what the model outputs: a final Softmax or Sigmoid is set aside."""
     names = [o.name for o in graph.output]
     if name is None:
         if len(names) != 1:
@@ -136,9 +137,9 @@ def _scores(graph: onnx.GraphProto, name: str | None) -> tuple[str, str]:
     node = producers.get(name)
     while node is not None and node.op_type in NOOPS:
         name, node = node.input[0], producers.get(node.input[0])
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        kind = "probabilities" if node.op_type == "Softmax" else "log_probabilities"
-        return node.input[0], kind
+    kinds = {"Softmax": "probabilities", "LogSoftmax": "log_probabilities", "Sigmoid": "sigmoid"}
+    if node is not None and node.op_type in kinds:  # a final Sigmoid: a multi-label model
+        return node.input[0], kinds[node.op_type]
     return name, "logits"
 
 

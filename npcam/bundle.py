@@ -31,6 +31,8 @@ from .errors import NpcamError
 from .head import AffineHead, GraphHead, Op
 
 FORMAT = "npcam-bundle"
+# What the original model outputs; "sigmoid" (multi-label) also makes npcam's probabilities per-class sigmoids.
+OUTPUTS = ("logits", "probabilities", "log_probabilities", "sigmoid")
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 HEAD_FILES = {"affine": ("fc_weight.npy", "fc_bias.npy"), "graph": ("head.json", "head.npz")}
@@ -79,6 +81,11 @@ class Bundle:
     @property
     def stride(self) -> int:
         return int(self.meta.get("stride", DEFAULT_STRIDE))
+
+    @property
+    def multi_label(self) -> bool:
+        """The model scores each class on its own (a final sigmoid), not one class out of K."""
+        return self.meta.get("output") == "sigmoid"
 
 
 def digest(meta: dict) -> str:
@@ -160,6 +167,8 @@ def _read_meta(path: Path) -> dict:
             raise NpcamError(f"{meta_file}: key {key!r} must be a list of 3 numbers (R, G, B)")
     if not all(v > 0 for v in meta["std"]):
         raise NpcamError(f"{meta_file}: key 'std' must be positive")
+    if meta.get("output", "logits") not in OUTPUTS:
+        raise NpcamError(f"{meta_file}: key 'output' must be one of {', '.join(OUTPUTS)}, not {meta['output']!r}")
     if not isinstance(meta.get("fixed_size", False), bool):
         raise NpcamError(f"{meta_file}: key 'fixed_size' must be true or false")
     if not isinstance(meta["files"], dict):

@@ -20,6 +20,18 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function, without overflow warnings for large ``|x|``; same shape and dtype as ``x``."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def probabilities(scores: np.ndarray, multi_label: bool = False) -> np.ndarray:
+    """Class probabilities from class scores ``[..., K]``: a softmax over the classes, or each class's
+    sigmoid for a multi-label model (whose classes are independent yes/no questions)."""
+    return sigmoid(scores) if multi_label else softmax(scores, axis=-1)
+
+
 def pool(features: np.ndarray) -> np.ndarray:
     """Global average pooling: float32 ``[N, C, h, w]`` to float32 ``[N, C]``."""
     return features.mean(axis=(2, 3), dtype=np.float32)

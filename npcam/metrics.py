@@ -2,8 +2,8 @@
 
 Both follow TorchCAM's implementations (``torchcam.metrics``), so their
 numbers can be compared. The input ``x`` is the *normalized* network input,
-the map is upsampled bilinearly to its size, and the scores are softmax
-probabilities of the explained class.
+the map is upsampled bilinearly to its size, and the scores are the model's
+probabilities of the explained class (softmax; sigmoid for a multi-label model).
 
 - **Average Drop and Increase in Confidence** (Chattopadhay et al., Grad-CAM++,
   WACV 2018): with ``s = p_c(x)`` and ``s' = p_c(map * x)``,
@@ -24,7 +24,6 @@ import math
 
 import numpy as np
 
-from .cam import softmax
 from .model import Model, Prediction
 from .upsample import upsample
 
@@ -33,10 +32,10 @@ _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # NumPy 2 renamed it
 
 
 def _probability(model: Model, inputs: np.ndarray, class_index: int) -> np.ndarray:
-    """Softmax probability of one class for each of ``inputs`` ``[N, 3, H, W]``, in batches."""
+    """The probability of one class for each of ``inputs`` ``[N, 3, H, W]``, in batches."""
     out = []
     for start in range(0, len(inputs), BATCH):
-        out.append(softmax(model.scores(inputs[start : start + BATCH]).astype(np.float64), axis=1)[:, class_index])
+        out.append(model.probabilities(model.scores(inputs[start : start + BATCH]).astype(np.float64))[:, class_index])
     return np.concatenate(out)
 
 
@@ -47,7 +46,7 @@ def confidence_change(model: Model, prediction: Prediction, cam: np.ndarray, cla
     """
     x = prediction.input
     mask = upsample(cam.astype(np.float32), x.shape[2:])
-    s = float(softmax(prediction.logits.astype(np.float64))[class_index])
+    s = float(model.probabilities(prediction.logits.astype(np.float64))[class_index])
     masked = float(_probability(model, x * mask, class_index)[0])
     return max(0.0, s - masked) / (s + 1e-7), s < masked
 
@@ -73,7 +72,7 @@ def deletion_insertion(
         first = (ranks < count)[None]
         perturbed += [np.where(first, 0.0, flat), np.where(first, flat, 0.0)]
     scores = _probability(model, np.stack(perturbed).reshape(-1, *x.shape).astype(np.float32), class_index)
-    original = float(softmax(prediction.logits.astype(np.float64))[class_index])
+    original = float(model.probabilities(prediction.logits.astype(np.float64))[class_index])
     deletion = np.concatenate([[original], scores[1::2], [scores[0]]])
     insertion = np.concatenate([[scores[0]], scores[2::2], [original]])
     return float(_trapezoid(deletion, fractions)), float(_trapezoid(insertion, fractions))

@@ -19,7 +19,7 @@ from PIL import Image
 from . import bundle as bundle_format
 from . import methods as methods_lib
 from . import render
-from .cam import normalize, pool, softmax
+from .cam import normalize, pool, probabilities
 from .errors import NpcamError
 from .image import MAX_PIXELS, ImageLike, open_image, preprocess
 from .upsample import upsample
@@ -37,7 +37,7 @@ class Prediction:
     input : float32 ``[1, 3, h_in, w_in]``, the network input made from it
     features : float32 ``[C, h, w]``, the trunk's last conv features
     logits : float32 ``[K]``, the head's class scores
-    probs : float32 ``[K]``, softmax of ``logits``
+    probs : float32 ``[K]``, softmax of ``logits`` (each class's sigmoid for a multi-label model)
     labels : the K class names
     """
 
@@ -130,6 +130,10 @@ class Model:
         """The whole network: float32 ``[N, 3, H, W]`` inputs to float32 ``[N, K]`` class scores."""
         return self.head.forward(pool(self.features(batch)))
 
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """Class scores ``[..., K]`` to probabilities: softmax, or sigmoids for a multi-label bundle."""
+        return probabilities(scores, self.bundle.multi_label)
+
     def preprocess(
         self, image: np.ndarray | ImageLike, keep_aspect: bool = False, size: int | None = None
     ) -> np.ndarray:
@@ -197,7 +201,7 @@ class Model:
             logits = self.head.forward(pool(features))
             for j, i in enumerate(members):
                 preds[i] = Prediction(
-                    images[i], batch[j : j + 1], features[j], logits[j], softmax(logits[j]), self.labels
+                    images[i], batch[j : j + 1], features[j], logits[j], self.probabilities(logits[j]), self.labels
                 )
         return preds
 

@@ -122,6 +122,13 @@ class DenseNetish(Classifier):
         return self.output(self.scores(self.features(x)))
 
 
+class MultiLabel(DenseNetish):
+    """A multi-label tagger: each class a yes/no question, a sigmoid per class instead of one softmax."""
+
+    def forward(self, x):
+        return torch.sigmoid(self.scores(self.features(x)))
+
+
 class KerasNHWC(Classifier):
     """A Keras-style graph: input [N,H,W,3], channels-last pooling (ReduceMean over axes 1,2), MatMul + Add, Softmax."""
 
@@ -335,3 +342,4 @@ squeezenetish = _seeded(SqueezeNetish)
 two_outputs = _seeded(TwoOutputs)
 fixed_pool = _seeded(FixedPool)
 concat_pool = _seeded(ConcatPool)
+multi_label = _seeded(MultiLabel)

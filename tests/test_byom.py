@@ -110,6 +110,35 @@ def test_which_output_and_which_size_are_asked_for_in_one_line(tmp_path, capsys)
         assert flag in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("route", ["onnx", "torch"])
+def test_multi_label_model_gets_a_sigmoid_per_class(route, tmp_path, capsys):
+    """A final Sigmoid: CAM of the logits, and probabilities that are each class's sigmoid, not a softmax."""
+    net = models.multi_label()
+    if route == "onnx":
+        (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE)))
+        out = run_onnx(tmp_path / "m.onnx", tmp_path / "b", input_size=SIZE)
+    else:
+        out = run_torch("models:multi_label", tmp_path / "b", input_size=SIZE)
+    model = npcam.load(out)
+    assert model.bundle.multi_label and model.head.kind == "affine"
+    for photo in PHOTOS:
+        pred = model.predict(photo)
+        with torch.no_grad():
+            probs = net(torch.from_numpy(pred.input))[0].numpy()
+        assert record("multi-label probabilities, abs", np.abs(pred.probs - probs).max()) <= 1e-4
+        c = pred.top1
+        want = torch_gradcam(net, torch.from_numpy(pred.input), c, pred.image.shape[:2])
+        assert (
+            record("multi-label full-res map, abs", np.abs(model.cam(pred, c, size=pred.image.shape[:2]) - want).max())
+            <= 1e-4
+        )
+    from npcam.cli import main
+
+    assert main(["-m", str(out), str(PHOTOS[0]), "--json", "--top", "2", "-o", str(tmp_path / "o") + "/"]) == 0
+    top5 = json.loads(capsys.readouterr().out)["top5"]
+    assert sum(t["score"] for t in top5) > 1.0  # independent classes: probabilities need not sum to 1
+
+
 def test_model_made_for_one_image_at_a_time(tmp_path):
     """A static batch of 1 throughout, so that torch writes ``view(x.size(0), -1)`` as Reshape to [1, C]."""
     net = models.fixed_pool()
