@@ -42,12 +42,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--int8", metavar="IMAGES", type=Path, help="also quantize the trunk to int8, calibrated on these images"
     )
     preprocessing = argparse.ArgumentParser(add_help=False)
-    preprocessing.add_argument(
-        "--mean", type=float, nargs=3, metavar=("R", "G", "B"), help="on the 0-1 pixel scale (default: ImageNet's)"
-    )
-    preprocessing.add_argument(
-        "--std", type=float, nargs=3, metavar=("R", "G", "B"), help="on the 0-1 pixel scale (default: ImageNet's)"
-    )
+    for name in ("mean", "std"):
+        preprocessing.add_argument(
+            f"--{name}",
+            type=float,
+            nargs="+",
+            metavar="V",
+            help="R G B, or one value for all three (a grey model's), on the 0-1 pixel scale (default: ImageNet's)",
+        )
     preprocessing.add_argument(
         "--input-size", type=int, metavar="N", help="input side (default: the model's own, else 224)"
     )
@@ -69,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "input_size", None) is not None and args.input_size < 8:
         parser.error("--input-size must be at least 8")
+    for name in ("mean", "std"):
+        values = getattr(args, name, None)
+        if values is not None and len(values) not in (1, 3):
+            parser.error(f"--{name} takes 3 values (R G B) or 1 (the same for all), not {len(values)}")
+        if values is not None:
+            setattr(args, name, values * 3 if len(values) == 1 else values)
     if getattr(args, "std", None) and not all(v > 0 for v in args.std):
         parser.error("--std values must be positive")
     return args
@@ -132,13 +140,14 @@ def run_onnx(
         ) from None
     parts = _split(str(model), original, input_size, bgr=bgr, output=output)
     digest = sha256_file(model)
+    mean, std = _grey_normalization(mean, std) if parts.channels == 1 else (mean, std)
     meta = {
         "arch": f"onnx:{model.stem}",
         "mean": list(mean or IMAGENET_MEAN),
         "std": list(std or IMAGENET_STD),
-        "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr},
+        "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr, "channels": parts.channels},
     }
-    reference = _onnx_reference(original, parts.layout, bgr, output)
+    reference = _fed_by_npcam(_onnx_reference(original, parts.layout, bgr, output), parts.channels)
     return _export(
         parts, _out(out, model.stem, digest, int8), labels, meta, reference, _onnx_sizes(original, parts), int8
     )
@@ -176,8 +185,11 @@ def run_torch(
         "versions": _torch_versions(),
     }
     parts = _split(spec, from_torch.to_onnx(net, size, opset), size, output="scores")  # a tuple's first
+    if parts.channels == 1:
+        meta["mean"], meta["std"] = _grey_normalization(mean, std)
     name = weights.stem if weights else spec.rpartition(":")[2]
-    return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
+    reference = _fed_by_npcam(from_torch.reference(net), parts.channels)
+    return _export(parts, _out(out, name, digest, int8), labels, meta, reference, int8=int8)
 
 
 def auto() -> Path:
@@ -226,6 +238,27 @@ def _torch_versions() -> dict:
     import torch
 
     return {"torch": torch.__version__}
+
+
+def _grey_normalization(mean, std) -> tuple[list[float], list[float]]:
+    """A grey model's mean and std: one value for all three channels, so that the luma of the normalized
+    RGB input is the normalized luma. The default is the luma of ImageNet's."""
+    from .split import LUMA
+
+    mean = mean or [float(LUMA @ np.array(IMAGENET_MEAN))] * 3
+    std = std or [float(LUMA @ np.array(IMAGENET_STD))] * 3
+    if len(set(mean)) > 1 or len(set(std)) > 1:
+        raise ExportError("the model takes one grey channel: give one --mean and one --std value")
+    return mean, std
+
+
+def _fed_by_npcam(reference, channels: int):
+    """The reference as npcam's trunk sees it: a grey model gets the luma of the RGB input, as the trunk computes."""
+    from .split import LUMA
+
+    if channels == 3:
+        return reference
+    return lambda x: reference(np.einsum("c,nchw->nhw", LUMA, x)[:, None].astype(np.float32))
 
 
 def _onnx_reference(original: onnx.ModelProto, layout: str, bgr: bool, output: str | None):

@@ -38,6 +38,8 @@ from npcam.head import OPS, AffineHead, GraphHead, Op
 
 from .errors import ExportError
 
+# A grey model sees the luma of npcam's RGB input (ITU-R BT.601, as Pillow's convert("L")).
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # Ops that leave a tensor as it is at inference.
 NOOPS = {"Identity", "Dropout"}
 # Head ops that keep the head affine, so that it folds into W p + b.
@@ -62,6 +64,7 @@ class Split:
     stride : input pixels per feature cell
     output : what the model's output is: "logits", "probabilities", "log_probabilities" or "sigmoid"
     layout : the original input layout, "NCHW" or "NHWC"
+    channels : the original input's channels: 3, or 1 for a grey model (the trunk takes the luma of RGB)
     """
 
     trunk: onnx.ModelProto
@@ -71,6 +74,7 @@ class Split:
     stride: int
     output: str
     layout: str
+    channels: int = 3
 
 
 def split(
@@ -82,7 +86,10 @@ def split(
     """Split ``model`` (an image classifier) into a trunk and a head; raises :class:`ExportError` with the reason."""
     graph = model.graph
     image = _image_input(graph)
-    layout = "NCHW" if _dims(image)[1] == 3 else "NHWC"
+    layout = "NCHW" if _dims(image)[1] in (1, 3) else "NHWC"
+    channels = _dims(image)[1 if layout == "NCHW" else 3]
+    if channels == 1 and bgr:
+        raise ExportError("--bgr does not apply: the model takes one (grey) channel")
     static_hw = _dims(image)[2:] if layout == "NCHW" else _dims(image)[1:3]
     size = input_size or next((d for d in static_hw if isinstance(d, int) and d > 0), None) or 224
     if all(isinstance(d, int) and d > 0 for d in static_hw) and input_size and list(static_hw) != [size, size]:
@@ -90,15 +97,15 @@ def split(
             f"the model's input is {static_hw[0]}x{static_hw[1]}; --input-size {input_size} does not fit it"
         )
     scores_name, output_kind = _scores(graph, output)
-    values = _Values(model, image.name, layout, size)
+    values = _Values(model, image.name, layout, size, channels)
     pool, head_nodes, kinds = _find_head(graph, scores_name, values)
     ops, arrays, pooled_shape, scores_name = _head_ops(model, pool, head_nodes, kinds, scores_name, values)
-    trunk = _trunk(model, image.name, pool.input[0], layout, bgr, values.pool_layout(pool))
+    trunk = _trunk(model, image.name, pool.input[0], layout, bgr, values.pool_layout(pool), channels)
     # An AveragePool's kernel covers the whole map at this size only: elsewhere the model computes something else.
     features, fixed_size = _check_trunk(trunk, size, pooled_shape, any_size=pool.op_type != "AveragePool")
     head = _fold(GraphHead(ops, arrays, pooled_shape, pool.output[0], scores_name))
     stride = max(1, round(size / features.shape[2]))
-    return Split(trunk, head, size, fixed_size, stride, output_kind, layout)
+    return Split(trunk, head, size, fixed_size, stride, output_kind, layout, channels)
 
 
 # The model's input and output
@@ -119,8 +126,10 @@ def _image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
     dims = _dims(image)
     if image.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise ExportError(f"input {image.name!r} is not float32; npcam feeds normalized float32 images")
-    if len(dims) != 4 or (dims[1] != 3 and dims[3] != 3):
-        raise ExportError(f"input {image.name!r} has shape {dims}; npcam needs an image [N,3,H,W] or [N,H,W,3]")
+    if len(dims) != 4 or (dims[1] not in (1, 3) and dims[3] not in (1, 3)):
+        raise ExportError(
+            f"input {image.name!r} has shape {dims}; npcam needs an image [N,3,H,W] or [N,H,W,3] (or 1 grey channel)"
+        )
     return image
 
 
@@ -153,14 +162,15 @@ class _Values:
     arithmetic. Runs at the chosen input size with batch 1 and 2.
     """
 
-    def __init__(self, model: onnx.ModelProto, image: str, layout: str, size: int):
-        self.model, self.image, self.layout, self.size = model, image, layout, size
+    def __init__(self, model: onnx.ModelProto, image: str, layout: str, size: int, channels: int = 3):
+        self.model, self.image, self.layout, self.size, self.channels = model, image, layout, size, channels
         self._shapes: dict[str, list[int]] | None = None
         input_dims = _dims(next(i for i in model.graph.input if i.name == image))
         self.one_image = input_dims[0] == 1  # made for batch 1: its shape constants may say 1 for the batch
 
     def input_array(self, batch: int, seed: int = 0) -> np.ndarray:
-        shape = (batch, 3, self.size, self.size) if self.layout == "NCHW" else (batch, self.size, self.size, 3)
+        c, s = self.channels, self.size
+        shape = (batch, c, s, s) if self.layout == "NCHW" else (batch, s, s, c)
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
     def shapes(self) -> dict[str, list[int]]:
@@ -193,7 +203,8 @@ class _Values:
     def _fixed_size_copy(self) -> onnx.ModelProto:
         fixed = copy.deepcopy(self.model)
         image = next(i for i in fixed.graph.input if i.name == self.image)
-        dims = [1, 3, self.size, self.size] if self.layout == "NCHW" else [1, self.size, self.size, 3]
+        c, s = self.channels, self.size
+        dims = [1, c, s, s] if self.layout == "NCHW" else [1, s, s, c]
         for d, v in zip(image.type.tensor_type.shape.dim, dims):
             d.Clear()
             d.dim_value = v
@@ -567,7 +578,7 @@ def _fold(head: GraphHead) -> AffineHead | GraphHead:
 
 
 def _trunk(
-    model: onnx.ModelProto, image: str, features: str, layout: str, bgr: bool, pool_layout: str
+    model: onnx.ModelProto, image: str, features: str, layout: str, bgr: bool, pool_layout: str, channels: int = 3
 ) -> onnx.ModelProto:
     """The nodes the pooling's input needs, wrapped so that it reads ``image`` NCHW RGB and writes ``features`` NCHW.
 
@@ -612,6 +623,11 @@ def _trunk(
         order = _unique("npcam_bgr_order", names)
         adapters.append(helper.make_node("Gather", ["image", order], [inner], name=inner, axis=1))
         extra.append(numpy_helper.from_array(np.array([2, 1, 0], dtype=np.int64), order))
+    if channels == 1:
+        inner = _unique("npcam_luma", names)
+        weights = _unique("npcam_luma_weights", names)
+        adapters.append(helper.make_node("Conv", ["image", weights], [inner], name=inner))
+        extra.append(numpy_helper.from_array(LUMA.reshape(1, 3, 1, 1), weights))
     if layout == "NHWC":
         nhwc = _unique("npcam_nchw_to_nhwc", names)
         adapters.append(helper.make_node("Transpose", [inner], [nhwc], name=nhwc, perm=[0, 2, 3, 1]))

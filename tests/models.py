@@ -129,6 +129,14 @@ class MultiLabel(DenseNetish):
         return torch.sigmoid(self.scores(self.features(x)))
 
 
+class Grey(DenseNetish):
+    """DenseNet's ending on one grey channel (an X-ray or document classifier, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body[0] = nn.Conv2d(1, 32, 7, 2, 3, bias=False)
+
+
 class KerasNHWC(Classifier):
     """A Keras-style graph: input [N,H,W,3], channels-last pooling (ReduceMean over axes 1,2), MatMul + Add, Softmax."""
 
@@ -343,3 +351,4 @@ two_outputs = _seeded(TwoOutputs)
 fixed_pool = _seeded(FixedPool)
 concat_pool = _seeded(ConcatPool)
 multi_label = _seeded(MultiLabel)
+grey = _seeded(Grey)

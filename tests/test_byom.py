@@ -47,12 +47,16 @@ def torch_gradcam(net, x: torch.Tensor, c: int, size) -> np.ndarray:
     return F.interpolate(cam[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def check_against_torch(bundle, net, nhwc=False, name=""):
-    """npcam's default method on the bundle vs torch's Grad-CAM, on the sample photos: maps and probabilities."""
+def check_against_torch(bundle, net, nhwc=False, name="", grey=False):
+    """npcam's default method on the bundle vs torch's Grad-CAM, on the sample photos: maps and probabilities.
+
+    ``grey``: the network takes one channel, fed the luma (ITU-R BT.601) of npcam's normalized RGB input.
+    """
     model = npcam.load(bundle)
     for photo in PHOTOS:
         pred = model.predict(photo)
         x = torch.from_numpy(pred.input)
+        x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if grey else x
         x = x.permute(0, 2, 3, 1) if nhwc else x
         with torch.no_grad():
             probs = torch.softmax(net.scores(net.features(x)), dim=-1)[0].numpy()
@@ -137,6 +141,24 @@ def test_multi_label_model_gets_a_sigmoid_per_class(route, tmp_path, capsys):
     assert main(["-m", str(out), str(PHOTOS[0]), "--json", "--top", "2", "-o", str(tmp_path / "o") + "/"]) == 0
     top5 = json.loads(capsys.readouterr().out)["top5"]
     assert sum(t["score"] for t in top5) > 1.0  # independent classes: probabilities need not sum to 1
+
+
+@pytest.mark.parametrize("route", ["onnx", "torch"])
+def test_grey_model_sees_the_luma_of_the_photo(route, tmp_path, capsys):
+    """A one-channel model: the trunk takes npcam's RGB input and computes its luma; one --mean, one --std."""
+    net = models.grey()
+    out = tmp_path / "b"
+    if route == "onnx":
+        (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 1, SIZE, SIZE)))
+        args = ["onnx", str(tmp_path / "m.onnx"), "--input-size", str(SIZE)]
+    else:
+        args = ["torch", "models:grey", "--input-size", str(SIZE)]
+    # Different values per channel cannot be one grey normalization: refused, nothing written.
+    assert export_main([*args, "--mean", "0.4", "0.5", "0.6", "--std", "0.25", "--out", str(out)]) == 1
+    assert "one --mean and one --std" in capsys.readouterr().err and not out.exists()
+    assert export_main([*args, "--mean", "0.45", "--std", "0.25", "--out", str(out)]) == 0
+    model = check_against_torch(out, net, name=f"grey, {route}", grey=True)
+    assert model.mean == (0.45,) * 3 and model.std == (0.25,) * 3
 
 
 def test_model_made_for_one_image_at_a_time(tmp_path):
