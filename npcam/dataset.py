@@ -254,13 +254,24 @@ def _require_extra() -> None:
 def _start_ray(address: str | None):
     """Ray in this process (own temp dir, this machine's cores, quiet), or connected to ``address``."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-user local instance: no token warning
+    embedded = address is None and not os.environ.get("RAY_ADDRESS")
+    if embedded:
+        # Ray's services have no authentication by default: the embedded instance listens on loopback only.
+        # Ray does that where it runs without clusters (macOS, Windows); this flag asks for it here, and the
+        # processes Ray starts inherit it.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
     import ray.data
+
+    if embedded:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read when Ray was imported: earlier, if this process did
 
     # Ray Data sets up its loggers when imported: quiet them after that (progress bars stay on a terminal).
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    if embedded:
         temp = tempfile.mkdtemp(prefix="npcam-ray-", dir="/tmp" if Path("/tmp").is_dir() else None)
         ray.init(
             address="local",

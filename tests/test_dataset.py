@@ -168,3 +168,16 @@ def test_without_the_extra_the_error_is_one_line(bundle, tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == (
         "npcam dataset: error: npcam dataset needs Ray Data and pyarrow: pip install 'npcam[dataset]'"
     )
+
+
+def test_embedded_ray_listens_on_loopback_only(tmp_path):
+    """Ray's services have no authentication by default: the embedded instance must not be reachable from outside."""
+    code = (
+        "import ray, npcam.dataset as d; d._start_ray(None); "
+        "print(ray.util.get_node_ip_address(), ray.get_runtime_context().gcs_address); ray.shutdown()"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    node_ip, gcs = result.stdout.split()[-2:]
+    assert node_ip == "127.0.0.1" and gcs.startswith("127.0.0.1:"), result.stdout
