@@ -33,8 +33,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 
-from npcam.head import OPS, AffineHead, GraphHead, Op
+from npcam.head import OPS, AffineHead, GraphHead, Op, dequantize, quantize
 
 from .errors import ExportError
 
@@ -65,6 +66,7 @@ class Split:
     output : what the model's output is: "logits", "probabilities", "log_probabilities" or "sigmoid"
     layout : the original input layout, "NCHW" or "NHWC"
     channels : the original input's channels: 3, or 1 for a grey model (the trunk takes the luma of RGB)
+    output_step : the step of the original's quantized probabilities (0: not quantized)
     """
 
     trunk: onnx.ModelProto
@@ -75,6 +77,7 @@ class Split:
     output: str
     layout: str
     channels: int = 3
+    output_step: float = 0.0
 
 
 def split(
@@ -96,7 +99,7 @@ def split(
         raise ExportError(
             f"the model's input is {static_hw[0]}x{static_hw[1]}; --input-size {input_size} does not fit it"
         )
-    scores_name, output_kind = _scores(graph, output)
+    scores_name, output_kind, output_step = _scores(graph, output)
     values = _Values(model, image.name, layout, size, channels)
     pool, head_nodes, kinds = _find_head(graph, scores_name, values)
     ops, arrays, pooled_shape, scores_name = _head_ops(model, pool, head_nodes, kinds, scores_name, values)
@@ -105,7 +108,7 @@ def split(
     features, fixed_size = _check_trunk(trunk, size, pooled_shape, any_size=pool.op_type != "AveragePool")
     head = _fold(GraphHead(ops, arrays, pooled_shape, pool.output[0], scores_name))
     stride = max(1, round(size / features.shape[2]))
-    return Split(trunk, head, size, fixed_size, stride, output_kind, layout, channels)
+    return Split(trunk, head, size, fixed_size, stride, output_kind, layout, channels, output_step)
 
 
 # The model's input and output
@@ -133,8 +136,12 @@ def _image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
     return image
 
 
-def _scores(graph: onnx.GraphProto, name: str | None) -> tuple[str, str]:
-    """The tensor holding the class scores, and what the model outputs: a final Softmax or Sigmoid is set aside."""
+def _scores(graph: onnx.GraphProto, name: str | None) -> tuple[str, str, float]:
+    """The tensor holding the class scores, what the model outputs, and the step of its output's quantization.
+
+    A final Softmax or Sigmoid is set aside, and so is a QuantizeLinear -> DequantizeLinear pair after it
+    (onnxruntime's quantizer writes one): the original's probabilities are then on a grid of that step.
+    """
     names = [o.name for o in graph.output]
     if name is None:
         if len(names) != 1:
@@ -146,10 +153,17 @@ def _scores(graph: onnx.GraphProto, name: str | None) -> tuple[str, str]:
     node = producers.get(name)
     while node is not None and node.op_type in NOOPS:
         name, node = node.input[0], producers.get(node.input[0])
+    step = 0.0
+    quantize = producers.get(node.input[0]) if node is not None and node.op_type == "DequantizeLinear" else None
+    if quantize is not None and quantize.op_type == "QuantizeLinear":
+        scale = _constant_values(graph).get(node.input[1])
+        before = producers.get(quantize.input[0])
+        if scale is not None and scale.size == 1 and before is not None:
+            node, step = before, float(scale.reshape(()))
     kinds = {"Softmax": "probabilities", "LogSoftmax": "log_probabilities", "Sigmoid": "sigmoid"}
     if node is not None and node.op_type in kinds:  # a final Sigmoid: a multi-label model
-        return node.input[0], kinds[node.op_type]
-    return name, "logits"
+        return node.input[0], kinds[node.op_type], step
+    return name, "logits", 0.0
 
 
 # Evaluating parts of the graph
@@ -289,7 +303,13 @@ def _find_head(
 
 
 def _pool_size_hint(graph: onnx.GraphProto, values: _Values) -> str:
-    """If the last AveragePool would cover the whole map at another input size, say so."""
+    """If the last AveragePool would cover the whole map at another input size, or the pooling is an integer
+    op of a QOperator-format int8 model, say so."""
+    if any(n.op_type == "QLinearGlobalAveragePool" for n in graph.node):
+        return (
+            "; this int8 model pools with QLinearGlobalAveragePool (the QOperator format): quantize it in the "
+            "QDQ format (onnxruntime's QuantFormat.QDQ), which npcam reads, or export the float model"
+        )
     pools = [n for n in graph.node if n.op_type == "AveragePool"]
     shape = values.shape(pools[-1].input[0]) if pools else None
     if shape is None or len(shape) != 4:
@@ -394,7 +414,19 @@ def _head_ops(
     outer = {name: values.shape(name) for name in _outer_shapes(nodes, kinds)}
     if None in outer.values():
         raise ExportError(f"cannot tell the shape of {', '.join(k for k, v in outer.items() if v is None)}")
-    evaluator = ReferenceEvaluator(_subgraph(model, nodes, pooled_name, pooled_shape, scores, outer))
+    for node in nodes:
+        if kinds.get(node.output[0]) == "data" and not (node.op_type in OPS or _is_noop(node)):
+            raise ExportError(
+                f"the head after the last global pooling uses the op {node.op_type} ({node.name!r}), which npcam's "
+                f"NumPy head does not implement (it has {', '.join(sorted(OPS))})"
+            )
+    try:
+        evaluator = ReferenceEvaluator(
+            _subgraph(model, nodes, pooled_name, pooled_shape, scores, outer),
+            new_ops=[QuantizeLinear, DequantizeLinear],
+        )
+    except Exception as e:  # the reference evaluator lacks some op or version
+        raise ExportError(f"cannot evaluate the head's shape arithmetic ({_first_line(e)})") from None
     runs = []
     for batch in (1,) if values.one_image else (1, 2):
         pooled = np.random.default_rng(batch).standard_normal((batch, *pooled_shape[1:])).astype(np.float32)
@@ -423,21 +455,38 @@ def _head_ops(
     for node in nodes:
         if kinds.get(node.output[0]) != "data":
             continue  # folded: constants and shape arithmetic
-        if node.op_type in NOOPS or (
-            node.op_type == "Cast" and _attr(node, "to") in (TensorProto.FLOAT, TensorProto.DOUBLE)
-        ):
+        if _is_noop(node):
             alias[node.output[0]] = alias.get(node.input[0], node.input[0])
             continue
-        if node.op_type not in OPS:
-            raise ExportError(
-                f"the head after the last global pooling uses the op {node.op_type} ({node.name!r}), which npcam's "
-                f"NumPy head does not implement (it has {', '.join(sorted(OPS))})"
-            )
         ops.append(_convert(node, ref, runs))
     scores = alias.get(scores, scores)
     if not ops:  # the classes are the pooled channels (a conv classifier before the pooling, as in SqueezeNet)
         ops, scores = [Op("Flatten", (pooled_name,), "scores", {"axis": 1})], "scores"
     return ops, arrays, pooled_shape, scores
+
+
+def _is_noop(node: onnx.NodeProto) -> bool:
+    """Identity, Dropout, and Casts to float: nothing at inference, in float64."""
+    return node.op_type in NOOPS or (
+        node.op_type == "Cast" and _attr(node, "to") in (TensorProto.FLOAT, TensorProto.DOUBLE)
+    )
+
+
+class QuantizeLinear(OpRun):  # named as the op: the reference evaluator keys new ops by class name
+    """QuantizeLinear of every opset for the reference evaluator (it has only some versions), as npcam's head."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, zero_point=None, axis=1, **unused):
+        q = quantize(x, scale, zero_point, axis)
+        return (q.astype(zero_point.dtype if zero_point is not None else np.uint8),)
+
+
+class DequantizeLinear(OpRun):
+    op_domain = ""
+
+    def _run(self, q, scale, zero_point=None, axis=1, **unused):
+        return (dequantize(q, scale, zero_point, axis).astype(np.asarray(scale).dtype),)
 
 
 def _pooled_shape(pool: onnx.NodeProto, values: _Values) -> list[int]:

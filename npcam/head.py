@@ -319,6 +319,50 @@ def _expand_backward(a, at, y, dy, v):
     return [_unbroadcast(dy, a[0].shape)]
 
 
+# Quantization (QDQ models, as onnxruntime's quantizer writes them). The forward is exact. The gradient is the
+# straight-through one: a QuantizeLinear -> DequantizeLinear pair passes it unchanged, so Grad-CAM explains the
+# float head that the int8 one approximates. Rounding's own derivative is zero almost everywhere, and a clipped
+# value (a logit outside the calibrated range) has none at all: either would leave empty maps.
+
+
+def _per_axis(value: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
+    """A per-tensor (scalar) or per-axis (1-D) scale or zero point, broadcastable against ``x``."""
+    value = np.asarray(value)
+    if value.ndim == 0 or value.size == 1:
+        return value.reshape(())
+    shape = [1] * x.ndim
+    shape[axis % x.ndim] = -1
+    return value.reshape(shape)
+
+
+def _integer_range(zero_point) -> tuple[int, int]:
+    info = np.iinfo(zero_point.dtype if zero_point is not None and zero_point.dtype.kind in "iu" else np.uint8)
+    return int(info.min), int(info.max)
+
+
+def quantize(x, scale, zero_point=None, axis: int = 1) -> np.ndarray:
+    """ONNX QuantizeLinear: ``clip(round_half_even(x / scale) + zero_point)`` to the zero point's integer type,
+    returned as float64 (the integers, exactly)."""
+    low, high = _integer_range(zero_point)
+    zp = 0.0 if zero_point is None else _per_axis(zero_point, x, axis).astype(np.float64)
+    return np.clip(np.rint(x / _per_axis(scale, x, axis)) + zp, low, high)
+
+
+def dequantize(q, scale, zero_point=None, axis: int = 1) -> np.ndarray:
+    """ONNX DequantizeLinear: ``(q - zero_point) * scale``."""
+    q = np.asarray(q, dtype=np.float64)
+    zp = 0.0 if zero_point is None else _per_axis(zero_point, q, axis).astype(np.float64)
+    return (q - zp) * _per_axis(scale, q, axis)
+
+
+def _quantize_backward(a, at, y, dy, v):
+    return [dy / _per_axis(a[1], a[0], at.get("axis", 1))] + [None] * (len(a) - 1)
+
+
+def _dequantize_backward(a, at, y, dy, v):
+    return [dy * _per_axis(a[1], a[0], at.get("axis", 1))] + [None] * (len(a) - 1)
+
+
 def _erf(x: np.ndarray) -> np.ndarray:
     return np.vectorize(math.erf, otypes=[np.float64])(x)
 
@@ -398,6 +442,8 @@ OPS: dict[str, _Rule] = {
     "ReduceSum": _reduce(lambda x, axes, keep: x.sum(axis=axes, keepdims=keep), lambda x, y, axes: 1.0),
     "ReduceL2": _reduce(lambda x, axes, keep: np.sqrt((x**2).sum(axis=axes, keepdims=keep)), _l2_gradient),
     "Expand": _Rule(lambda a, at: a[0] * np.ones(at["shape"]), _expand_backward),
+    "QuantizeLinear": _Rule(lambda a, at: quantize(*a, axis=at.get("axis", 1)), _quantize_backward),
+    "DequantizeLinear": _Rule(lambda a, at: dequantize(*a, axis=at.get("axis", 1)), _dequantize_backward),
     "Flatten": _Rule(
         lambda a, at: a[0].reshape(math.prod(a[0].shape[: at.get("axis", 1)]), -1),
         lambda a, at, y, dy, v: _like_input(a, dy),

@@ -15,6 +15,7 @@ import warnings
 
 import models
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,49 @@ def test_grey_model_sees_the_luma_of_the_photo(route, tmp_path, capsys):
     assert export_main([*args, "--mean", "0.45", "--std", "0.25", "--out", str(out)]) == 0
     model = check_against_torch(out, net, name=f"grey, {route}", grey=True)
     assert model.mean == (0.45,) * 3 and model.std == (0.25,) * 3
+
+
+def test_int8_qdq_model_from_onnxruntimes_quantizer(tmp_path, capsys):
+    """A QDQ model (onnxruntime.quantization, every op quantized, the Softmax too): the head's Q/DQ pairs run
+    exactly, and Grad-CAM's gradient through them is the straight-through one, so an int8 affine head gives
+    CAM with its dequantized weights. A QOperator model's integer head ops are refused in one line."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Photos(CalibrationDataReader):
+        def __init__(self):
+            self.inputs = iter([{"x": npcam.load(out).preprocess(p)} for p in PHOTOS])
+
+        def get_next(self):
+            return next(self.inputs, None)
+
+    net = models.densenetish()
+    net.probabilities = True
+    (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE), dynamic=False))
+    out = run_onnx(tmp_path / "m.onnx", tmp_path / "float")  # only for its preprocessing
+    for fmt in (QuantFormat.QDQ, QuantFormat.QOperator):
+        quantize_static(str(tmp_path / "m.onnx"), str(tmp_path / f"{fmt.name}.onnx"), Photos(), quant_format=fmt)
+    capsys.readouterr()
+    assert export_main(["onnx", str(tmp_path / "QDQ.onnx"), "--out", str(tmp_path / "q")]) == 0
+    assert "within one step" in capsys.readouterr().err  # its probabilities are quantized to 1/255 steps
+    model = npcam.load(tmp_path / "q")
+    assert model.head.kind == "graph" and model.default_method == "gradcam"
+    quantized = onnx.load(str(tmp_path / "QDQ.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
+    gemm = next(n for n in quantized.graph.node if n.op_type == "Gemm")
+    dq = next(n for n in quantized.graph.node if n.output[0] == gemm.input[1])
+    w = (inits[dq.input[0]].astype(np.float64) - inits[dq.input[2]]) * inits[dq.input[1]]
+    for photo in PHOTOS:
+        pred = model.predict(photo)
+        for c in (pred.top1, (pred.top1 + 1) % models.CLASSES):
+            want = np.maximum(np.einsum("k,khw->hw", w[c], pred.features.astype(np.float64)), 0)
+            got = model.cam(pred, c)
+            assert (
+                record("int8 QDQ head map vs CAM of dequantized W, abs", np.abs(got - want / want.max()).max()) <= 1e-5
+            )
+    assert export_main(["onnx", str(tmp_path / "QOperator.onnx"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "QuantFormat.QDQ" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 def test_model_made_for_one_image_at_a_time(tmp_path):

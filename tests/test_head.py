@@ -368,3 +368,27 @@ def test_a_trunk_that_takes_one_image_at_a_time(tmp_path):
     preds = model.predict_many(PHOTOS)  # three images, one trunk call each
     for photo, pred in zip(PHOTOS, preds):
         np.testing.assert_allclose(pred.logits, model.predict(photo).logits, rtol=1e-6)
+
+
+def test_quantize_and_dequantize_match_onnxruntime():
+    """QuantizeLinear/DequantizeLinear (uint8 and int8, per tensor and per channel) as onnxruntime computes them:
+    half-way values round to even, values outside the range clip."""
+    import onnxruntime as ort
+
+    from npcam.head import dequantize, quantize
+
+    x = np.concatenate([RNG.uniform(-3, 3, 30), [0.05, 0.15, 0.25, -0.05, 100.0, -100.0]]).astype(np.float32)
+    x = x.reshape(1, 6, 6)
+    for zero_point, scale in ((np.uint8(128), np.float32(0.1)), (np.array([0, 3, -3, 1, 0, 2], np.int8), None)):
+        scale = RNG.uniform(0.05, 0.2, 6).astype(np.float32) if scale is None else scale
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], axis=1),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=1)]  # fmt: skip
+        graph = helper.make_graph(
+            nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(np.asarray(scale), "s"), numpy_helper.from_array(np.asarray(zero_point), "z")],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+        got = dequantize(quantize(x.astype(np.float64), scale, zero_point), scale, zero_point)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
