@@ -140,13 +140,14 @@ def run_onnx(
         ) from None
     parts = _split(str(model), original, input_size, bgr=bgr, output=output)
     digest = sha256_file(model)
-    mean, std = _grey_normalization(mean, std) if parts.channels == 1 else (mean, std)
     meta = {
         "arch": f"onnx:{model.stem}",
         "mean": list(mean or IMAGENET_MEAN),
         "std": list(std or IMAGENET_STD),
         "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr, "channels": parts.channels},
     }
+    if parts.channels == 1:
+        meta["mean"], meta["std"] = _grey_normalization(mean, std)
     reference = _fed_by_npcam(_onnx_reference(original, parts.layout, bgr, output), parts.channels)
     return _export(
         parts, _out(out, model.stem, digest, int8), labels, meta, reference, _onnx_sizes(original, parts), int8

@@ -154,14 +154,14 @@ def self_check(
             got = np.log(softmax(got, axis=1))
         worst = max(worst, relative_error(got, want))
         worst_abs = max(worst_abs, float(np.abs(got - want).max()) if got.shape == want.shape else np.inf)
-    if step and worst_abs <= step:
-        return {"scores_relative_error": worst, "output_step": step, "inputs": checked}
-    if not worst <= TOLERANCE:
-        raise ExportError(
-            f"self-check failed: the bundle's {output} differ from the original model's by {worst:.2e} "
-            f"(relative, limit {TOLERANCE})"
+    if not (worst <= TOLERANCE or worst_abs <= step):
+        by = (
+            f"{worst_abs:.2e} (limit: one quantization step, {step:.1e})"
+            if step
+            else f"{worst:.2e} (relative, limit {TOLERANCE})"
         )
-    return {"scores_relative_error": worst, "inputs": checked}
+        raise ExportError(f"self-check failed: the bundle's {output} differ from the original model's by {by}")
+    return {"scores_relative_error": worst, "inputs": checked, **({"output_step": step} if step else {})}
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:

@@ -154,14 +154,18 @@ def _scores(graph: onnx.GraphProto, name: str | None) -> tuple[str, str, float]:
     while node is not None and node.op_type in NOOPS:
         name, node = node.input[0], producers.get(node.input[0])
     step = 0.0
-    quantize = producers.get(node.input[0]) if node is not None and node.op_type == "DequantizeLinear" else None
-    if quantize is not None and quantize.op_type == "QuantizeLinear":
+    quantizer = producers.get(node.input[0]) if node is not None and node.op_type == "DequantizeLinear" else None
+    if quantizer is not None and quantizer.op_type == "QuantizeLinear":
         scale = _constant_values(graph).get(node.input[1])
-        before = producers.get(quantize.input[0])
+        before = producers.get(quantizer.input[0])
         if scale is not None and scale.size == 1 and before is not None:
             node, step = before, float(scale.reshape(()))
-    kinds = {"Softmax": "probabilities", "LogSoftmax": "log_probabilities", "Sigmoid": "sigmoid"}
-    if node is not None and node.op_type in kinds:  # a final Sigmoid: a multi-label model
+    kinds = {
+        "Softmax": "probabilities",
+        "LogSoftmax": "log_probabilities",
+        "Sigmoid": "sigmoid",
+    }  # sigmoid: multi-label
+    if node is not None and node.op_type in kinds:
         return node.input[0], kinds[node.op_type], step
     return name, "logits", 0.0
 
@@ -290,7 +294,7 @@ def _find_head(
     if not pools:
         raise ExportError(
             "no global average pooling found: CAM and Grad-CAM need a head on globally pooled features "
-            "(a VGG-style Flatten + FC over the whole map is not supported)" + _pool_size_hint(graph, values)
+            "(a VGG-style Flatten + FC over the whole map is not supported)" + _no_pool_hint(graph, values)
         )
     reason = ""
     for pool in reversed(pools):
@@ -302,9 +306,9 @@ def _find_head(
     raise ExportError(reason)
 
 
-def _pool_size_hint(graph: onnx.GraphProto, values: _Values) -> str:
-    """If the last AveragePool would cover the whole map at another input size, or the pooling is an integer
-    op of a QOperator-format int8 model, say so."""
+def _no_pool_hint(graph: onnx.GraphProto, values: _Values) -> str:
+    """Why no pooling was found, where it can be told: an AveragePool that tiles the map (kernel = stride) but
+    covers all of it only at another input size, or the integer pooling of a QOperator-format int8 model."""
     if any(n.op_type == "QLinearGlobalAveragePool" for n in graph.node):
         return (
             "; this int8 model pools with QLinearGlobalAveragePool (the QOperator format): quantize it in the "
@@ -312,9 +316,9 @@ def _pool_size_hint(graph: onnx.GraphProto, values: _Values) -> str:
         )
     pools = [n for n in graph.node if n.op_type == "AveragePool"]
     shape = values.shape(pools[-1].input[0]) if pools else None
-    if shape is None or len(shape) != 4:
+    kernel = list(_attr(pools[-1], "kernel_shape")) if pools else []
+    if shape is None or len(shape) != 4 or list(_attr(pools[-1], "strides", [1, 1])) != kernel:
         return ""
-    kernel = list(_attr(pools[-1], "kernel_shape"))
     return (
         f"; its last AveragePool has a {kernel[0]}x{kernel[1]} kernel, but its input is {shape[2]}x{shape[3]} "
         f"at {values.size} px: give the model's input size with --input-size"
