@@ -1,16 +1,10 @@
 """An int8 trunk: onnxruntime static quantization (QDQ, MinMax), calibrated on the user's images.
 
 A bundle travels between machines, so its int8 trunk must compute the same
-on every CPU. onnxruntime's usual u8s8 kernels on x86 without VNNI
-(AVX2-only CPUs) multiply with ``vpmaddubsw``, which saturates when 8-bit
-weights meet large activations: a Lite0 trunk quantized that way agreed with
-fp32 on 93% of its calibration images on a VNNI CPU and on 65% on an AVX2-only
-one. Two settings avoid the saturation on every CPU:
-
-- ``u8s8 reduce_range``: weights in 7 bits, so two products always fit in int16;
-- ``u8u8``: unsigned weights, which onnxruntime multiplies without that
-  instruction, but also without VNNI: on the dev machine it ran 3x slower
-  than fp32.
+on every CPU. Two settings avoid the saturation of onnxruntime's u8s8 kernels
+on x86 without VNNI (``vpmaddubsw``): ``u8s8 reduce_range`` (7-bit weights, so
+two products always fit in int16) and ``u8u8`` (unsigned weights). Why, and
+the agreement measured on each kind of CPU, are in docs/export.md ("int8").
 
 The export quantizes with both, times each trunk against fp32 on the
 calibration inputs, and keeps the best-agreeing one that is faster than fp32

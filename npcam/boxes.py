@@ -15,7 +15,7 @@ PAPER_THRESHOLD = 0.2
 # npcam's default keeps the pixels above the CAM's own mean. A fixed fraction
 # suits one network and not the next (on the dev set the best fraction was 0.3
 # for EfficientNet-Lite0, 0.2 for Lite1, 0.1 for Lite2); the mean adapts to how
-# peaked each map is and beat the 20% rule on all three (see the README).
+# peaked each map is and beat the 20% rule on all three (docs/methods.md, "Localization on the dev set").
 DEFAULT_THRESHOLD = "mean"
 
 Box = tuple[int, int, int, int]

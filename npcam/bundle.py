@@ -4,8 +4,8 @@ A bundle is a directory: ``trunk.onnx`` (image -> features, run by
 onnxruntime), the head (``fc_weight.npy`` + ``fc_bias.npy`` for an affine
 head, ``head.json`` + ``head.npz`` for a graph head, see :mod:`npcam.head`),
 ``labels.json`` and ``bundle.json``. Every file and every ``bundle.json`` key
-is documented in the README ("Bundle format"), so that a bundle can be written
-by hand; :func:`read` names the missing or wrong key when one is not right.
+is documented in docs/formats.md, so that a bundle can be written by hand;
+:func:`read` names the missing or wrong key when one is not right.
 
 Nothing in a bundle is executed as Python: arrays load with
 ``allow_pickle=False``, the trunk runs in onnxruntime and the head's ops come

@@ -1,9 +1,8 @@
 """``npcam IMAGE [IMAGE|DIR ...]``: write a CAM overlay for each image. Parsing and printing only.
 
-Exit codes: 0 every image done; 1 some images failed (the others were
-done); 2 bad arguments or an unusable model bundle (nothing done);
-130 interrupted; 141 stdout closed (e.g. ``| head``). Only complete files
-are ever left. ``npcam serve`` and ``npcam dataset`` are subcommands.
+The options are in the README ("Command line"), the naming of outputs in
+docs/cli.md, the exit codes in docs/robustness-and-testing.md. Only complete
+files are ever left. ``npcam serve`` and ``npcam dataset`` are subcommands.
 """
 
 from __future__ import annotations

@@ -6,19 +6,10 @@ image that failed. With no ``--address``, Ray starts inside this process on
 this machine's cores; ``--address auto|HOST:PORT`` (or ``RAY_ADDRESS``) runs
 the same job on an existing cluster.
 
-- ``SRC``: a directory (searched recursively, hidden files and npcam's own
-  outputs skipped), a glob (``photos/*/*.jpg``), a list file (``.txt``/``.lst``,
-  one path or URI a line), or a URI that pyarrow can list (``s3://bucket/prefix``).
-- Resumable: a run skips the images ``DEST`` already holds a row for. Ray
-  writes each Parquet file in place, so a file cut short by a killed run has no
-  footer; the next run deletes it and explains its images again. Nothing is
-  duplicated, nothing is lost.
-- Every file's Parquet metadata (key ``npcam``) holds the bundle's digest and
-  the options; a run with another model or other options into the same ``DEST``
-  is refused.
-- On small machines: each actor (one onnxruntime session, one thread) asks for
-  half a CPU, so Ray's other tasks (the Parquet writers) always find room:
-  with whole CPUs, two actors on two cores starve them and the job hangs.
+The sources it takes, resuming and the refusal of mixed results are described
+in docs/dataset-and-serve.md. Each actor (one onnxruntime session, one thread)
+asks for half a CPU, so that Ray's Parquet writers always find room: with whole
+CPUs, two actors on two cores starve them and the job hangs.
 
 Needs the ``dataset`` extra (``pip install .[dataset]``: Ray Data and pyarrow);
 ``import npcam`` never imports Ray.

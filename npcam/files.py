@@ -8,7 +8,8 @@ joins its name: ``a_jpg_cam.jpg``, ``a_png_cam.jpg``.
 
 npcam marks every image it writes (EXIF ``Software`` = ``npcam``), so a later
 run over the same folder recognizes its own outputs and skips them, instead
-of explaining them or refusing to overwrite them.
+of explaining them or refusing to overwrite them. The user-facing rules are in
+docs/cli.md ("Outputs").
 """
 
 from __future__ import annotations

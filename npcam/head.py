@@ -13,7 +13,7 @@ Every network npcam explains pools its last conv features globally,
 
 Both have ``forward(pooled) -> scores`` and ``gradient(pooled, classes) -> d score / d pooled``.
 The graph format is written by the exporter (``head.json`` + ``head.npz``) and
-documented in :mod:`npcam.bundle`.
+documented in docs/formats.md ("The head graph").
 """
 
 from __future__ import annotations

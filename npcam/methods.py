@@ -1,33 +1,12 @@
 """Explanation methods, without autograd: each one gives the feature channels their weights.
 
-Notation: ``A`` is the trunk's output ``[C, h, w]``, ``p = mean_hw A`` the pooled
-vector, ``y = f(p)`` the head's class scores, and ``G = dy_c/dp`` the head's
-gradient (:mod:`npcam.head`). Because of the global pooling,
-``dy_c/dA_k(i, j) = G_k / (h w)`` at every position, which is why most
-gradient methods have a closed form here. For an affine head ``G = W_c`` (the
-FC row), so Grad-CAM *is* CAM on these networks.
-
-================  =========================================  ===========================
-method            channel weights                            extra work
-================  =========================================  ===========================
-cam               W_c (Zhou et al. 2016; affine heads only)  none
-gradcam           G (Selvaraju et al. 2017)                  one head backward pass
-hirescam          = gradcam: sum_k G_k/hw * A_k is Grad-CAM  (alias)
-xgradcam          = gradcam: sum_ij G_k/hw * A_k / sum A_k   (alias)
-layercam          max(G, 0) (Jiang et al. 2021)              one head backward pass
-gradcampp         max(G, 0) / (2 + G * p) (Chattopadhay      one head backward pass
-                  et al. 2018, as pytorch-grad-cam computes)
-ablationcam       (y_c - y_c[p_k = 0]) / y_c (Desai &        C head passes (closed form
-                  Ramaswamy 2020)                            for an affine head)
-eigencam          first principal component of A (Muhammad   one SVD; class-agnostic
-                  & Yeasin 2020)
-scorecam          softmax_k y_c(x * U(norm(A_k)))            C trunk passes, batched and
-                  (Wang et al. 2020, as TorchCAM computes)   shared by every class
-softmax           softmax(W_c): the seed tutorial's variant  none
-================  =========================================  ===========================
+What each method computes, its cost, and which to use are in docs/methods.md
+(the one description of the methods). The notation there is used here: ``A``
+the trunk's output ``[C, h, w]``, ``p`` its spatial mean, ``y = f(p)`` the
+head's class scores and ``G = dy_c/dp`` the head's gradient (:mod:`npcam.head`).
 
 Every map then goes through the same ReLU and max scaling (:func:`npcam.cam.normalize`).
-To add a method: write a function ``(model, prediction, classes) -> [k, h, w]``
+To add a method: write a function ``(model, prediction, classes, progress) -> [k, h, w]``
 raw maps and register it in :data:`METHODS`.
 """
 
@@ -51,8 +30,9 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Method:
-    """A named explanation method.
+    """A named explanation method (described in docs/methods.md).
 
+    ``summary`` is the one line that ``--help`` and ``GET /model`` show.
     ``maps(model, prediction, classes, progress)`` returns float64 ``[k, h, w]`` raw maps.
     """
 
@@ -208,7 +188,10 @@ METHODS: dict[str, Method] = {
         Method("ablationcam", "Ablation-CAM: the score's drop when each channel is zeroed", _ablationcam),
         Method("eigencam", "Eigen-CAM: first principal component of the features (class-agnostic)", _eigencam),
         Method(
-            "scorecam", "Score-CAM: one network pass per channel mask, as TorchCAM (slow)", _scorecam, extra_passes=True
+            "scorecam",
+            "Score-CAM: one network pass per distinct channel mask, as TorchCAM (slow)",
+            _scorecam,
+            extra_passes=True,
         ),
         Method(
             "softmax",

@@ -4,7 +4,7 @@
 One record per input image: ``image``, ``width``, ``height``, ``method``,
 ``top5``, ``maps`` (one entry per explained class) and the first map's keys at
 the top level; ``{image, error}`` for an image that failed. Every key is
-documented in the README ("The record"); :func:`arrow_schema` is the same
+documented in docs/formats.md ("The record"); :func:`arrow_schema` is the same
 record as Parquet stores it.
 """
 

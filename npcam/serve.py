@@ -4,8 +4,8 @@
 
 ``POST /explain`` takes an image (the raw body, or a multipart file) and
 answers with the JSON record (:mod:`npcam.record`) or, with ``format=jpeg|png``,
-the overlay; ``GET /model``, ``GET /health`` and the page at ``/``. The README
-("npcam serve") has the API table, the status codes and the limits.
+the overlay; ``GET /model``, ``GET /health`` and the page at ``/``.
+docs/dataset-and-serve.md has the API table, the status codes and the limits.
 
 The bundle is loaded once. ``--workers`` requests are explained at once, each
 with ``cores / workers`` onnxruntime threads, so the cores are used and never
