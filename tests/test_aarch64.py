@@ -158,14 +158,23 @@ def tiny_classifier(path: Path, hidden: bool, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_bundles(tmp_path_factory) -> dict[str, Path]:
-    """Two bundles exported by the ``onnx`` route: an affine head (CAM) and a graph head (Grad-CAM)."""
+    """Bundles exported by the ``onnx`` route: an affine head (CAM), a graph head (Grad-CAM), and the affine
+    model's int8 trunk once with each of the exporter's quantization settings (chosen here, not by timing)."""
+    from export import quantize
     from export.__main__ import run_onnx
 
     tmp = tmp_path_factory.mktemp("arm64-bundles")
-    return {
-        kind: run_onnx(tiny_classifier(tmp / f"{kind}.onnx", hidden=kind == "graph"), out=tmp / kind)
-        for kind in ("affine", "graph")
-    }
+    models = {kind: tiny_classifier(tmp / f"{kind}.onnx", hidden=kind == "graph") for kind in ("affine", "graph")}
+    bundles = {kind: run_onnx(path, out=tmp / kind) for kind, path in models.items()}
+    calibration = tmp / "calibration"
+    calibration.mkdir()
+    for i in range(8):
+        Image.fromarray(synthetic_image(120, 150, seed=10 + i)).save(calibration / f"{i}.png")
+    for name, settings in quantize.SETTINGS.items():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(quantize, "SETTINGS", {name: settings})
+            bundles[f"int8 {name}"] = run_onnx(models["affine"], out=tmp / name.replace(" ", "_"), int8=calibration)
+    return bundles
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +235,73 @@ def test_cpu_name_on_aarch64(arm64, tmp_path):
     """The name an int8 bundle records, read from the emulated CPU's /proc/cpuinfo (qemu's cortex-a72)."""
     name = run_python(arm64, ["-c", "from export.cpuinfo import this_cpu; print(this_cpu())"], True, tmp_path)
     assert name.strip() == "ARM Cortex-A72 (aarch64, 0x41:0xd08; asimd)"
+
+
+# Runs the API on bundles and images (argv: output folder, then bundles and images after "--"), saving each
+# image's features, logits, probabilities and every class's CAM at feature resolution.
+PREDICT = """
+import sys, numpy as np, npcam
+out, rest = sys.argv[1], sys.argv[2:]
+cut = rest.index("--")
+for b, bundle in enumerate(rest[:cut]):
+    model = npcam.load(bundle)
+    for i, image in enumerate(rest[cut + 1:]):
+        p = model.predict(image)
+        maps = model.cam(p, classes=list(range(len(p.logits))))
+        np.savez(f"{out}/{b}_{i}.npz", features=p.features, logits=p.logits, probs=p.probs, maps=maps)
+"""
+
+
+def output_step(bundle: Path) -> np.ndarray:
+    """The quantization step of the int8 trunk's output: the scale of the DequantizeLinear that makes it."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(bundle / "trunk.onnx").graph
+    node = next(n for n in graph.node if n.output[0] == graph.output[0].name)
+    assert node.op_type == "DequantizeLinear"
+    scale = next(i for i in graph.initializer if i.name == node.input[1])
+    return numpy_helper.to_array(scale).astype(np.float64)
+
+
+def test_int8_on_aarch64_is_within_a_quantization_step_of_x86(arm64, tiny_bundles, images, tmp_path):
+    """Integer products accumulate exactly on every CPU; only rescaling to 8 bits may round the other way.
+    So the trunk's int8 features may differ by at most one step of their quantization grid, and the head's
+    answers by what that difference can move them: for features within d of each other, a logit of class j
+    moves by at most d * sum_c |W_jc| (the pooled features move by at most d), a probability by at most
+    exp(2 * max logit change) - 1, and a CAM (ReLU, divided by its peak A) by at most 2 * d * sum_c |W_jc| / A;
+    each with the float32 tolerances above on top. Measured d here decides the bounds, so an exact match is
+    held to float32 rounding."""
+    names = [n for n in tiny_bundles if n.startswith("int8")]
+    bundles = [str(tiny_bundles[n]) for n in names]
+    photos = sorted(str(p) for p in images.iterdir())
+    for arch, command in (("x86", [sys.executable]), ("aarch64", arm64)):
+        (tmp_path / arch).mkdir()
+        run_python(command, ["-c", PREDICT, arch, *bundles, "--", *photos], arch == "aarch64", tmp_path)
+    import npcam
+
+    for b, name in enumerate(names):
+        step = output_step(tiny_bundles[name])
+        weight = np.abs(npcam.load(tiny_bundles[name]).fc_weight.astype(np.float64)).sum(axis=1)  # [K]
+        for i in range(len(photos)):
+            want, got = (np.load(tmp_path / arch / f"{b}_{i}.npz") for arch in ("x86", "aarch64"))
+            # features lie on the grid: compare in steps (per-tensor or per-channel scale)
+            steps = np.abs(got["features"] - want["features"]) / step.reshape(-1, 1, 1)
+            record(f"aarch64 vs x86 {name} features, quantization steps", steps.max())
+            assert steps.max() <= 1 + 1e-3, (name, photos[i])
+            d = float(np.abs(got["features"] - want["features"]).max())
+            logit_tol = d * weight + 1e-5 * (1 + np.abs(want["logits"]))
+            assert np.all(np.abs(got["logits"] - want["logits"]) <= logit_tol), (name, photos[i])
+            prob_tol = np.expm1(2 * logit_tol.max()) + PROB_ATOL
+            assert np.abs(got["probs"] - want["probs"]).max() <= prob_tol, (name, photos[i])
+            peak = np.maximum(
+                np.einsum("kc,chw->khw", npcam.load(tiny_bundles[name]).fc_weight, want["features"]), 0
+            ).max(axis=(1, 2))
+            top1 = int(np.argmax(want["logits"]))
+            assert peak[top1] > 0
+            for k in np.flatnonzero(peak > 2 * d * weight):  # where the peak cannot vanish, the bound holds
+                map_tol = 2 * d * weight[k] / peak[k] + MAP_ATOL
+                err = np.abs(got["maps"][k] - want["maps"][k]).max()
+                assert err <= map_tol, (name, photos[i], k)
+                record(f"aarch64 vs x86 {name} map, abs", err)
+            assert top1 in np.flatnonzero(peak > 2 * d * weight)
