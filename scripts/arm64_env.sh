@@ -15,6 +15,7 @@
 # when apt-get, the Debian archive or PyPI cannot be had; the test then skips, naming this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+HOME=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 CACHE=${NPCAM_ARM64_CACHE:-$HOME/.cache/npcam/arm64}
 PY=${1:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 die() { echo "arm64_env: cannot set up the emulated aarch64 Python in $CACHE: $*" >&2; exit 1; }
@@ -25,14 +26,22 @@ print(" ".join(f"{p}=={version(p)}" for p in ("numpy", "pillow", "onnxruntime"))
 EOF
 ) || die "$PY lacks numpy, pillow or onnxruntime (whose versions the aarch64 wheels follow)"
 wanted="wheels: $versions"
-if [ -f "$CACHE/ready" ] && grep -qxF "$wanted" "$CACHE/ready" && [ -x "$CACHE/qemu-aarch64" ]; then
+ready() {
+    [ -f "$CACHE/ready" ] && grep -qxF "$wanted" "$CACHE/ready" && [ -x "$CACHE/qemu-aarch64" ] \
+        && [ -x "$CACHE/root/usr/bin/python3.11" ] && [ -d "$CACHE/site" ]
+}
+if ready; then
     echo "$CACHE"
     exit 0
 fi
 command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || die "no apt-get/dpkg-deb on this machine"
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.lock"
-flock 9  # two runs at once (e.g. two CI jobs) would unpack over each other
+! command -v flock >/dev/null || flock 9  # two runs at once (e.g. two CI jobs) would unpack over each other
+if ready; then  # the other run just finished
+    echo "$CACHE"
+    exit 0
+fi
 rm -f "$CACHE/ready"
 
 # The Debian archive this machine's apt already uses (its main archive, not the security one).

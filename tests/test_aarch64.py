@@ -60,7 +60,8 @@ def arm64() -> list[str]:
     _ready()
     python = CACHE / "root" / "usr" / "bin" / "python3.11"
     # ELF e_machine 183 is AArch64: the interpreter really is an ARM binary (qemu-user runs nothing else).
-    header = python.read_bytes()[:20]
+    with open(python, "rb") as f:
+        header = f.read(20)
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183
     return [str(CACHE / "qemu-aarch64"), str(python)]
 
