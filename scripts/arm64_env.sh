@@ -10,8 +10,8 @@
 #   site/          aarch64 wheels (manylinux_2_28) of numpy, pillow and onnxruntime, the versions PYTHON has
 #                  (default .venv/bin/python, else python3), so x86 and aarch64 differ only in the CPU
 #   ready          written last: what was set up; a second run with the same versions returns at once
-# The host's package state is never touched: apt runs with its own sources, lists, cache and an empty dpkg
-# status under the cache folder, only to download; nothing is installed. Exits 1 with one line saying why
+# The host's package state is never touched: apt runs with its own configuration, sources, lists, cache and
+# an empty dpkg status under the cache folder, only to download; nothing is installed. Exits 1 with one line saying why
 # when apt-get, the Debian archive or PyPI cannot be had; the test then skips, naming this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,20 +51,32 @@ mirror=${NPCAM_DEBIAN_MIRROR:-$(cat /etc/apt/sources.list /etc/apt/sources.list.
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 [ -f "$keyring" ] || die "no $keyring"
 
-# apt-get with a private configuration for one suite and architecture: nothing of the host's apt or dpkg state
-# is read or written except its apt.conf.d (a proxy set there still applies).
+# apt-get with a private configuration for one suite and architecture. APT_CONFIG is read first and points
+# apt.conf.d elsewhere, so none of the host's apt configuration applies (its apt.conf.d hooks would run after
+# an update, e.g. refreshing the host's AppStream cache); only its proxy and date-check settings are carried
+# over. Nothing of the host's apt or dpkg state is read or written.
+eval "$(apt-config shell http_proxy_ Acquire::http::Proxy https_proxy_ Acquire::https::Proxy \
+    valid_until_ Acquire::Check-Valid-Until check_date_ Acquire::Check-Date 2>/dev/null || true)"
 apt_private() {
     local suite=$1 arch=$2 dir="$CACHE/apt/$1-$2"
     shift 2
-    mkdir -p "$dir/sources.list.d" "$dir/preferences.d" "$dir/state/lists/partial" "$dir/cache/archives/partial"
+    mkdir -p "$dir/apt.conf.d" "$dir/sources.list.d" "$dir/preferences.d" "$dir/state/lists/partial" \
+        "$dir/cache/archives/partial"
     [ -f "$dir/status" ] || : >"$dir/status"
     echo "deb [arch=$arch signed-by=$keyring] $mirror $suite main" >"$dir/sources.list"
-    apt-get -q \
-        -o Dir::Etc::SourceList="$dir/sources.list" -o Dir::Etc::SourceParts="$dir/sources.list.d" \
-        -o Dir::Etc::Preferences="$dir/preferences" -o Dir::Etc::PreferencesParts="$dir/preferences.d" \
-        -o Dir::State="$dir/state" -o Dir::State::status="$dir/status" -o Dir::Cache="$dir/cache" \
-        -o APT::Architecture="$arch" -o APT::Architectures::="$arch" -o APT::Sandbox::User=root \
-        -o Acquire::Languages=none "$@"
+    {
+        echo "Dir::Etc::Main \"$dir/apt.conf\"; Dir::Etc::Parts \"$dir/apt.conf.d\";"
+        echo "Dir::Etc::SourceList \"$dir/sources.list\"; Dir::Etc::SourceParts \"$dir/sources.list.d\";"
+        echo "Dir::Etc::Preferences \"$dir/preferences\"; Dir::Etc::PreferencesParts \"$dir/preferences.d\";"
+        echo "Dir::State \"$dir/state\"; Dir::State::status \"$dir/status\"; Dir::Cache \"$dir/cache\";"
+        echo "APT::Architecture \"$arch\"; APT::Architectures { \"$arch\"; }; APT::Sandbox::User \"root\";"
+        echo "Acquire::Languages \"none\";"
+        [ -z "${http_proxy_:-}" ] || echo "Acquire::http::Proxy \"$http_proxy_\";"
+        [ -z "${https_proxy_:-}" ] || echo "Acquire::https::Proxy \"$https_proxy_\";"
+        [ -z "${valid_until_:-}" ] || echo "Acquire::Check-Valid-Until \"$valid_until_\";"
+        [ -z "${check_date_:-}" ] || echo "Acquire::Check-Date \"$check_date_\";"
+    } >"$dir/apt.conf"
+    APT_CONFIG="$dir/apt.conf" apt-get -q "$@"
 }
 log="$CACHE/setup.log"
 : >"$log"
