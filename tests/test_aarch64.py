@@ -28,12 +28,13 @@ from conftest import REPO, SAMPLE, record, synthetic_image
 from PIL import Image
 
 CACHE = Path(os.environ.get("NPCAM_ARM64_CACHE", "~/.cache/npcam/arm64")).expanduser()
-# cortex-a72 (a Raspberry Pi 4's core) emulates ~10x faster than qemu's default "max" CPU.
+# cortex-a72 (a Raspberry Pi 4's core) emulates faster than qemu's default "max" CPU, whose SVE and pointer
+# authentication cost time (issue 20: ~10x on full-size runs).
 QEMU_CPU = "cortex-a72"
 # Maps are normalized to [0, 1]; 1e-4 is far below a visible change (1/255 = 3.9e-3) and far above float32
-# rounding differences between kernels (measured: ~3e-7). A wrong weight, layout or upsampling shows as >1e-2.
+# rounding differences between kernels (measured: below 1e-6). A wrong weight, layout or upsampling shows as >1e-2.
 MAP_ATOL = 1e-4
-# Probabilities: float32 logits of a few hundred-term sums differ by ~1e-6 relative between kernel orders;
+# Probabilities: float32 logits, sums of hundreds of terms, differ by ~1e-6 relative between kernel orders;
 # 1e-5 absolute leaves ten times that, while a real fault (a flipped channel, a different resize) moves
 # probabilities by far more.
 PROB_ATOL = 1e-5
@@ -266,9 +267,10 @@ def output_step(bundle: Path) -> np.ndarray:
 
 
 def test_int8_on_aarch64_is_within_a_quantization_step_of_x86(arm64, tiny_bundles, images, tmp_path):
-    """Integer products accumulate exactly on every CPU; only rescaling to 8 bits may round the other way.
-    So the trunk's int8 features may differ by at most one step of their quantization grid, and the head's
-    answers by what that difference can move them: for features within d of each other, a logit of class j
+    """The portability checked: the int8 trunk's features on aarch64 are within one step of their quantization
+    grid of x86's (integer products accumulate exactly on every CPU; a rescale to 8 bits may round the other
+    way). The head's answers are held to what the feature difference can move them: for features within d
+    of each other, a logit of class j
     moves by at most d * sum_c |W_jc| (the pooled features move by at most d), a probability by at most
     exp(2 * max logit change) - 1, and a CAM (ReLU, divided by its peak A) by at most 2 * d * sum_c |W_jc| / A;
     each with the float32 tolerances above on top. Measured d here decides the bounds, so an exact match is
@@ -283,7 +285,8 @@ def test_int8_on_aarch64_is_within_a_quantization_step_of_x86(arm64, tiny_bundle
 
     for b, name in enumerate(names):
         step = output_step(tiny_bundles[name])
-        weight = np.abs(npcam.load(tiny_bundles[name]).fc_weight.astype(np.float64)).sum(axis=1)  # [K]
+        fc_weight = npcam.load(tiny_bundles[name]).fc_weight.astype(np.float64)  # [K, C]
+        weight = np.abs(fc_weight).sum(axis=1)  # [K]
         for i in range(len(photos)):
             want, got = (np.load(tmp_path / arch / f"{b}_{i}.npz") for arch in ("x86", "aarch64"))
             # features lie on the grid: compare in steps (per-tensor or per-channel scale)
@@ -295,9 +298,7 @@ def test_int8_on_aarch64_is_within_a_quantization_step_of_x86(arm64, tiny_bundle
             assert np.all(np.abs(got["logits"] - want["logits"]) <= logit_tol), (name, photos[i])
             prob_tol = np.expm1(2 * logit_tol.max()) + PROB_ATOL
             assert np.abs(got["probs"] - want["probs"]).max() <= prob_tol, (name, photos[i])
-            peak = np.maximum(
-                np.einsum("kc,chw->khw", npcam.load(tiny_bundles[name]).fc_weight, want["features"]), 0
-            ).max(axis=(1, 2))
+            peak = np.maximum(np.einsum("kc,chw->khw", fc_weight, want["features"]), 0).max(axis=(1, 2))
             top1 = int(np.argmax(want["logits"]))
             assert peak[top1] > 0
             for k in np.flatnonzero(peak > 2 * d * weight):  # where the peak cannot vanish, the bound holds
