@@ -14,7 +14,6 @@ settings, every candidate's agreement and speed, and the CPU they were measured 
 
 from __future__ import annotations
 
-import platform
 import shutil
 import tempfile
 import time
@@ -28,6 +27,7 @@ import npcam
 from npcam import bundle as bundle_format
 from npcam.files import find_images
 
+from . import cpuinfo
 from .errors import ExportError
 
 CALIBRATION_IMAGES = 64
@@ -153,15 +153,5 @@ def agreement(fp32: npcam.Model, int8: npcam.Model, inputs: list[np.ndarray]) ->
 
 
 def cpu_name() -> str:
-    """The CPU's model name and whether it has AVX-512 VNNI (what decides the int8 kernels)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx512_vnni", "avx_vnni", "avx512f", "avx2") if f in flags]
-    return f"{name} ({', '.join(isa) or platform.machine()})"
+    """The CPU's name and the instructions that decide the int8 kernels (VNNI on x86, dot products on ARM)."""
+    return cpuinfo.this_cpu()
