@@ -401,3 +401,51 @@ def test_a_successful_export_prints_its_own_lines_only(tmp_path):
     meta = json.loads((tmp_path / "q" / "bundle.json").read_text())
     assert meta["int8"]["clipped_biases"] >= 1  # the quantizer's warning did happen, and was counted
     assert "bias" in lines[1]
+
+
+def test_nested_constant_ifs_inline_to_the_graph_onnxruntime_runs():
+    """An If in a constant If's branch, branches reading captured outer tensors, a branch tensor named like an
+    outer one, and a condition computed from constants (Not of a Constant): all inlined, the same outputs."""
+    from export.graph import inline_constant_ifs
+
+    def branch(name, nodes, out, inits=()):
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+
+    inner = helper.make_node(
+        "If",
+        ["not_flag"],
+        ["inner_out"],
+        then_branch=branch("it", [helper.make_node("Neg", ["a"], ["y"])], "y"),  # 'y' is also an outer name
+        else_branch=branch("ie", [helper.make_node("Identity", ["a"], ["a_copy"])], "a_copy"),
+    )
+    outer = helper.make_node(
+        "If",
+        ["not_flag"],
+        ["outer_out"],
+        then_branch=branch("ot", [inner, helper.make_node("Mul", ["inner_out", "two"], ["m"])], "m", [_t("two", 2.0)]),
+        else_branch=branch("oe", [helper.make_node("Identity", ["x"], ["z"])], "z"),
+    )
+    nodes = [
+        helper.make_node("Constant", [], ["flag"], value=_t("f", np.array(False))),
+        helper.make_node("Not", ["flag"], ["not_flag"]),
+        helper.make_node("Exp", ["x"], ["a"]),
+        outer,
+        helper.make_node("Add", ["outer_out", "x"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inlined = inline_constant_ifs(model)
+    assert "If" in [n.op_type for n in model.graph.node]  # the original is left as it was
+    assert "If" not in [n.op_type for n in inlined.graph.node]
+    x = RNG.standard_normal((2, 3)).astype(np.float32)
+    want, got = (
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        for m in (model, inlined)
+    )
+    np.testing.assert_array_equal(got, want)  # the same float32 ops in the same order: bit for bit
+    np.testing.assert_allclose(want, -np.exp(x) * 2 + x, rtol=1e-6)  # not_flag: both then branches
