@@ -84,10 +84,12 @@ class GraphIndex:
     constants : tensor name -> value, of initializers and Constant nodes
     initializers : names of the initializers
     position : ``id(node)`` -> the node's index in ``graph.node``
+    opsets : the model's opset imports (to evaluate constant subexpressions)
     """
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, opsets: Sequence[onnx.OperatorSetIdProto] = ()):
         self.graph = graph
+        self.opsets = list(opsets) or [helper.make_opsetid("", 17)]
         self.initializers = {i.name for i in graph.initializer}
         self.constants: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         self.producers: dict[str, onnx.NodeProto] = {}
@@ -129,14 +131,6 @@ class GraphIndex:
             todo += [i for i in self.inputs(node) if i not in stop]
         return self.in_order(needed.values())
 
-    def skip(self, name: str, ops: Sequence[str] = ("Identity",)) -> str:
-        """The tensor ``name`` is a copy of, through a chain of ``ops`` (Identity by default)."""
-        node = self.producers.get(name)
-        while node is not None and node.op_type in ops and node.input:
-            name = node.input[0]
-            node = self.producers.get(name)
-        return name
-
     def match_parents(
         self, node: onnx.NodeProto, op_types: Sequence[str], input_index: int = 0
     ) -> list[onnx.NodeProto] | None:
@@ -170,8 +164,7 @@ class GraphIndex:
         try:
             inits = [numpy_helper.from_array(np.asarray(self.constants[s]), s) for s in sorted(sources)]
             small = helper.make_graph(nodes, "constant", [], [helper.make_empty_tensor_value_info(name)], inits)
-            opsets = getattr(self, "opsets", None) or [helper.make_opsetid("", 17)]
-            value = ReferenceEvaluator(helper.make_model(small, opset_imports=opsets)).run(None, {})[0]
+            value = ReferenceEvaluator(helper.make_model(small, opset_imports=self.opsets)).run(None, {})[0]
         except Exception:  # an op the reference evaluator lacks: not known to be constant
             return None
         self.constants[name] = np.asarray(value)
@@ -180,9 +173,7 @@ class GraphIndex:
 
 def index(model: onnx.ModelProto) -> GraphIndex:
     """The index of ``model``'s graph, knowing the model's opsets (to evaluate constant subexpressions)."""
-    found = GraphIndex(model.graph)
-    found.opsets = list(model.opset_import)
-    return found
+    return GraphIndex(model.graph, model.opset_import)
 
 
 def inline_constant_ifs(model: onnx.ModelProto) -> onnx.ModelProto:
