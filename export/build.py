@@ -191,6 +191,11 @@ def report(meta: dict, out: Path) -> None:
         print(
             f"int8 trunk ({q['settings']}) calibrated on {q['images']} images: top-1 agrees with fp32 on "
             f"{q['top1_agreement']:.1%} of them, CAM correlation {q['cam_pearson']:.3f}, {speed} on {q['cpu']}"
+            + (
+                f"; {q['clipped_biases']} biases clipped to int32 (channels with near-zero weights)"
+                if q.get("clipped_biases")
+                else ""
+            )
             + ("" if q["faster_than_fp32"] else "; no faster than fp32 on this CPU: consider the fp32 bundle"),
             file=sys.stderr,
         )

@@ -14,6 +14,8 @@ settings, every candidate's agreement and speed, and the CPU they were measured 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import tempfile
 import time
@@ -64,9 +66,56 @@ class _Inputs(CalibrationDataReader):
         return None if x is None else {"image": x}
 
 
-def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, settings: str) -> None:
-    """Write the statically quantized version of the fp32 ONNX file ``trunk`` to ``out``."""
-    with tempfile.TemporaryDirectory() as tmp:
+class _Quiet(logging.Filter):
+    """Holds back the quantizer's warnings (errors still pass), counting the biases it clips; npcam reports
+    what matters once, in the int8 line."""
+
+    def __init__(self):
+        super().__init__()
+        self.clipped_biases: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "onnxruntime" not in record.pathname or record.levelno >= logging.ERROR:
+            return True
+        if "exceeds the range of a int32" in record.getMessage():
+            self.clipped_biases.add(record.getMessage().split("`")[1] if "`" in record.getMessage() else "")
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """onnxruntime.quantization logs through the root logger (``logging.warning``: one line per bias it clips)
+    and opens sessions with onnxruntime's default logger: both are held back while it runs."""
+    import onnxruntime
+
+    quiet = _Quiet()
+    root = logging.getLogger()
+    # logging.warning() installs a stderr handler on a root logger that has none: give it one that drops all.
+    placeholder = logging.NullHandler() if not root.handlers else None
+    if placeholder:
+        root.addHandler(placeholder)
+    root.addFilter(quiet)
+    named = logging.getLogger("onnxruntime")
+    level = named.level
+    named.setLevel(logging.ERROR)
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield quiet
+    finally:
+        onnxruntime.set_default_logger_severity(2)  # onnxruntime's own default
+        named.setLevel(level)
+        root.removeFilter(quiet)
+        if placeholder:
+            root.removeHandler(placeholder)
+
+
+def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, settings: str) -> int:
+    """Write the statically quantized version of the fp32 ONNX file ``trunk`` to ``out``.
+
+    Returns how many biases the quantizer clipped to the int32 range (a channel whose weights are all
+    near zero has a weight scale too small for its bias).
+    """
+    with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer() as quiet:
         prepared = Path(tmp) / "prepared.onnx"
         # Symbolic shape inference cannot follow dynamic "SAME" padding arithmetic; ONNX's own can.
         quant_pre_process(str(trunk), str(prepared), skip_symbolic_shape=True)
@@ -79,6 +128,7 @@ def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, settings: s
             activation_type=QuantType.QUInt8,
             **SETTINGS[settings],
         )
+    return len(quiet.clipped_biases)
 
 
 def quantize_bundle(bundle: Path, meta: dict, images: Path) -> dict:
@@ -97,11 +147,15 @@ def quantize_bundle(bundle: Path, meta: dict, images: Path) -> dict:
         shutil.copyfile(trunk, original)
         for name in SETTINGS:
             candidate = Path(tmp) / f"{name.replace(' ', '_')}.onnx"
-            quantize_trunk(original, inputs, candidate, name)
+            clipped = quantize_trunk(original, inputs, candidate, name)
             shutil.copyfile(candidate, trunk)
             bundle_format.seal(bundle, meta)
             int8 = npcam.load(bundle)
-            results[name] = {**agreement(fp32, int8, inputs), "trunk_ms": trunk_ms(int8, inputs)}
+            results[name] = {
+                **agreement(fp32, int8, inputs),
+                "trunk_ms": trunk_ms(int8, inputs),
+                "clipped_biases": clipped,
+            }
         faster = [n for n in results if results[n]["trunk_ms"] < fp32_ms]
         best = max(faster or results, key=lambda n: (results[n]["top1_agreement"], results[n]["cam_pearson"]))
         shutil.copyfile(Path(tmp) / f"{best.replace(' ', '_')}.onnx", trunk)

@@ -1,0 +1,221 @@
+"""From the head's ONNX nodes to npcam's head ops (:class:`npcam.head.Op`), constants and shapes folded.
+
+The head runs in onnx's reference evaluator on random pooled vectors of batch
+1 and 2: what does not depend on the pooled values becomes a constant array,
+and attributes that newer opsets give as inputs become attributes. The
+reference evaluator gets QuantizeLinear and DequantizeLinear of every opset
+(:class:`QuantizeLinear`), computed as npcam's head computes them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from npcam.head import OPS, Op, dequantize, quantize
+
+from . import head_finder
+from .errors import ExportError
+from .graph import GraphIndex, Values, attr, first_line, is_noop
+
+# Reductions whose axes come as an attribute, or as a second input from opset 13 (ReduceSum) or 18 (the rest).
+REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2"}
+
+
+def head_ops(
+    g: GraphIndex,
+    model: onnx.ModelProto,
+    pool: onnx.NodeProto,
+    nodes: list[onnx.NodeProto],
+    kinds: dict,
+    scores: str,
+    values: Values,
+) -> tuple[list[Op], dict[str, np.ndarray], list[int], str]:
+    """Turn the head's nodes into :class:`npcam.head.Op` s, folding constants and shape arithmetic.
+
+    The head runs in onnx's reference evaluator on random pooled vectors of
+    batch 1 and 2: what does not depend on the pooled values is folded into
+    constant arrays (a shape that follows the batch size may only be a
+    Reshape's target). Returns the ops, their arrays, the pooled tensor's
+    shape and the name of the scores.
+    """
+    pooled_name = pool.output[0]
+    pooled_shape = head_finder.pooled_shape(pool, g, values)
+    outer = {name: values.shape(name) for name in head_finder.outer_shapes(nodes, kinds)}
+    if None in outer.values():
+        raise ExportError(f"cannot tell the shape of {', '.join(k for k, v in outer.items() if v is None)}")
+    for node in nodes:
+        if kinds.get(node.output[0]) == "data" and not (node.op_type in OPS or is_noop(node)):
+            raise ExportError(
+                f"the head after the last global pooling uses the op {node.op_type} ({node.name!r}), which npcam's "
+                f"NumPy head does not implement (it has {', '.join(sorted(OPS))})"
+            )
+    try:
+        evaluator = ReferenceEvaluator(
+            subgraph(model, nodes, pooled_name, pooled_shape, scores, outer),
+            new_ops=[QuantizeLinear, DequantizeLinear],
+        )
+    except Exception as e:  # the reference evaluator lacks some op or version
+        raise ExportError(f"cannot evaluate the head's shape arithmetic ({first_line(e)})") from None
+    runs = []
+    for batch in (1,) if values.one_image else (1, 2):
+        pooled = np.random.default_rng(batch).standard_normal((batch, *pooled_shape[1:])).astype(np.float32)
+        feed = {pooled_name: pooled, **{k: np.zeros((batch, *v[1:]), np.float32) for k, v in outer.items()}}
+        try:
+            runs.append({**feed, **evaluator.run(None, feed, intermediate=True)})
+        except Exception as e:  # the reference evaluator raises whatever the op's code raises
+            raise ExportError(f"the head does not run on a batch of {batch} pooled vectors ({first_line(e)})") from None
+    if values.one_image:
+        runs.append(runs[0])  # nothing to tell apart: a batch-sized 1 in a shape is taken as the batch
+    ops, arrays, alias = [], {}, {}
+
+    def ref(name: str) -> str:
+        """The name an op reads: a computed tensor, or a new array holding a folded constant."""
+        name = alias.get(name, name)
+        if kinds.get(name) == "data":
+            return name
+        value = np.asarray(runs[0][name])
+        if not np.array_equal(value, np.asarray(runs[1][name])):
+            raise ExportError(f"the head uses {name!r}, a value that changes with the batch size, as a constant")
+        arrays[f"c{len(arrays)}"] = value
+        return f"c{len(arrays) - 1}"
+
+    for node in nodes:
+        if kinds.get(node.output[0]) != "data":
+            continue  # folded: constants and shape arithmetic
+        if is_noop(node):
+            alias[node.output[0]] = alias.get(node.input[0], node.input[0])
+            continue
+        ops.append(convert(node, ref, runs))
+    scores = alias.get(scores, scores)
+    if not ops:  # the classes are the pooled channels (a conv classifier before the pooling, as in SqueezeNet)
+        ops, scores = [Op("Flatten", (pooled_name,), "scores", {"axis": 1})], "scores"
+    return ops, arrays, pooled_shape, scores
+
+
+class QuantizeLinear(OpRun):  # named as the op: the reference evaluator keys new ops by class name
+    """QuantizeLinear of every opset for the reference evaluator (it has only some versions), as npcam's head."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, zero_point=None, axis=1, **unused):
+        q = quantize(x, scale, zero_point, axis)
+        return (q.astype(zero_point.dtype if zero_point is not None else np.uint8),)
+
+
+class DequantizeLinear(OpRun):
+    op_domain = ""
+
+    def _run(self, q, scale, zero_point=None, axis=1, **unused):
+        return (dequantize(q, scale, zero_point, axis).astype(np.asarray(scale).dtype),)
+
+
+def subgraph(model, nodes, pooled_name, pooled_shape, scores, outer) -> onnx.ModelProto:
+    """A model from the pooled tensor to the scores, with the constants it needs, for the reference evaluator.
+
+    ``outer`` maps the trunk tensors whose shapes the head reads to their shapes: they become inputs too.
+    """
+    needed = {i for n in nodes for i in n.input}
+    initializers = [i for i in model.graph.initializer if i.name in needed]
+    pooled = helper.make_tensor_value_info(pooled_name, TensorProto.FLOAT, ["N", *pooled_shape[1:]])
+    shaped = [helper.make_tensor_value_info(k, TensorProto.FLOAT, ["N", *v[1:]]) for k, v in outer.items()]
+    out = helper.make_tensor_value_info(scores, TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "head", [pooled, *shaped], [out], initializers)
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def convert(node: onnx.NodeProto, ref, runs) -> Op:
+    """One head node as an npcam Op; attributes given as inputs in newer opsets become attributes."""
+    op, out = node.op_type, node.output[0]
+    inputs = [i for i in node.input]
+
+    def constant(i: int):
+        return np.asarray(runs[0][inputs[i]]) if i < len(inputs) and inputs[i] else None
+
+    if op == "Gemm":
+        attrs = {k: attr(node, k, d) for k, d in (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0))}
+        return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
+    if op == "Reshape":
+        target = np.asarray(runs[0][inputs[1]]).astype(int).tolist()
+        batch2 = np.asarray(runs[1][inputs[1]]).astype(int).tolist()
+        in_shape = np.asarray(runs[0][inputs[0]]).shape
+        if target[1:] != batch2[1:] or target[0] not in (0, -1, 1) or batch2[0] not in (0, -1, 1, 2):
+            raise ExportError(f"the head's Reshape {node.name!r} does not keep the batch dimension ({target})")
+        rest = target[1:]
+        if -1 not in rest and int(np.prod(rest)) != int(np.prod(in_shape[1:])):
+            raise ExportError(f"the head's Reshape {node.name!r} mixes samples of a batch")
+        return Op(op, (ref(inputs[0]),), out, {"shape": [0, *rest]})
+    if op == "Flatten":
+        if attr(node, "axis", 1) != 1:
+            raise ExportError(f"the head's Flatten {node.name!r} does not keep the batch dimension")
+        return Op(op, (ref(inputs[0]),), out, {"axis": 1})
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = attr(node, "axes")
+        if axes is None:
+            axes = constant(1).astype(int).ravel().tolist()
+        rank = len(np.asarray(runs[0][inputs[0]]).shape) + (len(axes) if op == "Unsqueeze" else 0)
+        axes = [a % rank for a in axes]
+        if 0 in axes:
+            raise ExportError(f"the head's {op} {node.name!r} acts on the batch dimension")
+        return Op(op, (ref(inputs[0]),), out, {"axes": axes})
+    if op == "Transpose":
+        perm = list(attr(node, "perm"))
+        if perm[0] != 0:
+            raise ExportError(f"the head's Transpose {node.name!r} moves the batch dimension")
+        return Op(op, (ref(inputs[0]),), out, {"perm": perm})
+    if op == "Clip":
+        low, high = attr(node, "min"), attr(node, "max")
+        low = float(constant(1)) if low is None and constant(1) is not None else low
+        high = float(constant(2)) if high is None and constant(2) is not None else high
+        attrs = {k: v for k, v in (("min", low), ("max", high)) if v is not None}
+        return Op(op, (ref(inputs[0]),), out, attrs)
+    if op in REDUCTIONS:
+        rank = len(np.asarray(runs[0][inputs[0]]).shape)
+        axes = attr(node, "axes")
+        if axes is None:
+            axes = constant(1).astype(int).ravel().tolist() if constant(1) is not None else []
+        if not axes and not attr(node, "noop_with_empty_axes", 0):
+            axes = list(range(rank))
+        axes = [a % rank for a in axes]
+        if 0 in axes:
+            raise ExportError(f"the head's {op} {node.name!r} reduces over the batch")
+        return Op(op, (ref(inputs[0]),), out, {"axes": axes, "keepdims": int(attr(node, "keepdims", 1))})
+    if op == "Expand":
+        shape = np.asarray(runs[0][inputs[1]]).astype(int).tolist()
+        batch2 = np.asarray(runs[1][inputs[1]]).astype(int).tolist()
+        if len(shape) < np.asarray(runs[0][out]).ndim:  # broadcast over trailing axes only
+            return Op(op, (ref(inputs[0]),), out, {"shape": shape})
+        if shape[1:] != batch2[1:] or (shape[0] != batch2[0] and (shape[0], batch2[0]) != (1, 2)):
+            raise ExportError(f"the head's Expand {node.name!r} does not keep the batch dimension ({shape})")
+        return Op(op, (ref(inputs[0]),), out, {"shape": [1, *shape[1:]]})  # 1: the input's own batch
+    if op == "Conv":
+        weight = constant(1)
+        x_shape = np.asarray(runs[0][inputs[0]]).shape
+        if (
+            weight is None
+            or weight.shape[2:] != (1, 1)
+            or tuple(x_shape[2:]) != (1, 1)
+            or attr(node, "group", 1) != 1
+            or any(attr(node, "pads", [0]))
+        ):
+            raise ExportError(f"the head's Conv {node.name!r} is not a 1x1 convolution on the pooled 1x1 map")
+        return Op(op, tuple(ref(i) for i in inputs if i), out, {})
+    if op == "Pow":
+        return Op(op, (ref(inputs[0]), ref(inputs[1])), out, {})
+    attrs = {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
+    if op == "BatchNormalization":
+        attrs = {"epsilon": attrs.get("epsilon", 1e-5)}
+    if op == "LayerNormalization":
+        attrs = {"axis": attrs.get("axis", -1), "epsilon": attrs.get("epsilon", 1e-5)}
+    return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
