@@ -85,8 +85,7 @@ def export(
     default a batch of 2 at the input size and, for a trunk of dynamic size,
     one non-square input.
     """
-    s = split.input_size
-    sizes = reference_sizes or ([(2, s, s)] + ([] if split.fixed_size else [(1, s + 48, s - 40)]))
+    sizes = reference_sizes or check_sizes(split.input_size, not split.fixed_size)
     with bundle_format.staged(out) as tmp:
         meta = bundle_format.write(
             tmp,
@@ -95,7 +94,7 @@ def export(
             labels,
             {
                 **meta,
-                "input_size": split.input_size,
+                "input_size": list(split.input_size),
                 "fixed_size": split.fixed_size,
                 "stride": split.stride,
                 "output": split.output,
@@ -119,6 +118,13 @@ def export(
             meta = quantize_bundle(tmp, meta, int8)
         meta = bundle_format.seal(tmp, meta)
     return meta
+
+
+def check_sizes(size: tuple[int, int], dynamic: bool, batch: int = 2) -> list[tuple[int, int, int]]:
+    """The self-check's inputs ``(batch, height, width)``: a batch at the input size ``(H, W)`` and, for a
+    trunk of dynamic size, one image of another shape (taller, and narrower where the width allows)."""
+    height, width = size
+    return [(batch, height, width)] + ([(1, height + 48, width - 40 if width > 80 else width + 40)] if dynamic else [])
 
 
 def self_check(
@@ -173,7 +179,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 def report(meta: dict, out: Path) -> None:
     """One line on stderr saying what was exported and how well it matched."""
     head = "affine head: CAM" if meta["head"] == "affine" else "graph head: Grad-CAM"
-    size = f"{meta['input_size']}px" + (" fixed" if meta.get("fixed_size") else "")
+    size = "{}x{} px".format(*meta["input_size"]) + (" fixed" if meta.get("fixed_size") else "")
     check = meta["check"]
     match = (
         f"within one step ({check['output_step']:.1e}) of the original's quantized ones"

@@ -38,6 +38,7 @@ from onnx.reference.op_run import OpRun
 from npcam.head import OPS, AffineHead, GraphHead, Op, dequantize, quantize
 
 from .errors import ExportError
+from .sizes import native_size
 
 # A grey model sees the luma of npcam's RGB input (ITU-R BT.601, as Pillow's convert("L")).
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -60,7 +61,7 @@ class Split:
     ----------
     trunk : the trunk as an ONNX model in npcam's contract
     head : the head, affine (folded) or a graph of ops
-    input_size : the side of the input the model was made for
+    input_size : the input ``(height, width)`` the model was made for
     fixed_size : True when the trunk only runs at ``input_size``
     stride : input pixels per feature cell
     output : what the model's output is: "logits", "probabilities", "log_probabilities" or "sigmoid"
@@ -71,7 +72,7 @@ class Split:
 
     trunk: onnx.ModelProto
     head: AffineHead | GraphHead
-    input_size: int
+    input_size: tuple[int, int]
     fixed_size: bool
     stride: int
     output: str
@@ -82,7 +83,7 @@ class Split:
 
 def split(
     model: onnx.ModelProto,
-    input_size: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
     bgr: bool = False,
     output: str | None = None,
 ) -> Split:
@@ -94,11 +95,7 @@ def split(
     if channels == 1 and bgr:
         raise ExportError("--bgr does not apply: the model takes one (grey) channel")
     static_hw = _dims(image)[2:] if layout == "NCHW" else _dims(image)[1:3]
-    size = input_size or next((d for d in static_hw if isinstance(d, int) and d > 0), None) or 224
-    if all(isinstance(d, int) and d > 0 for d in static_hw) and input_size and list(static_hw) != [size, size]:
-        raise ExportError(
-            f"the model's input is {static_hw[0]}x{static_hw[1]}; --input-size {input_size} does not fit it"
-        )
+    size = native_size(static_hw, input_size)  # (height, width)
     scores_name, output_kind, output_step = _scores(graph, output)
     values = _Values(model, image.name, layout, size, channels)
     pool, head_nodes, kinds = _find_head(graph, scores_name, values)
@@ -107,7 +104,7 @@ def split(
     # An AveragePool's kernel covers the whole map at this size only: elsewhere the model computes something else.
     features, fixed_size = _check_trunk(trunk, size, pooled_shape, any_size=pool.op_type != "AveragePool")
     head = _fold(GraphHead(ops, arrays, pooled_shape, pool.output[0], scores_name))
-    stride = max(1, round(size / features.shape[2]))
+    stride = _stride(size, features)
     return Split(trunk, head, size, fixed_size, stride, output_kind, layout, channels, output_step)
 
 
@@ -180,15 +177,15 @@ class _Values:
     arithmetic. Runs at the chosen input size with batch 1 and 2.
     """
 
-    def __init__(self, model: onnx.ModelProto, image: str, layout: str, size: int, channels: int = 3):
+    def __init__(self, model: onnx.ModelProto, image: str, layout: str, size: tuple[int, int], channels: int = 3):
         self.model, self.image, self.layout, self.size, self.channels = model, image, layout, size, channels
         self._shapes: dict[str, list[int]] | None = None
         input_dims = _dims(next(i for i in model.graph.input if i.name == image))
         self.one_image = input_dims[0] == 1  # made for batch 1: its shape constants may say 1 for the batch
 
     def input_array(self, batch: int, seed: int = 0) -> np.ndarray:
-        c, s = self.channels, self.size
-        shape = (batch, c, s, s) if self.layout == "NCHW" else (batch, s, s, c)
+        c, (h, w) = self.channels, self.size
+        shape = (batch, c, h, w) if self.layout == "NCHW" else (batch, h, w, c)
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
     def shapes(self) -> dict[str, list[int]]:
@@ -221,8 +218,8 @@ class _Values:
     def _fixed_size_copy(self) -> onnx.ModelProto:
         fixed = copy.deepcopy(self.model)
         image = next(i for i in fixed.graph.input if i.name == self.image)
-        c, s = self.channels, self.size
-        dims = [1, c, s, s] if self.layout == "NCHW" else [1, s, s, c]
+        c, (h, w) = self.channels, self.size
+        dims = [1, c, h, w] if self.layout == "NCHW" else [1, h, w, c]
         for d, v in zip(image.type.tensor_type.shape.dim, dims):
             d.Clear()
             d.dim_value = v
@@ -321,7 +318,7 @@ def _no_pool_hint(graph: onnx.GraphProto, values: _Values) -> str:
         return ""
     return (
         f"; its last AveragePool has a {kernel[0]}x{kernel[1]} kernel, but its input is {shape[2]}x{shape[3]} "
-        f"at {values.size} px: give the model's input size with --input-size"
+        f"at {values.size[0]}x{values.size[1]} px: give the model's input size with --input-size"
     )
 
 
@@ -742,8 +739,14 @@ def set_input_dims(trunk: onnx.ModelProto, batch: int | str, height: int | str, 
             d.dim_param = v
 
 
+def _stride(size: tuple[int, int], features: np.ndarray) -> int:
+    """Input pixels per feature cell, from the longer side (more cells: the closer estimate)."""
+    side = int(size[1] >= size[0])
+    return max(1, round(size[side] / features.shape[2 + side]))
+
+
 def _check_trunk(
-    trunk: onnx.ModelProto, size: int, pooled_shape: list[int], any_size: bool = True
+    trunk: onnx.ModelProto, size: tuple[int, int], pooled_shape: list[int], any_size: bool = True
 ) -> tuple[np.ndarray, bool]:
     """Run the trunk at the native size, then find out whether it also takes other batches and sizes.
 
@@ -753,7 +756,8 @@ def _check_trunk(
     """
     channels = int(np.prod(pooled_shape[1:]))
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 3, size, size), dtype=np.float32)
+    height, width = size
+    x = rng.standard_normal((2, 3, height, width), dtype=np.float32)
     try:
         session = _session(trunk)
         single = [session.run(["features"], {"image": x[i : i + 1]})[0] for i in range(2)]
@@ -771,9 +775,9 @@ def _check_trunk(
         )
     except Exception:
         batch_ok = False
-    stride = max(1, round(size / features.shape[2]))
+    stride = _stride(size, features)
     dynamic = any_size
-    for h, w in ((size + 2 * stride, size), (size, size + 3 * stride)) if any_size else ():
+    for h, w in ((height + 2 * stride, width), (height, width + 3 * stride)) if any_size else ():
         try:
             out = session.run(["features"], {"image": rng.standard_normal((1, 3, h, w), dtype=np.float32)})[0]
             dynamic &= (
@@ -781,7 +785,7 @@ def _check_trunk(
             )
         except Exception:
             dynamic = False
-    set_input_dims(trunk, "N" if batch_ok else 1, "H" if dynamic else size, "W" if dynamic else size)
+    set_input_dims(trunk, "N" if batch_ok else 1, "H" if dynamic else height, "W" if dynamic else width)
     return features, not dynamic
 
 
