@@ -20,6 +20,7 @@ import onnxruntime
 import npcam
 from npcam import bundle as bundle_format
 from npcam.cam import probabilities, softmax
+from npcam.image import as_size
 
 from .errors import ExportError
 from .split import Split
@@ -94,7 +95,7 @@ def export(
             labels,
             {
                 **meta,
-                "input_size": list(split.input_size),
+                "input_size": split.input_size,
                 "fixed_size": split.fixed_size,
                 "stride": split.stride,
                 "output": split.output,
@@ -120,10 +121,10 @@ def export(
     return meta
 
 
-def check_sizes(size: tuple[int, int], dynamic: bool, batch: int = 2) -> list[tuple[int, int, int]]:
+def check_sizes(size: int | tuple[int, int], dynamic: bool, batch: int = 2) -> list[tuple[int, int, int]]:
     """The self-check's inputs ``(batch, height, width)``: a batch at the input size ``(H, W)`` and, for a
     trunk of dynamic size, one image of another shape (taller, and narrower where the width allows)."""
-    height, width = size
+    height, width = as_size(size)
     return [(batch, height, width)] + ([(1, height + 48, width - 40 if width > 80 else width + 40)] if dynamic else [])
 
 

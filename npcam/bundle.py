@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import NpcamError
 from .head import AffineHead, GraphHead, Op
+from .image import as_size
 
 FORMAT = "npcam-bundle"
 # What the original model outputs; "sigmoid" (multi-label) also makes npcam's probabilities per-class sigmoids.
@@ -279,8 +280,8 @@ def write(
 ) -> dict:
     """Write a bundle's files into ``directory`` (existing, empty), then ``bundle.json``; returns the metadata.
 
-    ``meta`` must hold ``arch``, ``input_size`` (``(height, width)``), ``mean``
-    and ``std``; the format keys, the head kind, the channel and class counts
+    ``meta`` must hold ``arch``, ``input_size`` (``(height, width)``, or one
+    side for a square), ``mean`` and ``std``; the format keys, the head kind, the channel and class counts
     and the hashes are added here.
     """
     if len(labels) != head.classes:
@@ -303,7 +304,7 @@ def write(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **meta,
-        "input_size": [int(v) for v in meta["input_size"]],
+        "input_size": list(as_size(meta["input_size"])),
         "head": head.kind,
         "channels": head.channels,
         "classes": head.classes,
