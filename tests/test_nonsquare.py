@@ -428,3 +428,21 @@ def test_input_size_reduces_to_the_short_side_rule_for_a_square_model():
         )
         assert input_size(int(height), int(width), (224, 224), True) == want
         assert input_size(int(height), int(width), 224, True) == want
+
+
+def test_native_size_from_the_declared_input_and_the_option():
+    from export.errors import ExportError
+    from export.sizes import native_size
+
+    assert native_size([48, 192], None) == (48, 192) and native_size([48, 192], (48, 192)) == (48, 192)
+    assert native_size(["H", "W"], None) == (224, 224) and native_size(["H", "W"], 128) == (128, 128)
+    assert native_size([48, "W"], None) == (48, 48) and native_size([48, "W"], (48, 320)) == (48, 320)
+    assert native_size([0, 0], (256, 128)) == (256, 128)  # 0: a dimension left unset
+    for declared, wanted, shown, given in (
+        ([48, 192], (64, 256), "48x192", "64x256"),
+        ([48, "W"], 64, "48xW", "64x64"),
+    ):
+        with pytest.raises(
+            ExportError, match=f"input is {shown} \\(height x width\\); --input-size {given} does not fit"
+        ):
+            native_size(declared, wanted)
