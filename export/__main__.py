@@ -2,8 +2,8 @@
 
     python -m export ARCH [--weights FILE] [--labels FILE] [--out DIR]      a built-in architecture
     python -m export auto                                                   the demo's model
-    python -m export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size N] [--out DIR]
-    python -m export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size N] [--out DIR]
+    python -m export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size S|HxW] [--out DIR]
+    python -m export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size S|HxW] [--out DIR]
 
 The ``onnx`` route needs only the runtime's packages and ``onnx``; the others need torch.
 """
@@ -23,6 +23,7 @@ from npcam.bundle import CACHE_DIR, default_model_dir, sha256_file
 from . import build
 from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from .errors import ExportError
+from .sizes import input_size_argument, native_size
 from .split import Split, split
 
 OPSET = 17
@@ -51,7 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             help="R G B, or one value for all three (a grey model's), on the 0-1 pixel scale (default: ImageNet's)",
         )
     preprocessing.add_argument(
-        "--input-size", type=int, metavar="N", help="input side (default: the model's own, else 224)"
+        "--input-size",
+        type=input_size_argument,
+        metavar="S|HxW",
+        help="input size, S (S x S) or height x width, e.g. 48x192 (default: the model's own, else 224)",
     )
     for name, arch in sorted(ARCHS.items()):
         p = routes.add_parser(name, parents=[common], help=f"built-in {name} ({arch.input_size}px)")
@@ -69,8 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", type=Path, help="a state dict to load into the module (strict)")
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     args = parser.parse_args(argv)
-    if getattr(args, "input_size", None) is not None and args.input_size < 8:
-        parser.error("--input-size must be at least 8")
     for name in ("mean", "std"):
         values = getattr(args, name, None)
         if values is not None and len(values) not in (1, 3):
@@ -113,7 +115,8 @@ def run(
         "source": {"kind": "torch", "name": source.name, "sha256": digest},
         "versions": _torch_versions(),
     }
-    parts = _split(arch.name, from_torch.to_onnx(net, arch.input_size, opset), arch.input_size, output="scores")
+    size = (arch.input_size, arch.input_size)
+    parts = _split(arch.name, from_torch.to_onnx(net, size, opset), size, output="scores")
     name = arch.name if weights is None else source.stem
     return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
 
@@ -124,7 +127,7 @@ def run_onnx(
     labels: Path | None = None,
     mean=None,
     std=None,
-    input_size: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
     bgr: bool = False,
     output: str | None = None,
     int8: Path | None = None,
@@ -161,7 +164,7 @@ def run_torch(
     labels: Path | None = None,
     mean=None,
     std=None,
-    input_size: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
     opset: int = OPSET,
     int8: Path | None = None,
 ) -> Path:
@@ -176,7 +179,7 @@ def run_torch(
         if not weights.is_file():
             raise ExportError(f"{weights}: no such weights file")
         from_torch.load_weights(net, load_state_dict(weights), weights, spec)
-    size = input_size or 224
+    size = native_size([], input_size)  # (height, width)
     digest = sha256_file(weights) if weights else hashlib.sha256(spec.encode()).hexdigest()
     meta = {
         "arch": f"torch:{spec}",
@@ -215,7 +218,7 @@ def auto() -> Path:
         return run("efficientnet_lite0")
 
 
-def _split(what: str, model: onnx.ModelProto, input_size: int | None, **options) -> Split:
+def _split(what: str, model: onnx.ModelProto, input_size, **options) -> Split:
     """:func:`export.split.split`, its refusal naming the model."""
     try:
         return split(model, input_size, **options)
@@ -285,11 +288,8 @@ def _onnx_sizes(original: onnx.ModelProto, parts) -> list[tuple[int, int, int]]:
     dims = _dims(next(i for i in original.graph.input if i.name not in {x.name for x in original.graph.initializer}))
     batch = 2 if not isinstance(dims[0], int) or dims[0] <= 0 else dims[0]
     spatial = dims[2:] if parts.layout == "NCHW" else dims[1:3]
-    s = parts.input_size
-    sizes = [(batch, s, s)]
-    if not parts.fixed_size and not any(isinstance(d, int) and d > 0 for d in spatial):
-        sizes.append((1, s + 48, s - 40))
-    return sizes
+    dynamic = not parts.fixed_size and not any(isinstance(d, int) and d > 0 for d in spatial)
+    return build.check_sizes(parts.input_size, dynamic, batch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import onnxruntime
 import npcam
 from npcam import bundle as bundle_format
 from npcam.cam import probabilities, softmax
+from npcam.image import as_size
 
 from .errors import ExportError
 from .split import Split
@@ -85,8 +86,7 @@ def export(
     default a batch of 2 at the input size and, for a trunk of dynamic size,
     one non-square input.
     """
-    s = split.input_size
-    sizes = reference_sizes or ([(2, s, s)] + ([] if split.fixed_size else [(1, s + 48, s - 40)]))
+    sizes = reference_sizes or check_sizes(split.input_size, not split.fixed_size)
     with bundle_format.staged(out) as tmp:
         meta = bundle_format.write(
             tmp,
@@ -119,6 +119,13 @@ def export(
             meta = quantize_bundle(tmp, meta, int8)
         meta = bundle_format.seal(tmp, meta)
     return meta
+
+
+def check_sizes(size: int | tuple[int, int], dynamic: bool, batch: int = 2) -> list[tuple[int, int, int]]:
+    """The self-check's inputs ``(batch, height, width)``: a batch at the input size ``(H, W)`` and, for a
+    trunk of dynamic size, one image of another shape (taller, and narrower where the width allows)."""
+    height, width = as_size(size)
+    return [(batch, height, width)] + ([(1, height + 48, width - 40 if width > 80 else width + 40)] if dynamic else [])
 
 
 def self_check(
@@ -173,7 +180,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 def report(meta: dict, out: Path) -> None:
     """One line on stderr saying what was exported and how well it matched."""
     head = "affine head: CAM" if meta["head"] == "affine" else "graph head: Grad-CAM"
-    size = f"{meta['input_size']}px" + (" fixed" if meta.get("fixed_size") else "")
+    size = "{}x{} px".format(*meta["input_size"]) + (" fixed" if meta.get("fixed_size") else "")
     check = meta["check"]
     match = (
         f"within one step ({check['output_step']:.1e}) of the original's quantized ones"

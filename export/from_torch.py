@@ -64,9 +64,10 @@ def load_weights(net: nn.Module, state: dict, source: Path, name: str) -> None:
     net.load_state_dict(state, strict=True)
 
 
-def to_onnx(net: nn.Module, input_size: int, opset: int) -> onnx.ModelProto:
-    """The whole classifier as ONNX, with dynamic batch, height and width where torch can trace them."""
-    dummy = torch.zeros(1, _input_channels(net, input_size), input_size, input_size)
+def to_onnx(net: nn.Module, input_size: tuple[int, int], opset: int) -> onnx.ModelProto:
+    """The whole classifier as ONNX, traced at ``input_size`` ``(H, W)``, with dynamic batch, height and width
+    where torch can trace them."""
+    dummy = torch.zeros(1, _input_channels(net, input_size), *input_size)
     axes = {"input": {0: "N", 2: "H", 3: "W"}, "scores": {0: "N"}}
     for dynamic_axes in (axes, {"input": {0: "N"}, "scores": {0: "N"}}, None):
         buffer = io.BytesIO()
@@ -92,12 +93,12 @@ def to_onnx(net: nn.Module, input_size: int, opset: int) -> onnx.ModelProto:
     )
 
 
-def _input_channels(net: nn.Module, input_size: int) -> int:
+def _input_channels(net: nn.Module, input_size: tuple[int, int]) -> int:
     """3 (RGB), or 1 for a module that takes grey images (tried when 3 channels fail)."""
     for channels in (3, 1):
         try:
             with torch.no_grad():
-                net.eval()(torch.zeros(1, channels, input_size, input_size))
+                net.eval()(torch.zeros(1, channels, *input_size))
             return channels
         except Exception:  # the module says no in its own way
             continue

@@ -305,10 +305,10 @@ class Values:
     """Shapes of the model's tensors at one input size, from shape inference or, failing that, by running it.
 
     Used for the pooling's input and the head's shape arithmetic. The model
-    is copied once, with its image input fixed to batch 1 at ``size``.
+    is copied once, with its image input fixed to batch 1 at ``size``, ``(height, width)``.
     """
 
-    def __init__(self, model: onnx.ModelProto, image: str, layout: str, size: int, channels: int = 3):
+    def __init__(self, model: onnx.ModelProto, image: str, layout: str, size: tuple[int, int], channels: int = 3):
         self.model, self.image, self.layout, self.size, self.channels = model, image, layout, size, channels
         self._shapes: dict[str, list[int]] | None = None
         self._fixed: onnx.ModelProto | None = None
@@ -317,8 +317,8 @@ class Values:
 
     def input_array(self, batch: int, seed: int = 0) -> np.ndarray:
         """A random float32 input of ``batch`` images in the model's own layout."""
-        c, s = self.channels, self.size
-        shape = (batch, c, s, s) if self.layout == "NCHW" else (batch, s, s, c)
+        c, (h, w) = self.channels, self.size
+        shape = (batch, c, h, w) if self.layout == "NCHW" else (batch, h, w, c)
         return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
     def shapes(self) -> dict[str, list[int]]:
@@ -353,8 +353,8 @@ class Values:
         if self._fixed is None:
             fixed = copy.deepcopy(self.model)
             image = next(i for i in fixed.graph.input if i.name == self.image)
-            c, s = self.channels, self.size
-            shape = [1, c, s, s] if self.layout == "NCHW" else [1, s, s, c]
+            c, (h, w) = self.channels, self.size
+            shape = [1, c, h, w] if self.layout == "NCHW" else [1, h, w, c]
             for d, v in zip(image.type.tensor_type.shape.dim, shape):
                 d.Clear()
                 d.dim_value = v

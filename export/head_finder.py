@@ -161,28 +161,40 @@ def no_pool_hint(g: GraphIndex, values: Values) -> str:
     if shape is None or len(shape) != 4:
         return ""
     pool, kernel, (h, w) = pools[-1], list(attr(pools[-1], "kernel_shape")), shape[2:]
-    what = f"; its last AveragePool ({kernel[0]}x{kernel[1]} over the {h}x{w} map at {values.size} px)"
+    what = f"; its last AveragePool ({kernel[0]}x{kernel[1]} over the {h}x{w} map at {_side(values.size)} px)"
     size = global_size(pool, kernel, (h, w), values)
     if size is not None:
-        return f"{what} covers the whole map at {size} px: give the model's input size with --input-size {size}"
+        return (
+            f"{what} covers the whole map at {_side(size)} px: "
+            f"give the model's input size with --input-size {_side(size)}"
+        )
     fixed = all(isinstance(d, int) and d > 0 for d in _spatial(values))
     why = "the model's input size is fixed" if fixed else "no input size makes it cover the whole map"
     return f"{what} is a local pooling, not a global one ({why})"
 
 
-def global_size(pool: onnx.NodeProto, kernel: list[int], hw: tuple[int, int], values: Values) -> int | None:
-    """The square input size (>= 8) at which ``pool`` covers the whole map, checked on the model, else None.
+def global_size(
+    pool: onnx.NodeProto, kernel: list[int], hw: tuple[int, int], values: Values
+) -> tuple[int, int] | None:
+    """The input ``(height, width)`` (each >= 8) at which ``pool`` covers the whole map, checked on the model.
 
-    The map scales with the input (``size / map`` pixels per cell), so the
-    candidate is ``size * kernel / map``; it counts only if the model's shapes
-    there say so. A model whose input size is fixed has no other size.
+    The map scales with the input (``size / map`` pixels per cell, per side), so
+    the candidate is ``size * kernel / map``; it counts only if the model's
+    shapes there say so. A model whose input size is fixed has no other size.
+    Returns None when there is no such size.
     """
-    if any(attr(pool, "pads", [0])) or kernel[0] * hw[1] != kernel[1] * hw[0]:
+    if any(attr(pool, "pads", [0])):
         return None
     if all(isinstance(d, int) and d > 0 for d in _spatial(values)):
         return None
-    size, rest = divmod(values.size * kernel[0], hw[0])
-    if rest or size < 8 or size == values.size:
+    size = []
+    for side, k, cells in zip(values.size, kernel, hw):
+        candidate, rest = divmod(side * k, cells)
+        if rest or candidate < 8:
+            return None
+        size.append(candidate)
+    size = (size[0], size[1])
+    if size == tuple(values.size):
         return None
     other = Values(values.model, values.image, values.layout, size, values.channels)
     shape = other.shape(pool.input[0])
@@ -264,3 +276,8 @@ def _trunk_source(node: onnx.NodeProto, g: GraphIndex, found: dict) -> onnx.Node
             break
         node = g.producers[source]
     return node
+
+
+def _side(size: tuple[int, int]) -> str:
+    """An input size as the options take it: ``S`` for a square, else ``HxW``."""
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"

@@ -27,7 +27,8 @@ from .graph import dims as _dims  # export.__main__ reads it from here
 from .graph import session as _session  # noqa: F401  (and this)
 from .head_finder import find_head, image_input, pool_layout, scores
 from .head_ops import head_ops
-from .trunk import LUMA, check_trunk, trunk
+from .sizes import native_size
+from .trunk import LUMA, check_trunk, input_stride, trunk
 
 __all__ = ["LUMA", "Split", "split"]
 
@@ -40,7 +41,7 @@ class Split:
     ----------
     trunk : the trunk as an ONNX model in npcam's contract
     head : the head, affine (folded) or a graph of ops
-    input_size : the side of the input the model was made for
+    input_size : the input ``(height, width)`` the model was made for
     fixed_size : True when the trunk only runs at ``input_size``
     stride : input pixels per feature cell
     output : what the model's output is: "logits", "probabilities", "log_probabilities" or "sigmoid"
@@ -51,7 +52,7 @@ class Split:
 
     trunk: onnx.ModelProto
     head: AffineHead | GraphHead
-    input_size: int
+    input_size: tuple[int, int]
     fixed_size: bool
     stride: int
     output: str
@@ -62,7 +63,7 @@ class Split:
 
 def split(
     model: onnx.ModelProto,
-    input_size: int | None = None,
+    input_size: int | tuple[int, int] | None = None,
     bgr: bool = False,
     output: str | None = None,
 ) -> Split:
@@ -75,11 +76,7 @@ def split(
     if channels == 1 and bgr:
         raise ExportError("--bgr does not apply: the model takes one (grey) channel")
     static_hw = _dims(image)[2:] if layout == "NCHW" else _dims(image)[1:3]
-    size = input_size or next((d for d in static_hw if isinstance(d, int) and d > 0), None) or 224
-    if all(isinstance(d, int) and d > 0 for d in static_hw) and input_size and list(static_hw) != [size, size]:
-        raise ExportError(
-            f"the model's input is {static_hw[0]}x{static_hw[1]}; --input-size {input_size} does not fit it"
-        )
+    size = native_size(static_hw, input_size)  # (height, width)
     scores_name, output_kind, output_step = scores(g, output)
     values = Values(model, image.name, layout, size, channels)
     pool, head_nodes, kinds = find_head(g, scores_name, values)
@@ -88,5 +85,5 @@ def split(
     # An AveragePool's kernel covers the whole map at this size only: elsewhere the model computes something else.
     features, fixed_size = check_trunk(cut, size, pooled_shape, any_size=pool.op_type != "AveragePool")
     head = fold(GraphHead(ops, arrays, pooled_shape, pool.output[0], scores_name))
-    stride = max(1, round(size / features.shape[2]))
+    stride = input_stride(size, features)
     return Split(cut, head, size, fixed_size, stride, output_kind, layout, channels, output_step)

@@ -119,7 +119,7 @@ def set_input_dims(trunk: onnx.ModelProto, batch: int | str, height: int | str, 
 
 
 def check_trunk(
-    trunk: onnx.ModelProto, size: int, pooled_shape: list[int], any_size: bool = True
+    trunk: onnx.ModelProto, size: tuple[int, int], pooled_shape: list[int], any_size: bool = True
 ) -> tuple[np.ndarray, bool]:
     """Run the trunk at the native size, then find out whether it also takes other batches and sizes.
 
@@ -129,7 +129,8 @@ def check_trunk(
     """
     channels = int(np.prod(pooled_shape[1:]))
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 3, size, size), dtype=np.float32)
+    height, width = size
+    x = rng.standard_normal((2, 3, height, width), dtype=np.float32)
     try:
         run = session(trunk)
         single = [run.run(["features"], {"image": x[i : i + 1]})[0] for i in range(2)]
@@ -147,9 +148,9 @@ def check_trunk(
         )
     except Exception:
         batch_ok = False
-    stride = max(1, round(size / features.shape[2]))
+    stride = input_stride(size, features)
     dynamic = any_size
-    for h, w in ((size + 2 * stride, size), (size, size + 3 * stride)) if any_size else ():
+    for h, w in ((height + 2 * stride, width), (height, width + 3 * stride)) if any_size else ():
         try:
             out = run.run(["features"], {"image": rng.standard_normal((1, 3, h, w), dtype=np.float32)})[0]
             dynamic &= (
@@ -157,5 +158,11 @@ def check_trunk(
             )
         except Exception:
             dynamic = False
-    set_input_dims(trunk, "N" if batch_ok else 1, "H" if dynamic else size, "W" if dynamic else size)
+    set_input_dims(trunk, "N" if batch_ok else 1, "H" if dynamic else height, "W" if dynamic else width)
     return features, not dynamic
+
+
+def input_stride(size: tuple[int, int], features: np.ndarray) -> int:
+    """Input pixels per feature cell, from the longer side (more cells: the closer estimate)."""
+    side = int(size[1] >= size[0])
+    return max(1, round(size[side] / features.shape[2 + side]))

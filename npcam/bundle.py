@@ -29,12 +29,14 @@ import numpy as np
 
 from .errors import NpcamError
 from .head import AffineHead, GraphHead, Op
+from .image import as_size
 
 FORMAT = "npcam-bundle"
 # What the original model outputs; "sigmoid" (multi-label) also makes npcam's probabilities per-class sigmoids.
 OUTPUTS = ("logits", "probabilities", "log_probabilities", "sigmoid")
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: input_size is [height, width] (it was one int, the side of a square, in 1 and 2).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 HEAD_FILES = {"affine": ("fc_weight.npy", "fc_bias.npy"), "graph": ("head.json", "head.npz")}
 CACHE_DIR = Path("~/.cache/npcam")
 # Looked for in this order when no model is named: ResNet-18 is the default,
@@ -63,8 +65,9 @@ class Bundle:
     labels: tuple[str, ...]
 
     @property
-    def input_size(self) -> int:
-        return int(self.meta["input_size"])
+    def input_size(self) -> tuple[int, int]:
+        """The network input ``(height, width)`` the model was made for."""
+        return tuple(self.meta["input_size"])
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -145,10 +148,14 @@ def _read_meta(path: Path) -> dict:
         raise NpcamError(f"{meta_file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise NpcamError(f"{meta_file}: not an npcam bundle description (key 'format' is not {FORMAT!r})")
-    if meta.get("format_version") not in READABLE_VERSIONS:
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
         raise NpcamError(
-            f"{meta_file}: bundle format version {meta.get('format_version')!r}, this npcam reads "
-            f"{' and '.join(map(str, READABLE_VERSIONS))}; export the model again or upgrade npcam"
+            f"{meta_file}: bundle format version {version!r}"
+            + (f" needs an npcam that reads version {version}" if newer else " is not one npcam knows")
+            + f"; this npcam reads versions {READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]}: "
+            + ("upgrade npcam, or export the model again with this one" if newer else "export the model again")
         )
     if meta["format_version"] == 1:
         meta = {**meta, "head": "affine"}
@@ -157,10 +164,15 @@ def _read_meta(path: Path) -> dict:
         raise NpcamError(f"{meta_file}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     if meta["head"] not in HEAD_FILES:
         raise NpcamError(f"{meta_file}: key 'head' must be one of {', '.join(HEAD_FILES)}, not {meta['head']!r}")
-    for key in ("input_size", "stride"):
-        value = meta.get(key, DEFAULT_STRIDE)
-        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            raise NpcamError(f"{meta_file}: key {key!r} must be a positive integer, not {value!r}")
+    if meta["format_version"] < 3:  # one side: a square input
+        if not _positive_int(meta["input_size"]):
+            raise NpcamError(f"{meta_file}: key 'input_size' must be a positive integer, not {meta['input_size']!r}")
+        meta = {**meta, "input_size": [meta["input_size"]] * 2}
+    size = meta["input_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(map(_positive_int, size))):
+        raise NpcamError(f"{meta_file}: key 'input_size' must be [height, width] in positive integers, not {size!r}")
+    if not _positive_int(meta.get("stride", DEFAULT_STRIDE)):
+        raise NpcamError(f"{meta_file}: key 'stride' must be a positive integer, not {meta['stride']!r}")
     for key in ("mean", "std"):
         values = meta[key]
         if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
@@ -174,6 +186,10 @@ def _read_meta(path: Path) -> dict:
     if not isinstance(meta["files"], dict):
         raise NpcamError(f"{meta_file}: key 'files' must map file names to sha256 digests")
     return meta
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _read_file(path: Path) -> bytes:
@@ -264,9 +280,9 @@ def write(
 ) -> dict:
     """Write a bundle's files into ``directory`` (existing, empty), then ``bundle.json``; returns the metadata.
 
-    ``meta`` must hold ``arch``, ``input_size``, ``mean`` and ``std``; the
-    format keys, the head kind, the channel and class counts and the hashes
-    are added here.
+    ``meta`` must hold ``arch``, ``input_size`` (``(height, width)``, or one
+    side for a square), ``mean`` and ``std``; the format keys, the head kind, the channel and class counts
+    and the hashes are added here.
     """
     if len(labels) != head.classes:
         raise NpcamError(f"{len(labels)} labels for a head with {head.classes} classes")
@@ -288,6 +304,7 @@ def write(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **meta,
+        "input_size": list(as_size(meta["input_size"])),
         "head": head.kind,
         "channels": head.channels,
         "classes": head.classes,

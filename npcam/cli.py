@@ -21,7 +21,7 @@ from .boxes import DEFAULT_THRESHOLD, PAPER_THRESHOLD, parse_threshold
 from .errors import NpcamError
 from .explain import Options, explain_files
 from .files import find_images, plan_outputs
-from .image import MAX_PIXELS
+from .image import MAX_PIXELS, parse_size
 from .methods import ALIASES, METHODS
 from .model import Model, default_model_dir
 from .record import error as error_record
@@ -52,6 +52,14 @@ def _at_least(minimum: int):
     return parse
 
 
+def input_size(text: str) -> tuple[int, int]:
+    """An argparse type: ``S`` or ``HxW`` as ``(H, W)``."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def fraction(text: str) -> float:
     try:
         value = float(text)
@@ -78,9 +86,18 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
         "--method", type=_method, help="explanation method (default: cam, or gradcam for a non-affine head; see below)"
     )
     p.add_argument(
-        "--keep-aspect", action="store_true", help="scale the short side to the input size instead of squashing"
+        "--keep-aspect",
+        action="store_true",
+        help="keep the photo's aspect instead of squashing it to the input size: scale it to the smallest size "
+        "that covers the input (a square model's: the short side to S; a 48x192 model's: the height to 48 for "
+        "photos wider than 4:1), each side at most 4x the input's",
     )
-    p.add_argument("--size", type=_at_least(1), help="network input size (default: the bundle's, e.g. 224)")
+    p.add_argument(
+        "--size",
+        type=input_size,
+        metavar="S|HxW",
+        help="network input size, S (S x S) or height x width, e.g. 48x192 (default: the bundle's)",
+    )
     p.add_argument("--bbox", action="store_true", help="find each map's bounding box (drawn, and in the record)")
     p.add_argument(
         "--threshold",

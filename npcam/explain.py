@@ -44,7 +44,8 @@ class Options:
     alpha : heat-map opacity in [0, 1]
     bbox : find each map's box (and draw it)
     threshold : the box threshold, ``"mean"`` or a fraction of the max
-    keep_aspect, size : the network input (see :func:`npcam.image.input_size`)
+    keep_aspect, size : the network input (see :func:`npcam.image.input_size`); ``size`` is
+        ``(H, W)``, or ``S`` for ``S x S``; None: the bundle's
     max_pixels : refuse larger images before decoding them
     save_cam : write each full-resolution map as ``.npy`` beside its overlay
     lowres : put each map at feature resolution into the record
@@ -57,7 +58,7 @@ class Options:
     bbox: bool = False
     threshold: float | str = DEFAULT_THRESHOLD
     keep_aspect: bool = False
-    size: int | None = None
+    size: int | tuple[int, int] | None = None
     max_pixels: int = MAX_PIXELS
     save_cam: bool = False
     lowres: bool = False
@@ -70,9 +71,10 @@ class Options:
             raise NpcamError(f"top must be at least 1, not {self.top}")
         if self.max_pixels < 1:
             raise NpcamError(f"max_pixels must be at least 1, not {self.max_pixels}")
-        model.check_input_options(self.keep_aspect, self.size)
+        size = model.check_input_options(self.keep_aspect, self.size)
         return replace(
             self,
+            size=size,
             classes=tuple(model.class_index(c) for c in self.classes),
             method=model.method(self.method).name,
         )

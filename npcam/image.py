@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -157,24 +159,73 @@ def _array_to_rgb(array: np.ndarray, name: str | None = None) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def input_size(height: int, width: int, size: int, keep_aspect: bool) -> tuple[int, int]:
-    """The network input ``(h, w)`` for an image of ``height x width``.
+Size = tuple[int, int]  # (height, width) of a network input, in pixels
+_SIZE = re.compile(r"\s*([0-9]+)\s*(?:[xX×]\s*([0-9]+)\s*)?")
 
-    Squash to ``size x size`` (the tutorial's and most classifiers' choice), or,
-    with ``keep_aspect``, scale the short side to ``size``; the long side is
-    capped at 4x ``size`` so that a 1x10000 strip does not make a huge input.
+
+def parse_size(text: str) -> Size:
+    """``"S"`` (a square, ``S x S``) or ``"HxW"`` (height by width) as ``(H, W)``; ValueError says why not.
+
+    Both sides must be positive whole numbers; ``x`` may also be ``X`` or ``×``.
     """
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"must be S or HxW (height x width) in whole pixels, e.g. 224 or 48x192; not {text!r}")
+    height = int(match[1])
+    width = int(match[2] or match[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"must have positive sides, not {text!r}")
+    return height, width
+
+
+def as_size(size: int | Sequence[int] | None) -> Size | None:
+    """An input size given as ``S`` (square), ``(H, W)`` or ``"HxW"``, as ``(H, W)``; None stays None.
+
+    Raises :class:`NpcamError` for anything else (a negative, zero or non-integer side).
+    """
+    if size is None:
+        return None
+    if isinstance(size, str):
+        try:
+            return parse_size(size)
+        except ValueError as e:
+            raise NpcamError(f"input size {e}") from None
+    sides = [size, size] if isinstance(size, (int, np.integer)) else list(size) if isinstance(size, Sequence) else []
+    if not (
+        len(sides) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in sides)
+    ):
+        raise NpcamError(f"input size must be S or (H, W) with positive whole sides, not {size!r}")
+    return int(sides[0]), int(sides[1])
+
+
+def format_size(size: Size) -> str:
+    """``(H, W)`` as ``"HxW"``, how the options take it."""
+    return f"{size[0]}x{size[1]}"
+
+
+def input_size(height: int, width: int, size: int | Size, keep_aspect: bool) -> Size:
+    """The network input ``(h, w)`` for an image of ``height x width``, given the model's ``size`` ``(H, W)``.
+
+    Squash to ``H x W`` (the tutorial's and most classifiers' choice), or,
+    with ``keep_aspect``, scale the image, keeping its aspect, to the smallest
+    size that covers ``H x W``: one side equals the model's, the other is at
+    least the model's. For a square model that is "the short side to S"; for a
+    wide 48x192 text-line model and a photo wider than 4:1, "the height to 48,
+    the width as the photo's". Each side is capped at 4x the model's, so that
+    a 1x10000 strip does not make a huge input.
+    """
+    rows, cols = (size, size) if isinstance(size, (int, np.integer)) else size
     if not keep_aspect:
-        return size, size
-    scale = size / min(height, width)
-    h = min(max(round(height * scale), size), 4 * size)
-    w = min(max(round(width * scale), size), 4 * size)
+        return rows, cols
+    scale = max(rows / height, cols / width)
+    h = min(max(round(height * scale), rows), 4 * rows)
+    w = min(max(round(width * scale), cols), 4 * cols)
     return h, w
 
 
 def preprocess(
     image: np.ndarray | Image.Image,
-    size: int,
+    size: int | Size,
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     keep_aspect: bool = False,
@@ -184,8 +235,8 @@ def preprocess(
     Parameters
     ----------
     image : uint8 ``[H, W, 3]``, or the same as an RGB PIL image (saves a copy)
-    size : int
-        The network's input size (224 for ResNet).
+    size : int or (int, int)
+        The network's input size ``(H, W)``, or ``S`` for ``S x S`` (224 for ResNet).
     mean, std : per-channel statistics in [0, 1] units
     keep_aspect : bool
         See :func:`input_size`.

@@ -21,7 +21,7 @@ from . import methods as methods_lib
 from . import render
 from .cam import normalize, pool, probabilities
 from .errors import NpcamError
-from .image import MAX_PIXELS, ImageLike, open_image, preprocess
+from .image import MAX_PIXELS, ImageLike, Size, as_size, format_size, open_image, preprocess
 from .upsample import upsample
 
 default_model_dir = bundle_format.default_model_dir
@@ -80,7 +80,7 @@ class Model:
         self.head = self.bundle.head
         self.labels = self.bundle.labels
         self.arch: str = self.meta["arch"]
-        self.input_size = self.bundle.input_size
+        self.input_size: Size = self.bundle.input_size  # (height, width)
         self.mean, self.std = self.bundle.mean, self.bundle.std
         self.session = _open_session(self.path / "trunk.onnx", self.bundle.trunk, self.head.channels, threads)
         batch = self.session.get_inputs()[0].shape[0]
@@ -135,41 +135,55 @@ class Model:
         return probabilities(scores, self.bundle.multi_label)
 
     def preprocess(
-        self, image: np.ndarray | ImageLike, keep_aspect: bool = False, size: int | None = None
+        self, image: np.ndarray | ImageLike, keep_aspect: bool = False, size: int | Size | None = None
     ) -> np.ndarray:
-        """:func:`npcam.image.preprocess` with this model's input size and statistics: ``[1, 3, h, w]``."""
-        self.check_input_options(keep_aspect, size)
+        """:func:`npcam.image.preprocess` with this model's input size and statistics: ``[1, 3, h, w]``.
+
+        ``size`` is ``(H, W)``, or ``S`` for ``S x S`` (default: the bundle's).
+        """
+        size = self.check_input_options(keep_aspect, size)
         pil = image if isinstance(image, Image.Image) and image.mode == "RGB" else open_image(image)
         return preprocess(pil, size or self.input_size, self.mean, self.std, keep_aspect)
 
-    def check_input_options(self, keep_aspect: bool = False, size: int | None = None) -> None:
-        """Refuse ``size``/``keep_aspect`` that this trunk cannot take, in one line."""
+    def check_input_options(self, keep_aspect: bool = False, size: int | Size | None = None) -> Size | None:
+        """Refuse ``size``/``keep_aspect`` that this trunk cannot take, in one line; returns ``size`` as ``(H, W)``.
+
+        Each side must give at least two feature cells (twice the stride), or
+        be no smaller than the model's own side (a model made for 48 px at a
+        stride of 32 takes 48).
+        """
+        size = as_size(size)
         if self.bundle.fixed_size and (keep_aspect or (size and size != self.input_size)):
-            option = "--keep-aspect" if keep_aspect else f"--size {size}"
+            option = "--keep-aspect" if keep_aspect else f"--size {format_size(size)}"
             raise NpcamError(
-                f"{self.path}: this model's trunk takes only {self.input_size}x{self.input_size} inputs; "
-                f"{option} cannot be used with it"
+                f"{self.path}: this model's trunk takes only {format_size(self.input_size)} inputs (height x "
+                f"width); {option} cannot be used with it"
             )
-        smallest = 2 * self.bundle.stride
-        if size is not None and size < smallest:
-            raise NpcamError(
-                f"input size {size} is too small for this model: it must be at least {smallest} "
-                f"(2 feature cells at a stride of {self.bundle.stride})"
-            )
+        stride = self.bundle.stride
+        for side, value, native in zip(("height", "width"), size or (), self.input_size):
+            smallest = min(2 * stride, native)
+            if value < smallest:
+                raise NpcamError(
+                    f"input size {format_size(size)} is too small for this model: its {side} must be at least "
+                    f"{smallest} (2 feature cells at a stride of {stride}"
+                    + (")" if smallest == 2 * stride else ", or the model's own)")
+                )
+        return size
 
     def predict(
         self,
         image: ImageLike,
         keep_aspect: bool = False,
         max_pixels: int = MAX_PIXELS,
-        size: int | None = None,
+        size: int | Size | None = None,
     ) -> Prediction:
         """Read, preprocess and classify one image (one trunk call).
 
         ``image`` is a path, bytes, a file object, a PIL image or a uint8 array
-        (see :func:`npcam.image.open_image`). ``size`` overrides the bundle's
-        input size (the trunk is fully convolutional, unless the bundle says it
-        takes one size only).
+        (see :func:`npcam.image.open_image`). ``size`` ``(H, W)``, or ``S`` for
+        ``S x S``, overrides the bundle's input size (the trunk is fully
+        convolutional, unless the bundle says it takes one size only).
+        ``keep_aspect``: see :func:`npcam.image.input_size`.
         """
         return self.predict_many([image], keep_aspect, size, max_pixels)[0]
 
@@ -177,11 +191,11 @@ class Model:
         self,
         images: Sequence[ImageLike],
         keep_aspect: bool = False,
-        size: int | None = None,
+        size: int | Size | None = None,
         max_pixels: int = MAX_PIXELS,
     ) -> list[Prediction]:
         """:meth:`predict` for several images, one trunk call per group of equal input shape."""
-        self.check_input_options(keep_aspect, size)
+        size = self.check_input_options(keep_aspect, size)
         pils = [open_image(image, max_pixels) for image in images]
         inputs = [preprocess(pil, size or self.input_size, self.mean, self.std, keep_aspect) for pil in pils]
         return self.predict_batch([np.asarray(pil) for pil in pils], inputs)

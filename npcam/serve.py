@@ -35,7 +35,7 @@ from .boxes import parse_threshold
 from .errors import NpcamError
 from .explain import Options, describe, draw, explain
 from .files import encode_image
-from .image import MAX_PIXELS
+from .image import MAX_PIXELS, parse_size
 from .methods import METHODS
 
 MAX_BODY = 25 * 2**20  # bytes; a 12 MP JPEG is 3-8 MB
@@ -66,6 +66,18 @@ def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
             raise BadRequest(422, f"{name} must be between {low} and {high}, not {value}")
         return value
 
+    def input_size():
+        text = query.get("size")
+        if text is None:
+            return None
+        try:
+            size = parse_size(text)
+        except ValueError as e:
+            raise BadRequest(422, f"size {e}") from None
+        if max(size) > 4096:
+            raise BadRequest(422, f"size must be at most 4096 on each side, not {text!r}")
+        return size
+
     def flag(name):
         value = query.get(name)
         return value is not None and value.lower() in ("", "1", "true", "yes", "on")
@@ -90,7 +102,7 @@ def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
         bbox=flag("bbox"),
         threshold=threshold,
         keep_aspect=flag("keep_aspect"),
-        size=number("size", int, None, 1, 4096),
+        size=input_size(),
         max_pixels=max_pixels,
     )
     return options, {"jpg": "jpeg"}.get(fmt, fmt)

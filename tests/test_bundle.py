@@ -141,7 +141,7 @@ def test_version_1_bundles_keep_loading(copy, model):
     meta = json.loads((copy / "bundle.json").read_text())
     for key in ("head", "fixed_size", "stride", "layout", "output", "check", "channels", "classes"):
         meta.pop(key, None)
-    meta["format_version"] = 1
+    meta["format_version"], meta["input_size"] = 1, 224  # one side: a square
     (copy / "bundle.json").write_text(json.dumps(meta))
     old = npcam.load(copy)
     assert old.head.kind == "affine" and not old.bundle.fixed_size and old.bundle.stride == 32
@@ -162,7 +162,9 @@ def test_each_missing_key_is_named(copy, key):
     "key, value, message",
     [
         ("head", "conv", "key 'head' must be one of affine, graph"),
-        ("input_size", "224", "key 'input_size' must be a positive integer"),
+        ("input_size", "224", r"key 'input_size' must be \[height, width\] in positive integers"),
+        ("input_size", [224, 0], r"key 'input_size' must be \[height, width\]"),
+        ("input_size", 224, r"key 'input_size' must be \[height, width\]"),
         ("stride", 0, "key 'stride' must be a positive integer"),
         ("mean", [0.5, 0.5], "key 'mean' must be a list of 3 numbers"),
         ("fixed_size", "yes", "key 'fixed_size' must be true or false"),

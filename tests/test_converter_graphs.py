@@ -334,7 +334,7 @@ def test_a_pooling_global_at_another_size_names_that_size_and_it_works(tmp_path,
     assert "covers the whole map at 32 px: give the model's input size with --input-size 32" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
     assert export_main(["onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "b"), "--input-size", "32"]) == 0
-    assert npcam.load(tmp_path / "b").input_size == 32
+    assert npcam.load(tmp_path / "b").input_size == (32, 32)
 
 
 # A quiet exporter

@@ -211,7 +211,7 @@ def test_gemm_with_untransposed_weights(tmp_path):
     nodes = [helper.make_node("GlobalAveragePool", ["f"], ["p"]), helper.make_node("Flatten", ["p"], ["q"]),
              helper.make_node("Gemm", ["q", "B", "bias"], ["y"], transB=0)]  # fmt: skip
     model = export_graph(graph_model(nodes, {"B": b, "bias": np.arange(K) * 0.1}), tmp_path, None, None, None, 32)
-    assert model.head.kind == "affine" and model.input_size == 32
+    assert model.head.kind == "affine" and model.input_size == (32, 32)
     np.testing.assert_allclose(model.fc_weight, b.T, rtol=1e-6)
     check_cam(model, b.T)
 
@@ -225,7 +225,7 @@ def test_average_pool_over_the_whole_map_and_a_fixed_size_trunk(tmp_path, capsys
     onnx_model = graph_model(nodes, {"W": w}, input_shape=(1, 3, 32, 32), trunk_extra=trunk_extra,
                              trunk_inits=[numpy_helper.from_array(position, "pos")])  # fmt: skip
     model = export_graph(onnx_model, tmp_path)
-    assert model.bundle.fixed_size and model.input_size == 32 and model.head.kind == "affine"
+    assert model.bundle.fixed_size and model.input_size == (32, 32) and model.head.kind == "affine"
     np.testing.assert_allclose(model.fc_weight, w, rtol=1e-6)
     from npcam.cli import main
 

@@ -91,7 +91,7 @@ def test_bbox_on_the_cat_covers_its_face(lite0, tmp_path, capsys):
 @pytest.mark.parametrize("name, channels, size", [("efficientnet_lite1", 1280, 240), ("efficientnet_lite2", 1280, 260)])
 def test_other_lite_variants_export_and_classify(name, channels, size, tmp_path):
     model = npcam.load(run(name, tmp_path / name))
-    assert model.input_size == size and model.fc_weight.shape == (1000, channels)
+    assert model.input_size == (size, size) and model.fc_weight.shape == (1000, channels)
     assert 281 <= model.predict(SAMPLE).top1 <= 285
 
 
