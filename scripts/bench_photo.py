@@ -17,7 +17,9 @@ photo; every figure is a median over the rounds. Measures:
 2. record-only runs (``--json --no-overlay``, ``npcam dataset`` without
    ``--overlays``, ``serve`` with ``format=json``): ``explain`` + ``describe``
    with full decode (before) and with reduced-scale decode (now), one image
-   at a time and as a directory run over every core (the CLI's pipeline).
+   at a time (plain and with ``--bbox``, whose box needs the map at full
+   size) and as a directory run over every core (the CLI's pipeline; before,
+   ``--json`` also wrote the overlays).
 
 Meant to be folded into ``scripts/bench.py``; it reuses that script's torch
 pipeline, table and CPU name.
@@ -130,10 +132,10 @@ def npcam_before(bundle: str):
     return run
 
 
-def records(bundle: str, pixels: bool):
+def records(bundle: str, pixels: bool, bbox: bool = False):
     """A record-only run: explain + describe, full decode (pixels=True, as before) or reduced (now)."""
     model = npcam.load(bundle)
-    options = Options(bbox=True).checked(model)
+    options = Options(bbox=bbox).checked(model)
 
     def run(path: Path, out: Path):
         describe(explain(model, path, options, pixels=pixels), options)
@@ -148,13 +150,15 @@ METHODS = {
     "npcam before": npcam_before,
     "records, full decode": lambda b: records(b, True),
     "records, reduced decode": lambda b: records(b, False),
+    "records --bbox, full decode": lambda b: records(b, True, bbox=True),
+    "records --bbox, reduced decode": lambda b: records(b, False, bbox=True),
 }
 
 
 def directory(bundle: str, photos: list[Path], out: Path, copies: int, overlays: bool) -> float:
     """Seconds for the CLI's pipelined directory run (one thread per worker, a worker per core) over the photos."""
     model = npcam.load(bundle, threads=1)
-    options = Options(bbox=True).checked(model)
+    options = Options().checked(model)
     jobs = [Job(p, out / f"{i}_{p.stem}_cam.jpg") for i in range(copies) for p in photos]
     start = time.perf_counter()
     for _, result in explain_files(model, jobs, options, overlays=overlays):
@@ -243,7 +247,8 @@ def main() -> int:
             photos = make_photos(tmp / "photos")
         bundle, weights = export_resnet18(tmp)
         kinds = ["npcam now", "npcam before", "torch", "npcam now, 1 thread", "torch, 1 thread", "npcam now, stages",
-                 "records, full decode", "records, reduced decode"]  # fmt: skip
+                 "records, full decode", "records, reduced decode", "records --bbox, full decode",
+                 "records --bbox, reduced decode"]  # fmt: skip
         workers = {}
         for i, kind in enumerate(kinds):
             (tmp / f"out{i}").mkdir()
@@ -310,12 +315,13 @@ def report(results: dict) -> str:
     lines += ["", "npcam's stages (ms):"]
     rows = [[k, *(f"{st[s]:.1f}" for s in STAGES)] for k, st in results["stages_ms"].items()]
     lines += bench.markdown_table(["method", *STAGES], rows)
-    full, reduced = ms["records, full decode"], ms["records, reduced decode"]
-    lines += [
-        "",
-        f"Record-only, one image at a time (explain + describe, --bbox): full decode {full:.0f} ms, "
-        f"reduced decode {reduced:.0f} ms ({full / reduced:.2f}x the images/s)",
-    ]
+    lines += [""]
+    for flags in ("", " --bbox"):
+        full, reduced = ms[f"records{flags}, full decode"], ms[f"records{flags}, reduced decode"]
+        lines.append(
+            f"Record-only{flags}, one image at a time (explain + describe): full decode {full:.0f} ms, "
+            f"reduced decode {reduced:.0f} ms ({full / reduced:.2f}x the images/s)"
+        )
     for name, d in results["directory"].items():
         lines.append(
             f"Directory run, {d['images']} images, {name}: {d['seconds']:.2f} s, {d['images'] / d['seconds']:.2f} images/s"
