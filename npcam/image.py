@@ -27,7 +27,7 @@ MAX_PIXELS = 100_000_000
 # Network inputs from large images: Pillow's resize first averages boxes of
 # k x k pixels, k = floor(scale / REDUCING_GAP), then filters the rest exactly
 # (reducing_gap). Only images at least 2 * REDUCING_GAP times the input size
-# (1344 px for 224) are affected; their input moves by at most 2 levels of 255
+# (1344 px for 224) are affected; their input moved by at most 2 levels of 255 on photos
 # (docs/performance.md). 3.0 is Pillow's "close to fair resampling" setting.
 REDUCING_GAP = 3.0
 

@@ -161,18 +161,19 @@ def test_reducing_gap_leaves_normal_photos_exact():
 
 
 def test_reduced_input_of_12mp_photos_stays_close_to_the_exact_one(model, photos_12mp):
-    """The preprocessing change at 12 MP: the input within 2 levels, the same top-5, the map nearly the same.
+    """The preprocessing change at 12 MP: the input within 3 levels, the same top-5, the map nearly the same.
 
-    Averaging k x k boxes before the bilinear filter moves a 224 px input pixel by
-    at most a level or two (Pillow's reduce rounds once more); a bound of 2 levels
-    in the input guards against a wrong box or factor, which would move it by tens.
+    Averaging k x k boxes before the bilinear filter changes the filter's shape a
+    little (a box under a narrower triangle) and rounds once more: on photos that
+    moves a 224 px input pixel by a level or two (2 measured). A bound of 3 levels
+    guards against a wrong box, factor or offset, which would move it by tens.
     """
     for path in photos_12mp:
         pil = npcam.open_image(path)
         exact = preprocess(pil, 224, model.mean, model.std, reducing_gap=None)
         reduced = preprocess(pil, 224, model.mean, model.std)
         levels = np.abs(reduced - exact) * 255 * np.asarray(model.std, dtype=np.float32)[None, :, None, None]
-        assert record("12 MP input, reduced vs exact, levels", levels.max()) <= 2.001  # float32 normalization
+        assert record("12 MP input, reduced vs exact, levels", levels.max()) <= 3.001  # float32 normalization
         a, b = model.predict_batch([np.asarray(pil)] * 2, [exact, reduced])
         assert [c for c, _, _ in a.top(5)] == [c for c, _, _ in b.top(5)], path.name
         cam_a, cam_b = model.cam(a), model.cam(b)
