@@ -159,7 +159,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--alpha", type=fraction, default=0.5, help="heat-map opacity from 0 (photo) to 1 (heat map) (default 0.5)"
     )
     p.add_argument("--save-cam", action="store_true", help="also write each full-resolution map as float32 .npy")
+    p.add_argument(
+        "--max-side",
+        type=_at_least(1),
+        metavar="N",
+        help="write overlays at most N pixels on their long side (records and .npy maps keep the photo's size)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON record per image on stdout (JSON Lines)")
+    p.add_argument(
+        "--no-overlay",
+        action="store_true",
+        help="write no overlay images, only the record (--json) and --save-cam maps; JPEGs then decode "
+        "at the reduced scale the network needs",
+    )
     p.add_argument(
         "--threads",
         type=_at_least(1),
@@ -218,7 +230,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
     # A method with extra network passes (Score-CAM) shows them for a single image; several show the image count.
     extra = passes if len(jobs) == 1 and METHODS[options.method].extra_passes else None
-    with closing(explain_files(model, jobs, options, workers, extra)) as results:
+    results = explain_files(model, jobs, options, workers, extra, overlays=not args.no_overlay, max_side=args.max_side)
+    with closing(results):
         for n, (job, result) in enumerate(results, 1):
             progress.show(n, len(jobs), job.image)
             if isinstance(result, str):
@@ -235,13 +248,17 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _describe(record: dict, verbose: bool) -> str:
+    written = [m["output"] for m in record["maps"] if m.get("output")]
     if not verbose:
-        outputs = ", ".join(m["output"] for m in record["maps"])
-        return f"{record['image']}: {record['label']} ({record['score']:.1%}) -> {outputs}"
+        outputs = f" -> {', '.join(written)}" if written else ""
+        return f"{record['image']}: {record['label']} ({record['score']:.1%}){outputs}"
     lines = [f"{record['image']} ({record['width']}x{record['height']}), top-5:"]
     lines += [f"  {t['score']:6.1%}  {t['class']:>4}  {t['label']}" for t in record["top5"]]
     name = "CAM" if record["method"] == "cam" else record["method"]
-    lines += [f"{name} of {m['class']} ({m['label']}) -> {m['output']}" for m in record["maps"]]
+    lines += [
+        f"{name} of {m['class']} ({m['label']})" + (f" -> {m['output']}" if m.get("output") else "")
+        for m in record["maps"]
+    ]
     return "\n".join(lines)
 
 

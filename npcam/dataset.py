@@ -134,7 +134,7 @@ def explainer_class(model_dir: str, options: Options):
             for image, overlay in zip(batch["image"], batch["overlay"]):
                 image = str(image)
                 try:
-                    explanation = explain(self.model, read_bytes(image), options, name=image)
+                    explanation = explain(self.model, read_bytes(image), options, name=image, pixels=bool(overlay))
                     if overlay:
                         rows.append(write(explanation, Job(Path(image), Path(overlay), options.top > 1), options))
                     else:

@@ -20,13 +20,14 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import record as records
 from . import render as rendering
 from .boxes import DEFAULT_THRESHOLD, Box, cam_box
 from .errors import NpcamError
 from .files import Job, save_array, save_image
-from .image import MAX_PIXELS, ImageLike, open_image
+from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, read_photo, rgbx_base
 from .methods import Progress
 from .model import Model, Prediction
 from .upsample import upsample
@@ -97,9 +98,9 @@ class Explanation:
     _boxes: dict[tuple[int, float | str], Box | None] = field(default_factory=dict, repr=False)
 
     def full(self, i: int) -> np.ndarray:
-        """Map ``i`` at the image's size: float32 ``[H, W]`` (computed once)."""
+        """Map ``i`` at the photo's own size (:attr:`Prediction.size`): float32 ``[H, W]`` (computed once)."""
         if i not in self._full:
-            self._full[i] = upsample(self.maps[i], self.prediction.image.shape[:2])
+            self._full[i] = upsample(self.maps[i], self.prediction.size)
         return self._full[i]
 
     def box(self, i: int, threshold: float | str = DEFAULT_THRESHOLD) -> Box | None:
@@ -115,25 +116,53 @@ def explain(
     options: Options = Options(),
     name: str | None = None,
     progress: Progress | None = None,
+    pixels: bool = True,
+    max_side: int | None = None,
 ) -> Explanation:
     """Read, predict and compute the maps of one image; ``options`` must come from :meth:`Options.checked`.
 
     ``name`` is how records and errors call the image (default: its path).
+    ``pixels=False`` is for runs that need no overlay (records, ``.npy``
+    maps): a JPEG is then decoded at the smallest DCT scale that keeps
+    :data:`~npcam.image.REDUCING_GAP` times the network input, and sizes,
+    maps and boxes are still in the photo's own pixels (docs/performance.md).
+    ``max_side`` keeps ``prediction.image``, and so the overlays, at most that
+    many pixels on its long side; a JPEG is then decoded at the smallest DCT
+    scale that keeps both sides at least ``max_side`` (and the network's need).
     """
     label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
-    pil = open_image(image, options.max_pixels, label)
+    network = int(np.ceil(REDUCING_GAP * (options.size or model.input_size)))
+    min_size = max(network, max_side) if max_side else None if pixels else network
+    pil, rgb, size = read_photo(image, options.max_pixels, label, min_size)
     x = model.preprocess(pil, options.keep_aspect, options.size)
-    prediction = model.predict_batch([np.asarray(pil)], [x])[0]
+    if max_side and max(pil.size) > max_side:
+        scale = max_side / max(pil.size)
+        fit = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+        rgb = read_photo(pil.resize(fit, Image.BILINEAR, reducing_gap=REDUCING_GAP))[1]
+    prediction = model.predict_batch([rgb], [x], [size])[0]
     classes = list(options.classes) or [c for c, _, _ in prediction.top(options.top)]
     maps = model.cam(prediction, classes, method=options.method, progress=progress)
     return Explanation(label, prediction, options.method or model.default_method, classes, maps)
 
 
 def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:
-    """Map ``i`` jet-coloured over the image, with its box if ``options.bbox``: uint8 ``[H, W, 3]``."""
-    picture = rendering.overlay(explanation.prediction.image, explanation.full(i), options.alpha)
+    """Map ``i`` jet-coloured over the image, with its box if ``options.bbox``: uint8 ``[H, W, 3]``.
+
+    Drawn at the size of ``prediction.image``. When the image came from
+    :func:`~npcam.image.read_photo`, the result is a view of an RGBX buffer
+    that :func:`npcam.files.encode_image` encodes without a copy.
+    """
+    image = explanation.prediction.image
+    rgbx = rgbx_base(image)
+    picture = rendering.overlay_map(image if rgbx is None else rgbx, explanation.maps[i], options.alpha)
     box = explanation.box(i, options.threshold) if options.bbox else None
-    return rendering.draw_box(picture, box) if box else picture
+    if box:
+        (height, width), (h, w) = explanation.prediction.size, image.shape[:2]
+        if (h, w) != (height, width):  # the box is in the photo's pixels, the picture smaller
+            x0, y0, x1, y1 = box
+            box = (x0 * w // width, y0 * h // height, x1 * w // width, y1 * h // height)
+        rendering.draw_box_into(picture, box)
+    return picture[:, :, :3]
 
 
 def describe(
@@ -159,11 +188,14 @@ def describe(
     return records.make(explanation.name, explanation.prediction, explanation.method, maps)
 
 
-def write(explanation: Explanation, job: Job, options: Options, protected: Iterable[Path] = ()) -> dict:
+def write(
+    explanation: Explanation, job: Job, options: Options, protected: Iterable[Path] = (), overlays: bool = True
+) -> dict:
     """Write the overlay (and ``.npy`` map with ``save_cam``) of each explained class; returns the record.
 
     ``protected`` paths (the run's inputs) are never written over: such a job
-    fails before writing anything.
+    fails before writing anything. ``overlays=False`` writes only the ``.npy``
+    maps, if any, and the record names no overlay.
     """
     outputs = [job.output_for(c) for c in explanation.classes]
     for output in outputs:
@@ -171,24 +203,38 @@ def write(explanation: Explanation, job: Job, options: Options, protected: Itera
             raise NpcamError(f"{output}: is one of the input images; not writing over it (choose another -o)")
     cams = [output.with_suffix(".npy") for output in outputs] if options.save_cam else None
     for i, output in enumerate(outputs):
-        save_image(output, draw(explanation, i, options))
+        if overlays:
+            save_image(output, draw(explanation, i, options))
         if cams:
             save_array(cams[i], explanation.full(i))
-    return describe(explanation, options, outputs, cams)
+    return describe(explanation, options, outputs if overlays else None, cams)
 
 
 def explain_file(
-    model: Model, options: Options, protected: frozenset[Path], job: Job, progress: Progress | None = None
+    model: Model,
+    options: Options,
+    protected: frozenset[Path],
+    job: Job,
+    progress: Progress | None = None,
+    overlays: bool = True,
+    max_side: int | None = None,
 ) -> dict:
-    """One job from file to written overlays; returns its record."""
-    return write(explain(model, job.image, options, str(job.image), progress), job, options, protected)
+    """One job from file to written overlays (or only its record, without ``overlays``); returns its record."""
+    explanation = explain(model, job.image, options, str(job.image), progress, pixels=overlays, max_side=max_side)
+    return write(explanation, job, options, protected, overlays)
 
 
 Result = tuple[Job, "dict | str"]
 
 
 def explain_files(
-    model: Model, jobs: Sequence[Job], options: Options, workers: int | None = None, progress: Progress | None = None
+    model: Model,
+    jobs: Sequence[Job],
+    options: Options,
+    workers: int | None = None,
+    progress: Progress | None = None,
+    overlays: bool = True,
+    max_side: int | None = None,
 ) -> Iterator[Result]:
     """Explain and write every job; yields each with its record or its one-line error, in input order.
 
@@ -198,13 +244,14 @@ def explain_files(
     encoding. When the consumer stops (an interrupt, a closed pipe), work not
     started is dropped and files being written are finished, so that only
     complete files remain. No job writes over another job's input.
-    ``progress`` goes to methods with extra passes (Score-CAM).
+    ``progress`` goes to methods with extra passes (Score-CAM); ``overlays=False``
+    writes no overlays (see :func:`explain`'s ``pixels``); ``max_side`` caps their size.
     """
     workers = workers or (1 if len(jobs) == 1 else max(1, os.cpu_count() or 1))
     protected = frozenset(job.image.resolve() for job in jobs)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        task = partial(explain_file, model, options, protected, progress=progress)
+        task = partial(explain_file, model, options, protected, progress=progress, overlays=overlays, max_side=max_side)
         for job, future in _ahead(pool, jobs, task, depth=2 * workers):
             yield job, _result(job, future)
     except BaseException:  # includes GeneratorExit: the consumer stopped early

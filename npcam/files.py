@@ -164,8 +164,15 @@ def image_format(path: Path) -> str:
 def encode_image(picture: np.ndarray, fmt: str, file: BinaryIO) -> None:
     """Encode uint8 ``[H, W, 3]`` (JPEG quality 90, fast PNG), marked as npcam's where the format has EXIF."""
     from . import __version__
+    from .image import rgbx_base
 
-    image = Image.fromarray(picture)
+    rgbx = rgbx_base(picture)
+    if rgbx is None:
+        image = Image.fromarray(picture)
+    else:  # Pillow's own layout: shared, not copied (JPEG and WebP take RGBX as it is)
+        image = Image.frombuffer("RGBX", (rgbx.shape[1], rgbx.shape[0]), rgbx, "raw", "RGBX", 0, 1)
+        if fmt not in ("JPEG", "WEBP"):
+            image = image.convert("RGB")
     options = dict(SAVE_OPTIONS.get(fmt, {}))
     if fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
         exif = Image.Exif()

@@ -26,6 +26,13 @@ ImageLike = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 # bound keeps the worst case near 4 GB. The CLI's --max-pixels raises it.
 MAX_PIXELS = 100_000_000
 
+# Network inputs from large images: Pillow's resize first averages boxes of
+# k x k pixels, k = floor(scale / REDUCING_GAP), then filters the rest exactly
+# (reducing_gap). Only images at least 2 * REDUCING_GAP times the input size
+# (1344 px for 224) are affected; their input moved by at most 2 levels of 255 on photos
+# (docs/performance.md). 3.0 is Pillow's "close to fair resampling" setting.
+REDUCING_GAP = 3.0
+
 # Pillow refuses images over its own process-wide limit while opening them. npcam
 # applies its own limit (max_pixels) from the header instead, so Pillow's check is
 # switched off for the moment of opening; the lock keeps npcam's threads from
@@ -78,6 +85,13 @@ def open_image(source: ImageLike, max_pixels: int = MAX_PIXELS, name: str | None
 
 
 def _decode(source: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    return _decode_sized(source, name, max_pixels)[0]
+
+
+def _decode_sized(
+    source: Path | BinaryIO, name: str, max_pixels: int, min_size: int | None = None, shared: bool = False
+) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`_decode`, and the photo's own upright ``(H, W)``; see :func:`read_photo` for ``min_size``, ``shared``."""
     try:
         with _PILLOW_LIMIT:
             pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -93,11 +107,17 @@ def _decode(source: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image:
                     f"of {max_pixels:,} (raise it with --max-pixels)"
                 )
             img.seek(0)  # first frame of an animation
+            if min_size and img.format == "JPEG":
+                img.draft(img.mode, (min_size, min_size))  # DCT scaling: both sides stay >= min_size
+            stored = img.size
+            if shared and img.mode == "RGB":
+                _decode_into_numpy(img)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is checked above
                 img.load()  # before the file closes
             ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
-            return to_rgb(img)
+            turned = img.size != stored  # a quarter turn (orientations 5-8) swaps the photo's sides too
+            return to_rgb(img), ((width, height) if turned else (height, width))
     except NpcamError:
         raise
     except FileNotFoundError:
@@ -117,6 +137,101 @@ def _decode(source: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image:
         # Decoders meet arbitrary bytes and fail in arbitrary ways (the fuzzer found a
         # TypeError from a TIFF tag of the wrong type): the file cannot be decoded.
         raise NpcamError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+def read_photo(
+    source: ImageLike, max_pixels: int = MAX_PIXELS, name: str | None = None, min_size: int | None = None
+) -> tuple[Image.Image, np.ndarray, tuple[int, int]]:
+    """Decode an image for explaining it: as an RGB PIL image and as pixels, sharing one buffer.
+
+    Parameters
+    ----------
+    source, max_pixels, name : as for :func:`open_image`
+    min_size : int, optional
+        Decode a JPEG at the smallest DCT scale (1/2, 1/4 or 1/8, Pillow's
+        ``draft``) that keeps both sides at least ``min_size``: for runs that
+        need only the network input. Other formats decode at full size.
+
+    Returns
+    -------
+    image : the upright RGB PIL image, ``h x w``
+    pixels : uint8 ``[h, w, 3]``, the same pixels. For a decoded file it is a
+        view of a uint8 ``[h, w, 4]`` RGBX buffer (:func:`rgbx_base`) that is
+        also the PIL image's storage, so neither side copies the other
+        (Pillow keeps RGB as 4 bytes a pixel).
+    size : ``(H, W)``, the photo's own upright size; ``(h, w)`` unless ``min_size`` reduced it
+    """
+    if isinstance(source, np.ndarray):
+        rgb = _array_to_rgb(source, name)
+        return Image.fromarray(rgb), rgb, rgb.shape[:2]
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        img, size = _decode_sized(io.BytesIO(source), name or "image", max_pixels, min_size, shared=True)
+    elif isinstance(source, Image.Image):
+        img = open_image(source)
+        size = (img.height, img.width)
+    elif hasattr(source, "read"):
+        label = name or str(getattr(source, "name", "image"))
+        if not (hasattr(source, "seekable") and source.seekable()):
+            source = io.BytesIO(source.read())
+        img, size = _decode_sized(source, label, max_pixels, min_size, shared=True)
+    else:
+        img, size = _decode_sized(Path(source), name or str(source), max_pixels, min_size, shared=True)
+    img, buffer = _shared(img)
+    return img, buffer[:, :, :3], size
+
+
+def rgbx_base(pixels: np.ndarray) -> np.ndarray | None:
+    """The uint8 ``[H, W, 4]`` buffer that ``pixels`` (uint8 ``[H, W, 3]``) is the first three channels of, or None."""
+    base = pixels.base
+    if (
+        isinstance(base, np.ndarray)
+        and base.dtype == np.uint8
+        and base.ndim == 3
+        and base.shape[2] == 4
+        and base.shape[:2] == pixels.shape[:2]
+        and base.strides == pixels.strides
+        and base.flags.c_contiguous
+        and base.ctypes.data == pixels.ctypes.data
+    ):
+        return base
+    return None
+
+
+def _decode_into_numpy(img: Image.Image) -> None:
+    """Make ``img`` (RGB, not yet loaded) decode into a NumPy RGBX buffer instead of Pillow's own memory.
+
+    Pillow's ``map_buffer`` (what ``Image.frombuffer`` uses) gives an image
+    core whose rows are the buffer's, and ``load()`` decodes into a core that
+    is already there. Where a Pillow lacks these, the image decodes as usual
+    and :func:`_shared` copies it once.
+    """
+    buffer = np.empty((img.height, img.width, 4), dtype=np.uint8)
+    try:
+        core = Image.core.map_buffer(buffer, img.size, "raw", 0, ("RGB", 0, 1))
+        img.im = core
+    except (AttributeError, TypeError, ValueError):
+        return
+    img.info[_BUFFER] = (buffer, core)
+
+
+_BUFFER = "npcam_buffer"  # a key of the image's info while it is being decoded
+
+
+def _shared(img: Image.Image) -> tuple[Image.Image, np.ndarray]:
+    """``img`` (RGB) backed by a uint8 ``[h, w, 4]`` NumPy buffer, and that buffer (copying only if it is not yet)."""
+    buffer, core = img.info.pop(_BUFFER, (None, None))
+    if buffer is not None and img.im is core:  # still the core decoded into (an EXIF turn makes a new one)
+        return img, buffer
+    buffer = np.empty((img.height, img.width, 4), dtype=np.uint8)
+    try:
+        core = Image.core.map_buffer(buffer, img.size, "raw", 0, ("RGB", 0, 1))
+        core.paste(img.im, (0, 0, img.width, img.height))  # same mode and layout: a copy of rows
+        shared = img._new(core)
+    except (AttributeError, TypeError, ValueError):
+        buffer[:, :, :3] = np.asarray(img)
+        buffer[:, :, 3] = 255
+        return img, buffer
+    return shared, buffer
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -229,6 +344,7 @@ def preprocess(
     mean: tuple[float, float, float],
     std: tuple[float, float, float],
     keep_aspect: bool = False,
+    reducing_gap: float | None = REDUCING_GAP,
 ) -> np.ndarray:
     """Resize with Pillow bilinear, scale to [0, 1], normalize per channel.
 
@@ -240,6 +356,9 @@ def preprocess(
     mean, std : per-channel statistics in [0, 1] units
     keep_aspect : bool
         See :func:`input_size`.
+    reducing_gap : float or None
+        Pillow's ``reducing_gap`` (see :data:`REDUCING_GAP`); None resizes
+        exactly as torchvision's ``Resize`` does, at any size.
 
     Returns
     -------
@@ -247,7 +366,7 @@ def preprocess(
     """
     pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
     h, w = input_size(pil.height, pil.width, size, keep_aspect)
-    resized = np.asarray(pil.resize((w, h), Image.BILINEAR))
+    resized = np.asarray(pil.resize((w, h), Image.BILINEAR, reducing_gap=reducing_gap))
     # A uint8 channel normalizes to only 256 values: a table, made with the same float32
     # operations in the same order as torchvision's ToTensor + Normalize (bit-identical).
     levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255)

@@ -39,6 +39,8 @@ class Prediction:
     logits : float32 ``[K]``, the head's class scores
     probs : float32 ``[K]``, softmax of ``logits`` (each class's sigmoid for a multi-label model)
     labels : the K class names
+    photo_size : ``(H, W)`` of the photo when ``image`` was decoded at a reduced
+        scale (:func:`npcam.image.read_photo`); None when ``image`` is full size
     """
 
     image: np.ndarray
@@ -47,6 +49,12 @@ class Prediction:
     logits: np.ndarray
     probs: np.ndarray
     labels: Sequence[str]
+    photo_size: tuple[int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)``: the photo's own upright size, in which maps, boxes and records are given."""
+        return self.photo_size or self.image.shape[:2]
 
     def top(self, k: int = 5) -> list[tuple[int, str, float]]:
         """The ``k`` most probable classes as ``(index, label, probability)``."""
@@ -200,10 +208,17 @@ class Model:
         inputs = [preprocess(pil, size or self.input_size, self.mean, self.std, keep_aspect) for pil in pils]
         return self.predict_batch([np.asarray(pil) for pil in pils], inputs)
 
-    def predict_batch(self, images: Sequence[np.ndarray], inputs: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict_batch(
+        self,
+        images: Sequence[np.ndarray],
+        inputs: Sequence[np.ndarray],
+        sizes: Sequence[tuple[int, int] | None] | None = None,
+    ) -> list[Prediction]:
         """Classify RGB uint8 images whose network inputs (from :meth:`preprocess`) are already made.
 
-        Inputs of equal shape share one trunk call.
+        Inputs of equal shape share one trunk call. ``sizes`` gives each
+        photo's own ``(H, W)`` where its image was decoded smaller
+        (:attr:`Prediction.photo_size`).
         """
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(inputs):
@@ -214,9 +229,9 @@ class Model:
             features = self.features(batch)
             logits = self.head.forward(pool(features))
             for j, i in enumerate(members):
-                preds[i] = Prediction(
-                    images[i], batch[j : j + 1], features[j], logits[j], self.probabilities(logits[j]), self.labels
-                )
+                size = sizes[i] if sizes is not None and sizes[i] != images[i].shape[:2] else None
+                probs = self.probabilities(logits[j])
+                preds[i] = Prediction(images[i], batch[j : j + 1], features[j], logits[j], probs, self.labels, size)
         return preds
 
     # features -> maps -> overlay

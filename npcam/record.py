@@ -33,7 +33,7 @@ def lowres(cam: np.ndarray) -> dict[str, Any]:
 
 def make(image: str, prediction: Prediction, method: str, maps: list[dict[str, Any]]) -> dict[str, Any]:
     """The record of one explained image."""
-    height, width = prediction.image.shape[:2]
+    height, width = prediction.size  # the photo's own pixels, also when decoded smaller
     return {
         "image": image,
         "width": width,

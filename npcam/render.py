@@ -7,7 +7,13 @@ The test suite checks it entry by entry against ``cv2.applyColorMap``.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+from .upsample import interpolation_matrix
 
 # OpenCV COLORMAP_JET, RGB order: 256 entries x 3 bytes, 16 entries a line.
 JET = np.frombuffer(
@@ -96,13 +102,103 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return out
 
 
+def overlay_map(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, threads: int | None = None) -> np.ndarray:
+    """:func:`overlay` of the map upsampled to the image, without the full-size float map.
+
+    The same result as ``overlay(image, upsample(cam, image.shape[:2]), alpha)``:
+    each band of rows is upsampled (the same two float32 products as
+    :func:`~npcam.upsample.upsample`, on that band's rows of the row matrix),
+    coloured and blended while it is in cache, and the bands run on a small
+    thread pool (NumPy and BLAS release the GIL), so that at 12 MP the
+    48 MB float map is never written and both cores work.
+
+    Parameters
+    ----------
+    image : uint8 ``[H, W, 3]``, or an RGBX ``[H, W, 4]`` as
+        :func:`npcam.image.read_photo` decodes it (X = 255, which the blend keeps)
+    cam : float ``[h, w]`` in [0, 1], at feature resolution
+    alpha : float in [0, 1], as for :func:`overlay`
+    threads : bands in flight at once (default: one per usable core; 1 runs them in this thread)
+
+    Returns
+    -------
+    uint8 ``[H, W, 3]`` (``[H, W, 4]`` RGBX for an RGBX image)
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], not {alpha}")
+    if cam.ndim != 2 or image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise ValueError(f"expected cam [h, w] and uint8 image [H, W, 3|4], not {cam.shape} and {image.shape}")
+    height, width, channels = image.shape
+    rows_matrix = interpolation_matrix(cam.shape[0], height)
+    cols_t = interpolation_matrix(cam.shape[1], width).T
+    cam = cam.astype(np.float32, copy=False)
+    a = round(alpha * 256)
+    table = JET if channels == 3 else np.concatenate([JET, np.full((256, 1), 255, np.uint8)], axis=1)
+    heat_share = table.astype(np.uint16) * np.uint16(a) + np.uint16(128)
+    if channels == 4:
+        # Four uint16 lanes are one uint64: the lookup then moves one 8-byte item per pixel (~2x faster).
+        heat_share = np.ascontiguousarray(heat_share).view(np.uint64)[:, 0]
+    out = np.empty_like(image)
+    rows = max(1, CHUNK_PIXELS // max(1, width))
+
+    def band(top: int) -> None:
+        part = slice(top, top + rows)
+        level = to_uint8(rows_matrix[part] @ cam @ cols_t)  # [rows, W]: upsample()'s products for these rows
+        if channels == 4:
+            mixed = np.take(heat_share, level).view(np.uint16).reshape(*level.shape, 4)
+        else:
+            mixed = np.take(heat_share, level, axis=0)
+        photo = image[part].astype(np.uint16)
+        photo *= np.uint16(256 - a)
+        mixed += photo
+        mixed >>= 8
+        out[part] = mixed
+
+    tops = range(0, height, rows)
+    workers = min(threads or usable_cores(), len(tops))
+    if workers <= 1:
+        for top in tops:
+            band(top)
+    else:
+        # list(): wait for every band and re-raise the first error.
+        list(_pool().map(band, tops))
+    return out
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The process's band pool, one thread per usable core; a forked child makes its own (threads do not survive fork)."""
+    with _POOL_LOCK:
+        pid = os.getpid()
+        if pid not in _POOL:
+            _POOL.clear()
+            _POOL[pid] = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="npcam-render")
+        return _POOL[pid]
+
+
 def draw_box(image: np.ndarray, box: tuple[int, int, int, int], color=(255, 255, 255)) -> np.ndarray:
     """A copy of uint8 ``[H, W, 3]`` with the outline of inclusive box ``(x0, y0, x1, y1)``.
 
     The line is white with a black edge, so that it shows on every jet colour,
     and about 1/150 of the image's short side thick (at least 1 pixel).
     """
-    out = image.copy()
+    return draw_box_into(image.copy(), box, color)
+
+
+def draw_box_into(image: np.ndarray, box: tuple[int, int, int, int], color=(255, 255, 255)) -> np.ndarray:
+    """:func:`draw_box` on ``image`` itself (uint8 ``[H, W, 3]`` or RGBX ``[H, W, 4]``, whose 4th channel is kept)."""
+    out = image[:, :, :3]
     x0, y0, x1, y1 = box
     thick = max(1, min(image.shape[:2]) // 150)
     for width, c in ((thick + 1, (0, 0, 0)), (thick, color)):
@@ -113,4 +209,4 @@ def draw_box(image: np.ndarray, box: tuple[int, int, int, int], color=(255, 255,
             (slice(y0, y1 + 1), slice(max(x1 - width + 1, x0), x1 + 1)),
         ):
             out[ys, xs] = c
-    return out
+    return image

@@ -180,7 +180,8 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
         except NpcamError as e:
             raise BadRequest(422, str(e)) from None
         try:
-            explanation = explain(model, data, options, name=name)
+            # A JSON answer needs no overlay: a JPEG then decodes only as large as the network needs.
+            explanation = explain(model, data, options, name=name, pixels=fmt != "json")
         except NpcamError as e:
             raise BadRequest(400, str(e)) from None
         if fmt == "json":

@@ -27,6 +27,7 @@ from PIL import Image
 
 import npcam
 from npcam import render
+from npcam.image import REDUCING_GAP
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -34,8 +35,13 @@ FEATURES_TOLERANCE = 1e-4  # relative to the largest feature
 
 
 def torch_input(rgb: np.ndarray, size: int = 224) -> torch.Tensor:
-    """torchvision's Resize((s, s)) + ToTensor + Normalize, spelled out in torch."""
-    resized = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    """torchvision's Resize((s, s)) + ToTensor + Normalize, spelled out in torch.
+
+    Resize is Pillow's, as in torchvision, with the ``reducing_gap`` that npcam
+    uses (it changes only images over 2 * REDUCING_GAP times ``size``, here the
+    4000x3000 one; how far that moves the input is tests/test_photo.py's subject).
+    """
+    resized = Image.fromarray(rgb).resize((size, size), Image.BILINEAR, reducing_gap=REDUCING_GAP)
     x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float().div(255)
     return ((x - MEAN) / STD)[None]
 

@@ -1,0 +1,257 @@
+"""Camera-size photos: shared decode, reduced network inputs, the fused overlay and record-only runs.
+
+References: the unfused path (``overlay(image, upsample(cam))``, itself checked
+against torch and OpenCV in test_parity.py), ``read_image`` for pixels, and the
+exact resize (``reducing_gap=None``, torchvision's) for the network input. The
+12 MP photos are the shipped samples upscaled with noise, made per run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import cv2
+import numpy as np
+import pytest
+from conftest import PHOTOS, record, synthetic_image
+from PIL import Image
+
+import npcam
+from npcam import render
+from npcam.explain import Options, describe, draw, explain
+from npcam.files import encode_image
+from npcam.image import preprocess, read_image, read_photo, rgbx_base
+from npcam.upsample import upsample
+
+
+@pytest.fixture(scope="module")
+def photos_12mp(tmp_path_factory) -> list:
+    """The shipped photos as 12 MP JPEGs: bicubic upscale, noise of 8 levels, quality 90 (like a phone's)."""
+    folder = tmp_path_factory.mktemp("12mp")
+    rng = np.random.default_rng(0)
+    paths = []
+    for photo in PHOTOS:
+        img = Image.open(photo).convert("RGB")
+        size = (4000, 3000) if img.width >= img.height else (3000, 4000)
+        big = np.asarray(img.resize(size, Image.BICUBIC)).astype(np.float32)
+        noisy = np.clip(big + rng.normal(0, 8, big.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{photo.stem}.jpg"
+        Image.fromarray(noisy).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# The fused overlay
+
+
+def unfused(image: np.ndarray, cam: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """overlay(image, upsample(cam)) and where its 8-bit level is within 1e-3 of a rounding tie."""
+    full = upsample(cam, image.shape[:2])
+    scaled = full.astype(np.float64) * 255
+    near_tie = np.abs(scaled - np.floor(scaled) - 0.5) < 1e-3
+    return render.overlay(image, full, alpha), near_tie
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "shape, cam_shape, alpha",
+    [((3000, 4000), (7, 7), 0.5), ((375, 500), (7, 10), 0.3), ((1, 1), (1, 1), 1.0), ((3, 1000), (7, 7), 0.0)],
+)
+def test_overlay_map_is_the_overlay_of_the_upsampled_map(shape, cam_shape, alpha, threads):
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    cam = rng.random(cam_shape, dtype=np.float32)
+    want, near_tie = unfused(image, cam, alpha)
+    got = render.overlay_map(image, cam, alpha, threads=threads)
+    # The bands compute upsample()'s float32 products row for row: equal, except that a BLAS could round a
+    # product differently by an ulp, which can move a level only where it sits on a tie (none seen so far).
+    differ = np.any(got != want, axis=2)
+    assert record("fused overlay pixels off the unfused one", differ.sum()) == 0 or not np.any(differ & ~near_tie)
+    rgbx = np.concatenate([image, np.full((*shape, 1), 255, np.uint8)], axis=2)  # Pillow's RGBX: X = 255
+    got4 = render.overlay_map(rgbx, cam, alpha, threads=threads)
+    assert got4.shape == (*shape, 4) and (got4[..., 3] == 255).all()
+    np.testing.assert_array_equal(got4[..., :3], got)
+
+
+def test_overlay_map_is_within_one_level_of_opencv():
+    """Independently: OpenCV's jet of the levels, blended in float, against the fused overlay."""
+    image = synthetic_image(300, 451)
+    cam = np.random.default_rng(3).random((7, 7), dtype=np.float32)
+    levels = render.to_uint8(upsample(cam, image.shape[:2]))
+    heat = cv2.applyColorMap(levels, cv2.COLORMAP_JET)[:, :, ::-1]
+    exact = 0.5 * heat + 0.5 * image
+    assert np.abs(render.overlay_map(image, cam, 0.5).astype(float) - exact).max() <= 1
+
+
+# Decoding into shared memory
+
+
+def jpeg_bytes(array: np.ndarray, **kw) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, "JPEG", quality=95, **kw)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png", "turned jpeg", "grey jpeg", "cmyk jpeg", "array", "pil"])
+def test_read_photo_gives_read_images_pixels(tmp_path, kind):
+    rgb = synthetic_image(60, 40)
+    if kind == "jpeg":
+        source = jpeg_bytes(rgb)
+    elif kind == "turned jpeg":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        source = jpeg_bytes(rgb, exif=exif)
+    elif kind == "grey jpeg":
+        source = jpeg_bytes(rgb[..., 0])
+    elif kind == "cmyk jpeg":
+        out = io.BytesIO()
+        Image.fromarray(rgb).convert("CMYK").save(out, "JPEG")
+        source = out.getvalue()
+    elif kind == "png":
+        source = tmp_path / "x.png"
+        Image.fromarray(rgb).save(source)
+    elif kind == "array":
+        source = rgb
+    else:
+        source = Image.fromarray(rgb)
+    pil, pixels, size = read_photo(source)
+    want = read_image(source)
+    np.testing.assert_array_equal(pixels, want)
+    np.testing.assert_array_equal(np.asarray(pil), want)
+    assert size == want.shape[:2]
+    if kind != "array":  # a decoded image's pixels are its PIL storage: no copy between them
+        base = rgbx_base(pixels)
+        assert base is not None and (base[..., 3] == 255).all()
+        base[0, 0, 0] ^= 0xFF
+        assert pil.getpixel((0, 0))[0] == base[0, 0, 0]
+
+
+def test_read_photo_reduces_a_jpeg_and_reports_its_own_size(photos_12mp):
+    for path in photos_12mp:
+        full = read_image(path)
+        pil, pixels, size = read_photo(path, min_size=672)
+        assert size == full.shape[:2]
+        assert min(pixels.shape[:2]) >= 672 and pixels.shape[0] < full.shape[0]  # 1/4 scale: 1000x750
+        assert pil.size == (pixels.shape[1], pixels.shape[0])
+    exif = Image.Exif()
+    exif[0x0112] = 8  # a quarter turn: the photo's own size is the turned one
+    data = jpeg_bytes(synthetic_image(1600, 2400), exif=exif)
+    _, pixels, size = read_photo(data, min_size=300)
+    assert size == (2400, 1600) and pixels.shape[:2] == (600, 400)
+
+
+def test_encoding_the_shared_buffer_gives_the_same_file():
+    pixels = read_photo(jpeg_bytes(synthetic_image(120, 90)))[1]
+    for fmt in ("JPEG", "PNG"):
+        shared, copied = io.BytesIO(), io.BytesIO()
+        encode_image(pixels, fmt, shared)
+        encode_image(np.ascontiguousarray(pixels), fmt, copied)
+        assert shared.getvalue() == copied.getvalue(), fmt
+
+
+# The reduced network input of large photos
+
+
+def test_reducing_gap_leaves_normal_photos_exact():
+    for photo in PHOTOS:  # <= 640 px: under 2 * REDUCING_GAP * 224, so Pillow does not reduce
+        rgb = read_image(photo)
+        exact = preprocess(rgb, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), reducing_gap=None)
+        np.testing.assert_array_equal(preprocess(rgb, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), exact)
+
+
+def test_reduced_input_of_12mp_photos_stays_close_to_the_exact_one(model, photos_12mp):
+    """The preprocessing change at 12 MP: the input within 3 levels, the same top-5, the map nearly the same.
+
+    Averaging k x k boxes before the bilinear filter changes the filter's shape a
+    little (a box under a narrower triangle) and rounds once more: on photos that
+    moves a 224 px input pixel by a level or two (2 measured). A bound of 3 levels
+    guards against a wrong box, factor or offset, which would move it by tens.
+    """
+    for path in photos_12mp:
+        pil = npcam.open_image(path)
+        exact = preprocess(pil, 224, model.mean, model.std, reducing_gap=None)
+        reduced = preprocess(pil, 224, model.mean, model.std)
+        levels = np.abs(reduced - exact) * 255 * np.asarray(model.std, dtype=np.float32)[None, :, None, None]
+        assert record("12 MP input, reduced vs exact, levels", levels.max()) <= 3.001  # float32 normalization
+        a, b = model.predict_batch([np.asarray(pil)] * 2, [exact, reduced])
+        assert [c for c, _, _ in a.top(5)] == [c for c, _, _ in b.top(5)], path.name
+        cam_a, cam_b = model.cam(a), model.cam(b)
+        assert record("12 MP top-1 map, reduced vs exact input, abs", np.abs(cam_a - cam_b).max()) <= 0.05
+
+
+# Record-only runs
+
+
+def iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1) * max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    area = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - ix
+    return ix / area
+
+
+def test_record_only_runs_give_the_full_decodes_record(model, photos_12mp):
+    """Reduced decode (1/4 DCT scale) against full decode: same sizes and top-5, close scores, maps and boxes.
+
+    The network input is made from a JPEG decoded at 1/4 scale instead of from
+    the full image: DCT scaling is close to averaging 4x4 boxes, so the input
+    moves by a few levels, like the reducing gap's. The tolerances are for that:
+    the same classes, probabilities within 0.01, maps within 0.05, boxes with
+    IoU >= 0.8 in the photo's own pixels (a map that moves a little moves a
+    threshold's edge more where the map is flat; a box in the decoded pixels
+    instead of the photo's would have IoU 1/16, a shifted one far less than 0.8).
+    """
+    options = Options(top=2, bbox=True, lowres=True).checked(model)
+    for path in photos_12mp:
+        full = describe(explain(model, path, options), options)
+        reduced_explanation = explain(model, path, options, pixels=False)
+        reduced = describe(reduced_explanation, options)
+        assert reduced_explanation.prediction.image.shape[0] < full["height"]  # decoded smaller...
+        assert (reduced["width"], reduced["height"]) == (full["width"], full["height"])  # ...reported as is
+        assert [t["class"] for t in reduced["top5"]] == [t["class"] for t in full["top5"]]
+        for m_full, m_reduced in zip(full["maps"], reduced["maps"]):
+            assert record("record-only score, abs", abs(m_full["score"] - m_reduced["score"])) <= 0.01
+            a, b = np.asarray(m_full["lowres"]["values"]), np.asarray(m_reduced["lowres"]["values"])
+            assert record("record-only map, abs", np.abs(a - b).max()) <= 0.05
+            assert record("record-only box IoU, 1 -", 1 - iou(m_full["bbox"], m_reduced["bbox"])) <= 0.2
+            assert max(m_reduced["bbox"][2:]) < max(full["width"], full["height"])
+
+
+def test_overlay_from_a_reduced_photo_has_its_size_and_the_box_scaled(model, photos_12mp):
+    options = Options(bbox=True).checked(model)
+    explanation = explain(model, photos_12mp[0], options, pixels=False)
+    picture = draw(explanation, 0, options)
+    assert picture.shape == explanation.prediction.image.shape
+    plain = draw(explanation, 0, Options().checked(model))
+    assert (picture != plain).any()  # the box is drawn, inside the smaller picture
+
+
+def test_draw_with_a_box_is_the_unfused_overlay_with_draw_box(model):
+    options = Options(bbox=True).checked(model)
+    explanation = explain(model, PHOTOS[1], options)
+    rgb = np.ascontiguousarray(explanation.prediction.image)
+    want = render.draw_box(render.overlay(rgb, explanation.full(0), 0.5), explanation.box(0))
+    np.testing.assert_array_equal(draw(explanation, 0, options), want)
+
+
+def test_cli_no_overlay_writes_only_the_record_and_maps(cli, tmp_path, photos_12mp):
+    code, out, _ = cli(str(photos_12mp[0]), "--json", "--no-overlay", "--save-cam", "-o", f"{tmp_path}/out/")
+    assert code == 0
+    rec = json.loads(out)
+    assert (rec["width"], rec["height"]) == (4000, 3000) and "output" not in rec
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{photos_12mp[0].stem}_cam.npy"]
+    cam = np.load(rec["cam"])
+    assert cam.shape == (3000, 4000)
+    code, out, _ = cli(str(photos_12mp[1]), "--no-overlay")
+    assert code == 0 and "->" not in out and "top-5" in out
+
+
+@pytest.mark.parametrize("max_side", [1000, 999, 5000])
+def test_max_side_caps_the_overlay_and_keeps_the_record_in_the_photos_pixels(cli, tmp_path, photos_12mp, max_side):
+    out = tmp_path / "small.jpg"
+    code, text, _ = cli(str(photos_12mp[0]), "--json", "--bbox", "--max-side", str(max_side), "-o", str(out))
+    assert code == 0
+    rec = json.loads(text)
+    assert (rec["width"], rec["height"]) == (4000, 3000)
+    want = (4000, 3000) if max_side >= 4000 else (max_side, round(3000 * max_side / 4000))
+    assert Image.open(out).size == want
+    assert rec["bbox"][2] < 4000 and rec["bbox"][3] < 3000
