@@ -12,6 +12,7 @@ The CLI, the scripts, the exporter's calibration, ``npcam.dataset`` and
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +28,7 @@ from .boxes import DEFAULT_THRESHOLD, Box, cam_box
 from .errors import NpcamError
 from .files import Job, save_array, save_image
 from .image import MAX_PIXELS, ImageLike, open_image
-from .methods import Progress
+from .methods import Progress, ShouldStop
 from .model import Model, Prediction
 from .upsample import upsample
 
@@ -113,17 +114,20 @@ def explain(
     options: Options = Options(),
     name: str | None = None,
     progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> Explanation:
     """Read, predict and compute the maps of one image; ``options`` must come from :meth:`Options.checked`.
 
     ``name`` is how records and errors call the image (default: its path).
+    ``should_stop`` is checked between the batches of multi-pass methods
+    (:class:`npcam.methods.Cancelled` when it returns true).
     """
     label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
     pil = open_image(image, options.max_pixels, label)
     x = model.preprocess(pil, options.keep_aspect, options.size)
     prediction = model.predict_batch([np.asarray(pil)], [x])[0]
     classes = list(options.classes) or [c for c, _, _ in prediction.top(options.top)]
-    maps = model.cam(prediction, classes, method=options.method, progress=progress)
+    maps = model.cam(prediction, classes, method=options.method, progress=progress, should_stop=should_stop)
     return Explanation(label, prediction, options.method or model.default_method, classes, maps)
 
 
@@ -176,10 +180,15 @@ def write(explanation: Explanation, job: Job, options: Options, protected: Itera
 
 
 def explain_file(
-    model: Model, options: Options, protected: frozenset[Path], job: Job, progress: Progress | None = None
+    model: Model,
+    options: Options,
+    protected: frozenset[Path],
+    job: Job,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> dict:
     """One job from file to written overlays; returns its record."""
-    return write(explain(model, job.image, options, str(job.image), progress), job, options, protected)
+    return write(explain(model, job.image, options, str(job.image), progress, should_stop), job, options, protected)
 
 
 Result = tuple[Job, "dict | str"]
@@ -194,18 +203,21 @@ def explain_files(
     through the whole pipeline: onnxruntime, Pillow's codecs and NumPy's large
     operations release the GIL, so the workers overlap decoding, the trunk and
     encoding. When the consumer stops (an interrupt, a closed pipe), work not
-    started is dropped and files being written are finished, so that only
+    started is dropped, multi-pass methods (Score-CAM) stop at their next batch
+    without writing, and files being written are finished, so that only
     complete files remain. No job writes over another job's input.
     ``progress`` goes to methods with extra passes (Score-CAM).
     """
     workers = workers or (1 if len(jobs) == 1 else max(1, os.cpu_count() or 1))
     protected = frozenset(job.image.resolve() for job in jobs)
     pool = ThreadPoolExecutor(max_workers=workers)
+    stop = threading.Event()
     try:
-        task = partial(explain_file, model, options, protected, progress=progress)
+        task = partial(explain_file, model, options, protected, progress=progress, should_stop=stop.is_set)
         for job, future in _ahead(pool, jobs, task, depth=2 * workers):
             yield job, _result(job, future)
     except BaseException:  # includes GeneratorExit: the consumer stopped early
+        stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
