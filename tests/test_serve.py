@@ -189,7 +189,7 @@ def test_nothing_a_request_sends_stops_the_server(server):
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_stopping_answers_the_requests_in_flight(bundle, signal_number):
-    running = Server(bundle, "--workers", "1")
+    running = Server(bundle, "--workers", "1", "--timeout", "0")  # no time limit: this one must be answered
     answer = {}
     slow = threading.Thread(target=lambda: answer.update(r=post(running, "?method=scorecam", PHOTOS[0].read_bytes())))
     slow.start()
