@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -306,12 +307,17 @@ def make_app(
             raise BadRequest(413, f"the body is over the limit of {max_body:,} bytes")
         return b"".join(chunks)
 
-    def work(data: bytes, name: str, options: Options, fmt: str, deadline: float | None = None) -> tuple[bytes, str]:
+    def work(
+        data: bytes, name: str, options: Options, fmt: str, deadline: float | None, abandoned: threading.Event
+    ) -> tuple[bytes, str]:
         try:
             options = options.checked(model)
         except NpcamError as e:
             raise BadRequest(422, str(e)) from None
-        should_stop = None if deadline is None else (lambda: time.monotonic() >= deadline)
+
+        def should_stop() -> bool:
+            return abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline)
+
         try:
             explanation = explain(model, data, options, name=name, should_stop=should_stop)
         except NpcamError as e:
@@ -342,11 +348,18 @@ def make_app(
         if not data:
             raise BadRequest(400, "the request holds no image (send it as the body, or as a multipart file)")
         slots = expensive_slots if options.method in expensive else cheap_slots
-        content, media = await slots.run(
-            deadline,
-            timeout,
-            lambda: anyio.to_thread.run_sync(work, data, name, options, fmt, deadline, limiter=limiter),
-        )
+        abandoned = threading.Event()
+
+        async def start():
+            try:
+                return await anyio.to_thread.run_sync(
+                    work, data, name, options, fmt, deadline, abandoned, limiter=limiter
+                )
+            except BaseException:  # cancelled (the graceful stop ran out of time): stop the passes too
+                abandoned.set()
+                raise
+
+        content, media = await slots.run(deadline, timeout, start)
         return Response(content, media_type=media)
 
     async def model_route(request: Request) -> Response:
