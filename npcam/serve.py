@@ -46,7 +46,8 @@ from .errors import NpcamError
 from .explain import Options, describe, draw, explain
 from .files import encode_image
 from .image import MAX_PIXELS
-from .methods import METHODS, Cancelled
+from .methods import METHODS
+from .methods import Cancelled
 from .methods import get as get_method
 
 MAX_BODY = 25 * 2**20  # bytes; a 12 MP JPEG is 3-8 MB
