@@ -47,7 +47,6 @@ from .explain import Options, describe, draw, explain
 from .files import encode_image
 from .image import MAX_PIXELS
 from .methods import METHODS
-from .methods import Cancelled
 from .methods import get as get_method
 
 MAX_BODY = 25 * 2**20  # bytes; a 12 MP JPEG is 3-8 MB
@@ -249,6 +248,8 @@ def make_app(
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
+
+    from .methods import Cancelled
 
     usable = allowed_methods(model, None)
     offered = methods or usable
