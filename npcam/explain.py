@@ -12,6 +12,7 @@ The CLI, the scripts, the exporter's calibration, ``npcam.dataset`` and
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,8 +28,8 @@ from . import render as rendering
 from .boxes import DEFAULT_THRESHOLD, Box, cam_box
 from .errors import NpcamError
 from .files import Job, save_array, save_image
-from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, read_photo, rgbx_base
-from .methods import Progress
+from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, rgbx_base
+from .methods import Progress, ShouldStop
 from .model import Model, Prediction
 from .upsample import upsample
 
@@ -118,6 +119,7 @@ def explain(
     progress: Progress | None = None,
     pixels: bool = True,
     max_side: int | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> Explanation:
     """Read, predict and compute the maps of one image; ``options`` must come from :meth:`Options.checked`.
 
@@ -129,9 +131,11 @@ def explain(
     ``max_side`` keeps ``prediction.image``, and so the overlays, at most that
     many pixels on its long side; a JPEG is then decoded at the smallest DCT
     scale that keeps both sides at least ``max_side`` (and the network's need).
+    ``should_stop`` is checked between the batches of multi-pass methods
+    (:class:`npcam.methods.Cancelled` when it returns true).
     """
     label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
-    network = int(np.ceil(REDUCING_GAP * (options.size or model.input_size)))
+    network = int(np.ceil(REDUCING_GAP * max(as_size(options.size) or model.input_size)))
     min_size = max(network, max_side) if max_side else None if pixels else network
     pil, rgb, size = read_photo(image, options.max_pixels, label, min_size)
     x = model.preprocess(pil, options.keep_aspect, options.size)
@@ -141,7 +145,7 @@ def explain(
         rgb = read_photo(pil.resize(fit, Image.BILINEAR, reducing_gap=REDUCING_GAP))[1]
     prediction = model.predict_batch([rgb], [x], [size])[0]
     classes = list(options.classes) or [c for c, _, _ in prediction.top(options.top)]
-    maps = model.cam(prediction, classes, method=options.method, progress=progress)
+    maps = model.cam(prediction, classes, method=options.method, progress=progress, should_stop=should_stop)
     return Explanation(label, prediction, options.method or model.default_method, classes, maps)
 
 
@@ -218,9 +222,12 @@ def explain_file(
     progress: Progress | None = None,
     overlays: bool = True,
     max_side: int | None = None,
+    should_stop: ShouldStop | None = None,
 ) -> dict:
     """One job from file to written overlays (or only its record, without ``overlays``); returns its record."""
-    explanation = explain(model, job.image, options, str(job.image), progress, pixels=overlays, max_side=max_side)
+    explanation = explain(
+        model, job.image, options, str(job.image), progress, pixels=overlays, max_side=max_side, should_stop=should_stop
+    )
     return write(explanation, job, options, protected, overlays)
 
 
@@ -242,7 +249,8 @@ def explain_files(
     through the whole pipeline: onnxruntime, Pillow's codecs and NumPy's large
     operations release the GIL, so the workers overlap decoding, the trunk and
     encoding. When the consumer stops (an interrupt, a closed pipe), work not
-    started is dropped and files being written are finished, so that only
+    started is dropped, multi-pass methods (Score-CAM) stop at their next batch
+    without writing, and files being written are finished, so that only
     complete files remain. No job writes over another job's input.
     ``progress`` goes to methods with extra passes (Score-CAM); ``overlays=False``
     writes no overlays (see :func:`explain`'s ``pixels``); ``max_side`` caps their size.
@@ -250,11 +258,16 @@ def explain_files(
     workers = workers or (1 if len(jobs) == 1 else max(1, os.cpu_count() or 1))
     protected = frozenset(job.image.resolve() for job in jobs)
     pool = ThreadPoolExecutor(max_workers=workers)
+    stop = threading.Event()
     try:
-        task = partial(explain_file, model, options, protected, progress=progress, overlays=overlays, max_side=max_side)
+        task = partial(
+            explain_file, model, options, protected, progress=progress, overlays=overlays, max_side=max_side,
+            should_stop=stop.is_set,
+        )
         for job, future in _ahead(pool, jobs, task, depth=2 * workers):
             yield job, _result(job, future)
     except BaseException:  # includes GeneratorExit: the consumer stopped early
+        stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()

@@ -6,8 +6,10 @@ the trunk's output ``[C, h, w]``, ``p`` its spatial mean, ``y = f(p)`` the
 head's class scores and ``G = dy_c/dp`` the head's gradient (:mod:`npcam.head`).
 
 Every map then goes through the same ReLU and max scaling (:func:`npcam.cam.normalize`).
-To add a method: write a function ``(model, prediction, classes, progress) -> [k, h, w]``
-raw maps and register it in :data:`METHODS`.
+To add a method: write a function ``(model, prediction, classes, progress, should_stop) -> [k, h, w]``
+raw maps and register it in :data:`METHODS`. A method that runs many passes calls
+:func:`check` between its batches, so that Ctrl-C and the server's time limit
+stop it there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ if TYPE_CHECKING:
     from .model import Model, Prediction
 
 Progress = Callable[[int, int], None]
+ShouldStop = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """A multi-pass method stopped between two batches because ``should_stop()`` said so."""
+
+
+def check(should_stop: ShouldStop | None) -> None:
+    """Raise :class:`Cancelled` if ``should_stop`` is given and returns true."""
+    if should_stop is not None and should_stop():
+        raise Cancelled
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,9 @@ class Method:
     """A named explanation method (described in docs/methods.md).
 
     ``summary`` is the one line that ``--help`` and ``GET /model`` show.
-    ``maps(model, prediction, classes, progress)`` returns float64 ``[k, h, w]`` raw maps.
+    ``maps(model, prediction, classes, progress, should_stop)`` returns float64 ``[k, h, w]`` raw maps.
+    ``extra_passes``: runs the whole network many times; ``head_passes``: runs
+    the head once per channel when the head is not affine (:meth:`multi_pass`).
     """
 
     name: str
@@ -41,25 +56,30 @@ class Method:
     maps: Callable[..., np.ndarray]
     affine_only: bool = False
     extra_passes: bool = False
+    head_passes: bool = False
+
+    def multi_pass(self, head_kind: str) -> bool:
+        """Whether this method runs many network or head passes on a head of this kind (it is expensive)."""
+        return self.extra_passes or (self.head_passes and head_kind != "affine")
 
 
 def _head_gradient(model: Model, pred: Prediction, classes: Sequence[int]) -> np.ndarray:
     return model.head.gradient(pred.pooled, classes)
 
 
-def _cam(model, pred, classes, progress=None):
+def _cam(model, pred, classes, progress=None, should_stop=None):
     return weighted_maps(pred.features, model.head.weight[list(classes)])
 
 
-def _softmax_weights(model, pred, classes, progress=None):
+def _softmax_weights(model, pred, classes, progress=None, should_stop=None):
     return weighted_maps(pred.features, softmax(model.head.weight[list(classes)].astype(np.float64), axis=1))
 
 
-def _gradcam(model, pred, classes, progress=None):
+def _gradcam(model, pred, classes, progress=None, should_stop=None):
     return weighted_maps(pred.features, _head_gradient(model, pred, classes))
 
 
-def _layercam(model, pred, classes, progress=None):
+def _layercam(model, pred, classes, progress=None, should_stop=None):
     return weighted_maps(pred.features, np.maximum(_head_gradient(model, pred, classes), 0))
 
 
@@ -83,16 +103,21 @@ def gradcampp_weights(gradient: np.ndarray, pooled: np.ndarray) -> np.ndarray:
     return np.where(denominator == 0, 0.0, np.maximum(gradient, 0) / safe)
 
 
-def _gradcampp(model, pred, classes, progress=None):
+def _gradcampp(model, pred, classes, progress=None, should_stop=None):
     return weighted_maps(pred.features, gradcampp_weights(_head_gradient(model, pred, classes), pred.pooled))
 
 
-def ablation_weights(model: Model, pred: Prediction, classes: Sequence[int]) -> np.ndarray:
+ABLATION_BATCH = 256
+
+
+def ablation_weights(
+    model: Model, pred: Prediction, classes: Sequence[int], should_stop: ShouldStop | None = None
+) -> np.ndarray:
     """Ablation-CAM weights ``(y_c - y_c with channel k zeroed) / y_c``: float64 ``[k, C]``.
 
     Zeroing the channel map ``A_k`` zeroes ``p_k``, so only the head runs again.
     For an affine head the drop is ``W_ck p_k`` exactly; other heads run C
-    forward passes in one batch. A zero score gives zero weights.
+    forward passes, in batches of ABLATION_BATCH. A zero score gives zero weights.
     (pytorch-grad-cam ablates with ``min(A) - 1e7`` instead of 0 when the
     activations can be negative; npcam follows the paper.)
     """
@@ -102,15 +127,20 @@ def ablation_weights(model: Model, pred: Prediction, classes: Sequence[int]) -> 
     if model.head.kind == "affine":
         drop = model.head.weight[classes].astype(np.float64) * pooled
     else:
-        ablated = np.repeat(pooled[None], len(pooled), axis=0)
-        np.fill_diagonal(ablated, 0.0)
-        drop = scores[:, None] - model.head.forward(ablated)[:, classes].T.astype(np.float64)
+        ablated_scores = np.empty((len(pooled), len(classes)))
+        for start in range(0, len(pooled), ABLATION_BATCH):
+            check(should_stop)
+            rows = np.arange(start, min(start + ABLATION_BATCH, len(pooled)))
+            ablated = np.repeat(pooled[None], len(rows), axis=0)
+            ablated[np.arange(len(rows)), rows] = 0.0
+            ablated_scores[rows] = model.head.forward(ablated)[:, classes]
+        drop = scores[:, None] - ablated_scores.T
     safe = np.where(scores == 0, 1.0, scores)[:, None]
     return np.where(scores[:, None] == 0, 0.0, drop / safe)
 
 
-def _ablationcam(model, pred, classes, progress=None):
-    return weighted_maps(pred.features, ablation_weights(model, pred, classes))
+def _ablationcam(model, pred, classes, progress=None, should_stop=None):
+    return weighted_maps(pred.features, ablation_weights(model, pred, classes, should_stop))
 
 
 def eigen_map(features: np.ndarray) -> np.ndarray:
@@ -134,14 +164,20 @@ def eigen_map(features: np.ndarray) -> np.ndarray:
     return projection.reshape(h, w)
 
 
-def _eigencam(model, pred, classes, progress=None):
+def _eigencam(model, pred, classes, progress=None, should_stop=None):
     return np.repeat(eigen_map(pred.features)[None], len(classes), axis=0)
 
 
 SCORECAM_BATCH = 32
 
 
-def score_weights(model: Model, pred: Prediction, classes: Sequence[int], progress: Progress | None = None):
+def score_weights(
+    model: Model,
+    pred: Prediction,
+    classes: Sequence[int],
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+):
     """Score-CAM weights as TorchCAM computes them: float64 ``[k, C]``.
 
     Each channel map is min-max normalized at feature resolution (TorchCAM's
@@ -160,6 +196,7 @@ def score_weights(model: Model, pred: Prediction, classes: Sequence[int], progre
     unique = unique.reshape(-1, *low.shape[1:])
     scores = np.empty((len(unique), len(model.labels)), dtype=np.float32)
     for start in range(0, len(unique), SCORECAM_BATCH):
+        check(should_stop)
         masks = upsample(unique[start : start + SCORECAM_BATCH], x.shape[2:])  # [b, H, W]
         scores[start : start + len(masks)] = model.scores(masks[:, None] * x)
         if progress:
@@ -168,8 +205,8 @@ def score_weights(model: Model, pred: Prediction, classes: Sequence[int], progre
     return softmax(per_channel, axis=1)
 
 
-def _scorecam(model, pred, classes, progress=None):
-    return weighted_maps(pred.features, score_weights(model, pred, classes, progress))
+def _scorecam(model, pred, classes, progress=None, should_stop=None):
+    return weighted_maps(pred.features, score_weights(model, pred, classes, progress, should_stop))
 
 
 METHODS: dict[str, Method] = {
@@ -185,7 +222,9 @@ METHODS: dict[str, Method] = {
         Method("xgradcam", "XGrad-CAM: equals gradcam on a globally pooled head", _gradcam),
         Method("layercam", "Layer-CAM: the gradient's positive part (negative weights clamped)", _layercam),
         Method("gradcampp", "Grad-CAM++ (also gradcam++): max(G,0)/(2 + G*p), as pytorch-grad-cam", _gradcampp),
-        Method("ablationcam", "Ablation-CAM: the score's drop when each channel is zeroed", _ablationcam),
+        Method(
+            "ablationcam", "Ablation-CAM: the score's drop when each channel is zeroed", _ablationcam, head_passes=True
+        ),
         Method("eigencam", "Eigen-CAM: first principal component of the features (class-agnostic)", _eigencam),
         Method(
             "scorecam",

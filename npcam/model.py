@@ -274,6 +274,7 @@ class Model:
         size: tuple[int, int] | None = None,
         method: str | None = None,
         progress: methods_lib.Progress | None = None,
+        should_stop: methods_lib.ShouldStop | None = None,
     ) -> np.ndarray:
         """Class activation map(s), in [0, 1].
 
@@ -286,6 +287,8 @@ class Model:
         method : a name from :data:`npcam.methods.METHODS` (default: ``cam``,
             or ``gradcam`` for a head that is not affine)
         progress : called as ``progress(done, total)`` by methods with extra passes
+        should_stop : checked between the batches of multi-pass methods; when it
+            returns true, :class:`npcam.methods.Cancelled` is raised
 
         Returns
         -------
@@ -296,7 +299,7 @@ class Model:
         single = classes is None or isinstance(classes, (int, str, np.integer))
         wanted = [prediction.top1] if classes is None else [classes] if single else list(classes)
         indices = [self.class_index(c) for c in wanted]
-        maps = normalize(self.method(method).maps(self, prediction, indices, progress))
+        maps = normalize(self.method(method).maps(self, prediction, indices, progress, should_stop))
         if size is not None:
             maps = upsample(maps, size)
         return maps[0] if single else maps

@@ -1,6 +1,7 @@
 """``npcam serve``: the library pipeline over HTTP, and a web page to look at the maps.
 
     npcam serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--workers N]
+                [--methods a,b] [--expensive-concurrency N] [--timeout SECONDS] [--token-file PATH]
 
 ``POST /explain`` takes an image (the raw body, or a multipart file) and
 answers with the JSON record (:mod:`npcam.record`) or, with ``format=jpeg|png``,
@@ -9,7 +10,11 @@ docs/dataset-and-serve.md has the API table, the status codes and the limits.
 
 The bundle is loaded once. ``--workers`` requests are explained at once, each
 with ``cores / workers`` onnxruntime threads, so the cores are used and never
-oversubscribed; more requests wait their turn. Ctrl-C or SIGTERM stop the
+oversubscribed; more requests wait their turn, up to ``--queue``. Multi-pass
+methods (Score-CAM; Ablation-CAM on a graph head) have their own limit and
+queue (:class:`Admission`), so they never take the cheap requests' workers; a
+full queue answers 503 at once. ``--timeout`` stops a request between the
+batches of its passes. Ctrl-C or SIGTERM stop the
 server after the requests in flight are answered. Needs the ``serve`` extra
 (Starlette on uvicorn).
 """
@@ -19,14 +24,19 @@ from __future__ import annotations
 import argparse
 import email.parser
 import email.policy
+import hmac
 import io
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +47,7 @@ from .explain import Options, describe, draw, explain
 from .files import encode_image
 from .image import MAX_PIXELS, parse_size
 from .methods import METHODS
+from .methods import get as get_method
 
 MAX_BODY = 25 * 2**20  # bytes; a 12 MP JPEG is 3-8 MB
 DRAIN = 64 * 2**20  # an oversized body up to this size is read to its end before the 413 goes out
@@ -46,9 +57,10 @@ log = logging.getLogger("npcam.serve")
 class BadRequest(Exception):
     """An HTTP error with a one-line message."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
@@ -123,7 +135,124 @@ def image_from_body(body: bytes, content_type: str) -> tuple[bytes, str]:
     raise BadRequest(400, "the multipart form holds no file")
 
 
-def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int = MAX_PIXELS):
+class Admission:
+    """Admission control for one class of requests: ``limit`` run at once, ``queue`` more may wait.
+
+    A request beyond that is refused at once (503) with a Retry-After, rather
+    than joining a queue that makes everyone wait. One per class (cheap,
+    expensive), so expensive requests never hold the cheap ones' slots. Lives
+    on the server's event loop: the counters need no lock.
+    """
+
+    def __init__(self, name: str, limit: int, queue: int, flags: str):
+        import anyio
+
+        self.name, self.limit, self.queue, self.flags = name, limit, queue, flags
+        self.running = self.waiting = 0
+        self.mean_seconds: float | None = None  # recent requests' time in a slot, for Retry-After
+        self._slots = anyio.Semaphore(limit)
+
+    def state(self) -> dict:
+        return {"running": self.running, "waiting": self.waiting, "limit": self.limit, "queue": self.queue}
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead, at the recent mean time per request."""
+        per_request = self.mean_seconds or 1.0
+        return max(1, math.ceil(per_request * (self.waiting + 1) / self.limit))
+
+    async def run(self, deadline: float | None, timeout: float | None, start: Callable[[], Awaitable]):
+        """``await start()`` in a slot; 503 if the queue is full, 504 if no slot frees before ``deadline``."""
+        import anyio
+
+        if self.running + self.waiting >= self.limit + self.queue:
+            seconds = self.retry_after()
+            raise BadRequest(
+                503,
+                f"busy: {self.running} {self.name} request(s) running and {self.waiting} waiting, as many as this "
+                f"server takes ({self.flags}); retry in {seconds} s",
+                {"Retry-After": str(seconds)},
+            )
+        self.waiting += 1
+        try:
+            with anyio.move_on_after(None if deadline is None else deadline - time.monotonic()) as waited:
+                await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        if waited.cancelled_caught:  # the acquire was cancelled: no slot is held
+            raise _timed_out(timeout, "waiting for a free slot")
+        self.running += 1
+        began = time.monotonic()
+        try:
+            return await start()
+        finally:
+            self.running -= 1
+            self._slots.release()
+            seconds = time.monotonic() - began
+            self.mean_seconds = seconds if self.mean_seconds is None else 0.8 * self.mean_seconds + 0.2 * seconds
+
+
+def _timed_out(timeout: float | None, where: str) -> BadRequest:
+    return BadRequest(504, f"the request took over the time limit of {timeout:g} s (--timeout), {where}")
+
+
+def bearer_check(token: str | None):
+    """A function of the request that raises 401 unless it carries ``Authorization: Bearer <token>``."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    def check(request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode("latin-1", "replace")
+        if not hmac.compare_digest(given, expected):  # constant time: no guessing it byte by byte
+            message = "this server needs its token: send 'Authorization: Bearer <token>'"
+            raise BadRequest(401, message if not given else "the token is wrong", {"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def allowed_methods(model, names: str | None) -> list[str]:
+    """The methods this deployment offers: those of ``--methods a,b,c`` (default: all the model's head allows)."""
+    if names is None:
+        return [name for name, m in METHODS.items() if not (m.affine_only and model.head.kind != "affine")]
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    if not wanted:
+        raise NpcamError("--methods names no method")
+    try:
+        return list(dict.fromkeys(model.method(name).name for name in wanted))
+    except NpcamError as e:
+        raise NpcamError(f"--methods: {e}") from None
+
+
+def read_token(path: Path | None) -> str | None:
+    """The bearer token from ``--token-file`` or else ``$NPCAM_TOKEN`` (never from argv, which others can read)."""
+    if path is not None:
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise NpcamError(f"{path}: cannot read the token file ({getattr(e, 'strerror', None) or e})") from None
+        where = str(path)
+    else:
+        token, where = os.environ.get("NPCAM_TOKEN", "").strip(), "NPCAM_TOKEN"
+        if not token:
+            return None
+    if not token or not token.isascii() or not token.isprintable() or " " in token:
+        raise NpcamError(f"{where}: the token must be one line of printable ASCII without spaces")
+    return token
+
+
+def make_app(
+    model,
+    workers: int = 1,
+    max_body: int = MAX_BODY,
+    max_pixels: int = MAX_PIXELS,
+    *,
+    queue: int = 16,
+    expensive_concurrency: int = 1,
+    expensive_queue: int = 2,
+    timeout: float | None = None,
+    methods: list[str] | None = None,
+    token: str | None = None,
+):
     """The ASGI application (Starlette) serving ``model``."""
     import anyio
     from starlette.applications import Starlette
@@ -132,21 +261,39 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    limiter = anyio.CapacityLimiter(workers)
+    from .methods import Cancelled
+
+    usable = allowed_methods(model, None)
+    offered = methods or usable
+    default_method = model.default_method if model.default_method in offered else offered[0]
+    expensive = [name for name in offered if METHODS[name].multi_pass(model.head.kind)]
+    cheap_slots = Admission("cheap", workers, queue, f"--workers {workers}, --queue {queue}")
+    expensive_slots = Admission(
+        "multi-pass",
+        expensive_concurrency,
+        expensive_queue,
+        f"--expensive-concurrency {expensive_concurrency}, --expensive-queue {expensive_queue}",
+    )
+    limiter = anyio.CapacityLimiter(workers + expensive_concurrency)  # threads: every slot of both classes
+    authorize = bearer_check(token)
     page = resources.files("npcam").joinpath("static/index.html").read_text(encoding="utf-8")
     about = {
         "npcam": __version__,
         "arch": model.arch,
         "head": model.head.kind,
-        "default_method": model.default_method,
-        "methods": {
-            name: m.summary for name, m in METHODS.items() if not (m.affine_only and model.head.kind != "affine")
-        },
+        "default_method": default_method,
+        "methods": {name: METHODS[name].summary for name in offered},
         "input_size": model.input_size,
         "fixed_size": model.bundle.fixed_size,
         "classes": len(model.labels),
         "labels": list(model.labels),
         "limits": {"max_body_bytes": max_body, "max_pixels": max_pixels},
+        "serving": {
+            "timeout_seconds": timeout,
+            "multi_pass_methods": expensive,
+            "cheap": {"limit": workers, "queue": queue},
+            "multi_pass": {"limit": expensive_concurrency, "queue": expensive_queue},
+        },
         "bundle": {k: v for k, v in model.meta.items() if k not in ("files",)},
     }
 
@@ -174,41 +321,74 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
             raise BadRequest(413, f"the body is over the limit of {max_body:,} bytes")
         return b"".join(chunks)
 
-    def work(data: bytes, name: str, options: Options, fmt: str) -> tuple[bytes, str]:
+    def work(
+        data: bytes, name: str, options: Options, fmt: str, deadline: float | None, abandoned: threading.Event
+    ) -> tuple[bytes, str]:
         try:
             options = options.checked(model)
         except NpcamError as e:
             raise BadRequest(422, str(e)) from None
+
+        def should_stop() -> bool:
+            return abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline)
+
         try:
             # A JSON answer needs no overlay: a JPEG then decodes only as large as the network needs.
-            explanation = explain(model, data, options, name=name, pixels=fmt != "json")
+            explanation = explain(model, data, options, name=name, pixels=fmt != "json", should_stop=should_stop)
         except NpcamError as e:
             raise BadRequest(400, str(e)) from None
+        except Cancelled:
+            raise _timed_out(timeout, f"so its {options.method} passes were stopped") from None
         if fmt == "json":
             return json.dumps(describe(explanation, options)).encode(), "application/json"
         out = io.BytesIO()
         encode_image(draw(explanation, 0, options), fmt.upper(), out)
         return out.getvalue(), f"image/{fmt}"
 
+    def offered_method(options: Options) -> str:
+        """The request's method, resolved; 403 for one this deployment does not offer (``--methods``)."""
+        name = get_method(options.method).name if options.method else default_method
+        if name not in offered and name in usable:  # one the head cannot take gets its 422 from Options.checked
+            raise BadRequest(
+                403, f"method {name} is not offered by this server (--methods); choose one of {', '.join(offered)}"
+            )
+        return name
+
     async def explain_route(request: Request) -> Response:
+        authorize(request)
+        deadline = None if timeout is None else time.monotonic() + timeout
         options, fmt = options_from_query(request.query_params, max_pixels)
+        options = replace(options, method=offered_method(options))
         data, name = image_from_body(await read_body(request), request.headers.get("content-type", ""))
         if not data:
             raise BadRequest(400, "the request holds no image (send it as the body, or as a multipart file)")
-        content, media = await anyio.to_thread.run_sync(work, data, name, options, fmt, limiter=limiter)
+        slots = expensive_slots if options.method in expensive else cheap_slots
+        abandoned = threading.Event()
+
+        async def start():
+            try:
+                return await anyio.to_thread.run_sync(
+                    work, data, name, options, fmt, deadline, abandoned, limiter=limiter
+                )
+            except BaseException:  # cancelled (the graceful stop ran out of time): stop the passes too
+                abandoned.set()
+                raise
+
+        content, media = await slots.run(deadline, timeout, start)
         return Response(content, media_type=media)
 
     async def model_route(request: Request) -> Response:
+        authorize(request)
         return JSONResponse(about)
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "cheap": cheap_slots.state(), "multi_pass": expensive_slots.state()})
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page)
 
     async def bad_request(request: Request, exc: BadRequest) -> Response:
-        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return JSONResponse(
@@ -272,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-body", type=int, default=MAX_BODY, help=f"largest request body in bytes (default {MAX_BODY:,})"
     )
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"largest image (default {MAX_PIXELS:,})")
+    add_admission_options(p)
     args = p.parse_args(argv)
     try:
         import starlette  # noqa: F401
@@ -283,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or cores
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     try:
+        token = read_token(args.token_file)
         model = Model(args.model or default_model_dir(), threads=max(1, cores // workers))
+        offered = allowed_methods(model, args.methods)
     except NpcamError as e:
         print(f"npcam serve: error: {e}", file=sys.stderr)
         return 2
@@ -300,7 +483,21 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://[{host}]:{port}/" if family == socket.AF_INET6 else f"http://{host}:{port}/"
     log.info("npcam serve %s: %s (%s, %d at once, %d onnxruntime thread(s) each)", __version__, url, model.arch, workers,
              max(1, cores // workers))  # fmt: skip
-    app = make_app(model, workers, args.max_body, args.max_pixels)
+    if token is None and not _loopback(host):
+        log.warning("npcam serve: warning: listening on %s without a token: anyone who reaches this port can use "
+                    "it (give one with --token-file PATH or NPCAM_TOKEN)", host)  # fmt: skip
+    app = make_app(
+        model,
+        workers,
+        args.max_body,
+        args.max_pixels,
+        queue=args.queue,
+        expensive_concurrency=args.expensive_concurrency,
+        expensive_queue=args.expensive_queue,
+        timeout=args.timeout or None,
+        methods=offered,
+        token=token,
+    )
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="off")
     server = uvicorn.Server(config)
     # On Ctrl-C or SIGTERM uvicorn stops accepting, answers the requests in flight, then raises the
@@ -312,6 +509,48 @@ def main(argv: list[str] | None = None) -> int:
         pass
     log.info("npcam serve: stopped")
     return 0
+
+
+def add_admission_options(p: argparse.ArgumentParser) -> None:
+    """What the server offers, to whom, and how much at once."""
+
+    def count(minimum: int):
+        def parse(text: str) -> int:
+            if not text.isdigit() or int(text) < minimum:
+                raise argparse.ArgumentTypeError(f"must be a whole number of at least {minimum}, not {text!r}")
+            return int(text)
+
+        return parse
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a number of seconds (0: no limit), not {text!r}")
+        return value
+
+    p.add_argument("--queue", type=count(0), default=16, help="cheap requests that may wait for a worker; "
+                   "beyond that 503 with Retry-After (default 16)")  # fmt: skip
+    p.add_argument("--expensive-concurrency", type=count(1), default=1, metavar="N", help="multi-pass requests "
+                   "(Score-CAM; Ablation-CAM on a graph head) explained at once, beside the workers (default 1)")  # fmt: skip
+    p.add_argument("--expensive-queue", type=count(0), default=2, metavar="N",
+                   help="multi-pass requests that may wait; beyond that 503 with Retry-After (default 2)")  # fmt: skip
+    p.add_argument("--timeout", type=seconds, default=60.0, help="time limit of a request in seconds; "
+                   "multi-pass methods stop between batches, and the answer is 504 (default 60; 0: none)")  # fmt: skip
+    p.add_argument("--methods", metavar="A,B,...", help="offer only these methods (default: all the model allows)")
+    p.add_argument("--token-file", type=Path, metavar="PATH", help="require 'Authorization: Bearer <token>' with "
+                   "the token in this file (or in $NPCAM_TOKEN); /health and the page stay open")  # fmt: skip
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class _Stopped(Exception):

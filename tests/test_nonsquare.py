@@ -244,6 +244,13 @@ def test_size_at_run_time(bundles, tmp_path, capsys):
     assert code == 0 and (record_["height"], record_["width"]) == (height, width)
     assert abs(record_["score"] - float(model.predict(PHOTOS[1], size=(64, 256)).probs.max())) <= 1e-6
     assert Image.open(tmp_path / "o.png").size == (width, height)  # the map is in the photo's own pixels
+    # A record-only run (reduced decode) sizes its decode from the larger side of a non-square input.
+    code = cli_main(["-m", str(bundles["text_line"]), str(PHOTOS[1]), "-o", f"{tmp_path / 'r'}/", "--size", "64x256", "--json", "--no-overlay"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    record_only = json.loads(captured.out)
+    assert code == 0 and (record_only["height"], record_only["width"]) == (height, width)
+    assert record_only["class"] == record_["class"] and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,8 @@ def expected(model, photo, **options) -> dict:
 
 
 def test_health_model_and_page(server, model):
-    assert http(f"{server.url}/health") == (200, "application/json", b'{"status":"ok"}')
+    status, kind, body = http(f"{server.url}/health")
+    assert (status, kind, json.loads(body)["status"]) == (200, "application/json", "ok")
     status, kind, body = http(f"{server.url}/model")
     about = json.loads(body)
     assert status == 200 and about["labels"] == list(model.labels) and about["default_method"] == "cam"
@@ -188,15 +189,143 @@ def test_nothing_a_request_sends_stops_the_server(server):
 
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
 def test_stopping_answers_the_requests_in_flight(bundle, signal_number):
-    running = Server(bundle, "--workers", "1")
+    running = Server(bundle, "--workers", "1", "--timeout", "0")  # no time limit: this one must be answered
     answer = {}
-    slow = threading.Thread(target=lambda: answer.update(r=post(running, "?method=scorecam", PHOTOS[0].read_bytes())))
+    slow = threading.Thread(
+        target=lambda: answer.update(r=post(running, "?method=scorecam&size=128", PHOTOS[0].read_bytes()))
+    )
     slow.start()
-    import time
-
-    time.sleep(0.5)  # the Score-CAM request (512 trunk passes) is in flight
+    _poll(running, lambda state: state["multi_pass"]["running"] == 1)  # the Score-CAM (~500 trunk passes) is in flight
     assert running.stop(signal_number) == 0
     slow.join()
+    assert "r" in answer, running.log
     assert answer["r"][0] == 200 and json.loads(answer["r"][2])["method"] == "scorecam"
-    assert "POST /explain?method=scorecam 200" in running.log[-1] and "stopped" in running.log[-1]
+    assert "POST /explain?method=scorecam&size=128 200" in running.log[-1] and "stopped" in running.log[-1]
     assert "Traceback" not in running.log[-1]
+
+
+def _poll(server, until, guard=300):
+    """GET /health until ``until(state)`` holds; the guard only stops a hung test."""
+    import time
+
+    stop = time.monotonic() + guard
+    while time.monotonic() < stop:
+        state = json.loads(http(f"{server.url}/health")[2])
+        if until(state):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"/health never showed the expected state: {state}")
+
+
+def test_a_full_multi_pass_queue_answers_503_and_the_time_limit_stops_the_passes(bundle):
+    # One Score-CAM at a time and none waiting; Score-CAM at 320 px (over 500 trunk passes) takes far longer
+    # than the 5 s limit on any CPU, so the first request is still in flight when the second comes.
+    running = Server(bundle, "--expensive-concurrency", "1", "--expensive-queue", "0", "--timeout", "5")
+    photo = PHOTOS[0].read_bytes()
+    answer = {}
+    held = threading.Thread(target=lambda: answer.update(r=post(running, "?method=scorecam&size=320", photo)))
+    held.start()
+    _poll(running, lambda state: state["multi_pass"]["running"] == 1)
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{running.url}/explain?method=scorecam", photo), timeout=120)
+        raise AssertionError("a second Score-CAM was taken while the queue was full")
+    except urllib.error.HTTPError as e:
+        refused, retry_after, error = e.code, e.headers.get("Retry-After"), json.loads(e.read())["error"]
+    assert refused == 503 and retry_after.isdigit() and int(retry_after) >= 1
+    assert "busy: 1 multi-pass request(s) running" in error and "--expensive-queue 0" in error and "\n" not in error
+    # Cheap requests have their own workers: answered while the Score-CAM runs.
+    status, _, body = post(running, "?method=gradcam", photo)
+    assert status == 200 and json.loads(body)["method"] == "gradcam"
+    assert json.loads(http(f"{running.url}/health")[2])["multi_pass"]["running"] == 1  # it was still held
+    held.join()
+    status, kind, body = answer["r"]
+    error = json.loads(body)["error"]
+    assert (status, kind) == (504, "application/json") and "time limit of 5 s (--timeout)" in error, error
+    assert "scorecam passes were stopped" in error and "\n" not in error
+    # The passes stopped (the slot is free again, not taken by work running on) and the server answers.
+    assert json.loads(http(f"{running.url}/health")[2])["multi_pass"]["running"] == 0
+    assert post(running, "", photo)[0] == 200
+    assert running.stop() == 0
+    assert "POST /explain?method=scorecam&size=320 504" in running.log[-1] and "Traceback" not in running.log[-1]
+
+
+def test_methods_restricts_what_the_server_offers(bundle):
+    running = Server(bundle, "--methods", "gradcam,scorecam")
+    try:
+        about = json.loads(http(f"{running.url}/model")[2])
+        assert list(about["methods"]) == ["gradcam", "scorecam"] and about["default_method"] == "gradcam"
+        assert about["serving"]["multi_pass_methods"] == ["scorecam"]
+        photo = PHOTOS[0].read_bytes()
+        for method in ("cam", "gradcam%2B%2B", "LAYERCAM"):
+            status, _, body = post(running, f"?method={method}", photo)
+            error = json.loads(body)["error"]
+            assert status == 403 and "is not offered by this server" in error, error
+            assert error.endswith("choose one of gradcam, scorecam") and "\n" not in error
+        status, _, body = post(running, "", photo)  # no method: the first offered, as /model says
+        assert status == 200 and json.loads(body)["method"] == "gradcam"
+    finally:
+        assert running.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "gradcam,magic"], "--methods: unknown method 'magic'; choose one of cam,"),
+        (["--methods", ","], "--methods names no method"),
+        (["--token-file", "/nonexistent/token"], "/nonexistent/token: cannot read the token file"),
+        (["--expensive-concurrency", "0"], "--expensive-concurrency: must be a whole number of at least 1"),
+        (["--timeout", "soon"], "--timeout: must be a number of seconds"),
+    ],
+)
+def test_bad_serving_options_exit_2_in_one_line(bundle, args, message):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run(
+        [sys.executable, "-m", "npcam", "serve", "--model", str(bundle), "--port", "0", *args],
+        capture_output=True, text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and message in lines[-1] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_token_protects_the_api_but_not_health_nor_the_page(bundle, tmp_path):
+    secret = "s3cret-" + uuid.uuid4().hex
+    (tmp_path / "token").write_text(secret + "\n")
+    running = Server(bundle, "--token-file", str(tmp_path / "token"), "--host", "0.0.0.0")
+    photo = PHOTOS[0].read_bytes()
+    try:
+        assert http(f"{running.url}/health")[0] == 200 and http(f"{running.url}/")[0] == 200
+        for headers, says in [({}, "this server needs its token"), ({"Authorization": "Bearer nope"}, "wrong"),
+                              ({"Authorization": secret}, "wrong")]:  # fmt: skip
+            for status, _, body in (http(f"{running.url}/model", headers=headers), post(running, "", photo, headers)):
+                assert status == 401 and says in json.loads(body)["error"], body
+        good = {"Authorization": f"Bearer {secret}"}
+        assert http(f"{running.url}/model", headers=good)[0] == 200
+        status, _, body = post(running, "", photo, good)
+        assert status == 200 and json.loads(body)["method"] == "cam"
+    finally:
+        assert running.stop() == 0
+    log = "".join(running.log)
+    assert secret not in log and "without a token" not in log
+
+
+def test_the_token_can_come_from_the_environment_and_0000_without_one_warns(bundle, monkeypatch):
+    open_server = Server(bundle, "--host", "0.0.0.0")
+    assert http(f"{open_server.url}/model")[0] == 200  # and it serves: the signal handlers are set
+    assert open_server.stop() == 0
+    warnings = [line for line in "".join(open_server.log).splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "listening on 0.0.0.0 without a token" in warnings[0], open_server.log
+    monkeypatch.setenv("NPCAM_TOKEN", "from-the-environment")
+    running = Server(bundle, "--host", "0.0.0.0")
+    try:
+        assert http(f"{running.url}/model")[0] == 401
+        assert http(f"{running.url}/model", headers={"Authorization": "Bearer from-the-environment"})[0] == 200
+    finally:
+        assert running.stop() == 0
+    assert "warning" not in "".join(running.log)
