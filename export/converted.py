@@ -98,6 +98,10 @@ def export_converted(
     """
     from . import __main__ as route  # the ONNX route's helpers (default directory, grey normalization)
 
+    # tf2onnx keeps ops it cannot map, under their TensorFlow/TFLite names: onnxruntime cannot run those
+    unknown = sorted({n.op_type for n in converted.graph.node if not onnx.defs.has(n.op_type, n.domain or "")})
+    if unknown:
+        raise ExportError(f"{source}: tf2onnx has no ONNX equivalent for {', '.join(unknown)}; nothing was written")
     parts = route._split(str(source), converted, input_size)
     if int8_bound is not None:
         parts.output_step = int8_bound["bound"]

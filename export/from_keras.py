@@ -55,23 +55,30 @@ def run_keras(
 
 
 def _load(model: Path):
-    """The model and the Keras version that loaded it: Keras 3 first; for an ``.h5`` it cannot read, tf-keras."""
-    import keras
+    """The model and the Keras version that loaded it: Keras 3 first, then tf-keras (a file Keras 2 wrote)."""
+    import zipfile
 
+    try:
+        import keras
+    except ImportError as e:
+        raise ExportError(f"the keras route needs Keras ({e}): pip install 'npcam[{EXTRA}]'") from None
+
+    if model.suffix.lower() == ".keras" and not zipfile.is_zipfile(model):
+        raise ExportError(f"{model}: not a .keras file (Keras writes a zip archive)")
     try:
         with quiet():
             return keras.saving.load_model(str(model), compile=False), f"keras {keras.__version__}"
     except Exception as e:  # Keras raises many types for files it cannot read
         first = e
-    if model.suffix.lower() != ".keras":
+    try:
+        import tf_keras
+    except ImportError:
+        tf_keras = None
+    if tf_keras is not None:
         try:
-            import tf_keras
-        except ImportError:
-            tf_keras = None
-        if tf_keras is not None:
-            try:
-                with quiet():
-                    return tf_keras.models.load_model(str(model), compile=False), f"tf-keras {tf_keras.__version__}"
-            except Exception:  # report Keras 3's reason: it is the first reader
-                pass
-    raise ExportError(f"{model}: Keras cannot load it ({first_line(first)})")
+            with quiet():
+                return tf_keras.models.load_model(str(model), compile=False), f"tf-keras {tf_keras.__version__}"
+        except Exception:  # report Keras 3's reason: it is the first reader
+            pass
+    hint = "" if tf_keras is not None else "; a Keras 2 file may load with tf-keras (pip install tf-keras)"
+    raise ExportError(f"{model}: Keras cannot load it ({first_line(first)}){hint}")

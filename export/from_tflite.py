@@ -42,14 +42,23 @@ def run_tflite(
     (outp,) = outputs
     _check_quantized(model, "input", inp)
     _check_quantized(model, "output", outp)
+    if int8 is not None and inp["dtype"] in QUANTIZED:
+        raise ExportError(f"{model}: the model is already int8; --int8 quantizes float models (export it without)")
     tf, tf2onnx = import_tensorflow(EXTRA)
     try:
         with quiet():
             converted, _ = tf2onnx.convert.from_tflite(str(model), opset=OPSET)
     except Exception as e:  # tf2onnx raises many types for ops it cannot map
         raise ExportError(f"{model}: tf2onnx cannot convert it ({first_line(e)}); nothing was written") from None
+    types = {n.op_type for n in converted.graph.node}
+    if "DequantizeLinear" in types and "QuantizeLinear" not in types:
+        raise ExportError(
+            f"{model}: only its weights are int8 (dynamic-range quantization): TFLite's hybrid kernels quantize "
+            "activations on the fly, which the ONNX graph does not, so the bundle would not match the interpreter; "
+            "export the float model, or a full-integer one (converted with a representative dataset)"
+        )
     converted = _float_io(converted, inp, outp)
-    bound = _int8_bound(converted, outp) if outp["dtype"] in QUANTIZED else None
+    bound = _int8_bound(converted)  # int8 I/O, or float I/O around int8 ops: TFLite's converter writes both
     versions = {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "ai-edge-litert": _litert_version()}
     return export_converted(
         model, "tflite", converted, _reference(model, inp, outp), versions,
@@ -136,8 +145,9 @@ def _scale_zero(prefix: str, scale: float, zero: int, elem_type: int) -> list[on
     ]
 
 
-def _int8_bound(converted: onnx.ModelProto, outp: dict) -> dict:
-    """The self-check's limit for an int8 model's dequantized output, from its quantization steps (see docs).
+def _int8_bound(converted: onnx.ModelProto) -> dict | None:
+    """The self-check's limit for an int8 model's dequantized output, from its quantization steps (see docs);
+    None for a model whose output is not quantized.
 
     Both runtimes compute the same int32 accumulations but round them back to int8 differently (TFLite: a
     fixed-point multiplier and two roundings; onnxruntime: one float rounding), so a small fraction of each
@@ -147,13 +157,18 @@ def _int8_bound(converted: onnx.ModelProto, outp: dict) -> dict:
     ``s_out``: half a step of rounding, up to half a step of fixed-point approximation, and two logit steps
     through a softmax, whose slope is at most 1/2 (a sigmoid's 1/4): ``s_out + s_z``.
     """
-    s_out = _quantization(outp)[0]
     graph = converted.graph
     producers = {o: n for n in graph.node for o in n.output}
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    node = producers.get(graph.output[0].name)  # our DequantizeLinear, then the model's QuantizeLinear
-    node = producers.get(node.input[0]) if node is not None else None
-    node = producers.get(node.input[0]) if node is not None and node.op_type == "QuantizeLinear" else None
+    node = producers.get(graph.output[0].name)  # a DequantizeLinear (the model's, or ours), then a QuantizeLinear
+    while node is not None and node.op_type in SHAPE_ONLY:
+        node = producers.get(node.input[0])
+    scale = constants.get(node.input[1]) if node is not None and node.op_type == "DequantizeLinear" else None
+    node = producers.get(node.input[0]) if scale is not None else None
+    if node is None or node.op_type != "QuantizeLinear" or scale.size != 1:
+        return None  # a float output: not an int8 model's (a float model, or int8 weights only)
+    s_out = float(scale.reshape(()))
+    node = producers.get(node.input[0])
     while node is not None and node.op_type in SHAPE_ONLY:
         node = producers.get(node.input[0])
     if node is None or node.op_type not in ("Softmax", "Sigmoid"):
@@ -207,8 +222,11 @@ def _reference(model: Path, inp: dict, outp: dict):
 
     def run(x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float32)
-        if signature[0] == -1:
-            return run_batch(x)
+        if signature[0] == -1 and len(x) > 1:
+            try:
+                return run_batch(x)
+            except (ValueError, RuntimeError):  # a dynamic batch some op cannot prepare: one image at a time
+                pass
         return np.concatenate([run_batch(x[i : i + 1]) for i in range(len(x))])
 
     return run

@@ -73,9 +73,10 @@ def classifier(kind: str) -> keras.Model:
     net = keras.Model(inp, x)
     rng = np.random.default_rng(7)
     bn = next(layer for layer in net.layers if isinstance(layer, keras.layers.BatchNormalization))
-    gamma, beta, mean, var = bn.get_weights()
-    bn.set_weights([rng.uniform(0.5, 1.5, 8), rng.uniform(-0.2, 0.2, 8), rng.uniform(-0.2, 0.2, 8), rng.uniform(0.5, 2, 8)])
-    kernel, bias = net.get_layer("fc").get_weights()
+    bn.set_weights(
+        [rng.uniform(0.5, 1.5, 8), rng.uniform(-0.2, 0.2, 8), rng.uniform(-0.2, 0.2, 8), rng.uniform(0.5, 2, 8)]
+    )
+    kernel, _ = net.get_layer("fc").get_weights()
     net.get_layer("fc").set_weights([kernel * 4, rng.uniform(-0.5, 0.5, CLASSES)])  # logits of a few units
     return net
 
@@ -195,7 +196,10 @@ def test_float_tflite_against_the_interpreter(kind, models, tmp_path, capfd):
         pred = model.predict_batch([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
         for k in range(CLASSES):
             got_map = model.cam(pred, k)
-            assert record(f"TFLite float {kind}: CAM, abs", np.abs(got_map - reference_cam(features, weight, k)).max()) <= 1e-4
+            assert (
+                record(f"TFLite float {kind}: CAM, abs", np.abs(got_map - reference_cam(features, weight, k)).max())
+                <= 1e-4
+            )
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -260,3 +264,67 @@ def test_keras_against_predict_and_its_own_features(kind, suffix, models, tmp_pa
         for k in range(CLASSES):
             error = np.abs(model.cam(pred, k) - reference_cam(features, weight, k)).max()
             assert record(f"Keras {kind}: CAM, abs", error) <= 1e-4
+
+
+def test_keras2_file_through_tf_keras(tmp_path, capfd):
+    """A ``.keras`` file that Keras 2 (tf-keras) wrote: Keras 3 cannot read it, so tf-keras loads it."""
+    import tf_keras
+
+    tf_keras.utils.set_random_seed(5)
+    inp = tf_keras.Input((SIZE, SIZE, 3))
+    x = tf_keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="last_conv")(inp)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    x = tf_keras.layers.Dense(CLASSES, bias_initializer="glorot_uniform", name="fc")(x)
+    net = tf_keras.Model(inp, x)
+    net.save(tmp_path / "k2.keras")
+    model = export(tmp_path / "k2.keras", tmp_path / "b", capfd)
+    assert model.bundle.meta["versions"]["keras"].startswith("tf-keras ")
+    trunk = tf_keras.Model(net.inputs, net.get_layer("last_conv").output)
+    weight = net.get_layer("fc").get_weights()[0].T.astype(np.float64)
+    for x in inputs(model):
+        nhwc = x.transpose(0, 2, 3, 1)
+        want = net.predict(nhwc, verbose=0)[0].astype(np.float64)
+        got = model.scores(x)[0].astype(np.float64)
+        assert record("Keras 2 (tf-keras): logits, relative", np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
+        features = trunk.predict(nhwc, verbose=0)[0].astype(np.float64)
+        pred = model.predict_batch([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
+        for k in range(CLASSES):
+            assert np.abs(model.cam(pred, k) - reference_cam(features, weight, k)).max() <= 1e-4
+
+
+def flatten_head() -> keras.Model:
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inp)
+    return keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+
+
+REFUSED = {
+    "not a flatbuffer": ("tflite", "junk.tflite", lambda p: p.write_bytes(b"\x00 not a model " * 8), "not a TensorFlow Lite model"),
+    "missing": ("tflite", "none.tflite", lambda p: None, "no such file"),
+    "wrong suffix": ("tflite", "m.onnx", lambda p: p.write_bytes(b"x"), "expected a TensorFlow Lite file"),
+    "Flatten head": ("tflite", "flat.tflite", lambda p: p.write_bytes(to_tflite(flatten_head(), False)), "no global average pooling"),
+    "not a zip": ("keras", "junk.keras", lambda p: p.write_bytes(b"nope" * 8), "not a .keras file"),
+    "not HDF5": ("keras", "junk.h5", lambda p: p.write_bytes(b"nope" * 8), "Keras cannot load it"),
+    "Flatten head, Keras": ("keras", "flat.keras", lambda p: flatten_head().save(p), "no global average pooling"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refusals_are_one_line_and_write_nothing(case, tmp_path, capfd):
+    route, name, make, message = REFUSED[case]
+    make(tmp_path / name)
+    capfd.readouterr()
+    assert export_main([route, str(tmp_path / name), "--out", str(tmp_path / "b")]) == 1
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and not ONNXRUNTIME_LOG.search(line)]
+    assert len(err) == 1 and message in err[0] and err[0].startswith("export: error: "), err
+    assert not (tmp_path / "b").exists()
+
+
+def test_int8_model_refuses_another_quantization(models, tmp_path, capfd):
+    root, _ = models
+    capfd.readouterr()
+    assert (
+        export_main(["tflite", str(root / "rgb_int8.tflite"), "--int8", str(tmp_path), "--out", str(tmp_path / "b")])
+        == 1
+    )
+    assert "already int8" in capfd.readouterr().err and not (tmp_path / "b").exists()
