@@ -88,12 +88,16 @@ def calibration(channels: int):
         yield [rng.standard_normal((1, SIZE, SIZE, channels)).astype(np.float32)]
 
 
-def to_tflite(net: keras.Model, int8: bool) -> bytes:
+def to_tflite(net: keras.Model, mode: str) -> bytes:
+    """TFLite's converter: ``float``; ``int8`` full-integer (int8 input and output); ``int8_float_io`` int8 ops
+    between float input and output (the converter's default I/O); ``dynamic``: int8 weights only."""
     converter = tf.lite.TFLiteConverter.from_keras_model(net)
-    if int8:  # full-integer: int8 input, output and kernels; per-channel weights are the converter's default
+    if mode != "float":  # int8 kernels; per-channel weights are the converter's default
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode.startswith("int8"):
         converter.representative_dataset = lambda: calibration(net.inputs[0].shape[-1])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if mode == "int8":
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     return converter.convert()
@@ -106,11 +110,12 @@ def models(tmp_path_factory):
     made = {}
     for kind in KINDS:
         net = classifier(kind)
-        (root / f"{kind}.tflite").write_bytes(to_tflite(net, int8=False))
-        (root / f"{kind}_int8.tflite").write_bytes(to_tflite(net, int8=True))
+        (root / f"{kind}.tflite").write_bytes(to_tflite(net, "float"))
+        (root / f"{kind}_int8.tflite").write_bytes(to_tflite(net, "int8"))
         net.save(root / f"{kind}.keras")
         net.save(root / f"{kind}.h5")
         made[kind] = net
+    (root / "rgb_int8_float_io.tflite").write_bytes(to_tflite(made["rgb"], "int8_float_io"))
     return root, made
 
 
@@ -202,23 +207,24 @@ def test_float_tflite_against_the_interpreter(kind, models, tmp_path, capfd):
             )
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", [*KINDS, "rgb_float_io"])
 def test_int8_tflite_within_its_quantization_bound(kind, models, tmp_path, capfd):
+    """Full-integer models (int8 input and output), and one with float input and output around int8 ops."""
     root, _ = models
-    path = root / f"{kind}_int8.tflite"
+    path = root / (f"{kind}_int8.tflite" if kind in KINDS else "rgb_int8_float_io.tflite")
+    kind = kind.removesuffix("_float_io")
     reference = TFLite(path)
     for conv in [op for op in reference.all_ops if op["op_name"] == "CONV_2D"]:  # per-channel weights
         weights = conv["inputs"][1]
         assert len(reference.quant(weights)[0]) == reference.details[weights]["shape"][0] > 1
     model = export(path, tmp_path / "b", capfd)
     assert model.head.kind == "graph" and model.default_method == "gradcam"  # the head's Q/DQ pairs
-    (out,) = reference.it.get_output_details()
-    s_out = float(reference.quant(out["index"])[0][0])
+    logits = float(reference.quant(reference.ops["FULLY_CONNECTED"]["outputs"][0])[0][0])  # s_z
     if KINDS[kind][2] == "softmax":
-        s_z = float(reference.quant(reference.ops["SOFTMAX"]["inputs"][0])[0][0])
-        bound = s_out + s_z  # one output step (rounding, fixed-point exp) + two logit steps through the softmax
+        s_out = float(reference.quant(reference.ops["SOFTMAX"]["outputs"][0])[0][0])
+        bound = s_out + logits  # one output step (rounding, fixed-point exp) + two logit steps through the softmax
     else:
-        bound = 2 * s_out  # the int8 logits themselves: one step inherited from the pooled vector, one their own
+        bound = 2 * logits  # the int8 logits themselves: one step inherited from the pooled vector, one their own
     mean = reference.ops["MEAN"]
     s_f = float(reference.quant(mean["inputs"][0])[0][0])
     fc = reference.ops["FULLY_CONNECTED"]
@@ -298,11 +304,19 @@ def flatten_head() -> keras.Model:
     return keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
 
 
+def dense_head() -> keras.Model:
+    """Large enough for the converter's dynamic-range quantization, which leaves small tensors float."""
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(256, 3, activation="relu")(inp))
+    return keras.Model(inp, keras.layers.Dense(1000)(x))
+
+
 REFUSED = {
     "not a flatbuffer": ("tflite", "junk.tflite", lambda p: p.write_bytes(b"\x00 not a model " * 8), "not a TensorFlow Lite model"),
     "missing": ("tflite", "none.tflite", lambda p: None, "no such file"),
     "wrong suffix": ("tflite", "m.onnx", lambda p: p.write_bytes(b"x"), "expected a TensorFlow Lite file"),
-    "Flatten head": ("tflite", "flat.tflite", lambda p: p.write_bytes(to_tflite(flatten_head(), False)), "no global average pooling"),
+    "int8 weights only": ("tflite", "dyn.tflite", lambda p: p.write_bytes(to_tflite(dense_head(), "dynamic")), "dynamic-range"),
+    "Flatten head": ("tflite", "flat.tflite", lambda p: p.write_bytes(to_tflite(flatten_head(), "float")), "no global average pooling"),
     "not a zip": ("keras", "junk.keras", lambda p: p.write_bytes(b"nope" * 8), "not a .keras file"),
     "not HDF5": ("keras", "junk.h5", lambda p: p.write_bytes(b"nope" * 8), "Keras cannot load it"),
     "Flatten head, Keras": ("keras", "flat.keras", lambda p: flatten_head().save(p), "no global average pooling"),
