@@ -62,6 +62,8 @@ def _load(model: Path):
         import keras
     except ImportError as e:
         raise ExportError(f"the keras route needs Keras ({e}): pip install 'npcam[{EXTRA}]'") from None
+    if keras.backend.backend() != "tensorflow":  # KERAS_BACKEND was set by the user before we could
+        raise ExportError(f"KERAS_BACKEND is {keras.backend.backend()!r}: tf2onnx converts TensorFlow; unset it")
 
     if model.suffix.lower() == ".keras" and not zipfile.is_zipfile(model):
         raise ExportError(f"{model}: not a .keras file (Keras writes a zip archive)")
