@@ -4,8 +4,11 @@
     python -m export auto                                                   the demo's model
     python -m export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size S|HxW] [--out DIR]
     python -m export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size S|HxW] [--out DIR]
+    python -m export tflite MODEL.tflite [--labels FILE] [--mean R G B --std R G B] [--out DIR]
+    python -m export keras MODEL.keras|MODEL.h5 [--labels FILE] [--mean R G B --std R G B] [--out DIR]
 
-The ``onnx`` route needs only the runtime's packages and ``onnx``; the others need torch.
+The ``onnx`` route needs only the runtime's packages and ``onnx``; ``tflite`` and ``keras`` need TensorFlow
+and tf2onnx (the ``tflite`` and ``keras`` extras); the others need torch.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m export",
         description="Turn a classifier into an npcam model bundle (see the README, 'Your own model').",
     )
-    routes = parser.add_subparsers(dest="route", required=True, metavar="{ARCH,auto,onnx,torch}")
+    routes = parser.add_subparsers(dest="route", required=True, metavar="{ARCH,auto,onnx,torch,tflite,keras}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", type=Path, help=f"bundle directory (default: {CACHE_DIR}/NAME)")
     common.add_argument("--labels", type=Path, help="class names: a text file with one per line, or a JSON list")
@@ -72,6 +75,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("spec", metavar="MODULE:CALLABLE", help="e.g. mypkg.models:build (run from where it imports)")
     p.add_argument("--weights", type=Path, help="a state dict to load into the module (strict)")
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p = routes.add_parser("tflite", parents=[common, preprocessing], help="a TensorFlow Lite classifier, float or int8")
+    p.add_argument("model", type=Path, metavar="MODEL.tflite")
+    p = routes.add_parser("keras", parents=[common, preprocessing], help="a Keras classifier (.keras, or .h5)")
+    p.add_argument("model", type=Path, metavar="MODEL.keras")
     args = parser.parse_args(argv)
     for name in ("mean", "std"):
         values = getattr(args, name, None)
@@ -321,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.opset,
                 args.int8,
             )
+        elif args.route in ("tflite", "keras"):
+            from .from_keras import run_keras
+            from .from_tflite import run_tflite
+
+            export_route = run_tflite if args.route == "tflite" else run_keras
+            export_route(args.model, args.out, args.labels, args.mean, args.std, args.input_size, args.int8)
         else:
             run(args.route, args.out, args.weights, args.opset, args.int8, args.labels)
     except (ExportError, NpcamError) as e:

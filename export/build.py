@@ -187,6 +187,9 @@ def report(meta: dict, out: Path) -> None:
         if check.get("output_step")
         else f"within {check['scores_relative_error']:.1e} of the original"
     )
+    bound = meta.get("source", {}).get("int8_bound")  # an int8 TFLite model's, from its quantization steps
+    if bound and check.get("output_step"):
+        match = f"within {check['output_step']:.1e} ({bound['rule']}) of the original's int8 ones"
     print(
         f"exported {meta['arch']} ({meta['classes']} classes, {meta['channels']} channels, {head}, {size}) to {out} "
         f"(self-check: {meta['output']} {match})",

@@ -1,0 +1,232 @@
+"""``python -m export tflite MODEL.tflite``: a TensorFlow Lite classifier, float or int8, as an npcam bundle.
+
+tf2onnx converts the flatbuffer to ONNX (QuantizeLinear/DequantizeLinear pairs for an int8 model, per-channel
+weights kept), and the ONNX route splits, writes and checks it. The self-check runs the ``.tflite`` file in
+LiteRT's interpreter (``ai-edge-litert``) on the same inputs. Needs the ``tflite`` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .converted import OPSET, check_file, export_converted, first_line, import_tensorflow, quiet
+from .errors import ExportError
+
+EXTRA = "tflite"
+# TFLite's quantized input types, as numpy and ONNX types
+QUANTIZED = {np.int8: TensorProto.INT8, np.uint8: TensorProto.UINT8}
+# Ops that only reshape, between an int8 model's output quantization and its softmax
+SHAPE_ONLY = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+
+
+def run_tflite(
+    model: Path,
+    out: Path | None = None,
+    labels: Path | None = None,
+    mean=None,
+    std=None,
+    input_size=None,
+    int8: Path | None = None,
+) -> Path:
+    """Export a ``.tflite`` image classifier; returns the bundle directory."""
+    check_file(model, (".tflite",), "TensorFlow Lite")
+    interpreter = _interpreter(model)
+    (inp,), outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if len(outputs) != 1:
+        names = ", ".join(o["name"] for o in outputs)
+        raise ExportError(f"{model}: the model has {len(outputs)} outputs ({names}); npcam needs one (class scores)")
+    (outp,) = outputs
+    _check_quantized(model, "input", inp)
+    _check_quantized(model, "output", outp)
+    if int8 is not None and inp["dtype"] in QUANTIZED:
+        raise ExportError(f"{model}: the model is already int8; --int8 quantizes float models (export it without)")
+    tf, tf2onnx = import_tensorflow(EXTRA)
+    try:
+        with quiet():
+            converted, _ = tf2onnx.convert.from_tflite(str(model), opset=OPSET)
+    except Exception as e:  # tf2onnx raises many types for ops it cannot map
+        raise ExportError(f"{model}: tf2onnx cannot convert it ({first_line(e)}); nothing was written") from None
+    types = {n.op_type for n in converted.graph.node}
+    if "DequantizeLinear" in types and "QuantizeLinear" not in types:
+        raise ExportError(
+            f"{model}: only its weights are int8 (dynamic-range quantization): TFLite's hybrid kernels quantize "
+            "activations on the fly, which the ONNX graph does not, so the bundle would not match the interpreter; "
+            "export the float model, or a full-integer one (converted with a representative dataset)"
+        )
+    converted = _float_io(converted, inp, outp)
+    bound = _int8_bound(converted)  # int8 I/O, or float I/O around int8 ops: TFLite's converter writes both
+    versions = {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "ai-edge-litert": _litert_version()}
+    return export_converted(
+        model, "tflite", converted, _reference(model, inp, outp), versions,
+        out, labels, mean, std, input_size, int8, bound,
+    )  # fmt: skip
+
+
+def _interpreter(model: Path):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise ExportError(f"the tflite route needs LiteRT's interpreter: pip install 'npcam[{EXTRA}]'") from None
+    try:
+        with quiet():
+            interpreter = Interpreter(model_path=str(model))
+            interpreter.allocate_tensors()
+    except Exception as e:  # LiteRT raises ValueError/RuntimeError for files it cannot read
+        raise ExportError(f"{model}: not a TensorFlow Lite model LiteRT can run ({first_line(e)})") from None
+    if len(interpreter.get_input_details()) != 1:
+        raise ExportError(f"{model}: the model has {len(interpreter.get_input_details())} inputs; npcam needs one")
+    return interpreter
+
+
+def _litert_version() -> str:
+    from importlib.metadata import version
+
+    return version("ai-edge-litert")
+
+
+def _check_quantized(model: Path, which: str, detail: dict) -> None:
+    """Float32, or int8/uint8 with one scale (TFLite quantizes activations per tensor)."""
+    if detail["dtype"] == np.float32:
+        return
+    scale = detail["quantization_parameters"]["scales"]
+    if detail["dtype"] not in QUANTIZED or len(scale) != 1:
+        raise ExportError(
+            f"{model}: the {which} {detail['name']!r} is {np.dtype(detail['dtype']).name}"
+            + ("" if detail["dtype"] not in QUANTIZED else f" with {len(scale)} scales")
+            + "; npcam reads float32, or int8/uint8 quantized with one scale"
+        )
+
+
+def _quantization(detail: dict) -> tuple[float, int]:
+    q = detail["quantization_parameters"]
+    return float(q["scales"][0]), int(q["zero_points"][0])
+
+
+def _float_io(converted: onnx.ModelProto, inp: dict, outp: dict) -> onnx.ModelProto:
+    """A full-integer model takes and gives int8: put its own input QuantizeLinear and output DequantizeLinear
+    into the graph, so that it takes float images (as npcam feeds) and gives real-valued scores."""
+    graph = converted.graph
+    (image,) = [i for i in graph.input if i.name not in {x.name for x in graph.initializer}]
+    if inp["dtype"] in QUANTIZED:
+        scale, zero = _quantization(inp)
+        name = image.name
+        image.name = f"{name}_float"
+        image.type.tensor_type.elem_type = TensorProto.FLOAT
+        graph.initializer.extend(_scale_zero("input_quantization", scale, zero, QUANTIZED[inp["dtype"]]))
+        quantize = helper.make_node(
+            "QuantizeLinear", [image.name, "input_quantization_scale", "input_quantization_zero"], [name]
+        )
+        graph.node.insert(0, quantize)
+    if outp["dtype"] in QUANTIZED:
+        scale, zero = _quantization(outp)
+        (result,) = graph.output
+        name = result.name
+        graph.initializer.extend(_scale_zero("output_quantization", scale, zero, QUANTIZED[outp["dtype"]]))
+        graph.node.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [name, "output_quantization_scale", "output_quantization_zero"],
+                [f"{name}_float"],
+            )
+        )
+        result.name = f"{name}_float"
+        result.type.tensor_type.elem_type = TensorProto.FLOAT
+    return converted
+
+
+def _scale_zero(prefix: str, scale: float, zero: int, elem_type: int) -> list[onnx.TensorProto]:
+    return [
+        helper.make_tensor(f"{prefix}_scale", TensorProto.FLOAT, [], [scale]),
+        helper.make_tensor(f"{prefix}_zero", elem_type, [], [zero]),
+    ]
+
+
+def _int8_bound(converted: onnx.ModelProto) -> dict | None:
+    """The self-check's limit for an int8 model's dequantized output, from its quantization steps (see docs);
+    None for a model whose output is not quantized.
+
+    Both runtimes compute the same int32 accumulations but round them back to int8 differently (TFLite: a
+    fixed-point multiplier and two roundings; onnxruntime: one float rounding), so a small fraction of each
+    int8 tensor is one step apart. Averaged over the feature map, that moves the int8 logits by at most one
+    step, plus one of their own rounding: two logit steps ``2 s_z``. Logits output: ``2 s_out``.
+    Softmax/Sigmoid output: npcam's unrounded probabilities vs TFLite's fixed-point ones rounded to
+    ``s_out``: half a step of rounding, up to half a step of fixed-point approximation, and two logit steps
+    through a softmax, whose slope is at most 1/2 (a sigmoid's 1/4): ``s_out + s_z``.
+    """
+    graph = converted.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    node = producers.get(graph.output[0].name)  # a DequantizeLinear (the model's, or ours), then a QuantizeLinear
+    while node is not None and node.op_type in SHAPE_ONLY:
+        node = producers.get(node.input[0])
+    scale = constants.get(node.input[1]) if node is not None and node.op_type == "DequantizeLinear" else None
+    node = producers.get(node.input[0]) if scale is not None else None
+    if node is None or node.op_type != "QuantizeLinear" or scale.size != 1:
+        return None  # a float output: not an int8 model's (a float model, or int8 weights only)
+    s_out = float(scale.reshape(()))
+    node = producers.get(node.input[0])
+    while node is not None and node.op_type in SHAPE_ONLY:
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in ("Softmax", "Sigmoid"):
+        return {"bound": 2 * s_out, "rule": "two steps of the int8 logits", "output_step": s_out}
+    logits = producers.get(node.input[0])
+    while logits is not None and logits.op_type in SHAPE_ONLY:
+        logits = producers.get(logits.input[0])
+    scale = constants.get(logits.input[1]) if logits is not None and logits.op_type == "DequantizeLinear" else None
+    if scale is None or scale.size != 1:
+        raise ExportError("cannot find the quantization step of the int8 logits before the softmax")
+    s_z = float(scale.reshape(()))
+    return {
+        "bound": s_out + s_z,
+        "rule": "one output step + two logit steps through the softmax",
+        "output_step": s_out,
+        "logit_step": s_z,
+    }
+
+
+def _reference(model: Path, inp: dict, outp: dict):
+    """The ``.tflite`` file in LiteRT's interpreter, fed float NHWC images (quantized as the model's input
+    says for an int8 model), its output dequantized. A fixed-batch model runs one image at a time."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    signature = [int(d) for d in inp["shape_signature"]]
+    with quiet():
+        interpreter = Interpreter(model_path=str(model))
+    index, out_index = inp["index"], outp["index"]
+    shape: list[int] = []
+
+    def run_batch(x: np.ndarray) -> np.ndarray:
+        nonlocal shape
+        if list(x.shape) != shape:
+            try:
+                interpreter.resize_tensor_input(index, list(x.shape), strict=True)
+                interpreter.allocate_tensors()
+            except Exception as e:  # a fixed-size model (strict): the self-check then checks its own size only
+                raise ValueError(f"the model does not run on {list(x.shape)} inputs ({e})") from None
+            shape = list(x.shape)
+        if inp["dtype"] in QUANTIZED:
+            scale, zero = _quantization(inp)
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(inp["dtype"])
+        interpreter.set_tensor(index, x)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out_index)
+        if outp["dtype"] in QUANTIZED:
+            scale, zero = _quantization(outp)
+            y = (y.astype(np.float64) - zero) * scale
+        return y.astype(np.float64)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32)
+        if signature[0] == -1 and len(x) > 1:
+            try:
+                return run_batch(x)
+            except (ValueError, RuntimeError):  # a dynamic batch some op cannot prepare: one image at a time
+                pass
+        return np.concatenate([run_batch(x[i : i + 1]) for i in range(len(x))])
+
+    return run
