@@ -158,6 +158,10 @@ def file_needs(path: Path) -> frozenset[str]:
     """What importing the test file ``path`` can import; a file outside ``tests/`` is never fast."""
     if path.parent != HERE:
         return frozenset({f"<{path}>"})
+    try:
+        _module(path.stem)
+    except SyntaxError:  # pytest reports it when it imports the file, in the full suite
+        return frozenset({"<syntax error>"})
     return frozenset(_needs(path.stem, _module(path.stem).tree.body, False, set()))
 
 
