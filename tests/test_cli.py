@@ -121,7 +121,7 @@ def test_method_option(cli, tmp_path, model, method):
     )
 
 
-@pytest.mark.parametrize("size", [(1, 1), (3, 1000), (4000, 3000)])
+@pytest.mark.parametrize("size", [(1, 1), (3, 1000), pytest.param((4000, 3000), marks=pytest.mark.slow)])  # 12 MP: slow
 def test_output_has_the_input_size(cli, tmp_path, size):
     code, _, err = cli(photo(tmp_path, "odd.png", size), "-o", tmp_path / "o.png")
     assert code == 0, err

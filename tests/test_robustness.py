@@ -228,6 +228,7 @@ def test_broken_bundle_stops_before_any_image(bundle, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 60 photos of 0.75 MP written, then explained in a subprocess
 def test_ctrl_c_leaves_only_complete_files(bundle, tmp_path):
     data = tmp_path / "many"
     data.mkdir()
