@@ -1,19 +1,27 @@
-"""Shared fixtures: a seeded random-init ResNet-18, exported by the real export path.
+"""Shared fixtures: a seeded random-init ResNet-18, exported by the real export path, and a tiny bundle without torch.
 
 Exactness is checked against torch on the same weights; the official ResNet-18
 weights cannot be downloaded on the project's machines, and random weights
-exercise every layer just as well. The core tests use only the photos in
-``samples/`` (public domain) and generated images; tests on the larger
-``../shared/eval`` set skip, with a message, when it is absent.
+exercise every layer just as well. Tests that need *a* bundle but no torch
+reference use ``tiny_bundle``, written with :func:`npcam.bundle.write` from an
+ONNX graph made here, so that they run where torch is not installed (the fast
+tier: ``bash scripts/test.sh --fast``; :mod:`tiers` says which tests are in it).
+torch is imported only inside the fixtures and helpers that need it. The core
+tests use only the photos in ``samples/`` (public domain) and generated images;
+tests on the larger ``../shared/eval`` set skip, with a message, when it is absent.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import torch
+import tiers
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO.parent / "shared" / "eval"
@@ -34,7 +42,47 @@ def record(name: str, value: float) -> float:
     return value
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fast",
+        action="store_true",
+        help="run only the fast tier: tests that need nothing but the runtime (see tests/tiers.py); "
+        "test files that import more are not even imported",
+    )
+
+
+NOT_COLLECTED: list[str] = []  # test files the fast tier does not import
+
+
+def pytest_ignore_collect(collection_path, config):
+    path = Path(str(collection_path))
+    if config.getoption("fast") and path.suffix == ".py" and path.name.startswith("test_"):
+        extra = sorted(n for n in tiers.file_needs(path.resolve()) if not tiers.allowed(n))
+        if extra:
+            NOT_COLLECTED.append(f"{path.name} ({', '.join(extra)})")
+            return True
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers added here
+def pytest_collection_modifyitems(config, items):
+    selected, deselected = [], []
+    for item in items:
+        fast, slow = tiers.tier(item)
+        if fast:
+            item.add_marker(pytest.mark.fast)
+        if slow and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
+        (selected if fast or not config.getoption("fast") else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
 def pytest_terminal_summary(terminalreporter):
+    if NOT_COLLECTED:
+        terminalreporter.section("fast tier: test files not collected (they import more than the runtime)")
+        terminalreporter.write_line(", ".join(sorted(NOT_COLLECTED)))
     if MEASURED:
         terminalreporter.section("npcam vs references: largest errors measured")
         for name, value in sorted(MEASURED.items()):
@@ -43,6 +91,8 @@ def pytest_terminal_summary(terminalreporter):
 
 def random_resnet(name: str = "resnet18", seed: int = 0, num_classes: int = 1000) -> torch.nn.Module:
     """A torchvision-layout ResNet with seeded random weights and non-trivial BN statistics."""
+    import torch
+
     from export import resnet
 
     torch.manual_seed(seed)
@@ -53,6 +103,8 @@ def random_resnet(name: str = "resnet18", seed: int = 0, num_classes: int = 1000
 
 def randomize_bn(net: torch.nn.Module) -> torch.nn.Module:
     """BN statistics away from their defaults (0, 1), which would leave BN folding untested."""
+    import torch
+
     for m in net.modules():
         if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -64,6 +116,8 @@ def randomize_bn(net: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def resnet18_weights(tmp_path_factory) -> Path:
+    import torch
+
     path = tmp_path_factory.mktemp("weights") / "resnet18-random.pth"
     torch.save(random_resnet().state_dict(), path)
     return path
@@ -79,6 +133,8 @@ def bundle(resnet18_weights, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def torch_net(resnet18_weights) -> torch.nn.Module:
     """The reference: the same weights loaded into a fresh torch module."""
+    import torch
+
     from export import resnet
 
     net = resnet.resnet18()
@@ -93,6 +149,84 @@ def model(bundle):
     return npcam.load(bundle)
 
 
+def tiny_trunk(widths=(16, 32, 64, 128, 512), seed: int = 0) -> bytes:
+    """A small CNN trunk as ONNX bytes, made with ``onnx.helper``: no torch, no export.
+
+    Five 3x3 convolutions of stride 2 (padding 1), each followed by ReLU, so the
+    feature map is ``ceil(H / 32) x ceil(W / 32)`` like ResNet-18's, with
+    ``widths[-1]`` channels. Input ``image`` float32 ``[N, 3, H, W]``, output
+    ``features`` float32 ``[N, C, h, w]``, batch and size dynamic: the bundle
+    contract (see ``npcam.model``). Weights are seeded He-normal, so activations
+    neither vanish nor blow up through the stack.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, weights, previous, cin = [], [], "image", 3
+    for i, cout in enumerate(widths):
+        w = rng.normal(0, np.sqrt(2 / (9 * cin)), (cout, cin, 3, 3)).astype(np.float32)
+        b = rng.normal(0, 0.05, cout).astype(np.float32)
+        weights += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        out = "features" if i == len(widths) - 1 else f"relu{i}"
+        nodes.append(
+            helper.make_node("Conv", [previous, f"w{i}", f"b{i}"], [f"conv{i}"], pads=[1, 1, 1, 1], strides=[2, 2])
+        )
+        nodes.append(helper.make_node("Relu", [f"conv{i}"], [out]))
+        previous, cin = out, cout
+    graph = helper.make_graph(
+        nodes,
+        "tiny_trunk",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", cin, "h", "w"])],
+        initializer=weights,
+    )
+    # IR 8 / opset 17: read by every onnxruntime the runtime supports (>= 1.16).
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return proto.SerializeToString()
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet class names in index order (the file the exporter ships)."""
+    return (REPO / "export" / "imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A bundle with :func:`tiny_trunk` and a seeded random 1000-class affine head, ImageNet labels and normalization.
+
+    It looks like the exported ResNet-18 from outside (224 px, stride 32, 512
+    channels, 1000 ImageNet classes, affine head) at a fraction of the cost, and needs no torch:
+    for the tests of the runtime that need *a* bundle, not torch parity.
+    """
+    from npcam import bundle
+    from npcam.head import AffineHead
+
+    rng = np.random.default_rng(1)
+    channels, classes = 512, 1000
+    head = AffineHead(
+        rng.normal(0, 0.5, (classes, channels)).astype(np.float32), rng.normal(0, 0.1, classes).astype(np.float32)
+    )
+    directory = tmp_path_factory.mktemp("bundles") / "tiny"
+    directory.mkdir()
+    meta = {
+        "arch": "tiny",
+        "input_size": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "stride": 32,
+        "fixed_size": False,
+    }
+    bundle.write(directory, tiny_trunk(), head, imagenet_labels(), meta)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_bundle):
+    import npcam
+
+    return npcam.load(tiny_bundle)
+
+
 def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A smooth colour image with some texture, uint8 ``[H, W, 3]``."""
     rng = np.random.default_rng(seed)
@@ -103,9 +237,8 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-@pytest.fixture
-def cli(bundle, capsys, tmp_path, monkeypatch):
-    """Run the CLI in-process on the test bundle, from an empty working directory.
+def cli_runner(bundle: Path, capsys, tmp_path: Path, monkeypatch):
+    """Run the CLI in-process on ``bundle``, from an empty working directory.
 
     Returns a function of the arguments giving ``(exit code, stdout, stderr)``.
     """
@@ -119,6 +252,18 @@ def cli(bundle, capsys, tmp_path, monkeypatch):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def cli(bundle, capsys, tmp_path, monkeypatch):
+    """The CLI on the exported ResNet-18 (see :func:`cli_runner`)."""
+    return cli_runner(bundle, capsys, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def tiny_cli(tiny_bundle, capsys, tmp_path, monkeypatch):
+    """The CLI on the tiny bundle (see :func:`cli_runner`), with no torch anywhere."""
+    return cli_runner(tiny_bundle, capsys, tmp_path, monkeypatch)
 
 
 class Server:

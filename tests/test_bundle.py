@@ -14,6 +14,19 @@ import npcam
 from npcam import NpcamError
 
 
+# These tests check the runtime, not parity with torch: any bundle will do, so
+# `bundle` and `model` (and `cli`, which uses `bundle`) are the tiny bundle here,
+# made without torch (conftest.tiny_bundle). That puts them in the fast tier.
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    return tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model
+
+
 @pytest.fixture
 def copy(bundle, tmp_path):
     dst = tmp_path / "bundle"

@@ -17,6 +17,19 @@ import npcam
 from npcam.cli import Progress, main
 
 
+# These tests check the runtime, not parity with torch: any bundle will do, so
+# `bundle` and `model` (and `cli`, which uses `bundle`) are the tiny bundle here,
+# made without torch (conftest.tiny_bundle). That puts them in the fast tier.
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    return tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model
+
+
 def leftovers(directory):
     """Temporary files an interrupted or failed write would leave."""
     return [p for p in directory.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
@@ -108,7 +121,7 @@ def test_method_option(cli, tmp_path, model, method):
     )
 
 
-@pytest.mark.parametrize("size", [(1, 1), (3, 1000), (4000, 3000)])
+@pytest.mark.parametrize("size", [(1, 1), (3, 1000), pytest.param((4000, 3000), marks=pytest.mark.slow)])  # 12 MP: slow
 def test_output_has_the_input_size(cli, tmp_path, size):
     code, _, err = cli(photo(tmp_path, "odd.png", size), "-o", tmp_path / "o.png")
     assert code == 0, err

@@ -14,6 +14,19 @@ from npcam import NpcamError
 from npcam.image import input_size
 
 
+# These tests check the runtime, not parity with torch: any bundle will do, so
+# `bundle` and `model` (and `cli`, which uses `bundle`) are the tiny bundle here,
+# made without torch (conftest.tiny_bundle). That puts them in the fast tier.
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    return tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model
+
+
 def save(tmp_path, image: Image.Image, name: str, **kw):
     path = tmp_path / name
     image.save(path, **kw)

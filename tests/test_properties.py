@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -39,6 +40,7 @@ def test_upsampling_a_constant_gives_the_constant(value, low, size):
     np.testing.assert_allclose(out, value, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # images of up to 25 MP: the longest test of the runtime
 @settings(max_examples=25, deadline=None)
 @given(sizes, st.floats(0, 1), st.integers(0, 2**32 - 1))
 def test_overlay_has_the_image_size_and_stays_in_uint8(size, alpha, seed):

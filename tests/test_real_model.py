@@ -21,6 +21,8 @@ from export.__main__ import main as export_main
 from export.__main__ import run
 from npcam.boxes import cam_box
 
+pytestmark = pytest.mark.slow  # big exports: EfficientNet-Lite and the deeper ResNets (see tests/tiers.py)
+
 
 @pytest.fixture(scope="session")
 def lite0(tmp_path_factory):

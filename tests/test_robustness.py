@@ -24,6 +24,20 @@ import pytest
 from conftest import REPO, SAMPLE, synthetic_image
 from PIL import Image
 
+
+# These tests check the runtime, not parity with torch: any bundle will do, so
+# `bundle` and `model` (and `cli`, which uses `bundle`) are the tiny bundle here,
+# made without torch (conftest.tiny_bundle). That puts them in the fast tier.
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    return tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model
+
+
 UNPRIVILEGED = (
     ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search", "--"]
     if os.geteuid() == 0
@@ -214,6 +228,7 @@ def test_broken_bundle_stops_before_any_image(bundle, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 60 photos of 0.75 MP written, then explained in a subprocess
 def test_ctrl_c_leaves_only_complete_files(bundle, tmp_path):
     data = tmp_path / "many"
     data.mkdir()

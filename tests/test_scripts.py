@@ -9,6 +9,20 @@ import sys
 import pytest
 from conftest import REPO, SAMPLES
 
+
+# These tests check the runtime, not parity with torch: any bundle will do, so
+# `bundle` and `model` (and `cli`, which uses `bundle`) are the tiny bundle here,
+# made without torch (conftest.tiny_bundle). That puts them in the fast tier.
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle):
+    return tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model
+
+
 # The shipped photos with a label and a hand-drawn box (x0,y0,x1,y1, inclusive pixels).
 MANIFEST = """file,imagenet_index,wnid,class_name,bboxes_xyxy,width,height,source,note
 chelsea.png,285|281,n02124075,Egyptian cat,"60,0,400,299",451,300,skimage,face
