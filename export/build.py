@@ -86,6 +86,9 @@ def export(
     one non-square input.
     """
     s = split.input_size
+    if split.trunk.ByteSize() >= 2**31:
+        # One protobuf holds at most 2 GiB; a bundle's trunk is always one self-contained file (no external data).
+        raise ExportError(f"the trunk is {split.trunk.ByteSize():,} bytes, over ONNX's 2 GiB limit for one file")
     sizes = reference_sizes or ([(2, s, s)] + ([] if split.fixed_size else [(1, s + 48, s - 40)]))
     with bundle_format.staged(out) as tmp:
         meta = bundle_format.write(

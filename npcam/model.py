@@ -293,15 +293,18 @@ def load(path: str | os.PathLike | None = None, threads: int | None = None, veri
 
 def _open_session(path: Path, model: bytes, channels: int, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a refused model's error is the one line raised below
     if threads:
         options.intra_op_num_threads = threads
     # Spinning threads steal the core that decoding and encoding need between runs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Only the ONNX protobuf that npcam.bundle checked (self-contained), never onnxruntime's other format.
+    options.add_session_config_entry("session.load_model_format", "ONNX")
     try:
         session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for bad models
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first_line = first_line if len(first_line) <= 400 else first_line[:400] + "…"
         raise NpcamError(f"{path}: not a usable ONNX model ({first_line})") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [i.name for i in inputs] != ["image"] or len(inputs[0].shape) != 4:
