@@ -11,6 +11,7 @@ The ``onnx`` route needs only the runtime's packages and ``onnx``; the others ne
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import onnx
 
 from npcam import NpcamError
 from npcam.bundle import CACHE_DIR, default_model_dir, sha256_file
+from npcam.cli import OneLineParser, between
 
 from . import build
 from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD
@@ -26,11 +28,12 @@ from .errors import ExportError
 from .split import Split, split
 
 OPSET = 17
+OPSETS = between(7, onnx.defs.onnx_opset_version())  # what onnx knows; torch may support fewer, and says so
 AUTO = "auto"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m export",
         description="Turn a classifier into an npcam model bundle (see the README, 'Your own model').",
     )
@@ -56,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, arch in sorted(ARCHS.items()):
         p = routes.add_parser(name, parents=[common], help=f"built-in {name} ({arch.input_size}px)")
         p.add_argument("--weights", type=Path, help="state-dict .pth (default: the official weights; see the README)")
-        p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+        p.add_argument("--opset", type=OPSETS, default=OPSET, help=f"ONNX opset (default {OPSET})")
     routes.add_parser(AUTO, help="the demo's model: an existing default bundle, else resnet18, else efficientnet_lite0")
     p = routes.add_parser("onnx", parents=[common, preprocessing], help="any ONNX image classifier (no torch needed)")
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
@@ -67,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = routes.add_parser("torch", parents=[common, preprocessing], help="a torch module from MODULE:CALLABLE")
     p.add_argument("spec", metavar="MODULE:CALLABLE", help="e.g. mypkg.models:build (run from where it imports)")
     p.add_argument("--weights", type=Path, help="a state dict to load into the module (strict)")
-    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument("--opset", type=OPSETS, default=OPSET, help=f"ONNX opset (default {OPSET})")
     args = parser.parse_args(argv)
     if getattr(args, "input_size", None) is not None and args.input_size < 8:
         parser.error("--input-size must be at least 8")
@@ -79,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, values * 3 if len(values) == 1 else values)
     if getattr(args, "std", None) and not all(v > 0 for v in args.std):
         parser.error("--std values must be positive")
+    if not all(math.isfinite(v) for name in ("mean", "std") for v in getattr(args, name, None) or ()):
+        parser.error("--mean and --std values must be finite numbers")
     return args
 
 

@@ -16,7 +16,6 @@ server after the requests in flight are answered. Needs the ``serve`` extra
 
 from __future__ import annotations
 
-import argparse
 import email.parser
 import email.policy
 import io
@@ -41,6 +40,8 @@ from .methods import METHODS
 MAX_BODY = 25 * 2**20  # bytes; a 12 MP JPEG is 3-8 MB
 DRAIN = 64 * 2**20  # an oversized body up to this size is read to its end before the 413 goes out
 log = logging.getLogger("npcam.serve")
+GONE = "npcam.client_gone"  # scope key: a function telling whether the client has closed the connection
+CLIENT_CLOSED = 499  # the access log's status for a client that went away before its answer (as nginx logs it)
 
 
 class BadRequest(Exception):
@@ -116,11 +117,11 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    limiter = anyio.CapacityLimiter(workers)
+    limiter, threads = anyio.CapacityLimiter(workers), anyio.CapacityLimiter(workers)
     page = resources.files("npcam").joinpath("static/index.html").read_text(encoding="utf-8")
     about = {
         "npcam": __version__,
@@ -182,7 +183,10 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
         data, name = image_from_body(await read_body(request), request.headers.get("content-type", ""))
         if not data:
             raise BadRequest(400, "the request holds no image (send it as the body, or as a multipart file)")
-        content, media = await anyio.to_thread.run_sync(work, data, name, options, fmt, limiter=limiter)
+        async with limiter:
+            if request.scope.get(GONE, lambda: False)():
+                raise ClientDisconnect  # it left while waiting its turn: no work for nobody
+            content, media = await anyio.to_thread.run_sync(work, data, name, options, fmt, limiter=threads)
         return Response(content, media_type=media)
 
     async def model_route(request: Request) -> Response:
@@ -202,6 +206,10 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
             {"error": f"{request.method} {request.url.path}: {exc.detail}"}, status_code=exc.status_code
         )
 
+    async def gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client went away mid-upload: nobody reads this answer; the access log says 499.
+        return Response(status_code=CLIENT_CLOSED)
+
     async def crash(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
@@ -213,13 +221,22 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
             Route("/health", health, methods=["GET"]),
             Route("/", index, methods=["GET"]),
         ],
-        exception_handlers={BadRequest: bad_request, HTTPException: http_error, Exception: crash},
+        exception_handlers={
+            BadRequest: bad_request,
+            HTTPException: http_error,
+            ClientDisconnect: gone,
+            Exception: crash,
+        },
     )
     return _AccessLog(app)
 
 
 class _AccessLog:
-    """ASGI middleware: one line per request, ``client method path status bytes ms``."""
+    """ASGI middleware: one line per request, ``client method path status bytes ms``.
+
+    A client that closed the connection before the whole answer was sent (mid-upload, or while its image
+    was being explained) is logged with status 499 (nginx's "client closed request") and the bytes sent.
+    """
 
     def __init__(self, app):
         self.app = app
@@ -227,18 +244,39 @@ class _AccessLog:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, seen = time.perf_counter(), {"status": 0, "bytes": 0}
+        import anyio
+
+        start, seen = time.perf_counter(), {"status": 0, "bytes": 0, "answered": False, "closed": False}
+
+        async def watch():
+            # Once the body is in, the server's next message is the disconnect: at once if the client
+            # left, else when the answer is complete (the server says so by then too).
+            if (await receive())["type"] == "http.disconnect" and not seen["answered"]:
+                seen["closed"] = True
+
+        async def receiving():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                seen["closed"] = True
+            elif not message.get("more_body", False):
+                watchers.start_soon(watch)
+            return message
 
         async def sending(message):
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
-            elif message["type"] == "http.response.body":
+            elif message["type"] == "http.response.body" and not seen["closed"]:  # else the server drops it
                 seen["bytes"] += len(message.get("body", b""))
+                seen["answered"] = seen["answered"] or not message.get("more_body", False)
             await send(message)
 
         try:
-            await self.app(scope, receive, sending)
+            async with anyio.create_task_group() as watchers:
+                await self.app({**scope, GONE: lambda: seen["closed"]}, receiving, sending)
+                watchers.cancel_scope.cancel()
         finally:
+            if seen["closed"]:
+                seen["status"] = CLIENT_CLOSED
             client = scope.get("client") or ("-", 0)
             query = f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
             log.info(
@@ -248,17 +286,18 @@ class _AccessLog:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import MAX_THREADS, OneLineParser, between
     from .model import Model, default_model_dir
 
-    p = argparse.ArgumentParser(prog="npcam serve", description="Serve npcam over HTTP, with a web page at /.")
+    p = OneLineParser(prog="npcam serve", description="Serve npcam over HTTP, with a web page at /.")
     p.add_argument("--model", "-m", type=Path, help="model bundle directory (default: as for npcam)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--workers", type=int, help="requests explained at once (default: one per core)")
+    p.add_argument("--port", type=between(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--workers", type=between(1, MAX_THREADS), help="requests explained at once (default: one per core)")
     p.add_argument(
-        "--max-body", type=int, default=MAX_BODY, help=f"largest request body in bytes (default {MAX_BODY:,})"
+        "--max-body", type=between(1), default=MAX_BODY, help=f"largest request body in bytes (default {MAX_BODY:,})"
     )
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"largest image (default {MAX_PIXELS:,})")
+    p.add_argument("--max-pixels", type=between(1), default=MAX_PIXELS, help=f"largest image (default {MAX_PIXELS:,})")
     args = p.parse_args(argv)
     try:
         import starlette  # noqa: F401
@@ -280,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
         sock.listen(128)  # connections queue from now on, so the URL logged below is ready for them
-    except OSError as e:
-        print(f"npcam serve: error: cannot listen on {args.host}:{args.port} ({e.strerror or e})", file=sys.stderr)
+    except (OSError, UnicodeError, ValueError) as e:  # a host name that is not one: UnicodeError from IDNA
+        reason = getattr(e, "strerror", None) or e
+        print(f"npcam serve: error: cannot listen on {args.host}:{args.port} ({reason})", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}/" if family == socket.AF_INET6 else f"http://{host}:{port}/"

@@ -484,3 +484,40 @@ def test_exported_bundles_give_the_same_answer_from_any_working_directory(bundle
         assert answers[0][0] == answers[1][0]
         for a, b in zip(answers[0][1], answers[1][1]):
             np.testing.assert_array_equal(a, b)
+
+
+# Out-of-range arguments, in every entry point: exit 2 and one line, before anything is loaded or written.
+
+BAD_ARGUMENTS = [
+    (["npcam", "IMAGE", "--threads", "0"], "argument --threads: must be between 1 and 1024, not 0"),
+    (["npcam", "IMAGE", "--threads", "100000"], "argument --threads: must be between 1 and 1024, not 100000"),
+    (["npcam", "IMAGE", "--top", "-1"], "argument --top: must be at least 1, not -1"),
+    (["npcam", "IMAGE", "--max-pixels", "0"], "argument --max-pixels: must be at least 1, not 0"),
+    (["npcam", "IMAGE", "--alpha", "nan"], "argument --alpha: must be between 0 (the photo) and 1"),
+    (["npcam", "serve", "--port", "80000"], "argument --port: must be between 0 and 65535, not 80000"),
+    (["npcam", "serve", "--port", "-1"], "argument --port: must be between 0 and 65535, not -1"),
+    (["npcam", "serve", "--workers", "0"], "argument --workers: must be between 1 and 1024, not 0"),
+    (["npcam", "serve", "--max-body", "0"], "argument --max-body: must be at least 1, not 0"),
+    (["npcam", "serve", "--max-pixels", "-5"], "argument --max-pixels: must be at least 1, not -5"),
+    (["npcam", "dataset", "IMAGE", "--model", "B", "--out", "D", "--connect-timeout", "-1"],
+     "argument --connect-timeout: must be more than 0 and at most 86400 seconds, not -1"),
+    (["npcam", "dataset", "IMAGE", "--model", "B", "--out", "D", "--batch-size", "0"],
+     "argument --batch-size: must be at least 1, not 0"),
+    (["export", "resnet18", "--opset", "0"], "argument --opset: must be between 7 and"),
+    (["export", "torch", "m:f", "--opset", "99"], "argument --opset: must be between 7 and"),
+    (["export", "onnx", "m.onnx", "--std", "0"], "--std values must be positive"),
+    (["export", "onnx", "m.onnx", "--mean", "nan"], "--mean and --std values must be finite numbers"),
+    (["export", "onnx", "m.onnx", "--std", "1", "2"], "--std takes 3 values (R G B) or 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_argument_ranges_are_checked_in_every_entry_point_in_one_line(args, message, tmp_path):
+    module = "export" if args[0] == "export" else "npcam"
+    rest = [str(SAMPLE) if a == "IMAGE" else a for a in args[1:]]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", module, *rest], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -200,3 +200,65 @@ def test_stopping_answers_the_requests_in_flight(bundle, signal_number):
     assert answer["r"][0] == 200 and json.loads(answer["r"][2])["method"] == "scorecam"
     assert "POST /explain?method=scorecam 200" in running.log[-1] and "stopped" in running.log[-1]
     assert "Traceback" not in running.log[-1]
+
+
+ABANDONED = 300
+
+
+def test_clients_that_go_away_are_one_line_each_and_never_an_error(bundle):
+    """Uploads that announce 100 kB, send a few bytes and close; requests whose client leaves before the
+    answer. Each is one access-log line with status 499; no traceback, no 500; the server keeps answering."""
+    import socket
+    import subprocess
+    import time
+    from urllib.parse import urlparse
+
+    running = Server(bundle, "--workers", "1")
+    lines: list[str] = []
+    answers: list = []
+    reader = threading.Thread(target=lambda: lines.extend(running.process.stderr), daemon=True)
+    reader.start()  # the log is read as it comes, so that a flood of it could never block the server
+    where = urlparse(running.url)
+    head = b"POST /explain HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+    try:
+        for _ in range(ABANDONED):
+            with socket.create_connection(("127.0.0.1", where.port), timeout=10) as sock:
+                sock.sendall(head + b"\x89PNG\r\n\x1a\n" + bytes(40))
+        photo = PHOTOS[0].read_bytes()
+        # Clients that send a whole upload and leave before the answer: they wait their turn behind a Score-CAM
+        # request (512 trunk passes) from a client that stays, so their answers cannot come before they leave.
+        staying = threading.Thread(target=lambda: answers.append(post(running, "?method=scorecam&size=64", photo)))
+        staying.start()
+        left = 3
+        for _ in range(left):
+            with socket.create_connection(("127.0.0.1", where.port), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /explain?top=2 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(photo)
+                )
+                sock.sendall(photo)
+                time.sleep(0.5)
+        assert http(f"{running.url}/health") == (200, "application/json", b'{"status":"ok"}')
+        staying.join()
+        assert answers[0][0] == 200 and json.loads(answers[0][2])["method"] == "scorecam"
+        status, _, body = post(running, "", photo)
+        assert status == 200 and json.loads(body)["method"] == "cam"
+    finally:
+        running.process.send_signal(signal.SIGTERM)
+        try:
+            code = running.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            raise
+        reader.join(timeout=10)
+    assert code == 0
+    log = "".join(running.log + lines)
+    assert "Traceback" not in log and " 500 " not in log and "rror" not in log, log[-3000:]
+    explains = [line for line in log.splitlines() if " POST /explain" in line]
+    closed = [line for line in explains if " POST /explain 499 0 " in line]
+    late = [line for line in explains if " POST /explain?top=2 499 0 " in line]
+    assert len(closed) == ABANDONED and len(late) == left, log[-3000:]
+    assert sorted(line.split()[4:6] for line in explains if line not in closed + late) == [
+        ["/explain", "200"],
+        ["/explain?method=scorecam&size=64", "200"],
+    ]
+    assert len(log.splitlines()) == len(explains) + 3  # and the start, /health and stop lines
