@@ -118,6 +118,7 @@ def read(path: str | os.PathLike, verify: bool = True) -> Bundle:
     if verify:
         _check_hashes(path, meta, blobs)
     check_self_contained(path / "trunk.onnx", blobs["trunk.onnx"])
+    check_constant_shapes(path / "trunk.onnx", blobs["trunk.onnx"])
     # Parsed from the bytes that were hashed, not read again: what was checked is what runs.
     if meta["head"] == "affine":
         weight = _load_array(path / "fc_weight.npy", blobs["fc_weight.npy"], ndim=2)
@@ -327,6 +328,109 @@ def check_self_contained(path: Path, model: bytes) -> None:
             f"{path}: tensor {name!r} keeps its data in an external file ({location!r}); a bundle must hold all "
             f"its data (export the model again, or save it with onnx.save_model(..., save_as_external_data=False))"
         )
+
+
+# A trunk's tensors that depend on no input (ConstantOfShape, Expand or Resize to a constant shape) are at
+# most this many values (1 GiB in float32); real trunks' constants are their weights, far smaller. Beyond it
+# onnxruntime would try to allocate them at the first image.
+MAX_CONSTANT_VALUES = 2**28
+_SHAPE_INPUT = {"ConstantOfShape": 0, "Expand": 1, "Resize": 3}  # the input that gives the output's shape
+_INT64 = 7
+
+
+def check_constant_shapes(path: Path, model: bytes) -> None:
+    """Refuse an ONNX model with a node that makes a tensor of over :data:`MAX_CONSTANT_VALUES` values from
+    a constant shape (an initializer or a Constant node), in the main graph or any subgraph."""
+    try:
+        found = _oversized(memoryview(model), 0, len(model), _MODEL, 0)
+    except _Malformed as e:
+        raise NpcamError(f"{path}: not a usable ONNX model (malformed protobuf: {e})") from None
+    if found is not None:
+        op, values = found
+        raise NpcamError(
+            f"{path}: its {op} node makes a tensor of {values:,} values from a constant shape, "
+            f"over the limit of {MAX_CONSTANT_VALUES:,}"
+        )
+
+
+def _oversized(data: memoryview, start: int, end: int, kind: int, depth: int) -> tuple[str, int] | None:
+    if depth > _MAX_NESTING:
+        raise _Malformed(f"nested more than {_MAX_NESTING} deep")
+    if kind == _GRAPH:
+        shapes: dict[str, list[int]] = {}  # small int64 constants, by name
+        uses: list[tuple[str, str]] = []  # (op_type, name of its shape input)
+        for number, wire, value in _fields(data, start, end):
+            if wire != 2:
+                continue
+            if number == 5:  # initializer
+                name, ints = _small_int64(data, *value)
+                if ints is not None:
+                    shapes[name] = ints
+            elif number == 1:  # node
+                op, inputs, outputs, constant = _node(data, *value)
+                if op == "Constant" and constant is not None and outputs:
+                    shapes[outputs[0]] = constant
+                if op in _SHAPE_INPUT and len(inputs) > _SHAPE_INPUT[op]:
+                    uses.append((op, inputs[_SHAPE_INPUT[op]]))
+        for op, name in uses:
+            dims = shapes.get(name)
+            if dims is not None and all(d >= 0 for d in dims) and math.prod(dims) > MAX_CONSTANT_VALUES:
+                return op, math.prod(dims)
+    children = _SUBMESSAGES[kind]
+    for number, wire, value in _fields(data, start, end):
+        if wire == 2 and number in children and children[number] != _TENSOR:
+            found = _oversized(data, *value, children[number], depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _node(data: memoryview, start: int, end: int) -> tuple[str, list[str], list[str], list[int] | None]:
+    """A NodeProto's op type, inputs, outputs and, for a Constant, its small int64 value."""
+    op, inputs, outputs, constant = "", [], [], None
+    for number, wire, value in _fields(data, start, end):
+        if wire != 2:
+            continue
+        text = bytes(data[value[0] : value[1]])
+        if number == 1:
+            inputs.append(text.decode("utf-8", "replace"))
+        elif number == 2:
+            outputs.append(text.decode("utf-8", "replace"))
+        elif number == 4:
+            op = text.decode("utf-8", "replace")
+        elif number == 5:  # an attribute: its tensor (field 5) holds a Constant's value
+            for n, w, v in _fields(data, *value):
+                if n == 5 and w == 2:
+                    constant = _small_int64(data, *v)[1]
+    return op, inputs, outputs, constant
+
+
+def _small_int64(data: memoryview, start: int, end: int, most: int = 16) -> tuple[str, list[int] | None]:
+    """A TensorProto's name and, if it is an int64 tensor of at most ``most`` values, the values."""
+    name, dtype, raw, ints = "", None, None, []
+    for number, wire, value in _fields(data, start, end):
+        if number == 8 and wire == 2:
+            name = bytes(data[value[0] : value[1]]).decode("utf-8", "replace")
+        elif number == 2 and wire == 0:
+            dtype = value
+        elif number == 9 and wire == 2:
+            raw = value
+        elif number == 7 and wire == 0:
+            ints.append(value)
+        elif number == 7 and wire == 2:
+            i = value[0]
+            while i < value[1] and len(ints) <= most:
+                v, i = _varint(data, i, value[1])
+                ints.append(v)
+    if dtype != _INT64:
+        return name, None
+    if raw is not None:
+        if (raw[1] - raw[0]) % 8 or raw[1] - raw[0] > 8 * most:
+            return name, None
+        return name, [int(v) for v in np.frombuffer(bytes(data[raw[0] : raw[1]]), dtype="<i8")]
+    if len(ints) > most:
+        return name, None
+    return name, [v - (1 << 64) if v >= 1 << 63 else v for v in ints]
 
 
 def _varint(data: memoryview, i: int, end: int) -> tuple[int, int]:

@@ -376,7 +376,45 @@ def _both(*crafts):
     return craft
 
 
+def _features_plus(trunk, nodes, initializers=()):
+    """Add ``sum(extra) * 0``, made by ``nodes`` (their last output "extra"), to the trunk's features."""
+    from onnx import helper
+
+    for node in trunk.graph.node:
+        node.output[:] = ["features_raw" if o == "features" else o for o in node.output]
+    trunk.graph.initializer.extend(initializers)
+    trunk.graph.node.extend([
+        *nodes,
+        helper.make_node("ReduceSum", ["extra"], ["extra_sum"], keepdims=0),
+        helper.make_node("Add", ["features_raw", "extra_sum"], ["features"]),
+    ])  # fmt: skip
+
+
+def _constant_of_shape(trunk) -> None:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    zero = helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0])
+    shape = numpy_helper.from_array(np.array([100_000, 100_000], np.int64), "big_shape")
+    _features_plus(trunk, [helper.make_node("ConstantOfShape", ["big_shape"], ["extra"], value=zero)], [shape])
+
+
+def _expand_by_a_constant_node(trunk) -> None:
+    from onnx import helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([1, 100_000, 100_000], np.int64), "v")
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    nodes = [helper.make_node("Constant", [], ["big_shape"], value=shape),
+             helper.make_node("Expand", ["one", "big_shape"], ["extra"])]  # fmt: skip
+    _features_plus(trunk, nodes, [one])
+
+
 HOSTILE_BUNDLES = {
+    "trunk_constant_of_shape_of_ten_billion_values": (
+        "graph", _edit_trunk(_constant_of_shape), "trunk.onnx",
+        "its ConstantOfShape node makes a tensor of 10,000,000,000 values from a constant shape"),
+    "trunk_expand_to_ten_billion_values": (
+        "graph", _edit_trunk(_expand_by_a_constant_node), "trunk.onnx", "its Expand node makes"),
     # name: (base bundle, craft, file named, message)
     "initializer_in_notes_txt": (
         "affine", _edit_trunk(lambda t: _external(_biggest_initializer(t))), "trunk.onnx", "'notes.txt'"),
@@ -456,6 +494,28 @@ def working_directories(tmp_path_factory) -> list[Path]:
     (tempting / "notes.txt").write_bytes(rng.bytes(NOTES))
     (tempting.parent / "notes.txt").write_bytes(rng.bytes(NOTES))
     return [empty, tempting]
+
+
+def test_a_trunk_that_fails_at_run_time_is_one_line_per_image(graph_bundle, tmp_path):
+    """A shape computed from the input cannot be checked at load: 10^5 times the image's shape fails to
+    allocate in onnxruntime (the run has 4 GiB of address space), as one line for the image (exit 1)."""
+    from onnx import helper, numpy_helper
+
+    def craft(trunk):
+        many = numpy_helper.from_array(np.array([100_000], np.int64), "many")
+        nodes = [helper.make_node("Shape", ["image"], ["image_shape"]),
+                 helper.make_node("Mul", ["image_shape", "many"], ["big_shape"]),
+                 helper.make_node("ConstantOfShape", ["big_shape"], ["extra"])]  # fmt: skip
+        _features_plus(trunk, nodes, [many])
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(graph_bundle, hostile)
+    _edit_trunk(craft)(hostile)
+    _rehash(hostile)
+    result = _run_capped(["-m", hostile, SAMPLE, "-o", f"{tmp_path}/out/"], tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"npcam: error: {hostile / 'trunk.onnx'}: onnxruntime cannot run it on this input")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_BUNDLES))
