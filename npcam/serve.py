@@ -185,7 +185,7 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
             raise BadRequest(400, "the request holds no image (send it as the body, or as a multipart file)")
         async with limiter:
             if request.scope.get(GONE, lambda: False)():
-                raise ClientDisconnect  # it left while waiting its turn: no work for nobody
+                raise ClientDisconnect  # it left while waiting its turn: nobody is waiting for this work
             content, media = await anyio.to_thread.run_sync(work, data, name, options, fmt, limiter=threads)
         return Response(content, media_type=media)
 
@@ -207,7 +207,7 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
         )
 
     async def gone(request: Request, exc: ClientDisconnect) -> Response:
-        # The client went away mid-upload: nobody reads this answer; the access log says 499.
+        # The client went away (mid-upload, or while queued): nobody reads this answer; the access log says 499.
         return Response(status_code=CLIENT_CLOSED)
 
     async def crash(request: Request, exc: Exception) -> Response:
@@ -234,8 +234,9 @@ def make_app(model, workers: int = 1, max_body: int = MAX_BODY, max_pixels: int 
 class _AccessLog:
     """ASGI middleware: one line per request, ``client method path status bytes ms``.
 
-    A client that closed the connection before the whole answer was sent (mid-upload, or while its image
-    was being explained) is logged with status 499 (nginx's "client closed request") and the bytes sent.
+    A client that closed the connection before the whole answer was sent (mid-upload, while its request
+    waited its turn, or while its image was being explained) is logged with status 499 (nginx's "client
+    closed request") and the bytes sent before it left.
     """
 
     def __init__(self, app):
@@ -270,10 +271,16 @@ class _AccessLog:
                 seen["answered"] = seen["answered"] or not message.get("more_body", False)
             await send(message)
 
+        error = None
         try:
             async with anyio.create_task_group() as watchers:
-                await self.app({**scope, GONE: lambda: seen["closed"]}, receiving, sending)
+                try:
+                    await self.app({**scope, GONE: lambda: seen["closed"]}, receiving, sending)
+                except BaseException as e:  # raised again below as itself, not wrapped by the task group
+                    error = e
                 watchers.cancel_scope.cancel()
+            if error is not None:
+                raise error
         finally:
             if seen["closed"]:
                 seen["status"] = CLIENT_CLOSED

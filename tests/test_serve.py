@@ -262,3 +262,24 @@ def test_clients_that_go_away_are_one_line_each_and_never_an_error(bundle):
         ["/explain?method=scorecam&size=64", "200"],
     ]
     assert len(log.splitlines()) == len(explains) + 3  # and the start, /health and stop lines
+
+
+def test_the_access_log_passes_an_apps_own_error_on_as_itself():
+    """The disconnect watcher's task group must not wrap a real error (uvicorn logs it, and answers 500)."""
+    import asyncio
+
+    from npcam.serve import _AccessLog
+
+    async def app(scope, receive, send):
+        await receive()
+        raise ValueError("a real bug")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/explain", "query_string": b"", "client": ("127.0.0.1", 1)}
+    with pytest.raises(ValueError, match="a real bug"):
+        asyncio.run(_AccessLog(app)(scope, receive, send))
