@@ -14,6 +14,7 @@ and tf2onnx (the ``tflite`` and ``keras`` extras); the others need torch.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import onnx
 
 from npcam import NpcamError
 from npcam.bundle import CACHE_DIR, default_model_dir, sha256_file
+from npcam.cli import OneLineParser, between
 
 from . import build
 from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD
@@ -30,11 +32,12 @@ from .sizes import input_size_argument, native_size
 from .split import Split, split
 
 OPSET = 17
+OPSETS = between(7, onnx.defs.onnx_opset_version())  # what onnx knows; torch may support fewer, and says so
 AUTO = "auto"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m export",
         description="Turn a classifier into an npcam model bundle (see the README, 'Your own model').",
     )
@@ -63,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, arch in sorted(ARCHS.items()):
         p = routes.add_parser(name, parents=[common], help=f"built-in {name} ({arch.input_size}px)")
         p.add_argument("--weights", type=Path, help="state-dict .pth (default: the official weights; see the README)")
-        p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+        p.add_argument("--opset", type=OPSETS, default=OPSET, help=f"ONNX opset (default {OPSET})")
     routes.add_parser(AUTO, help="the demo's model: an existing default bundle, else resnet18, else efficientnet_lite0")
     p = routes.add_parser("onnx", parents=[common, preprocessing], help="any ONNX image classifier (no torch needed)")
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
@@ -74,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = routes.add_parser("torch", parents=[common, preprocessing], help="a torch module from MODULE:CALLABLE")
     p.add_argument("spec", metavar="MODULE:CALLABLE", help="e.g. mypkg.models:build (run from where it imports)")
     p.add_argument("--weights", type=Path, help="a state dict to load into the module (strict)")
-    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument("--opset", type=OPSETS, default=OPSET, help=f"ONNX opset (default {OPSET})")
     p = routes.add_parser("tflite", parents=[common, preprocessing], help="a TensorFlow Lite classifier, float or int8")
     p.add_argument("model", type=Path, metavar="MODEL.tflite")
     p = routes.add_parser("keras", parents=[common, preprocessing], help="a Keras classifier (.keras, or .h5)")
@@ -88,6 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, values * 3 if len(values) == 1 else values)
     if getattr(args, "std", None) and not all(v > 0 for v in args.std):
         parser.error("--std values must be positive")
+    if not all(math.isfinite(v) for name in ("mean", "std") for v in getattr(args, name, None) or ()):
+        parser.error("--mean and --std values must be finite numbers")
     return args
 
 

@@ -86,6 +86,9 @@ def export(
     default a batch of 2 at the input size and, for a trunk of dynamic size,
     one non-square input.
     """
+    if split.trunk.ByteSize() >= 2**31:
+        # One protobuf holds at most 2 GiB; a bundle's trunk is always one self-contained file (no external data).
+        raise ExportError(f"the trunk is {split.trunk.ByteSize():,} bytes, over ONNX's 2 GiB limit for one file")
     sizes = reference_sizes or check_sizes(split.input_size, not split.fixed_size)
     with bundle_format.staged(out) as tmp:
         meta = bundle_format.write(

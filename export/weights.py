@@ -10,6 +10,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,17 +108,78 @@ def _progress(name: str, done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+ACCEPTED = (
+    "--weights takes a state dict (torch.save(model.state_dict(), FILE)), "
+    "or a checkpoint holding one under 'state_dict' or 'model'"
+)
+_IMAGES = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"BM": "a BMP image",
+           b"II*\x00": "a TIFF image", b"MM\x00*": "a TIFF image"}  # fmt: skip
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.pth`` file, never unpickling arbitrary objects."""
+    """A state dict from a ``.pth`` file, never unpickling arbitrary objects.
+
+    Anything else is refused in one line (ExportError) that says what the file looked like; torch's own
+    text is never passed on (it suggests ``weights_only=False``, which would run the file's code).
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for bad files
-        raise ExportError(f"{path}: not a readable torch state dict ({str(e).splitlines()[0]})") from None
+        with open(path, "rb") as f:
+            start = f.read(64)
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read ({e.strerror or e})") from None
+    what = _not_a_checkpoint(start)
+    if what is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for bad files; its messages give unsafe advice
+            what = _why_not_loaded(e, start)
+    if what is not None:
+        raise ExportError(f"{path}: {what}; {ACCEPTED}")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ExportError(f"{path}: holds a {type(state).__name__}, not a state dict")
+        raise ExportError(f"{path}: holds a {type(state).__name__}, not a state dict; {ACCEPTED}")
     if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}  # saved from DataParallel/DistributedDataParallel
     return state
+
+
+def _not_a_checkpoint(start: bytes) -> str | None:
+    """What a file that cannot be a torch checkpoint (a zip archive or a pickle) is, from its first bytes."""
+    if start[:4] == b"PK\x03\x04" or start[:1] == b"\x80":
+        return None
+    if not start:
+        return "an empty file"
+    for magic, name in _IMAGES.items():
+        if start.startswith(magic):
+            return name
+    if start[:4] == b"RIFF" and start[8:12] == b"WEBP":
+        return "a WebP image"
+    if start.startswith(b"\x93NUMPY"):
+        return "a NumPy array (.npy), not a torch checkpoint"
+    if len(start) > 8 and start[8:9] == b"{":
+        return "a safetensors file (or other JSON-headed file), not a torch checkpoint"
+    if start[:1] == b"\x08" and (b"pytorch" in start or b"onnx" in start.lower()):
+        return "an ONNX model (export that with `python -m export onnx FILE`)"
+    try:
+        text = start.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        return "a text file"
+    return "not a zip or pickle file, so not a torch checkpoint"
+
+
+def _why_not_loaded(error: Exception, start: bytes) -> str:
+    """npcam's words for why torch could not load a zip or pickle file with ``weights_only=True``."""
+    needed = re.search(r"GLOBAL ([A-Za-z_][\w.]*)", str(error))
+    if needed:
+        return f"a pickled object other than a state dict (it needs {needed.group(1)}; npcam unpickles only tensors)"
+    if start[:4] == b"PK\x03\x04":
+        return "a zip archive that is not a complete torch checkpoint (cut short, or another kind of zip)"
+    if isinstance(error, EOFError):
+        return "a pickle cut short"
+    return "a pickle that is not a torch checkpoint"

@@ -77,6 +77,43 @@ def _method(text: str) -> str:
     return name
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (and exit 2): the usage is for ``--help`` to print."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def between(low: int, high: int | None = None):
+    """An argparse type: a whole number in ``[low, high]`` (no upper bound for None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
+        return value
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a duration, more than 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds, not {text}")
+    return value
+
+
+MAX_THREADS = 1024  # onnxruntime starts them all at load
+
+
 def add_explanation_options(p: argparse.ArgumentParser) -> None:
     """The options that choose what is explained and how; shared with ``npcam dataset``."""
     which = p.add_mutually_exclusive_group()
@@ -131,7 +168,7 @@ def methods_help() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="npcam",
         description="Class Activation Maps for CNN classifiers, without PyTorch. Writes the jet-coloured map "
         "of the top class blended over each image. Subcommands: `npcam serve` (HTTP service), "
@@ -174,7 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--threads",
-        type=_at_least(1),
+        type=between(1, MAX_THREADS),
         help="onnxruntime threads per image (default: every core for one image; one for several, "
         "which then run side by side, one per core)",
     )

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +39,7 @@ from .files import IMAGE_SUFFIXES, find_images, plan_outputs
 
 META_KEY = b"npcam"
 ACTOR_CPUS = 0.5
+CONNECT_TIMEOUT = 30.0  # seconds to reach a cluster (--connect-timeout); Ray alone would retry for minutes
 
 
 def list_images(src: str) -> list[str]:
@@ -158,8 +160,13 @@ def run(
     actors: int | None = None,
     batch_size: int = 16,
     rows_per_file: int = 1000,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> dict:
-    """Explain every image of ``src`` not yet in ``dest``; returns a summary (counts, seconds)."""
+    """Explain every image of ``src`` not yet in ``dest``; returns a summary (counts, seconds).
+
+    A cluster (``address``, or ``$RAY_ADDRESS``) that does not answer within ``connect_timeout`` seconds
+    ends the process with exit code 2 and one line on stderr (Ray's connect cannot be interrupted).
+    """
     from .model import Model
 
     _require_extra()
@@ -189,7 +196,7 @@ def run(
         outputs = [str(j.output) for j in jobs]
     else:
         outputs = [""] * len(todo)
-    ray = _start_ray(address)
+    ray = _start_ray(address, connect_timeout)
     try:
         import ray.data
 
@@ -242,7 +249,7 @@ def _require_extra() -> None:
         raise NpcamError("npcam dataset needs Ray Data and pyarrow: pip install 'npcam[dataset]'") from None
 
 
-def _start_ray(address: str | None):
+def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT):
     """Ray in this process (own temp dir, this machine's cores, quiet), or connected to ``address``."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-user local instance: no token warning
     embedded = address is None and not os.environ.get("RAY_ADDRESS")
@@ -274,14 +281,63 @@ def _start_ray(address: str | None):
             configure_logging=True,
         )
     else:
-        ray.init(address=address or os.environ["RAY_ADDRESS"], logging_level=logging.WARNING, log_to_driver=False)
+        _connect(ray, address or os.environ["RAY_ADDRESS"], connect_timeout)
     return ray
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .cli import add_explanation_options, fraction, methods_help, options_from
+def _connect(ray, address: str, timeout: float) -> None:
+    """``ray.init(address)``, bounded: one NpcamError line, or exit 2 once ``timeout`` seconds have passed.
 
-    p = argparse.ArgumentParser(
+    Ray retries an unreachable cluster for minutes, printing its own warnings; a plain TCP connection
+    first answers at once for a port where nothing listens. Ray's connect runs in C++ and cannot be
+    interrupted, so the watchdog ends the process (nothing has been written by then). Ray's warnings
+    during the attempt go to a file, not the terminal.
+    """
+    started = time.monotonic()
+    _probe(address, timeout)
+    stderr = os.dup(2)
+
+    def give_up():
+        os.write(stderr, f"npcam dataset: error: no Ray cluster answered at {address} within {timeout:g} s "
+                 f"(--connect-timeout)\n".encode())  # fmt: skip
+        os._exit(2)
+
+    watchdog = threading.Timer(max(0.0, timeout - (time.monotonic() - started)), give_up)
+    watchdog.daemon = True
+    with tempfile.TemporaryFile() as ray_says:
+        os.dup2(ray_says.fileno(), 2)
+        try:
+            watchdog.start()
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError... for a bad address
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NpcamError(f"cannot connect to the Ray cluster at {address} ({first})") from None
+        finally:
+            watchdog.cancel()
+            os.dup2(stderr, 2)
+            os.close(stderr)
+
+
+def _probe(address: str, timeout: float) -> None:
+    """For ``HOST:PORT`` (or ``ray://HOST:PORT``): refuse at once when nothing accepts TCP connections there."""
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray parses itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except socket.timeout:
+        raise NpcamError(f"cannot reach a Ray cluster at {address}: no answer within {timeout:g} s") from None
+    except (OSError, OverflowError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise NpcamError(f"cannot reach a Ray cluster at {address} ({reason})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import OneLineParser, add_explanation_options, between, fraction, methods_help, options_from, seconds
+
+    p = OneLineParser(
         prog="npcam dataset",
         description="Explain a whole dataset into Parquet, one row per image, on Ray Data "
         "(embedded by default, a cluster with --address).",
@@ -296,14 +352,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlays", metavar="DIR", help="also write overlay JPEGs here (off by default at this scale)")
     p.add_argument("--alpha", type=fraction, default=0.5, help="overlay opacity from 0 to 1 (with --overlays)")
     p.add_argument("--address", help="a Ray cluster: auto or HOST:PORT (default: $RAY_ADDRESS, else Ray in-process)")
-    p.add_argument("--actors", type=int, help="model actors (default: one per CPU of the cluster)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per actor call (default 16)")
-    p.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet file at least (default 1000)")
+    p.add_argument(
+        "--connect-timeout",
+        type=seconds,
+        default=CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up on a cluster that does not answer within this time (default {CONNECT_TIMEOUT:g})",
+    )
+    p.add_argument("--actors", type=between(1), help="model actors (default: one per CPU of the cluster)")
+    p.add_argument("--batch-size", type=between(1), default=16, help="images per actor call (default 16)")
+    p.add_argument(
+        "--rows-per-file", type=between(1), default=1000, help="rows per Parquet file at least (default 1000)"
+    )
     args = p.parse_args(argv)
     options = options_from(args, alpha=args.alpha, lowres=args.save_cam)
     try:
         summary = run(args.src, args.model, args.out, options, args.overlays, args.address, args.actors,
-                      args.batch_size, args.rows_per_file)  # fmt: skip
+                      args.batch_size, args.rows_per_file, args.connect_timeout)  # fmt: skip
     except NpcamError as e:
         print(f"npcam dataset: error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The largest tensor a head may compute, in values for one image (512 MiB in float64). Real heads stay far
+# below (a 21,843-class layer on 2,048 channels holds 45 M values); this only bounds what a hostile head.json
+# could make a load allocate.
+MAX_VALUES = 2**26
+
 
 class AffineHead:
     """``scores = pooled @ weight.T + bias``: one linear layer after global average pooling.
@@ -101,6 +106,9 @@ class GraphHead:
         for op in self.ops:
             if op.op not in OPS:
                 raise ValueError(f"unsupported op {op.op} in the head")
+        # Shapes first, statically: a hostile head (an Expand to billions of values) is refused before
+        # the zero forward below would allocate it.
+        self.shapes = infer_shapes(self.ops, self.arrays, self.input_shape, self.input)
         self.classes = int(self.forward(np.zeros((1, self.channels))).shape[1])
 
     @property
@@ -462,3 +470,141 @@ OPS: dict[str, _Rule] = {
         lambda a, at, y, dy, v: [np.transpose(dy, np.argsort(at["perm"]))],
     ),
 }
+
+
+# Static shapes: each op's output shape from its inputs', without computing anything.
+
+_SAME_SHAPE = {
+    "Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Erf", "Gelu", "Sqrt", "Neg",
+    "Elu", "Softplus", "Exp", "Log", "Abs",
+}  # fmt: skip
+_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu", "LayerNormalization"}
+
+
+def infer_shapes(
+    ops: Sequence[Op], arrays: dict[str, np.ndarray], input_shape: Sequence[int], input: str
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape for a batch of one, as :meth:`GraphHead.forward` would compute it.
+
+    Raises ValueError, naming the op, for shapes that do not fit together, and for any tensor (the input
+    included) over :data:`MAX_VALUES` values.
+    """
+    if len(input_shape) < 2 or any(d <= 0 for d in input_shape[1:]):
+        raise ValueError(f"input_shape {list(input_shape)} must be [-1, positive sizes...]")
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    shapes[input] = (1, *input_shape[1:])
+    _within_budget(f"the input {input!r}", shapes[input])
+    for op in ops:
+        try:
+            args = [shapes[n] for n in op.inputs]
+            out = _output_shape(op.op, args, op.attrs)
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise ValueError(f"op {op.op} ({op.output!r}): {e}") from None
+        _within_budget(f"op {op.op} ({op.output!r})", out)
+        shapes[op.output] = out
+    return shapes
+
+
+def _within_budget(what: str, shape: Sequence[int]) -> None:
+    values = math.prod(shape)
+    if values > MAX_VALUES:
+        raise ValueError(f"{what} would hold {values:,} values for one image, over the limit of {MAX_VALUES:,}")
+
+
+def _output_shape(name: str, s: list[tuple[int, ...]], at: dict) -> tuple[int, ...]:
+    if not s:
+        raise ValueError("no inputs")
+    x = s[0]
+    if name in _SAME_SHAPE:
+        return x
+    if name in _BROADCAST:
+        return tuple(np.broadcast_shapes(*s))
+    if name == "Gemm":
+        if len(x) != 2 or len(s[1]) != 2:
+            raise ValueError(f"needs 2-D inputs, not {list(x)} and {list(s[1])}")
+        rows, inner = x[::-1] if at.get("transA", 0) else x
+        inner_w, cols = s[1][::-1] if at.get("transB", 0) else s[1]
+        if inner != inner_w:
+            raise ValueError(f"shapes {list(x)} and {list(s[1])} do not multiply")
+        return tuple(np.broadcast_shapes((rows, cols), *s[2:3]))
+    if name == "MatMul":
+        a, b = x, s[1]
+        if not a or not b:
+            raise ValueError("scalars do not multiply")
+        a2, b2 = (a if len(a) > 1 else (1, *a)), (b if len(b) > 1 else (*b, 1))
+        if a2[-1] != b2[-2]:
+            raise ValueError(f"shapes {list(a)} and {list(b)} do not multiply")
+        out = (*np.broadcast_shapes(a2[:-2], b2[:-2]), a2[-2], b2[-1])
+        return out[: len(out) - 2] + out[len(out) - 2 + (len(a) == 1) : len(out) - (len(b) == 1)]
+    if name == "Conv":
+        w = s[1]
+        if len(x) < 1 or len(w) < 1 or math.prod(x[1:]) != math.prod(w[1:]):
+            raise ValueError(f"input {list(x)} and weight {list(w)} do not fit a 1x1 convolution")
+        if len(s) > 2 and math.prod(np.broadcast_shapes((x[0], w[0]), s[2])) != x[0] * w[0]:
+            raise ValueError(f"bias {list(s[2])} does not fit {w[0]} channels")
+        return (x[0], w[0], 1, 1)
+    if name == "BatchNormalization":
+        if len(x) < 2 or len(s) != 5:
+            raise ValueError("needs an input of 2 or more dimensions and 4 parameters")
+        params = math.prod(np.broadcast_shapes(*s[1:]))
+        return tuple(np.broadcast_shapes(x, (1, params) + (1,) * (len(x) - 2)))
+    if name in ("ReduceMean", "ReduceSum", "ReduceL2"):
+        axes = {int(ax) % len(x) for ax in at.get("axes", range(len(x)))} if x else set()
+        keep = bool(at.get("keepdims", 1))
+        return tuple(1 if i in axes else d for i, d in enumerate(x) if keep or i not in axes)
+    if name == "Expand":
+        shape = tuple(int(d) for d in at["shape"])
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shape {list(shape)} has a negative size")
+        if math.prod(shape) > MAX_VALUES:  # the forward multiplies by np.ones(shape)
+            raise ValueError(f"its shape would hold {math.prod(shape):,} values, over the limit of {MAX_VALUES:,}")
+        return tuple(np.broadcast_shapes(x, shape))
+    if name in ("QuantizeLinear", "DequantizeLinear"):
+        axis = int(at.get("axis", 1))
+        out = x
+        for p in s[1:3]:
+            if math.prod(p) > 1:
+                if not x:
+                    raise ValueError("a per-axis scale needs an input with axes")
+                per_axis = [1] * len(x)
+                per_axis[axis % len(x)] = math.prod(p)
+                out = tuple(np.broadcast_shapes(out, tuple(per_axis)))
+        return out
+    if name == "Flatten":
+        axis = int(at.get("axis", 1))
+        first = math.prod(x[:axis])
+        if first == 0:
+            raise ValueError(f"cannot flatten {list(x)} at axis {axis}")
+        return (first, math.prod(x) // first)
+    if name == "Reshape":
+        wanted = [int(d) for d in at["shape"]]
+        shape = [x[i] if d == 0 else d for i, d in enumerate(wanted)]  # IndexError: a 0 past the input's axes
+        if shape.count(-1) > 1 or any(d < -1 for d in shape):
+            raise ValueError(f"cannot reshape {list(x)} to {wanted}")
+        known = math.prod(d for d in shape if d != -1)
+        total = math.prod(x)
+        if -1 in shape:
+            if known == 0 or total % known:
+                raise ValueError(f"cannot reshape {list(x)} to {wanted}")
+            shape[shape.index(-1)] = total // known
+        elif known != total:
+            raise ValueError(f"cannot reshape {list(x)} to {wanted}")
+        return tuple(shape)
+    if name == "Squeeze":
+        axes = {int(ax) % len(x) for ax in at["axes"]} if x else set()
+        if any(x[ax] != 1 for ax in axes):
+            raise ValueError(f"cannot squeeze axes {sorted(axes)} of {list(x)}")
+        return tuple(d for i, d in enumerate(x) if i not in axes)
+    if name == "Unsqueeze":
+        n = len(x) + len(at["axes"])
+        axes = {int(ax) % n for ax in at["axes"]}
+        if len(axes) != len(at["axes"]):
+            raise ValueError(f"repeated axes {list(at['axes'])}")
+        rest = iter(x)
+        return tuple(1 if i in axes else next(rest) for i in range(n))
+    if name == "Transpose":
+        perm = [int(p) for p in at["perm"]]
+        if sorted(perm) != list(range(len(x))):
+            raise ValueError(f"perm {perm} is not a permutation of the {len(x)} axes")
+        return tuple(x[p] for p in perm)
+    raise ValueError(f"unsupported op {name}")

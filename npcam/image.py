@@ -278,10 +278,14 @@ Size = tuple[int, int]  # (height, width) of a network input, in pixels
 _SIZE = re.compile(r"\s*([0-9]+)\s*(?:[xX×]\s*([0-9]+)\s*)?")
 
 
+# A network input beyond this is a typo, not a model: at 100000 px a side the trunk would never return.
+MAX_SIDE = 4096
+
+
 def parse_size(text: str) -> Size:
     """``"S"`` (a square, ``S x S``) or ``"HxW"`` (height by width) as ``(H, W)``; ValueError says why not.
 
-    Both sides must be positive whole numbers; ``x`` may also be ``X`` or ``×``.
+    Both sides must be whole numbers from 1 to :data:`MAX_SIDE`; ``x`` may also be ``X`` or ``×``.
     """
     match = _SIZE.fullmatch(text)
     if match is None:
@@ -290,6 +294,8 @@ def parse_size(text: str) -> Size:
     width = int(match[2] or match[1])
     if height < 1 or width < 1:
         raise ValueError(f"must have positive sides, not {text!r}")
+    if max(height, width) > MAX_SIDE:
+        raise ValueError(f"must be at most {MAX_SIDE} on each side, not {text!r}")
     return height, width
 
 
@@ -310,6 +316,8 @@ def as_size(size: int | Sequence[int] | None) -> Size | None:
         len(sides) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in sides)
     ):
         raise NpcamError(f"input size must be S or (H, W) with positive whole sides, not {size!r}")
+    if max(sides) > MAX_SIDE:
+        raise NpcamError(f"input size must be at most {MAX_SIDE} on each side, not {size!r}")
     return int(sides[0]), int(sides[1])
 
 

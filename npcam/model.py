@@ -126,7 +126,12 @@ class Model:
         """Run the trunk: float32 ``[N, 3, H, W]`` to float32 ``[N, C, h, w]``."""
         if self._batch_limit is not None and len(batch) != self._batch_limit:
             return np.concatenate([self.features(batch[i : i + 1]) for i in range(len(batch))])
-        (features,) = self.session.run(["features"], {"image": batch})
+        try:
+            (features,) = self.session.run(["features"], {"image": batch})
+        except Exception as e:  # onnxruntime's own types (a failed allocation, a shape it cannot take)
+            raise NpcamError(
+                f"{self.path / 'trunk.onnx'}: onnxruntime cannot run it on this input ({_first_line(e)})"
+            ) from None
         if features.ndim != 4 or features.shape[1] != self.head.channels:
             raise NpcamError(
                 f"{self.path / 'trunk.onnx'}: gives features of shape {list(features.shape)}, "
@@ -325,16 +330,17 @@ def load(path: str | os.PathLike | None = None, threads: int | None = None, veri
 
 def _open_session(path: Path, model: bytes, channels: int, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a refused model's error is the one line raised below
     if threads:
         options.intra_op_num_threads = threads
     # Spinning threads steal the core that decoding and encoding need between runs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Only the ONNX protobuf that npcam.bundle checked (self-contained), never onnxruntime's other format.
+    options.add_session_config_entry("session.load_model_format", "ONNX")
     try:
         session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for bad models
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NpcamError(f"{path}: not a usable ONNX model ({first_line})") from None
+        raise NpcamError(f"{path}: not a usable ONNX model ({_first_line(e)})") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [i.name for i in inputs] != ["image"] or len(inputs[0].shape) != 4:
         raise NpcamError(f"{path}: expected one input 'image' [N,3,H,W]")
@@ -346,3 +352,10 @@ def _open_session(path: Path, model: bytes, channels: int, threads: int | None) 
     if isinstance(shape[1], int) and shape[1] != channels:
         raise NpcamError(f"{path}: gives {shape[1]} channels, the head expects {channels}")
     return session
+
+
+def _first_line(error: Exception, limit: int = 400) -> str:
+    """An onnxruntime error's first line, at most ``limit`` characters: the rest is its C++ context."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[:limit] + "…"

@@ -52,6 +52,8 @@ from .methods import get as get_method
 MAX_BODY = 25 * 2**20  # bytes; a 12 MP JPEG is 3-8 MB
 DRAIN = 64 * 2**20  # an oversized body up to this size is read to its end before the 413 goes out
 log = logging.getLogger("npcam.serve")
+GONE = "npcam.client_gone"  # scope key: a function telling whether the client has closed the connection
+CLIENT_CLOSED = 499  # the access log's status for a client that went away before its answer (as nginx logs it)
 
 
 class BadRequest(Exception):
@@ -86,8 +88,6 @@ def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
             size = parse_size(text)
         except ValueError as e:
             raise BadRequest(422, f"size {e}") from None
-        if max(size) > 4096:
-            raise BadRequest(422, f"size must be at most 4096 on each side, not {text!r}")
         return size
 
     def flag(name):
@@ -257,7 +257,7 @@ def make_app(
     import anyio
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
@@ -366,6 +366,8 @@ def make_app(
         abandoned = threading.Event()
 
         async def start():
+            if request.scope.get(GONE, lambda: False)():
+                raise ClientDisconnect  # it left while waiting its turn: nobody is waiting for this work
             try:
                 return await anyio.to_thread.run_sync(
                     work, data, name, options, fmt, deadline, abandoned, limiter=limiter
@@ -395,6 +397,10 @@ def make_app(
             {"error": f"{request.method} {request.url.path}: {exc.detail}"}, status_code=exc.status_code
         )
 
+    async def gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client went away (mid-upload, or while queued): nobody reads this answer; the access log says 499.
+        return Response(status_code=CLIENT_CLOSED)
+
     async def crash(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
@@ -406,13 +412,23 @@ def make_app(
             Route("/health", health, methods=["GET"]),
             Route("/", index, methods=["GET"]),
         ],
-        exception_handlers={BadRequest: bad_request, HTTPException: http_error, Exception: crash},
+        exception_handlers={
+            BadRequest: bad_request,
+            HTTPException: http_error,
+            ClientDisconnect: gone,
+            Exception: crash,
+        },
     )
     return _AccessLog(app)
 
 
 class _AccessLog:
-    """ASGI middleware: one line per request, ``client method path status bytes ms``."""
+    """ASGI middleware: one line per request, ``client method path status bytes ms``.
+
+    A client that closed the connection before the whole answer was sent (mid-upload, while its request
+    waited its turn, or while its image was being explained) is logged with status 499 (nginx's "client
+    closed request") and the bytes sent before it left.
+    """
 
     def __init__(self, app):
         self.app = app
@@ -420,18 +436,45 @@ class _AccessLog:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, seen = time.perf_counter(), {"status": 0, "bytes": 0}
+        import anyio
+
+        start, seen = time.perf_counter(), {"status": 0, "bytes": 0, "answered": False, "closed": False}
+
+        async def watch():
+            # Once the body is in, the server's next message is the disconnect: at once if the client
+            # left, else when the answer is complete (the server says so by then too).
+            if (await receive())["type"] == "http.disconnect" and not seen["answered"]:
+                seen["closed"] = True
+
+        async def receiving():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                seen["closed"] = True
+            elif not message.get("more_body", False):
+                watchers.start_soon(watch)
+            return message
 
         async def sending(message):
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
-            elif message["type"] == "http.response.body":
+            elif message["type"] == "http.response.body" and not seen["closed"]:  # else the server drops it
                 seen["bytes"] += len(message.get("body", b""))
+                seen["answered"] = seen["answered"] or not message.get("more_body", False)
             await send(message)
 
+        error = None
         try:
-            await self.app(scope, receive, sending)
+            async with anyio.create_task_group() as watchers:
+                try:
+                    await self.app({**scope, GONE: lambda: seen["closed"]}, receiving, sending)
+                except BaseException as e:  # raised again below as itself, not wrapped by the task group
+                    error = e
+                watchers.cancel_scope.cancel()
+            if error is not None:
+                raise error
         finally:
+            if seen["closed"]:
+                seen["status"] = CLIENT_CLOSED
             client = scope.get("client") or ("-", 0)
             query = f"?{scope['query_string'].decode('latin-1')}" if scope.get("query_string") else ""
             log.info(
@@ -441,17 +484,18 @@ class _AccessLog:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import MAX_THREADS, OneLineParser, between
     from .model import Model, default_model_dir
 
-    p = argparse.ArgumentParser(prog="npcam serve", description="Serve npcam over HTTP, with a web page at /.")
+    p = OneLineParser(prog="npcam serve", description="Serve npcam over HTTP, with a web page at /.")
     p.add_argument("--model", "-m", type=Path, help="model bundle directory (default: as for npcam)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--workers", type=int, help="requests explained at once (default: one per core)")
+    p.add_argument("--port", type=between(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--workers", type=between(1, MAX_THREADS), help="requests explained at once (default: one per core)")
     p.add_argument(
-        "--max-body", type=int, default=MAX_BODY, help=f"largest request body in bytes (default {MAX_BODY:,})"
+        "--max-body", type=between(1), default=MAX_BODY, help=f"largest request body in bytes (default {MAX_BODY:,})"
     )
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"largest image (default {MAX_PIXELS:,})")
+    p.add_argument("--max-pixels", type=between(1), default=MAX_PIXELS, help=f"largest image (default {MAX_PIXELS:,})")
     add_admission_options(p)
     args = p.parse_args(argv)
     try:
@@ -476,8 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
         sock.listen(128)  # connections queue from now on, so the URL logged below is ready for them
-    except OSError as e:
-        print(f"npcam serve: error: cannot listen on {args.host}:{args.port} ({e.strerror or e})", file=sys.stderr)
+    except (OSError, UnicodeError, ValueError) as e:  # a host name that is not one: UnicodeError from IDNA
+        reason = getattr(e, "strerror", None) or e
+        print(f"npcam serve: error: cannot listen on {args.host}:{args.port} ({reason})", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}/" if family == socket.AF_INET6 else f"http://{host}:{port}/"
@@ -514,13 +559,7 @@ def main(argv: list[str] | None = None) -> int:
 def add_admission_options(p: argparse.ArgumentParser) -> None:
     """What the server offers, to whom, and how much at once."""
 
-    def count(minimum: int):
-        def parse(text: str) -> int:
-            if not text.isdigit() or int(text) < minimum:
-                raise argparse.ArgumentTypeError(f"must be a whole number of at least {minimum}, not {text!r}")
-            return int(text)
-
-        return parse
+    from .cli import MAX_THREADS, between
 
     def seconds(text: str) -> float:
         try:
@@ -531,11 +570,11 @@ def add_admission_options(p: argparse.ArgumentParser) -> None:
             raise argparse.ArgumentTypeError(f"must be a number of seconds (0: no limit), not {text!r}")
         return value
 
-    p.add_argument("--queue", type=count(0), default=16, help="cheap requests that may wait for a worker; "
+    p.add_argument("--queue", type=between(0, 100_000), default=16, help="cheap requests that may wait for a worker; "
                    "beyond that 503 with Retry-After (default 16)")  # fmt: skip
-    p.add_argument("--expensive-concurrency", type=count(1), default=1, metavar="N", help="multi-pass requests "
+    p.add_argument("--expensive-concurrency", type=between(1, MAX_THREADS), default=1, metavar="N", help="multi-pass requests "
                    "(Score-CAM; Ablation-CAM on a graph head) explained at once, beside the workers (default 1)")  # fmt: skip
-    p.add_argument("--expensive-queue", type=count(0), default=2, metavar="N",
+    p.add_argument("--expensive-queue", type=between(0, 100_000), default=2, metavar="N",
                    help="multi-pass requests that may wait; beyond that 503 with Retry-After (default 2)")  # fmt: skip
     p.add_argument("--timeout", type=seconds, default=60.0, help="time limit of a request in seconds; "
                    "multi-pass methods stop between batches, and the answer is 504 (default 60; 0: none)")  # fmt: skip

@@ -45,6 +45,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import bench  # noqa: E402
+import bench_harness  # noqa: E402
+import bench_pipelines  # noqa: E402
 from npcam.explain import Options, describe, explain, explain_file, explain_files  # noqa: E402
 from npcam.files import Job, save_image  # noqa: E402
 from npcam.image import preprocess, read_photo  # noqa: E402
@@ -174,7 +176,7 @@ def worker(spec: dict) -> None:
 
             torch.set_num_threads(1)
             cv2.setNumThreads(1)
-        method = bench.torch_method("resnet18", spec["weights"], use_torchcam=False)
+        method = bench_pipelines.torch_pipeline(bench_pipelines.torch_reference("resnet18", spec["weights"]))
     else:
         method = METHODS[spec["kind"]](spec["bundle"])
     out = Path(spec["out"])
@@ -279,13 +281,13 @@ def main() -> int:
         sizes = sorted({"x".join(map(str, Image.open(q).size)) for q in photos})
     results = {
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": bench.cpu_name(),
+        "cpu": bench_harness.cpu_name(),
         "cores": os.cpu_count(),
         "photos": len(photos),
         "sizes": sizes,
         "rounds": args.rounds,
-        "ms": {k: bench.median_ms(v) for k, v in totals.items()},
-        "stages_ms": {k: {s: bench.median_ms(v) for s, v in st.items()} for k, st in stages.items()},
+        "ms": {k: bench_harness.median_ms(v) for k, v in totals.items()},
+        "stages_ms": {k: {s: bench_harness.median_ms(v) for s, v in st.items()} for k, st in stages.items()},
         "directory": {
             k: {"images": len(photos) * args.copies, "seconds": float(np.median(v))} for k, v in runs.items()
         },

@@ -214,6 +214,26 @@ def test_model_made_for_one_image_at_a_time(tmp_path):
     assert [p.top1 for p in pred] == [model.predict(p).top1 for p in PHOTOS[:2]]
 
 
+def test_a_model_with_external_data_exports_a_self_contained_bundle(tmp_path, monkeypatch):
+    """ONNX's external-data form (as the dynamo exporter writes large models): the bundle holds every byte, so
+    it loads and answers the same once the model's data file is gone, from another working directory."""
+    net = models.mlp_head()
+    model = onnx.load_from_string(onnx_bytes(net, (1, 3, SIZE, SIZE)))
+    source = tmp_path / "source"
+    source.mkdir()
+    onnx.save_model(model, source / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    assert (source / "m.data").stat().st_size > (source / "m.onnx").stat().st_size
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the data file is found beside the model, not in the working directory
+    out = run_onnx(source / "m.onnx", tmp_path / "b", input_size=SIZE)
+    trunk = onnx.load(str(out / "trunk.onnx"), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in trunk.graph.initializer)
+    (source / "m.data").unlink()
+    monkeypatch.chdir(tmp_path)
+    check_against_torch(out, net, name="external data")
+
+
 def test_tensors_named_like_the_bundle_contract_inside_the_model(tmp_path):
     """A model that already calls inner tensors ``image`` and ``features`` (and its input ``features``)."""
     import onnx

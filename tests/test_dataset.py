@@ -181,3 +181,72 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
     assert result.returncode == 0, result.stderr
     node_ip, gcs = result.stdout.split()[-2:]
     assert node_ip == "127.0.0.1" and gcs.startswith("127.0.0.1:"), result.stdout
+
+
+def _dataset_cli(bundle, tmp_path, *args, timeout=180):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    command = [sys.executable, "-m", "npcam", "dataset", str(PHOTOS[0]), "--model", str(bundle),
+               "--out", str(tmp_path / "o"), *args]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_cluster_where_nothing_listens_is_one_line_at_once(bundle, tmp_path):
+    result = _dataset_cli(bundle, tmp_path, "--address", "127.0.0.1:1", "--connect-timeout", "20")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("npcam dataset: error: cannot reach a Ray cluster at 127.0.0.1:1 (")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_cluster_that_never_answers_ends_at_the_connect_timeout_in_one_line(bundle, tmp_path):
+    """Something accepts the connection but never speaks Ray: the watchdog ends the run, Ray's warnings unseen."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel accepts the connections; nobody ever answers them
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        result = _dataset_cli(bundle, tmp_path, "--address", address, "--connect-timeout", "3")
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr == f"npcam dataset: error: no Ray cluster answered at {address} within 3 s (--connect-timeout)\n"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--connect-timeout", "0"], "argument --connect-timeout: must be more than 0"),
+        (["--connect-timeout", "soon"], "argument --connect-timeout: must be a number of seconds"),
+        (["--actors", "0"], "argument --actors: must be at least 1, not 0"),
+        (["--batch-size", "-3"], "argument --batch-size: must be at least 1, not -3"),
+        (["--rows-per-file", "0"], "argument --rows-per-file: must be at least 1"),
+        (["--top", "0"], "argument --top: must be at least 1"),
+    ],
+)
+def test_argument_ranges_are_one_line(bundle, tmp_path, args, message):
+    result = _dataset_cli(bundle, tmp_path, *args, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_cluster_that_answers_gets_stderr_back_and_no_watchdog(capfd):
+    """What Ray prints while connecting is kept off the terminal; once connected, stderr is the terminal again
+    and the watchdog is gone (the process lives on past the timeout)."""
+    import socket
+
+    calls = []
+
+    class Ray:
+        def init(self, **kwargs):
+            os.write(2, b"Ray's own warning\n")
+            calls.append(kwargs["address"])
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(4)
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        dataset._connect(Ray(), address, 0.5)
+    time.sleep(1.0)
+    os.write(2, b"after\n")
+    assert calls == [address] and capfd.readouterr().err == "after\n"

@@ -255,3 +255,42 @@ def test_export_works_from_any_folder(resnet18_weights, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "b" / "bundle.json").is_file()
+
+
+def _whole_model(path):
+    import models
+
+    torch.save(models.mlp_head(), path)  # the module itself, pickled: its class is code npcam must not run
+
+
+def _zip_cut_short(path):
+    torch.save(random_resnet().state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+NOT_WEIGHTS = {
+    "photo.png": (lambda p: p.write_bytes(SAMPLE.read_bytes()), "a PNG image"),
+    "notes.txt": (lambda p: p.write_text("these are not weights\n"), "a text file"),
+    "empty.pth": (lambda p: p.write_bytes(b""), "an empty file"),
+    "random.pth": (lambda p: p.write_bytes(bytes(range(7, 256))), "not a zip or pickle file"),
+    "array.pth": (lambda p: np.save(p.open("wb"), np.zeros(3)), "a NumPy array"),
+    "whole.pth": (_whole_model, "a pickled object other than a state dict (it needs models.MLPHead;"),
+    "plain.pkl": (lambda p: p.write_bytes(__import__("pickle").dumps({"a": 1})), "a pickle that is not a torch"),
+    "cut.pth": (_zip_cut_short, "a zip archive that is not a complete torch checkpoint"),
+    "tensor.pth": (lambda p: torch.save(torch.zeros(3), p), "holds a Tensor, not a state dict"),
+}
+
+
+@pytest.mark.parametrize("route", ["resnet18", "torch"])
+@pytest.mark.parametrize("name", sorted(NOT_WEIGHTS))
+def test_a_file_that_is_not_a_state_dict_is_described_in_npcams_words(name, route, tmp_path, capsys):
+    make, description = NOT_WEIGHTS[name]
+    make(tmp_path / name)
+    out = tmp_path / "bundle"
+    args = ["resnet18"] if route == "resnet18" else ["torch", "models:mlp_head", "--input-size", "64"]
+    assert main([*args, "--weights", str(tmp_path / name), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"export: error: {tmp_path / name}: {description}") and err.count("\n") == 1, err
+    assert "takes a state dict (torch.save(model.state_dict(), FILE)), or a checkpoint holding one" in err
+    assert "weights_only" not in err and "Traceback" not in err and not out.exists()

@@ -26,6 +26,20 @@ from npcam.head import OPS, GraphHead, Op
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def static_shapes_are_the_computed_ones(monkeypatch):
+    """For every head these tests build or load: the shapes inferred statically at load (which bound what a
+    hostile head.json can make npcam allocate) are exactly the shapes the forward computes."""
+    build = GraphHead.__init__
+
+    def checked(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        computed = {name: value.shape for name, value in self._run(np.zeros((1, self.channels))).items()}
+        assert computed == {name: self.shapes[name] for name in computed}
+
+    monkeypatch.setattr(GraphHead, "__init__", checked)
+
+
 def finite_difference(head: GraphHead, pooled: np.ndarray, classes, step=1e-6) -> np.ndarray:
     grads = np.zeros((len(classes), pooled.size))
     for k in range(pooled.size):

@@ -331,6 +331,17 @@ def argparse_error(capsys, call, option):
     return errors[0]
 
 
+@pytest.mark.parametrize("value", ["100000", "48x5000"])
+def test_sizes_over_the_largest_side_are_refused_in_one_line(value, capsys):
+    """A typo like --size 100000 would otherwise leave the trunk running for hours."""
+    line = argparse_error(capsys, lambda: cli_main([str(PHOTOS[0]), "--size", value]), "--size")
+    assert "at most 4096 on each side" in line
+    line = argparse_error(capsys, lambda: export_main(["onnx", "m.onnx", "--input-size", value]), "--input-size")
+    assert "at most 4096 on each side" in line
+    with pytest.raises(npcam.NpcamError, match="at most 4096 on each side"):
+        npcam.image.as_size((48, 5000))
+
+
 @pytest.mark.parametrize("value", BAD)
 def test_bad_sizes_are_refused_by_the_cli_and_the_exporter(value, tmp_path, capsys):
     line = argparse_error(capsys, lambda: cli_main([str(PHOTOS[0]), "--size", value]), "--size")

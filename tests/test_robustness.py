@@ -248,3 +248,351 @@ def test_ctrl_c_leaves_only_complete_files(bundle, tmp_path):
     assert process.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert 3 <= len(outputs_are_complete(out)) < 60
+
+
+# Hostile bundles: each is an exported bundle with one crafted change and bundle.json's hashes updated, so that
+# every other check passes. Each is refused at load in one line naming the file (exit 2), whatever the working
+# directory holds; the runs are capped at 4 GiB of address space, so a check that failed would show as an error.
+
+NOTES = 16 * 2**20  # bytes of notes.txt: more than any tensor the crafted trunks point at, so onnxruntime would read it
+
+
+def _rehash(path: Path) -> None:
+    import hashlib
+
+    meta = json.loads((path / "bundle.json").read_text())
+    for name in meta["files"]:
+        meta["files"][name] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+    (path / "bundle.json").write_text(json.dumps(meta))
+
+
+def _edit_trunk(change):
+    def craft(path: Path) -> None:
+        import onnx
+
+        trunk = onnx.load(str(path / "trunk.onnx"))
+        change(trunk)
+        (path / "trunk.onnx").write_bytes(trunk.SerializeToString())
+
+    return craft
+
+
+def _external(tensor, location: str = "notes.txt") -> None:
+    """Move a tensor's data out to ``location`` (in the working directory, as onnxruntime would resolve it)."""
+    import onnx
+
+    length = len(tensor.raw_data) or 4 * int(np.prod(tensor.dims))
+    for field in ("raw_data", "float_data", "int64_data"):
+        tensor.ClearField(field)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _biggest_initializer(trunk):
+    return max(trunk.graph.initializer, key=lambda t: len(t.raw_data))
+
+
+def _constant_node(trunk) -> None:
+    import onnx
+    from onnx import helper
+
+    value = helper.make_tensor("c", onnx.TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    _external(value)
+    trunk.graph.node.insert(0, helper.make_node("Constant", [], ["unused_constant"], value=value))
+
+
+def _subgraph(trunk) -> None:
+    import onnx
+    from onnx import helper
+
+    weights = helper.make_tensor("w", onnx.TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    _external(weights)
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])], "branch", [],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], initializer=[weights],
+    )  # fmt: skip
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])], "other", [],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])],
+        initializer=[helper.make_tensor("w", onnx.TensorProto.FLOAT, [4], [0.0] * 4)],
+    )  # fmt: skip
+    flag = helper.make_tensor("flag", onnx.TensorProto.BOOL, [], [True])
+    trunk.graph.initializer.append(flag)
+    trunk.graph.node.append(helper.make_node("If", ["flag"], ["unused_branch"], then_branch=branch, else_branch=other))
+
+
+def _sparse(trunk) -> None:
+    import onnx
+    from onnx import helper
+
+    values = helper.make_tensor("s_values", onnx.TensorProto.FLOAT, [2], [1.0, 2.0])
+    _external(values)
+    indices = helper.make_tensor("s_indices", onnx.TensorProto.INT64, [2], [0, 3])
+    trunk.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [8]))
+
+
+def _npy_claiming(path: Path, shape) -> None:
+    """A .npy whose header claims ``shape`` but holds a few values: NumPy would allocate the claim first."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+    path.write_bytes(header.getvalue() + np.zeros(4, np.float32).tobytes())
+
+
+def _head_npz_bomb(path: Path) -> None:
+    """head.npz with one more array of 1.1 GiB of zeros: about a megabyte compressed."""
+    import zipfile
+
+    with zipfile.ZipFile(path / "head.npz", "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("zeros.npy", "w", force_zip64=True) as member:
+            count = (2**30 + 2**27) // 8
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (count,)})
+            member.write(header.getvalue())
+            block = bytes(2**24)
+            for _ in range(count * 8 // len(block)):
+                member.write(block)
+
+
+def _edit_head(change):
+    def craft(path: Path) -> None:
+        spec = json.loads((path / "head.json").read_text())
+        change(spec)
+        (path / "head.json").write_text(json.dumps(spec))
+
+    return craft
+
+
+def _with_arrays(**arrays):
+    def craft(path: Path) -> None:
+        with np.load(path / "head.npz") as npz:
+            kept = {name: npz[name] for name in npz.files}
+        np.savez(path / "head.npz", **kept, **arrays)
+
+    return craft
+
+
+def _insert_ops(*ops):
+    """Ops before the head's first op (their outputs unused: a load still computes them); INPUT is the head's input."""
+
+    def change(spec):
+        named = [{**op, "inputs": [spec["input"] if i == "INPUT" else i for i in op["inputs"]]} for op in ops]
+        spec["ops"] = [*named, *spec["ops"]]
+
+    return _edit_head(change)
+
+
+def _both(*crafts):
+    def craft(path: Path) -> None:
+        for c in crafts:
+            c(path)
+
+    return craft
+
+
+def _features_plus(trunk, nodes, initializers=()):
+    """Add ``sum(extra) * 0``, made by ``nodes`` (their last output "extra"), to the trunk's features."""
+    from onnx import helper
+
+    for node in trunk.graph.node:
+        node.output[:] = ["features_raw" if o == "features" else o for o in node.output]
+    trunk.graph.initializer.extend(initializers)
+    trunk.graph.node.extend([
+        *nodes,
+        helper.make_node("ReduceSum", ["extra"], ["extra_sum"], keepdims=0),
+        helper.make_node("Add", ["features_raw", "extra_sum"], ["features"]),
+    ])  # fmt: skip
+
+
+def _constant_of_shape(trunk) -> None:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    zero = helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0])
+    shape = numpy_helper.from_array(np.array([100_000, 100_000], np.int64), "big_shape")
+    _features_plus(trunk, [helper.make_node("ConstantOfShape", ["big_shape"], ["extra"], value=zero)], [shape])
+
+
+def _expand_by_a_constant_node(trunk) -> None:
+    from onnx import helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([1, 100_000, 100_000], np.int64), "v")
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    nodes = [helper.make_node("Constant", [], ["big_shape"], value=shape),
+             helper.make_node("Expand", ["one", "big_shape"], ["extra"])]  # fmt: skip
+    _features_plus(trunk, nodes, [one])
+
+
+HOSTILE_BUNDLES = {
+    "trunk_constant_of_shape_of_ten_billion_values": (
+        "graph", _edit_trunk(_constant_of_shape), "trunk.onnx",
+        "its ConstantOfShape node makes a tensor of 10,000,000,000 values from a constant shape"),
+    "trunk_expand_to_ten_billion_values": (
+        "graph", _edit_trunk(_expand_by_a_constant_node), "trunk.onnx", "its Expand node makes"),
+    # name: (base bundle, craft, file named, message)
+    "initializer_in_notes_txt": (
+        "affine", _edit_trunk(lambda t: _external(_biggest_initializer(t))), "trunk.onnx", "'notes.txt'"),
+    "initializer_outside_the_bundle": (
+        "affine", _edit_trunk(lambda t: _external(_biggest_initializer(t), "../notes.txt")), "trunk.onnx",
+        "'../notes.txt'"),
+    "constant_node_in_notes_txt": ("graph", _edit_trunk(_constant_node), "trunk.onnx", "external file"),
+    "subgraph_initializer_in_notes_txt": ("graph", _edit_trunk(_subgraph), "trunk.onnx", "tensor 'w'"),
+    "sparse_initializer_in_notes_txt": ("graph", _edit_trunk(_sparse), "trunk.onnx", "tensor 's_values'"),
+    "npy_header_claiming_a_terabyte": (
+        "affine", lambda p: _npy_claiming(p / "fc_bias.npy", (2**38,)), "fc_bias.npy", "header claims"),
+    "npz_array_claiming_a_terabyte": (
+        "graph", lambda p: _npz_member_claiming(p), "head.npz", "header claims"),
+    "npz_decompressing_to_over_a_gigabyte": ("graph", _head_npz_bomb, "head.npz", "over the limit of"),
+    "head_input_of_ten_billion_values": (
+        "graph", _edit_head(lambda spec: spec.update(input_shape=[-1, 100_000, 100_000])), "head.json",
+        "over the limit of"),
+    "expand_to_ten_billion_values": (
+        "graph", _insert_ops({"op": "Expand", "inputs": ["INPUT"], "output": "big", "attrs": {"shape": [1, 128, 10**8]}}),
+        "head.json", "op Expand ('big'): its shape would hold 12,800,000,000 values"),
+    "reshape_to_ten_billion_values": (
+        "graph", _insert_ops({"op": "Reshape", "inputs": ["INPUT"], "output": "big", "attrs": {"shape": [1, 10**5, 10**5]}}),
+        "head.json", "cannot reshape"),
+    "outer_product_of_two_constants": (
+        "graph", _both(_with_arrays(column=np.ones((100_000, 1)), row=np.ones((1, 100_000))),
+                       _insert_ops({"op": "Mul", "inputs": ["column", "row"], "output": "big"})),
+        "head.json", "op Mul ('big') would hold 10,000,000,000 values"),
+    "matmul_to_ten_billion_values": (
+        "graph", _both(_with_arrays(column=np.ones((100_000, 1)), row=np.ones((1, 100_000))),
+                       _insert_ops({"op": "MatMul", "inputs": ["column", "row"], "output": "big"})),
+        "head.json", "op MatMul ('big') would hold"),
+}  # fmt: skip
+
+
+def _npz_member_claiming(path: Path) -> None:
+    """Replace head.npz's c0 member by a .npy whose header claims a terabyte."""
+    import zipfile
+
+    with np.load(path / "head.npz") as npz:
+        kept = {name: npz[name] for name in npz.files if name != "c0"}
+    np.savez(path / "head.npz", **kept)
+    _npy_claiming(path / "claim.npy", (2**38,))
+    with zipfile.ZipFile(path / "head.npz", "a") as archive:
+        archive.write(path / "claim.npy", "c0.npy")
+    (path / "claim.npy").unlink()
+
+
+@pytest.fixture(scope="module")
+def graph_bundle(tmp_path_factory):
+    from export.__main__ import run_torch
+
+    return run_torch("models:mlp_head", tmp_path_factory.mktemp("graph") / "b", input_size=128)
+
+
+def _limited_memory():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+
+def _run_capped(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "npcam", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300, preexec_fn=_limited_memory,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def working_directories(tmp_path_factory) -> list[Path]:
+    """One empty, one holding the files a crafted bundle points at (and its parent holds one too)."""
+    tmp_path = tmp_path_factory.mktemp("cwds")
+    empty, tempting = tmp_path / "empty" / "cwd", tmp_path / "tempting" / "cwd"
+    for d in (empty, tempting):
+        d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    (tempting / "notes.txt").write_bytes(rng.bytes(NOTES))
+    (tempting.parent / "notes.txt").write_bytes(rng.bytes(NOTES))
+    return [empty, tempting]
+
+
+def test_a_trunk_that_fails_at_run_time_is_one_line_per_image(graph_bundle, tmp_path):
+    """A shape computed from the input cannot be checked at load: 10^5 times the image's shape fails to
+    allocate in onnxruntime (the run has 4 GiB of address space), as one line for the image (exit 1)."""
+    from onnx import helper, numpy_helper
+
+    def craft(trunk):
+        many = numpy_helper.from_array(np.array([100_000], np.int64), "many")
+        nodes = [helper.make_node("Shape", ["image"], ["image_shape"]),
+                 helper.make_node("Mul", ["image_shape", "many"], ["big_shape"]),
+                 helper.make_node("ConstantOfShape", ["big_shape"], ["extra"])]  # fmt: skip
+        _features_plus(trunk, nodes, [many])
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(graph_bundle, hostile)
+    _edit_trunk(craft)(hostile)
+    _rehash(hostile)
+    result = _run_capped(["-m", hostile, SAMPLE, "-o", f"{tmp_path}/out/"], tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"npcam: error: {hostile / 'trunk.onnx'}: onnxruntime cannot run it on this input")
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_BUNDLES))
+def test_hostile_bundles_are_refused_at_load_in_one_line(case, bundle, graph_bundle, working_directories, tmp_path):
+    base, craft, name, message = HOSTILE_BUNDLES[case]
+    hostile = tmp_path / "hostile"
+    shutil.copytree(bundle if base == "affine" else graph_bundle, hostile)
+    craft(hostile)
+    _rehash(hostile)
+    for cwd in working_directories:
+        result = _run_capped(["-m", hostile, SAMPLE, "-o", f"{tmp_path}/out/"], cwd)
+        assert result.returncode == 2, (cwd, result.stderr)
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("npcam: error: "), result.stderr
+        assert f"{hostile / name}:" in result.stderr and message in result.stderr, result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_exported_bundles_give_the_same_answer_from_any_working_directory(bundle, graph_bundle, working_directories):
+    for path in (bundle, graph_bundle):
+        answers = []
+        for cwd in working_directories:
+            result = _run_capped(["-m", path, SAMPLE, "-o", f"{path.name}.png", "--json", "--top", "3"], cwd)
+            assert result.returncode == 0, result.stderr
+            record = json.loads(result.stdout)
+            answers.append((record, [np.asarray(Image.open(cwd / m["output"])) for m in record["maps"]]))
+        assert answers[0][0] == answers[1][0]
+        for a, b in zip(answers[0][1], answers[1][1]):
+            np.testing.assert_array_equal(a, b)
+
+
+# Out-of-range arguments, in every entry point: exit 2 and one line, before anything is loaded or written.
+
+BAD_ARGUMENTS = [
+    (["npcam", "IMAGE", "--threads", "0"], "argument --threads: must be between 1 and 1024, not 0"),
+    (["npcam", "IMAGE", "--threads", "100000"], "argument --threads: must be between 1 and 1024, not 100000"),
+    (["npcam", "IMAGE", "--top", "-1"], "argument --top: must be at least 1, not -1"),
+    (["npcam", "IMAGE", "--max-pixels", "0"], "argument --max-pixels: must be at least 1, not 0"),
+    (["npcam", "IMAGE", "--alpha", "nan"], "argument --alpha: must be between 0 (the photo) and 1"),
+    (["npcam", "serve", "--port", "80000"], "argument --port: must be between 0 and 65535, not 80000"),
+    (["npcam", "serve", "--port", "-1"], "argument --port: must be between 0 and 65535, not -1"),
+    (["npcam", "serve", "--workers", "0"], "argument --workers: must be between 1 and 1024, not 0"),
+    (["npcam", "serve", "--max-body", "0"], "argument --max-body: must be at least 1, not 0"),
+    (["npcam", "serve", "--max-pixels", "-5"], "argument --max-pixels: must be at least 1, not -5"),
+    (["npcam", "dataset", "IMAGE", "--model", "B", "--out", "D", "--connect-timeout", "-1"],
+     "argument --connect-timeout: must be more than 0 and at most 86400 seconds, not -1"),
+    (["npcam", "dataset", "IMAGE", "--model", "B", "--out", "D", "--batch-size", "0"],
+     "argument --batch-size: must be at least 1, not 0"),
+    (["export", "resnet18", "--opset", "0"], "argument --opset: must be between 7 and"),
+    (["export", "torch", "m:f", "--opset", "99"], "argument --opset: must be between 7 and"),
+    (["export", "onnx", "m.onnx", "--std", "0"], "--std values must be positive"),
+    (["export", "onnx", "m.onnx", "--mean", "nan"], "--mean and --std values must be finite numbers"),
+    (["export", "onnx", "m.onnx", "--std", "1", "2"], "--std takes 3 values (R G B) or 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_argument_ranges_are_checked_in_every_entry_point_in_one_line(args, message, tmp_path):
+    module = "export" if args[0] == "export" else "npcam"
+    rest = [str(SAMPLE) if a == "IMAGE" else a for a in args[1:]]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", module, *rest], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []

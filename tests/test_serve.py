@@ -276,7 +276,7 @@ def test_methods_restricts_what_the_server_offers(bundle):
         (["--methods", "gradcam,magic"], "--methods: unknown method 'magic'; choose one of cam,"),
         (["--methods", ","], "--methods names no method"),
         (["--token-file", "/nonexistent/token"], "/nonexistent/token: cannot read the token file"),
-        (["--expensive-concurrency", "0"], "--expensive-concurrency: must be a whole number of at least 1"),
+        (["--expensive-concurrency", "0"], "--expensive-concurrency: must be between 1 and 1024, not 0"),
         (["--timeout", "soon"], "--timeout: must be a number of seconds"),
     ],
 )
@@ -329,3 +329,87 @@ def test_the_token_can_come_from_the_environment_and_0000_without_one_warns(bund
     finally:
         assert running.stop() == 0
     assert "warning" not in "".join(running.log)
+
+
+ABANDONED = 300
+
+
+def test_clients_that_go_away_are_one_line_each_and_never_an_error(bundle):
+    """Uploads that announce 100 kB, send a few bytes and close; requests whose client leaves before the
+    answer. Each is one access-log line with status 499; no traceback, no 500; the server keeps answering."""
+    import socket
+    import subprocess
+    import time
+    from urllib.parse import urlparse
+
+    running = Server(bundle, "--workers", "1")
+    lines: list[str] = []
+    answers: list = []
+    reader = threading.Thread(target=lambda: lines.extend(running.process.stderr), daemon=True)
+    reader.start()  # the log is read as it comes, so that a flood of it could never block the server
+    where = urlparse(running.url)
+    head = b"POST /explain HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+    try:
+        for _ in range(ABANDONED):
+            with socket.create_connection(("127.0.0.1", where.port), timeout=10) as sock:
+                sock.sendall(head + b"\x89PNG\r\n\x1a\n" + bytes(40))
+        photo = PHOTOS[0].read_bytes()
+        # Clients that send a whole upload and leave at once, before any answer could be sent. A Score-CAM
+        # request (512 trunk passes) from a client that stays, sent a second earlier, usually holds the one
+        # worker meanwhile, so that these leave while they wait their turn; either way each is a 499.
+        staying = threading.Thread(target=lambda: answers.append(post(running, "?method=scorecam&size=128", photo)))
+        staying.start()
+        time.sleep(1.0)
+        left = 3
+        for _ in range(left):
+            with socket.create_connection(("127.0.0.1", where.port), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /explain?top=2 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(photo)
+                )
+                sock.sendall(photo)
+        assert http(f"{running.url}/health") == (200, "application/json", b'{"status":"ok"}')
+        staying.join()
+        assert answers[0][0] == 200 and json.loads(answers[0][2])["method"] == "scorecam"
+        status, _, body = post(running, "", photo)
+        assert status == 200 and json.loads(body)["method"] == "cam"
+    finally:
+        running.process.send_signal(signal.SIGTERM)
+        try:
+            code = running.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            raise
+        reader.join(timeout=10)
+    assert code == 0
+    log = "".join(running.log + lines)
+    assert "Traceback" not in log and " 500 " not in log and "rror" not in log, log[-3000:]
+    explains = [line for line in log.splitlines() if " POST /explain" in line]
+    closed = [line for line in explains if " POST /explain 499 0 " in line]
+    late = [line for line in explains if " POST /explain?top=2 499 0 " in line]
+    assert len(closed) == ABANDONED and len(late) == left, log[-3000:]
+    assert sorted(line.split()[4:6] for line in explains if line not in closed + late) == [
+        ["/explain", "200"],
+        ["/explain?method=scorecam&size=128", "200"],
+    ]
+    assert len(log.splitlines()) == len(explains) + 3  # and the start, /health and stop lines
+
+
+def test_the_access_log_passes_an_apps_own_error_on_as_itself():
+    """The disconnect watcher's task group must not wrap a real error (uvicorn logs it, and answers 500)."""
+    import asyncio
+
+    from npcam.serve import _AccessLog
+
+    async def app(scope, receive, send):
+        await receive()
+        raise ValueError("a real bug")
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/explain", "query_string": b"", "client": ("127.0.0.1", 1)}
+    with pytest.raises(ValueError, match="a real bug"):
+        asyncio.run(_AccessLog(app)(scope, receive, send))
