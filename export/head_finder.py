@@ -173,9 +173,7 @@ def no_pool_hint(g: GraphIndex, values: Values) -> str:
     return f"{what} is a local pooling, not a global one ({why})"
 
 
-def global_size(
-    pool: onnx.NodeProto, kernel: list[int], hw: tuple[int, int], values: Values
-) -> tuple[int, int] | None:
+def global_size(pool: onnx.NodeProto, kernel: list[int], hw: tuple[int, int], values: Values) -> tuple[int, int] | None:
     """The input ``(height, width)`` (each >= 8) at which ``pool`` covers the whole map, checked on the model.
 
     The map scales with the input (``size / map`` pixels per cell, per side), so

@@ -261,7 +261,13 @@ def explain_files(
     stop = threading.Event()
     try:
         task = partial(
-            explain_file, model, options, protected, progress=progress, overlays=overlays, max_side=max_side,
+            explain_file,
+            model,
+            options,
+            protected,
+            progress=progress,
+            overlays=overlays,
+            max_side=max_side,
             should_stop=stop.is_set,
         )
         for job, future in _ahead(pool, jobs, task, depth=2 * workers):
