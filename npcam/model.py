@@ -186,9 +186,10 @@ class Model:
     def predict(
         self,
         image: ImageLike,
+        *,
         keep_aspect: bool = False,
-        max_pixels: int = MAX_PIXELS,
         size: int | Size | None = None,
+        max_pixels: int = MAX_PIXELS,
     ) -> Prediction:
         """Read, preprocess and classify one image (one trunk call).
 
@@ -198,11 +199,12 @@ class Model:
         convolutional, unless the bundle says it takes one size only).
         ``keep_aspect``: see :func:`npcam.image.input_size`.
         """
-        return self.predict_many([image], keep_aspect, size, max_pixels)[0]
+        return self.predict_many([image], keep_aspect=keep_aspect, size=size, max_pixels=max_pixels)[0]
 
     def predict_many(
         self,
         images: Sequence[ImageLike],
+        *,
         keep_aspect: bool = False,
         size: int | Size | None = None,
         max_pixels: int = MAX_PIXELS,

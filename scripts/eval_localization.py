@@ -53,7 +53,7 @@ def evaluate(
         chunks = [rows[i : i + batch] for i in range(0, len(rows), batch)]
         images = pool.map(lambda chunk: [npcam.open_image(p) for p, _, _ in chunk], chunks)
         for done, (chunk, rgbs) in enumerate(zip(chunks, images)):
-            for (_, label, gt_boxes), pred in zip(chunk, model.predict_many(rgbs, keep_aspect, size)):
+            for (_, label, gt_boxes), pred in zip(chunk, model.predict_many(rgbs, keep_aspect=keep_aspect, size=size)):
                 correct = pred.top1 == label
                 top1 += correct
                 cam = model.cam(pred, label, size=pred.image.shape[:2], method=method)

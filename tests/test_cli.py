@@ -373,3 +373,17 @@ def test_library_pipeline_gives_the_cli_record(model, tmp_path, cli):
     for key in ("image", "width", "height", "top5", "class", "label", "score", "bbox", "method"):
         assert record[key] == from_cli[key], key
     assert [{k: v for k, v in m.items() if k != "output"} for m in from_cli["maps"]] == record["maps"]
+
+
+def test_predict_takes_its_options_by_keyword_only(model):
+    """predict and predict_many once took (keep_aspect, max_pixels, size) and (keep_aspect, size, max_pixels):
+    a positional call right for one set the wrong limit on the other. Now neither takes them by position."""
+    with pytest.raises(TypeError):
+        model.predict(SAMPLE, False, 100)
+    with pytest.raises(TypeError):
+        model.predict_many([SAMPLE], False, 224)
+    by_name = model.predict(SAMPLE, keep_aspect=True, size=256, max_pixels=10**6)
+    assert by_name.input.shape[2] == 256 and by_name.input.shape[3] > 256
+    assert (
+        model.predict_many([SAMPLE], keep_aspect=True, size=256, max_pixels=10**6)[0].input.shape == by_name.input.shape
+    )
