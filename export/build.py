@@ -59,13 +59,9 @@ def read_labels(path: Path | None, classes: int) -> list[str]:
 def default_out(name: str, source_sha256: str) -> Path:
     """``~/.cache/npcam/NAME``, refusing to replace a bundle made from other weights."""
     out = (bundle_format.CACHE_DIR / name).expanduser()
-    meta_file = out / "bundle.json"
-    if meta_file.is_file():
-        try:
-            existing = json.loads(meta_file.read_text(encoding="utf-8")).get("source", {}).get("sha256")
-        except (OSError, ValueError, AttributeError):
-            existing = None
-        if existing != source_sha256:
+    if bundle_format.is_bundle(out):
+        source = (bundle_format.peek_meta(out) or {}).get("source")
+        if not isinstance(source, dict) or source.get("sha256") != source_sha256:
             raise ExportError(f"{out} holds a bundle of another model; choose a directory with --out (or delete it)")
     return out
 

@@ -96,7 +96,7 @@ def export_converted(
     ``int8_bound`` (an int8 original's): ``bound``, the self-check's absolute limit, replaces the split's
     one output step; the whole dict goes into bundle.json's ``source`` (see docs: the int8 TFLite bound).
     """
-    from . import __main__ as route  # the ONNX route's helpers (default directory, grey normalization)
+    from . import api as route  # the ONNX route's helpers (default directory, grey normalization)
 
     # tf2onnx keeps ops it cannot map, under their TensorFlow/TFLite names: onnxruntime cannot run those
     unknown = sorted({n.op_type for n in converted.graph.node if not onnx.defs.has(n.op_type, n.domain or "")})

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -139,17 +138,17 @@ def quantize_bundle(bundle: Path, meta: dict, images: Path) -> dict:
     """
     fp32 = npcam.load(bundle)
     inputs = calibration_inputs(images, fp32)
-    trunk = bundle / "trunk.onnx"
     results = {}
     fp32_ms = trunk_ms(fp32, inputs)
     with tempfile.TemporaryDirectory() as tmp:
         original = Path(tmp) / "fp32.onnx"
-        shutil.copyfile(trunk, original)
+        original.write_bytes(fp32.bundle.trunk)  # the bytes the fp32 model checked and runs
+        candidates = {}
         for name in SETTINGS:
             candidate = Path(tmp) / f"{name.replace(' ', '_')}.onnx"
             clipped = quantize_trunk(original, inputs, candidate, name)
-            shutil.copyfile(candidate, trunk)
-            bundle_format.seal(bundle, meta)
+            candidates[name] = candidate.read_bytes()
+            bundle_format.replace_trunk(bundle, candidates[name], meta)
             int8 = npcam.load(bundle)
             results[name] = {
                 **agreement(fp32, int8, inputs),
@@ -158,13 +157,12 @@ def quantize_bundle(bundle: Path, meta: dict, images: Path) -> dict:
             }
         faster = [n for n in results if results[n]["trunk_ms"] < fp32_ms]
         best = max(faster or results, key=lambda n: (results[n]["top1_agreement"], results[n]["cam_pearson"]))
-        shutil.copyfile(Path(tmp) / f"{best.replace(' ', '_')}.onnx", trunk)
     if results[best]["top1_agreement"] < MIN_AGREEMENT:
         raise ExportError(
             f"int8 trunk agrees with fp32 on only {results[best]['top1_agreement']:.0%} of the calibration images "
             f"(best of {', '.join(SETTINGS)}); keep the fp32 bundle"
         )
-    return {
+    meta = {
         **meta,
         "precision": "int8",
         "int8": {
@@ -178,6 +176,7 @@ def quantize_bundle(bundle: Path, meta: dict, images: Path) -> dict:
             "format": "QDQ, per-channel weights, MinMax calibration",
         },
     }
+    return bundle_format.replace_trunk(bundle, candidates[best], meta)
 
 
 def trunk_ms(model: npcam.Model, inputs: list[np.ndarray]) -> float:

@@ -23,7 +23,7 @@ from npcam.head import AffineHead, GraphHead
 from .errors import ExportError
 from .fold import fold
 from .graph import Values, index, inline_constant_ifs
-from .graph import dims as _dims  # export.__main__ reads it from here
+from .graph import dims as _dims  # export.api reads it from here
 from .graph import session as _session  # noqa: F401  (and this)
 from .head_finder import find_head, image_input, pool_layout, scores
 from .head_ops import head_ops

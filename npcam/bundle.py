@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NpcamError
+from .files import atomic_write
 from .head import AffineHead, GraphHead, Op
 from .image import as_size
 
@@ -571,8 +572,37 @@ def write(
 def seal(directory: Path, meta: dict) -> dict:
     """Hash the bundle's files and (re)write ``bundle.json``; call after changing a file."""
     meta = {**meta, "files": {name: sha256_file(directory / name) for name in files_for(meta["head"])}}
-    (directory / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    text = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
+    atomic_write(directory / "bundle.json", lambda f: f.write(text))
     return meta
+
+
+def replace_trunk(directory: Path, trunk: bytes, meta: dict) -> dict:
+    """Swap the trunk of the bundle in ``directory`` for ``trunk`` (serialized ONNX) and reseal it with ``meta``.
+
+    Each file is replaced whole (a reader sees the old trunk or the new one, never part of one); between the
+    two replacements the hashes disagree, so a reader refuses rather than runs a mismatched pair. To change a
+    bundle others may read, do it inside :func:`staged`. Returns the sealed metadata.
+    """
+    atomic_write(directory / "trunk.onnx", lambda f: f.write(trunk))
+    return seal(directory, meta)
+
+
+def is_bundle(directory: Path) -> bool:
+    """Whether ``directory`` holds a bundle (a ``bundle.json``; not checked: see :func:`read`)."""
+    return (directory / "bundle.json").is_file()
+
+
+def peek_meta(directory: Path) -> dict | None:
+    """``bundle.json``'s content, unchecked, or None when there is none or it is not a readable JSON object.
+
+    For the exporter's "is this my bundle?" question; use :func:`read` to load a bundle.
+    """
+    try:
+        meta = json.loads((directory / "bundle.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 @contextlib.contextmanager
@@ -584,7 +614,7 @@ def staged(out: Path) -> Iterator[Path]:
     existing ``out`` that is not a bundle is never replaced.
     """
     out = out.expanduser().absolute()
-    if out.exists() and not (out / "bundle.json").is_file():
+    if out.exists() and not is_bundle(out):
         raise NpcamError(f"{out}: exists and is not an npcam bundle; not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -312,7 +312,7 @@ def export_bundles(tmp: Path, int8: bool = True) -> tuple[dict[str, Path], dict[
     import torch
 
     from export import resnet
-    from export.__main__ import run as export
+    from export.api import run as export
     from export.archs import ARCHS
     from export.weights import find_weights
 

@@ -220,7 +220,7 @@ def export_resnet18(tmp: Path) -> tuple[Path, Path]:
     import torch
 
     from export import resnet
-    from export.__main__ import run as export
+    from export.api import run as export
 
     torch.manual_seed(0)
     weights = tmp / "resnet18-random.pth"

@@ -125,7 +125,7 @@ def resnet18_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def bundle(resnet18_weights, tmp_path_factory) -> Path:
-    from export.__main__ import run
+    from export.api import run
 
     return run("resnet18", tmp_path_factory.mktemp("bundles") / "resnet18", resnet18_weights)
 

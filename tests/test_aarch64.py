@@ -163,7 +163,7 @@ def tiny_bundles(tmp_path_factory) -> dict[str, Path]:
     """Bundles exported by the ``onnx`` route: an affine head (CAM), a graph head (Grad-CAM), and the affine
     model's int8 trunk once with each of the exporter's quantization settings (chosen here, not by timing)."""
     from export import quantize
-    from export.__main__ import run_onnx
+    from export.api import run_onnx
 
     tmp = tmp_path_factory.mktemp("arm64-bundles")
     models = {kind: tiny_classifier(tmp / f"{kind}.onnx", hidden=kind == "graph") for kind in ("affine", "graph")}

@@ -193,7 +193,7 @@ def test_each_wrong_key_is_named(copy, key, value, message):
 
 @pytest.fixture(scope="module")
 def graph_bundle(tmp_path_factory):
-    from export.__main__ import run_torch
+    from export.api import run_torch
 
     return run_torch("models:mlp_head", tmp_path_factory.mktemp("graph") / "b", input_size=128)
 

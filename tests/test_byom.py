@@ -23,7 +23,7 @@ from conftest import PHOTOS, record
 
 import npcam
 from export.__main__ import main as export_main
-from export.__main__ import run_onnx, run_torch
+from export.api import run_onnx, run_torch
 
 SIZE = 128
 

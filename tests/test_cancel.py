@@ -46,7 +46,7 @@ def test_scorecam_stops_at_the_batch_boundary_it_is_told_to(model):
 
 
 def test_ablation_on_a_graph_head_stops_between_batches_and_is_unchanged_by_batching(tmp_path, monkeypatch):
-    from export.__main__ import run_torch
+    from export.api import run_torch
 
     monkeypatch.setattr(methods, "ABLATION_BATCH", 48)  # 128 channels: batches of 48, 48 and 32
 

@@ -42,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import npcam
 from export.__main__ import main as export_main
-from export.__main__ import run_onnx
+from export.api import run_onnx
 
 RNG = np.random.default_rng(17)
 K = 6  # classes

@@ -13,7 +13,8 @@ from PIL import Image
 
 import npcam
 from export import build, resnet
-from export.__main__ import main, run
+from export.__main__ import main
+from export.api import run
 from export.archs import Arch
 from export.errors import ExportError
 from export.weights import find_weights

@@ -151,7 +151,7 @@ def test_ablation_weights_equal_brute_force_ablation(model, preds):
 
 
 def test_ablation_on_a_graph_head_equals_brute_force(tmp_path):
-    from export.__main__ import run_torch
+    from export.api import run_torch
 
     graph = npcam.load(run_torch("models:mlp_head", tmp_path / "b", input_size=128))
     pred = graph.predict(PHOTOS[0])
@@ -247,7 +247,7 @@ def v3(tmp_path_factory):
     """A MobileNetV3-like graph head (1x1 conv, HardSwish, Linear after the pooling) and its torch module."""
     import models
 
-    from export.__main__ import run_torch
+    from export.api import run_torch
 
     return npcam.load(
         run_torch("models:mobilenet_v3ish", tmp_path_factory.mktemp("v3") / "b", input_size=128)

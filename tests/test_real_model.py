@@ -18,7 +18,7 @@ from conftest import EVAL, PHOTOS, REPO, SAMPLE, needs_eval, random_resnet
 import npcam
 from export import archs
 from export.__main__ import main as export_main
-from export.__main__ import run
+from export.api import run
 from npcam.boxes import cam_box
 
 pytestmark = pytest.mark.slow  # big exports: EfficientNet-Lite and the deeper ResNets (see tests/tiers.py)

@@ -31,7 +31,7 @@ from onnx import TensorProto, numpy_helper, utils
 from onnx.reference import ReferenceEvaluator
 
 import npcam
-from export.__main__ import run_onnx
+from export.api import run_onnx
 
 pytestmark = pytest.mark.slow  # third-party models (see tests/tiers.py)
 

