@@ -1,4 +1,5 @@
-"""Export a torch ImageNet classifier as an npcam model bundle (needs torch).
+"""Export a classifier as an npcam model bundle.
 
-``python -m export resnet18 --out DIR [--weights FILE]``; see :mod:`export.__main__`.
+``python -m export resnet18 --out DIR [--weights FILE]``; the library is :mod:`export.api`,
+the command line :mod:`export.__main__`.
 """

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
 
 import torch
+
+from npcam.files import atomic_write
 
 from .archs import Arch
 from .errors import ExportError
@@ -72,12 +72,11 @@ def download(url: str, dest: Path) -> Path:
     If the file name has torch hub's ``-<sha256 prefix>.`` the content must
     match it, else nothing is kept.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
     match = re.search(r"-([a-f0-9]{6,})\.", dest.name)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
+
+    def fetch(out) -> None:  # raising leaves nothing at dest (atomic_write removes its temporary file)
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=30) as response:
             total = int(response.headers.get("Content-Length") or 0)
             done = 0
             while chunk := response.read(1 << 20):
@@ -89,11 +88,9 @@ def download(url: str, dest: Path) -> Path:
             sys.stderr.write("\n")
         if match and not digest.hexdigest().startswith(match.group(1)):
             raise ExportError(f"{url}: sha256 {digest.hexdigest()[:12]}… does not match {match.group(1)}")
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(dest, fetch)
+    return dest
 
 
 def _progress(name: str, done: int, total: int) -> None:
