@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 
 from npcam import NpcamError
+from npcam.arguments import OneLineParser, between
 from npcam.bundle import CACHE_DIR, default_model_dir, sha256_file
-from npcam.cli import OneLineParser, between
 
 from . import build
 from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD
