@@ -13,7 +13,7 @@ import re
 
 from .boxes import DEFAULT_THRESHOLD, PAPER_THRESHOLD, parse_threshold
 from .errors import NpcamError
-from .explain import MAX_TOP, Options
+from .explain import ALPHA, MAX_TOP, Options
 from .image import MAX_PIXELS, parse_size
 from .methods import METHODS, names, resolve
 
@@ -81,8 +81,11 @@ def fraction(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, not {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 (the photo) and 1 (the heat map alone), not {value}")
+    low, high = ALPHA
+    if not low <= value <= high:  # refused here too, so that the mistake exits before the model loads
+        raise argparse.ArgumentTypeError(
+            f"must be between {low:g} (the photo) and {high:g} (the heat map alone), not {value}"
+        )
     return value
 
 
