@@ -22,8 +22,8 @@ from pathlib import Path
 import onnx
 
 from npcam import NpcamError
+from npcam.arguments import OneLineParser, between
 from npcam.bundle import CACHE_DIR
-from npcam.cli import OneLineParser, between
 
 from .api import OPSET, auto, run, run_onnx, run_torch
 from .archs import ARCHS

@@ -17,154 +17,25 @@ from contextlib import closing
 from pathlib import Path
 
 from . import __version__
-from .boxes import DEFAULT_THRESHOLD, PAPER_THRESHOLD, parse_threshold
+from .arguments import (
+    MAX_THREADS,
+    OneLineParser,
+    add_explanation_options,
+    between,
+    flag_words,
+    fraction,
+    methods_help,
+    options_from,
+)
 from .errors import NpcamError
-from .explain import Options, explain_files
+from .explain import explain_files
 from .files import find_images, plan_outputs
-from .image import MAX_PIXELS, parse_size
-from .methods import ALIASES, METHODS
+from .methods import METHODS
 from .model import Model, default_model_dir
 from .record import error as error_record
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 SUBCOMMANDS = ("serve", "dataset")
-
-
-def _threshold(text: str) -> float | str:
-    try:
-        return parse_threshold(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be 'mean' or a fraction of the max in (0, 1], e.g. {PAPER_THRESHOLD}; not {text!r}"
-        ) from None
-
-
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
-
-    return parse
-
-
-def input_size(text: str) -> tuple[int, int]:
-    """An argparse type: ``S`` or ``HxW`` as ``(H, W)``."""
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, not {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 (the photo) and 1 (the heat map alone), not {value}")
-    return value
-
-
-def _method(text: str) -> str:
-    name = ALIASES.get(text.lower(), text.lower())
-    if name not in METHODS:
-        raise argparse.ArgumentTypeError(f"must be one of {', '.join(METHODS)} (or gradcam++), not {text!r}")
-    return name
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (and exit 2): the usage is for ``--help`` to print."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def between(low: int, high: int | None = None):
-    """An argparse type: a whole number in ``[low, high]`` (no upper bound for None)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
-        return value
-
-    return parse
-
-
-def seconds(text: str) -> float:
-    """An argparse type: a duration, more than 0 and at most a day."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds, not {text}")
-    return value
-
-
-MAX_THREADS = 1024  # onnxruntime starts them all at load
-
-
-def add_explanation_options(p: argparse.ArgumentParser) -> None:
-    """The options that choose what is explained and how; shared with ``npcam dataset``."""
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--class", dest="class_", metavar="IDX|LABEL", help="explain this class (default: the top-1)")
-    which.add_argument("--top", type=_at_least(1), default=1, metavar="K", help="explain each of the top K classes")
-    p.add_argument(
-        "--method", type=_method, help="explanation method (default: cam, or gradcam for a non-affine head; see below)"
-    )
-    p.add_argument(
-        "--keep-aspect",
-        action="store_true",
-        help="keep the photo's aspect instead of squashing it to the input size: scale it to the smallest size "
-        "that covers the input (a square model's: the short side to S; a 48x192 model's: the height to 48 for "
-        "photos wider than 4:1), each side at most 4x the input's",
-    )
-    p.add_argument(
-        "--size",
-        type=input_size,
-        metavar="S|HxW",
-        help="network input size, S (S x S) or height x width, e.g. 48x192 (default: the bundle's)",
-    )
-    p.add_argument("--bbox", action="store_true", help="find each map's bounding box (drawn, and in the record)")
-    p.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=DEFAULT_THRESHOLD,
-        help=f"box threshold: 'mean' (the map's mean, default) or a fraction of its max (the paper's is {PAPER_THRESHOLD})",
-    )
-    p.add_argument(
-        "--max-pixels", type=_at_least(1), default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
-    )
-
-
-def options_from(args: argparse.Namespace, **extra) -> Options:
-    """The library's :class:`Options` from parsed arguments."""
-    return Options(
-        classes=(args.class_,) if args.class_ is not None else (),
-        top=args.top,
-        method=args.method,
-        bbox=args.bbox,
-        threshold=args.threshold,
-        keep_aspect=args.keep_aspect,
-        size=args.size,
-        max_pixels=args.max_pixels,
-        **extra,
-    )
-
-
-def methods_help() -> str:
-    width = max(map(len, METHODS))
-    return "methods:\n" + "\n".join(f"  {name:<{width}}  {m.summary}" for name, m in METHODS.items())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save-cam", action="store_true", help="also write each full-resolution map as float32 .npy")
     p.add_argument(
         "--max-side",
-        type=_at_least(1),
+        type=between(1),
         metavar="N",
         help="write overlays at most N pixels on their long side (records and .npy maps keep the photo's size)",
     )
@@ -251,7 +122,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
         model = Model(args.model or default_model_dir(), threads=threads)
         options = options_from(args, alpha=args.alpha, save_cam=args.save_cam).checked(model)
     except NpcamError as e:
-        _error(str(e))
+        _error(flag_words(str(e)))
         return EXIT_USAGE
     if found.skipped:
         print(f"npcam: skipped {found.skipped} image(s) npcam wrote in an earlier run", file=sys.stderr)
@@ -274,6 +145,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
             if isinstance(result, str):
                 failed += 1
                 progress.clear()
+                result = flag_words(result)
                 _error(result)
                 if args.json:
                     print(json.dumps(error_record(str(job.image), result)), flush=True)

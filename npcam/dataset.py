@@ -335,7 +335,16 @@ def _probe(address: str, timeout: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import OneLineParser, add_explanation_options, between, fraction, methods_help, options_from, seconds
+    from .arguments import (
+        OneLineParser,
+        add_explanation_options,
+        between,
+        flag_words,
+        fraction,
+        methods_help,
+        options_from,
+        seconds,
+    )
 
     p = OneLineParser(
         prog="npcam dataset",
@@ -370,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(args.src, args.model, args.out, options, args.overlays, args.address, args.actors,
                       args.batch_size, args.rows_per_file, args.connect_timeout)  # fmt: skip
     except NpcamError as e:
-        print(f"npcam dataset: error: {e}", file=sys.stderr)
+        print(f"npcam dataset: error: {flag_words(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("npcam dataset: interrupted; run the same command again to finish", file=sys.stderr)

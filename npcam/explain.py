@@ -33,6 +33,10 @@ from .methods import Progress, ShouldStop
 from .model import Model, Prediction
 from .upsample import upsample
 
+# The limits of Options, the same in every front-end (the CLI, serve, dataset take them from here).
+MAX_TOP = 1000  # classes explained per image: each is one map and one overlay
+ALPHA = (0.0, 1.0)  # overlay opacity: the photo alone .. the heat map alone
+
 
 @dataclass(frozen=True)
 class Options:
@@ -66,11 +70,17 @@ class Options:
     lowres: bool = False
 
     def checked(self, model: Model) -> Options:
-        """These options made concrete for ``model`` (class indices, method name); one-line errors otherwise."""
-        if not 0.0 <= self.alpha <= 1.0:
-            raise NpcamError(f"alpha must be between 0 and 1, not {self.alpha}")
-        if self.top < 1:
-            raise NpcamError(f"top must be at least 1, not {self.top}")
+        """These options made concrete for ``model`` (class indices, method name); one-line errors otherwise.
+
+        The one place options are validated; messages name the fields as here
+        (``alpha``, ``size=HxW``, ``keep_aspect``), for front-ends to put into
+        their own words (:func:`npcam.arguments.flag_words`).
+        """
+        low, high = ALPHA
+        if not low <= self.alpha <= high:  # also refuses NaN
+            raise NpcamError(f"alpha must be between {low} and {high}, not {self.alpha}")
+        if not 1 <= self.top <= MAX_TOP:
+            raise NpcamError(f"top must be between 1 and {MAX_TOP}, not {self.top}")
         if self.max_pixels < 1:
             raise NpcamError(f"max_pixels must be at least 1, not {self.max_pixels}")
         size = model.check_input_options(self.keep_aspect, self.size)

@@ -23,7 +23,7 @@ from .errors import NpcamError
 ImageLike = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
 # 100 MP: a 12 MP photo needs ~0.5 GB of working memory end to end; this
-# bound keeps the worst case near 4 GB. The CLI's --max-pixels raises it.
+# bound keeps the worst case near 4 GB. Options.max_pixels (the CLI's --max-pixels) raises it.
 MAX_PIXELS = 100_000_000
 
 # Network inputs from large images: Pillow's resize first averages boxes of
@@ -104,7 +104,7 @@ def _decode_sized(
             if width * height > max_pixels:
                 raise NpcamError(
                     f"{name}: {width}x{height} is {width * height:,} pixels, over the limit "
-                    f"of {max_pixels:,} (raise it with --max-pixels)"
+                    f"of {max_pixels:,} (raise it with max_pixels)"
                 )
             img.seek(0)  # first frame of an animation
             if min_size and img.format == "JPEG":

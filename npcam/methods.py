@@ -243,9 +243,40 @@ METHODS: dict[str, Method] = {
 ALIASES = {"gradcam++": "gradcampp"}
 
 
-def get(name: str) -> Method:
-    """The method called ``name`` (case-insensitive); a one-line error lists the valid names."""
+def names() -> str:
+    """The valid method names for a message: ``"cam, gradcam, ... (or gradcam++)"``."""
+    return f"{', '.join(METHODS)} (or {', '.join(ALIASES)})"
+
+
+def resolve(name: str, head_kind: str | None = None) -> Method:
+    """The method called ``name`` (case-insensitive, or an alias), checked against a head of ``head_kind``.
+
+    The one place that turns a name into a method: every front-end goes
+    through it. One-line errors name the valid methods, or say why this head
+    cannot take the method. ``head_kind`` None skips the head check.
+    """
     key = ALIASES.get(name.lower(), name.lower())
     if key not in METHODS:
-        raise NpcamError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[key]
+        raise NpcamError(f"unknown method {name!r}; choose one of {names()}")
+    method = METHODS[key]
+    if head_kind is not None and not allows(method, head_kind):
+        raise NpcamError(
+            f"method {method.name} needs a head that is one affine layer after global "
+            f"pooling (CAM is defined only there); this model's head is not, so use gradcam"
+        )
+    return method
+
+
+def allows(method: Method, head_kind: str) -> bool:
+    """Whether a head of ``head_kind`` can take ``method`` (CAM's weights exist only on an affine head)."""
+    return not (method.affine_only and head_kind != "affine")
+
+
+def allowed(head_kind: str) -> list[str]:
+    """The names of every method a head of ``head_kind`` can take, in :data:`METHODS` order."""
+    return [name for name, m in METHODS.items() if allows(m, head_kind)]
+
+
+def get(name: str) -> Method:
+    """The method called ``name`` (case-insensitive); a one-line error lists the valid names."""
+    return resolve(name)

@@ -167,7 +167,7 @@ class Model:
         """
         size = as_size(size)
         if self.bundle.fixed_size and (keep_aspect or (size and size != self.input_size)):
-            option = "--keep-aspect" if keep_aspect else f"--size {format_size(size)}"
+            option = "keep_aspect" if keep_aspect else f"size={format_size(size)}"
             raise NpcamError(
                 f"{self.path}: this model's trunk takes only {format_size(self.input_size)} inputs (height x "
                 f"width); {option} cannot be used with it"
@@ -266,13 +266,11 @@ class Model:
 
     def method(self, name: str | None = None) -> methods_lib.Method:
         """The named method (default: :attr:`default_method`), checked against this model's head."""
-        method = methods_lib.get(name or self.default_method)
-        if method.affine_only and self.head.kind != "affine":
-            raise NpcamError(
-                f"{self.path}: --method {method.name} needs a head that is one affine layer after global "
-                f"pooling (CAM is defined only there); this model's head is not, so use gradcam"
-            )
-        return method
+        method = methods_lib.resolve(name or self.default_method)  # an unknown name: not this model's fault
+        try:
+            return methods_lib.resolve(method.name, self.head.kind)
+        except NpcamError as e:
+            raise NpcamError(f"{self.path}: {e}") from None
 
     def cam(
         self,

@@ -46,8 +46,9 @@ from .errors import NpcamError
 from .explain import Options, describe, draw, explain
 from .files import encode_image
 from .image import MAX_PIXELS, parse_size
-from .methods import METHODS
-from .methods import get as get_method
+from .methods import METHODS, allowed
+from .methods import names as method_names
+from .methods import resolve as resolve_method
 
 MAX_BODY = 25 * 2**20  # bytes; a 12 MP JPEG is 3-8 MB
 DRAIN = 64 * 2**20  # an oversized body up to this size is read to its end before the 413 goes out
@@ -68,7 +69,7 @@ class BadRequest(Exception):
 def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
     """The explanation options and the response format from the query string; 422 for a bad value."""
 
-    def number(name, kind, default, low=None, high=None):
+    def number(name, kind, default):
         text = query.get(name)
         if text is None:
             return default
@@ -76,9 +77,7 @@ def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
             value = kind(text)
         except ValueError:
             raise BadRequest(422, f"{name} must be a {kind.__name__}, not {text!r}") from None
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise BadRequest(422, f"{name} must be between {low} and {high}, not {value}")
-        return value
+        return value  # its range is checked once, by Options.checked
 
     def input_size():
         text = query.get("size")
@@ -98,8 +97,11 @@ def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
     if fmt not in ("json", "jpeg", "jpg", "png"):
         raise BadRequest(422, f"format must be json, jpeg or png, not {fmt!r}")
     method = query.get("method")
-    if method is not None and method.lower().replace("++", "pp") not in METHODS:
-        raise BadRequest(422, f"method must be one of {', '.join(METHODS)}, not {method!r}")
+    if method is not None:
+        try:
+            method = resolve_method(method).name
+        except NpcamError:
+            raise BadRequest(422, f"method must be one of {method_names()}, not {method!r}") from None
     try:
         threshold = parse_threshold(query.get("threshold", "mean"))
     except ValueError:
@@ -108,9 +110,9 @@ def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
         ) from None
     options = Options(
         classes=(query["class"],) if query.get("class") else (),
-        top=number("top", int, 1, 1, 1000),
+        top=number("top", int, 1),
         method=method,
-        alpha=number("alpha", float, 0.5, 0.0, 1.0),
+        alpha=number("alpha", float, 0.5),
         bbox=flag("bbox"),
         threshold=threshold,
         keep_aspect=flag("keep_aspect"),
@@ -213,7 +215,7 @@ def bearer_check(token: str | None):
 def allowed_methods(model, names: str | None) -> list[str]:
     """The methods this deployment offers: those of ``--methods a,b,c`` (default: all the model's head allows)."""
     if names is None:
-        return [name for name, m in METHODS.items() if not (m.affine_only and model.head.kind != "affine")]
+        return allowed(model.head.kind)
     wanted = [name.strip() for name in names.split(",") if name.strip()]
     if not wanted:
         raise NpcamError("--methods names no method")
@@ -347,7 +349,7 @@ def make_app(
 
     def offered_method(options: Options) -> str:
         """The request's method, resolved; 403 for one this deployment does not offer (``--methods``)."""
-        name = get_method(options.method).name if options.method else default_method
+        name = options.method or default_method
         if name not in offered and name in usable:  # one the head cannot take gets its 422 from Options.checked
             raise BadRequest(
                 403, f"method {name} is not offered by this server (--methods); choose one of {', '.join(offered)}"
@@ -484,7 +486,7 @@ class _AccessLog:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import MAX_THREADS, OneLineParser, between
+    from .arguments import MAX_THREADS, OneLineParser, between
     from .model import Model, default_model_dir
 
     p = OneLineParser(prog="npcam serve", description="Serve npcam over HTTP, with a web page at /.")
@@ -559,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
 def add_admission_options(p: argparse.ArgumentParser) -> None:
     """What the server offers, to whom, and how much at once."""
 
-    from .cli import MAX_THREADS, between
+    from .arguments import MAX_THREADS, between
 
     def seconds(text: str) -> float:
         try:

@@ -101,6 +101,7 @@ def test_explain_as_an_image(server, model, fmt):
         ("?class=5000", None, 422, "out of range"),
         ("?alpha=2", None, 422, "alpha must be between 0.0 and 1.0"),
         ("?top=zero", None, 422, "top must be a int"),
+        ("?top=1001", None, 422, "top must be between 1 and 1000"),  # the limit of Options, as in the CLI
         ("?format=gif", None, 422, "format must be json, jpeg or png"),
         ("?method=magic", None, 422, "method must be one of cam"),
         ("?threshold=3", None, 422, "threshold must be 'mean'"),

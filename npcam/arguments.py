@@ -1,0 +1,179 @@
+"""The argparse pieces that ``npcam``, ``npcam serve`` and ``npcam dataset`` share; none imports another.
+
+A one-line-error parser, range types, the explanation options and the
+builder that turns them into :class:`npcam.explain.Options`. The ranges come
+from the constants beside ``Options``, so every front-end has the same limits;
+:func:`flag_words` puts a library message's option names into flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from .boxes import DEFAULT_THRESHOLD, PAPER_THRESHOLD, parse_threshold
+from .errors import NpcamError
+from .explain import ALPHA, MAX_TOP, Options
+from .image import MAX_PIXELS, parse_size
+from .methods import METHODS, names, resolve
+
+EXIT_USAGE = 2
+MAX_THREADS = 1024  # onnxruntime starts them all at load
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (and exit 2): the usage is for ``--help`` to print."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def between(low: int, high: int | None = None):
+    """An argparse type: a whole number in ``[low, high]`` (no upper bound for None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
+        return value
+
+    return parse
+
+
+def count(low: int, high: int):
+    """An argparse type: a whole number in ``[low, high]``, the error naming the side that was crossed."""
+
+    def parse(text: str) -> int:
+        value = between(low)(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, not {value}")
+        return value
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a duration, more than 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds, not {text}")
+    return value
+
+
+def input_size(text: str) -> tuple[int, int]:
+    """An argparse type: ``S`` or ``HxW`` as ``(H, W)``."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def fraction(text: str) -> float:
+    """An argparse type: the overlay's alpha, a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, not {text!r}") from None
+    low, high = ALPHA
+    if not low <= value <= high:  # refused here too, so that the mistake exits before the model loads
+        raise argparse.ArgumentTypeError(
+            f"must be between {low:g} (the photo) and {high:g} (the heat map alone), not {value}"
+        )
+    return value
+
+
+def _threshold(text: str) -> float | str:
+    try:
+        return parse_threshold(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 'mean' or a fraction of the max in (0, 1], e.g. {PAPER_THRESHOLD}; not {text!r}"
+        ) from None
+
+
+def _method(text: str) -> str:
+    try:
+        return resolve(text).name
+    except NpcamError:
+        raise argparse.ArgumentTypeError(f"must be one of {names()}, not {text!r}") from None
+
+
+def add_explanation_options(p: argparse.ArgumentParser) -> None:
+    """The options that choose what is explained and how; shared by ``npcam`` and ``npcam dataset``."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--class", dest="class_", metavar="IDX|LABEL", help="explain this class (default: the top-1)")
+    which.add_argument(
+        "--top",
+        type=count(1, MAX_TOP),
+        default=1,
+        metavar="K",
+        help=f"explain each of the top K classes (K <= {MAX_TOP})",
+    )
+    p.add_argument(
+        "--method", type=_method, help="explanation method (default: cam, or gradcam for a non-affine head; see below)"
+    )
+    p.add_argument(
+        "--keep-aspect",
+        action="store_true",
+        help="keep the photo's aspect instead of squashing it to the input size: scale it to the smallest size "
+        "that covers the input (a square model's: the short side to S; a 48x192 model's: the height to 48 for "
+        "photos wider than 4:1), each side at most 4x the input's",
+    )
+    p.add_argument(
+        "--size",
+        type=input_size,
+        metavar="S|HxW",
+        help="network input size, S (S x S) or height x width, e.g. 48x192 (default: the bundle's)",
+    )
+    p.add_argument("--bbox", action="store_true", help="find each map's bounding box (drawn, and in the record)")
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=DEFAULT_THRESHOLD,
+        help=f"box threshold: 'mean' (the map's mean, default) or a fraction of its max (the paper's is {PAPER_THRESHOLD})",
+    )
+    p.add_argument(
+        "--max-pixels", type=between(1), default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
+    )
+
+
+def options_from(args: argparse.Namespace, **extra) -> Options:
+    """The library's :class:`Options` from parsed arguments (still to be :meth:`~Options.checked`)."""
+    return Options(
+        classes=(args.class_,) if args.class_ is not None else (),
+        top=args.top,
+        method=args.method,
+        bbox=args.bbox,
+        threshold=args.threshold,
+        keep_aspect=args.keep_aspect,
+        size=args.size,
+        max_pixels=args.max_pixels,
+        **extra,
+    )
+
+
+def methods_help() -> str:
+    width = max(map(len, METHODS))
+    return "methods:\n" + "\n".join(f"  {name:<{width}}  {m.summary}" for name, m in METHODS.items())
+
+
+# A library message names an option as its Options field: ``max_pixels``, or ``size=100x100``.
+_FIELD = re.compile(r"\b(keep_aspect|max_pixels|save_cam)\b|\b(size|method|alpha|top|threshold)=(\S+)")
+
+
+def flag_words(message: str) -> str:
+    """A library message in the CLI's words: ``keep_aspect`` -> ``--keep-aspect``, ``size=S`` -> ``--size S``."""
+
+    def flag(m: re.Match) -> str:
+        if m.group(1):
+            return "--" + m.group(1).replace("_", "-")
+        return f"--{m.group(2)} {m.group(3)}"
+
+    return _FIELD.sub(flag, message)
