@@ -148,6 +148,15 @@ def test_a_killed_run_finishes_on_the_second_with_nothing_lost_or_duplicated(bun
         time.sleep(0.1)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and its embedded Ray, mid-run
     process.wait()
+    # Ray's worker processes notice their driver's death a moment later and may finish a file meanwhile: the
+    # killed run is over once its files stop changing (a second run started earlier would race with them).
+    settled, seen = time.monotonic() + 30, None
+    while time.monotonic() < settled:
+        now = sorted((p.name, p.stat().st_size if p.exists() else -1) for p in dest.glob("*.parquet"))
+        if now == seen:
+            break
+        seen = now
+        time.sleep(3)
     partial = len(list(dest.glob("*.parquet")))
     assert 5 <= partial < 60, process.stderr.read()[-2000:]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
