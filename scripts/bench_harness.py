@@ -84,8 +84,13 @@ def worker(spec: dict) -> None:
 
 
 class Worker:
-    def __init__(self, spec: dict):
-        command = [sys.executable, __file__, json.dumps(spec)]
+    """A benchmark worker process: one JSON line each way over stdin/stdout.
+
+    ``command`` starts it, the spec is its last argument (default: this file's own worker).
+    """
+
+    def __init__(self, spec: dict, command: list[str] | None = None):
+        command = [*(command or [sys.executable, __file__]), json.dumps(spec)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ask(None)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -196,26 +195,6 @@ def worker(spec: dict) -> None:
         print(json.dumps(reply), flush=True)
 
 
-class Worker:
-    def __init__(self, spec: dict):
-        command = [sys.executable, __file__, "--worker", json.dumps(spec)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.ask(None)
-
-    def ask(self, command: dict | None) -> dict:
-        if command is not None:
-            self.process.stdin.write(json.dumps(command) + "\n")
-            self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"a benchmark worker died (exit {self.process.wait()})")
-        return json.loads(line)
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait()
-
-
 def export_resnet18(tmp: Path) -> tuple[Path, Path]:
     import torch
 
@@ -255,7 +234,7 @@ def main() -> int:
         for i, kind in enumerate(kinds):
             (tmp / f"out{i}").mkdir()
             spec = {"kind": kind, "bundle": str(bundle), "weights": str(weights), "out": str(tmp / f"out{i}")}
-            workers[kind] = Worker(spec)
+            workers[kind] = bench_harness.Worker(spec, [sys.executable, __file__, "--worker"])
         totals: dict[str, list[float]] = {k: [] for k in kinds}
         stages: dict[str, dict[str, list[float]]] = {}
         print(f"{len(kinds)} methods, {len(photos)} photos, {args.rounds} rounds…", file=sys.stderr)
