@@ -7,7 +7,7 @@ The data flows image -> tensor -> features -> CAM -> overlay::
     pred = model.predict("photo.jpg")       # one onnxruntime call
     pred.top(5)                             # [(index, label, probability), ...]
     cam = model.cam(pred, size=pred.image.shape[:2])   # float32 [H, W] in [0, 1]
-    picture = model.overlay(pred, alpha=0.5)            # uint8 [H, W, 3]
+    picture = npcam.overlay(pred.image, cam, alpha=0.5)  # uint8 [H, W, 3]
 
 The pieces are plain functions on arrays and can be used alone: see
 :mod:`npcam.cam`, :mod:`npcam.upsample`, :mod:`npcam.render`, :mod:`npcam.image`.

@@ -71,6 +71,11 @@ class Bundle:
     labels: tuple[str, ...]
 
     @property
+    def arch(self) -> str:
+        """The architecture's name, e.g. ``resnet18``."""
+        return self.meta["arch"]
+
+    @property
     def input_size(self) -> tuple[int, int]:
         """The network input ``(height, width)`` the model was made for."""
         return tuple(self.meta["input_size"])

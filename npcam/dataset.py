@@ -176,8 +176,8 @@ def run(
     stamp = json.loads(
         json.dumps(
             {
-                "bundle": bundle_format.digest(model.meta),
-                "arch": model.arch,
+                "bundle": bundle_format.digest(model.bundle.meta),
+                "arch": model.bundle.arch,
                 "options": {k: v for k, v in asdict(options).items() if k != "max_pixels"},
                 "npcam": __version__.split(".")[0],
             }
@@ -207,7 +207,7 @@ def run(
         blocks = min(len(items), max(pool, min(len(items) // batch_size, 10_000)))
         dataset = ray.data.from_items(items, override_num_blocks=blocks)
         dataset = dataset.map_batches(
-            explainer_class(str(model.path), options),
+            explainer_class(str(model.bundle.path), options),
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=pool),

@@ -29,7 +29,8 @@ from .boxes import DEFAULT_THRESHOLD, Box, cam_box
 from .errors import NpcamError
 from .files import Job, save_array, save_image
 from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, rgbx_base
-from .methods import Progress, ShouldStop
+from .labels import class_index
+from .methods import Progress, ShouldStop, default_name, resolve
 from .model import Model, Prediction
 from .upsample import upsample
 
@@ -87,8 +88,8 @@ class Options:
         return replace(
             self,
             size=size,
-            classes=tuple(model.class_index(c) for c in self.classes),
-            method=model.method(self.method).name,
+            classes=tuple(class_index(model.labels, c) for c in self.classes),
+            method=resolve(self.method, model.head.kind, model.bundle.path).name,
         )
 
 
@@ -145,7 +146,7 @@ def explain(
     (:class:`npcam.methods.Cancelled` when it returns true).
     """
     label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
-    network = int(np.ceil(REDUCING_GAP * max(as_size(options.size) or model.input_size)))
+    network = int(np.ceil(REDUCING_GAP * max(as_size(options.size) or model.bundle.input_size)))
     min_size = max(network, max_side) if max_side else None if pixels else network
     pil, rgb, size = read_photo(image, options.max_pixels, label, min_size)
     x = model.preprocess(pil, options.keep_aspect, options.size)
@@ -153,10 +154,10 @@ def explain(
         scale = max_side / max(pil.size)
         fit = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
         rgb = read_photo(pil.resize(fit, Image.BILINEAR, reducing_gap=REDUCING_GAP))[1]
-    prediction = model.predict_batch([rgb], [x], [size])[0]
+    prediction = model.classify([rgb], [x], [size])[0]
     classes = list(options.classes) or [c for c, _, _ in prediction.top(options.top)]
     maps = model.cam(prediction, classes, method=options.method, progress=progress, should_stop=should_stop)
-    return Explanation(label, prediction, options.method or model.default_method, classes, maps)
+    return Explanation(label, prediction, options.method or default_name(model.head.kind), classes, maps)
 
 
 def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:

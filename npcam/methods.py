@@ -248,23 +248,35 @@ def names() -> str:
     return f"{', '.join(METHODS)} (or {', '.join(ALIASES)})"
 
 
-def resolve(name: str, head_kind: str | None = None) -> Method:
+def resolve(name: str | None, head_kind: str | None = None, source: object = None) -> Method:
     """The method called ``name`` (case-insensitive, or an alias), checked against a head of ``head_kind``.
 
     The one place that turns a name into a method: every front-end goes
     through it. One-line errors name the valid methods, or say why this head
-    cannot take the method. ``head_kind`` None skips the head check.
+    cannot take the method. ``head_kind`` None skips the head check; ``name``
+    None is that head's :func:`default_name`. ``source`` (a bundle's path)
+    opens the head-check's error: the bundle, not the name, is at fault there.
     """
+    if name is None:
+        if head_kind is None:
+            raise ValueError("resolve(None) needs the head_kind whose default it is")
+        name = default_name(head_kind)
     key = ALIASES.get(name.lower(), name.lower())
     if key not in METHODS:
         raise NpcamError(f"unknown method {name!r}; choose one of {names()}")
     method = METHODS[key]
     if head_kind is not None and not allows(method, head_kind):
         raise NpcamError(
-            f"method {method.name} needs a head that is one affine layer after global "
+            ("" if source is None else f"{source}: ")
+            + f"method {method.name} needs a head that is one affine layer after global "
             f"pooling (CAM is defined only there); this model's head is not, so use gradcam"
         )
     return method
+
+
+def default_name(head_kind: str) -> str:
+    """``cam`` for an affine head (where CAM is defined), ``gradcam`` for any other."""
+    return "cam" if head_kind == "affine" else "gradcam"
 
 
 def allows(method: Method, head_kind: str) -> bool:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import onnxruntime as ort
@@ -18,10 +19,10 @@ from PIL import Image
 
 from . import bundle as bundle_format
 from . import methods as methods_lib
-from . import render
 from .cam import normalize, pool, probabilities
 from .errors import NpcamError
 from .image import MAX_PIXELS, ImageLike, Size, as_size, format_size, open_image, preprocess
+from .labels import class_index
 from .upsample import upsample
 
 default_model_dir = bundle_format.default_model_dir
@@ -72,7 +73,10 @@ class Prediction:
 
 
 class Model:
-    """A loaded bundle: the onnxruntime trunk, the NumPy head and the labels.
+    """A loaded bundle run: the onnxruntime trunk, then the NumPy head.
+
+    Facts about the model (input size, statistics, labels, metadata, path)
+    are the bundle's: ``model.bundle.input_size`` etc. (:class:`npcam.bundle.Bundle`).
 
     Parameters
     ----------
@@ -83,42 +87,25 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, verify: bool = True):
         self.bundle = bundle_format.read(path, verify)
-        self.path: Path = self.bundle.path
-        self.meta = self.bundle.meta
-        self.head = self.bundle.head
-        self.labels = self.bundle.labels
-        self.arch: str = self.meta["arch"]
-        self.input_size: Size = self.bundle.input_size  # (height, width)
-        self.mean, self.std = self.bundle.mean, self.bundle.std
-        self.session = _open_session(self.path / "trunk.onnx", self.bundle.trunk, self.head.channels, threads)
+        self.session = _open_session(self.bundle.path / "trunk.onnx", self.bundle.trunk, self.head.channels, threads)
         batch = self.session.get_inputs()[0].shape[0]
         self._batch_limit = batch if isinstance(batch, int) else None
 
+    @property
+    def head(self):
+        """The bundle's head (:mod:`npcam.head`), which :meth:`scores` and the methods run."""
+        return self.bundle.head
+
+    @property
+    def labels(self) -> Sequence[str]:
+        """The bundle's K class names."""
+        return self.bundle.labels
+
     def __repr__(self) -> str:
         return (
-            f"Model({str(self.path)!r}, arch={self.arch!r}, head={self.head.kind!r}, "
+            f"Model({str(self.bundle.path)!r}, arch={self.bundle.arch!r}, head={self.head.kind!r}, "
             f"channels={self.head.channels}, classes={self.head.classes})"
         )
-
-    @property
-    def fc_weight(self) -> np.ndarray:
-        """The FC layer's weight, float32 ``[K, C]`` (affine heads only)."""
-        return self._affine().weight
-
-    @property
-    def fc_bias(self) -> np.ndarray:
-        """The FC layer's bias, float32 ``[K]`` (affine heads only)."""
-        return self._affine().bias
-
-    def _affine(self):
-        if self.head.kind != "affine":
-            raise NpcamError(f"{self.path}: this model's head is not one affine layer, so it has no FC weights")
-        return self.head
-
-    @property
-    def default_method(self) -> str:
-        """``cam`` for an affine head (where CAM is defined), ``gradcam`` for any other."""
-        return "cam" if self.head.kind == "affine" else "gradcam"
 
     # image -> features -> scores
 
@@ -126,15 +113,14 @@ class Model:
         """Run the trunk: float32 ``[N, 3, H, W]`` to float32 ``[N, C, h, w]``."""
         if self._batch_limit is not None and len(batch) != self._batch_limit:
             return np.concatenate([self.features(batch[i : i + 1]) for i in range(len(batch))])
+        trunk = self.bundle.path / "trunk.onnx"
         try:
             (features,) = self.session.run(["features"], {"image": batch})
         except Exception as e:  # onnxruntime's own types (a failed allocation, a shape it cannot take)
-            raise NpcamError(
-                f"{self.path / 'trunk.onnx'}: onnxruntime cannot run it on this input ({_first_line(e)})"
-            ) from None
+            raise NpcamError(f"{trunk}: onnxruntime cannot run it on this input ({_first_line(e)})") from None
         if features.ndim != 4 or features.shape[1] != self.head.channels:
             raise NpcamError(
-                f"{self.path / 'trunk.onnx'}: gives features of shape {list(features.shape)}, "
+                f"{trunk}: gives features of shape {list(features.shape)}, "
                 f"the head expects [N, {self.head.channels}, h, w]"
             )
         return features
@@ -156,7 +142,11 @@ class Model:
         """
         size = self.check_input_options(keep_aspect, size)
         pil = image if isinstance(image, Image.Image) and image.mode == "RGB" else open_image(image)
-        return preprocess(pil, size or self.input_size, self.mean, self.std, keep_aspect)
+        return self._input(pil, keep_aspect, size)
+
+    def _input(self, pil: Image.Image, keep_aspect: bool, size: Size | None) -> np.ndarray:
+        b = self.bundle
+        return preprocess(pil, size or b.input_size, b.mean, b.std, keep_aspect)
 
     def check_input_options(self, keep_aspect: bool = False, size: int | Size | None = None) -> Size | None:
         """Refuse ``size``/``keep_aspect`` that this trunk cannot take, in one line; returns ``size`` as ``(H, W)``.
@@ -166,15 +156,16 @@ class Model:
         stride of 32 takes 48).
         """
         size = as_size(size)
-        if self.bundle.fixed_size and (keep_aspect or (size and size != self.input_size)):
+        native = self.bundle.input_size
+        if self.bundle.fixed_size and (keep_aspect or (size and size != native)):
             option = "keep_aspect" if keep_aspect else f"size={format_size(size)}"
             raise NpcamError(
-                f"{self.path}: this model's trunk takes only {format_size(self.input_size)} inputs (height x "
+                f"{self.bundle.path}: this model's trunk takes only {format_size(native)} inputs (height x "
                 f"width); {option} cannot be used with it"
             )
         stride = self.bundle.stride
-        for side, value, native in zip(("height", "width"), size or (), self.input_size):
-            smallest = min(2 * stride, native)
+        for side, value, own in zip(("height", "width"), size or (), native):
+            smallest = min(2 * stride, own)
             if value < smallest:
                 raise NpcamError(
                     f"input size {format_size(size)} is too small for this model: its {side} must be at least "
@@ -183,39 +174,40 @@ class Model:
                 )
         return size
 
+    @overload
+    def predict(
+        self, images: ImageLike, *, keep_aspect: bool = ..., size: int | Size | None = ..., max_pixels: int = ...
+    ) -> Prediction: ...
+
+    @overload
     def predict(
         self,
-        image: ImageLike,
+        images: list[ImageLike] | tuple[ImageLike, ...],
         *,
-        keep_aspect: bool = False,
-        size: int | Size | None = None,
-        max_pixels: int = MAX_PIXELS,
-    ) -> Prediction:
-        """Read, preprocess and classify one image (one trunk call).
+        keep_aspect: bool = ...,
+        size: int | Size | None = ...,
+        max_pixels: int = ...,
+    ) -> list[Prediction]: ...
 
-        ``image`` is a path, bytes, a file object, a PIL image or a uint8 array
-        (see :func:`npcam.image.open_image`). ``size`` ``(H, W)``, or ``S`` for
-        ``S x S``, overrides the bundle's input size (the trunk is fully
-        convolutional, unless the bundle says it takes one size only).
-        ``keep_aspect``: see :func:`npcam.image.input_size`.
+    def predict(self, images, *, keep_aspect=False, size=None, max_pixels=MAX_PIXELS):
+        """Read, preprocess and classify one image, or a list (or tuple) of them.
+
+        An image is a path, bytes, a file object, a PIL image or a uint8 array
+        (see :func:`npcam.image.open_image`); a list gives a list of
+        predictions, inputs of equal shape sharing one trunk call. ``size``
+        ``(H, W)``, or ``S`` for ``S x S``, overrides the bundle's input size
+        (the trunk is fully convolutional, unless the bundle says it takes one
+        size only). ``keep_aspect``: see :func:`npcam.image.input_size`.
+        ``max_pixels``: larger images are refused before decoding.
         """
-        return self.predict_many([image], keep_aspect=keep_aspect, size=size, max_pixels=max_pixels)[0]
-
-    def predict_many(
-        self,
-        images: Sequence[ImageLike],
-        *,
-        keep_aspect: bool = False,
-        size: int | Size | None = None,
-        max_pixels: int = MAX_PIXELS,
-    ) -> list[Prediction]:
-        """:meth:`predict` for several images, one trunk call per group of equal input shape."""
+        many = isinstance(images, (list, tuple))
         size = self.check_input_options(keep_aspect, size)
-        pils = [open_image(image, max_pixels) for image in images]
-        inputs = [preprocess(pil, size or self.input_size, self.mean, self.std, keep_aspect) for pil in pils]
-        return self.predict_batch([np.asarray(pil) for pil in pils], inputs)
+        pils = [open_image(image, max_pixels) for image in (images if many else [images])]
+        inputs = [self._input(pil, keep_aspect, size) for pil in pils]
+        predictions = self.classify([np.asarray(pil) for pil in pils], inputs)
+        return predictions if many else predictions[0]
 
-    def predict_batch(
+    def classify(
         self,
         images: Sequence[np.ndarray],
         inputs: Sequence[np.ndarray],
@@ -223,6 +215,8 @@ class Model:
     ) -> list[Prediction]:
         """Classify RGB uint8 images whose network inputs (from :meth:`preprocess`) are already made.
 
+        For callers that read and preprocess themselves (:func:`npcam.explain`
+        decodes JPEGs at reduced scale); :meth:`predict` does both for you.
         Inputs of equal shape share one trunk call. ``sizes`` gives each
         photo's own ``(H, W)`` where its image was decoded smaller
         (:attr:`Prediction.photo_size`).
@@ -241,36 +235,7 @@ class Model:
                 preds[i] = Prediction(images[i], batch[j : j + 1], features[j], logits[j], probs, self.labels, size)
         return preds
 
-    # features -> maps -> overlay
-
-    def class_index(self, spec: int | str) -> int:
-        """A class given as an index or a label (any of its comma-separated names, case-insensitive)."""
-        classes = len(self.labels)
-        if isinstance(spec, (int, np.integer)) or str(spec).strip().isdigit():
-            index = int(spec)
-            if not 0 <= index < classes:
-                raise NpcamError(f"class {index} is out of range: this model has classes 0..{classes - 1}")
-            return index
-        wanted = str(spec).strip().lower()
-        matches = [
-            i
-            for i, label in enumerate(self.labels)
-            if wanted == label.lower() or wanted in (n.strip().lower() for n in label.split(","))
-        ]
-        if not matches:
-            raise NpcamError(f"no class is named {spec!r}")
-        if len(matches) > 1:
-            names = "; ".join(f"{i} = {self.labels[i]}" for i in matches)
-            raise NpcamError(f"class {spec!r} is ambiguous ({names}): give the index")
-        return matches[0]
-
-    def method(self, name: str | None = None) -> methods_lib.Method:
-        """The named method (default: :attr:`default_method`), checked against this model's head."""
-        method = methods_lib.resolve(name or self.default_method)  # an unknown name: not this model's fault
-        try:
-            return methods_lib.resolve(method.name, self.head.kind)
-        except NpcamError as e:
-            raise NpcamError(f"{self.path}: {e}") from None
+    # features -> maps
 
     def cam(
         self,
@@ -286,7 +251,8 @@ class Model:
         Parameters
         ----------
         prediction : a :class:`Prediction`, or an image to predict first
-        classes : one class (index or label), a list of them, or None for the top-1
+        classes : one class (index or label, :func:`npcam.labels.class_index`),
+            a list of them, or None for the top-1
         size : ``(H, W)`` to upsample to, e.g. ``prediction.image.shape[:2]``;
             None keeps the feature resolution ``(h, w)``
         method : a name from :data:`npcam.methods.METHODS` (default: ``cam``,
@@ -303,24 +269,12 @@ class Model:
             prediction = self.predict(prediction)
         single = classes is None or isinstance(classes, (int, str, np.integer))
         wanted = [prediction.top1] if classes is None else [classes] if single else list(classes)
-        indices = [self.class_index(c) for c in wanted]
-        maps = normalize(self.method(method).maps(self, prediction, indices, progress, should_stop))
+        indices = [class_index(self.labels, c) for c in wanted]
+        chosen = methods_lib.resolve(method, self.head.kind, self.bundle.path)
+        maps = normalize(chosen.maps(self, prediction, indices, progress, should_stop))
         if size is not None:
             maps = upsample(maps, size)
         return maps[0] if single else maps
-
-    def overlay(
-        self,
-        prediction: Prediction | ImageLike,
-        class_: int | str | None = None,
-        alpha: float = 0.5,
-        method: str | None = None,
-    ) -> np.ndarray:
-        """The jet-coloured map of one class over the image: uint8 ``[H, W, 3]``."""
-        if not isinstance(prediction, Prediction):
-            prediction = self.predict(prediction)
-        full = self.cam(prediction, class_, size=prediction.image.shape[:2], method=method)
-        return render.overlay(prediction.image, full, alpha)
 
 
 def load(path: str | os.PathLike | None = None, threads: int | None = None, verify: bool = True) -> Model:

@@ -46,7 +46,7 @@ from .errors import NpcamError
 from .explain import Options, describe, draw, explain
 from .files import encode_image
 from .image import MAX_PIXELS, parse_size
-from .methods import METHODS, allowed
+from .methods import METHODS, allowed, default_name
 from .methods import names as method_names
 from .methods import resolve as resolve_method
 
@@ -220,7 +220,7 @@ def allowed_methods(model, names: str | None) -> list[str]:
     if not wanted:
         raise NpcamError("--methods names no method")
     try:
-        return list(dict.fromkeys(model.method(name).name for name in wanted))
+        return list(dict.fromkeys(resolve_method(name, model.head.kind, model.bundle.path).name for name in wanted))
     except NpcamError as e:
         raise NpcamError(f"--methods: {e}") from None
 
@@ -267,7 +267,8 @@ def make_app(
 
     usable = allowed_methods(model, None)
     offered = methods or usable
-    default_method = model.default_method if model.default_method in offered else offered[0]
+    default_method = default_name(model.head.kind)
+    default_method = default_method if default_method in offered else offered[0]
     expensive = [name for name in offered if METHODS[name].multi_pass(model.head.kind)]
     cheap_slots = Admission("cheap", workers, queue, f"--workers {workers}, --queue {queue}")
     expensive_slots = Admission(
@@ -281,11 +282,11 @@ def make_app(
     page = resources.files("npcam").joinpath("static/index.html").read_text(encoding="utf-8")
     about = {
         "npcam": __version__,
-        "arch": model.arch,
+        "arch": model.bundle.arch,
         "head": model.head.kind,
         "default_method": default_method,
         "methods": {name: METHODS[name].summary for name in offered},
-        "input_size": model.input_size,
+        "input_size": model.bundle.input_size,
         "fixed_size": model.bundle.fixed_size,
         "classes": len(model.labels),
         "labels": list(model.labels),
@@ -296,7 +297,7 @@ def make_app(
             "cheap": {"limit": workers, "queue": queue},
             "multi_pass": {"limit": expensive_concurrency, "queue": expensive_queue},
         },
-        "bundle": {k: v for k, v in model.meta.items() if k not in ("files",)},
+        "bundle": {k: v for k, v in model.bundle.meta.items() if k not in ("files",)},
     }
 
     async def read_body(request: Request) -> bytes:
@@ -528,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}/" if family == socket.AF_INET6 else f"http://{host}:{port}/"
-    log.info("npcam serve %s: %s (%s, %d at once, %d onnxruntime thread(s) each)", __version__, url, model.arch, workers,
+    log.info("npcam serve %s: %s (%s, %d at once, %d onnxruntime thread(s) each)", __version__, url, model.bundle.arch, workers,
              max(1, cores // workers))  # fmt: skip
     if token is None and not _loopback(host):
         log.warning("npcam serve: warning: listening on %s without a token: anyone who reaches this port can use "

@@ -119,7 +119,9 @@ def throughput(bundle: str, tmp: Path, rounds: int) -> dict:
 
     def sequential():
         for job in jobs:
-            save_image(job.output, loop_model.overlay(loop_model.predict(job.image)))
+            pred = loop_model.predict(job.image)
+            full = loop_model.cam(pred, size=pred.image.shape[:2])
+            save_image(job.output, npcam.overlay(pred.image, full, 0.5))
 
     def pipelined():
         for _, result in explain_files(cli_model, jobs, Options().checked(cli_model)):
@@ -146,7 +148,7 @@ def method_costs(bundle: str, rounds: int) -> dict:
             start = time.perf_counter()
             model.cam(pred, pred.top1, method=name)
             times.setdefault(name, []).append(time.perf_counter() - start)
-    weights = model.fc_weight[[pred.top1]]
+    weights = model.head.weight[[pred.top1]]
     f = pred.features
 
     def matmul():  # the CAM weighting before the method registry

@@ -97,7 +97,7 @@ def npcam_now_stages(bundle: str):
         t.append(time.perf_counter())
         x = model.preprocess(pil)
         t.append(time.perf_counter())
-        pred = model.predict_batch([rgb], [x], [size])[0]
+        pred = model.classify([rgb], [x], [size])[0]
         maps = model.cam(pred, [pred.top1])
         t.append(time.perf_counter())
         explanation = npcam.Explanation(str(path), pred, options.method, [pred.top1], maps)
@@ -119,9 +119,9 @@ def npcam_before(bundle: str):
         pil = npcam.open_image(path)
         rgb = np.asarray(pil)
         t.append(time.perf_counter())
-        x = preprocess(pil, model.input_size, model.mean, model.std, reducing_gap=None)
+        x = preprocess(pil, model.bundle.input_size, model.bundle.mean, model.bundle.std, reducing_gap=None)
         t.append(time.perf_counter())
-        pred = model.predict_batch([rgb], [x])[0]
+        pred = model.classify([rgb], [x])[0]
         maps = model.cam(pred, [pred.top1])
         t.append(time.perf_counter())
         picture = npcam.overlay(rgb, npcam.upsample(maps[0], rgb.shape[:2]), 0.5)

@@ -42,9 +42,9 @@ def npcam_pipeline(bundle: str) -> Callable[[Path, Path], dict[str, float]]:
         t.append(time.perf_counter())
         features = model.features(x)
         t.append(time.perf_counter())
-        logits = npcam.logits(features, model.fc_weight, model.fc_bias)[0]
+        logits = npcam.logits(features, model.head.weight, model.head.bias)[0]
         npcam.softmax(logits)
-        cam = npcam.class_activation_maps(features[0], model.fc_weight, [int(np.argmax(logits))])[0]
+        cam = npcam.class_activation_maps(features[0], model.head.weight, [int(np.argmax(logits))])[0]
         t.append(time.perf_counter())
         full = npcam.upsample(cam, rgb.shape[:2])
         t.append(time.perf_counter())

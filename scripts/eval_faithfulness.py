@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import npcam
+import npcam.methods
 import npcam.metrics as metrics
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         model = npcam.load(args.model)
-        methods = [model.method(m).name for m in args.methods.split(",")]
+        methods = [npcam.methods.resolve(m, model.head.kind).name for m in args.methods.split(",")]
         files = read_files(args.manifest, args.root)
         if args.subset:
             k, every = (int(v) for v in args.subset.split("/"))
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = evaluate(model, files, methods, args.size)
     n = next(iter(results.values()))["n"]
-    print(f"{model.arch}, {n} images, top-1 class; drop and deletion: lower is better\n")
+    print(f"{model.bundle.arch}, {n} images, top-1 class; drop and deletion: lower is better\n")
     print("| method | Average Drop | Increase in Confidence | Deletion AUC | Insertion AUC | ms/image (map) |")
     print("|---|---|---|---|---|---|")
     for m, r in results.items():

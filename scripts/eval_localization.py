@@ -53,7 +53,7 @@ def evaluate(
         chunks = [rows[i : i + batch] for i in range(0, len(rows), batch)]
         images = pool.map(lambda chunk: [npcam.open_image(p) for p, _, _ in chunk], chunks)
         for done, (chunk, rgbs) in enumerate(zip(chunks, images)):
-            for (_, label, gt_boxes), pred in zip(chunk, model.predict_many(rgbs, keep_aspect=keep_aspect, size=size)):
+            for (_, label, gt_boxes), pred in zip(chunk, model.predict(rgbs, keep_aspect=keep_aspect, size=size)):
                 correct = pred.top1 == label
                 top1 += correct
                 cam = model.cam(pred, label, size=pred.image.shape[:2], method=method)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise ValueError(f"{args.manifest}: no rows with boxes")
         sweep = list(dict.fromkeys(parse_threshold(t) for t in args.sweep.split(","))) if args.sweep else []
-        method = model.method(args.method).name
+        method = npcam.methods.resolve(args.method, model.head.kind).name
         thresholds = list(dict.fromkeys([*sweep, args.threshold]))
         results = evaluate(model, rows, thresholds, args.keep_aspect, args.size, method=method)
     except (npcam.NpcamError, OSError, KeyError, ValueError) as e:

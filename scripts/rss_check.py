@@ -41,7 +41,7 @@ def main() -> int:
     if not images:
         print(f"rss_check: error: {args.images}: no images", file=sys.stderr)
         return 2
-    print(f"{args.n} images from {args.images} ({len(images)} files, cycled), model {model.arch}")
+    print(f"{args.n} images from {args.images} ({len(images)} files, cycled), model {model.bundle.arch}")
     print(f"{'images':>7} {'RSS MiB':>8}")
     print(f"{0:>7} {rss_mib():8.1f}")
     with tempfile.TemporaryDirectory() as out:

@@ -285,7 +285,7 @@ def test_int8_on_aarch64_is_within_a_quantization_step_of_x86(arm64, tiny_bundle
 
     for b, name in enumerate(names):
         step = output_step(tiny_bundles[name])
-        fc_weight = npcam.load(tiny_bundles[name]).fc_weight.astype(np.float64)  # [K, C]
+        fc_weight = npcam.load(tiny_bundles[name]).head.weight.astype(np.float64)  # [K, C]
         weight = np.abs(fc_weight).sum(axis=1)  # [K]
         for i in range(len(photos)):
             want, got = (np.load(tmp_path / arch / f"{b}_{i}.npz") for arch in ("x86", "aarch64"))

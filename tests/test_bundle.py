@@ -59,7 +59,7 @@ def test_modified_file_fails_the_hash(copy):
     np.save(copy / "fc_weight.npy", w * 2)
     with pytest.raises(NpcamError, match="sha256 does not match"):
         npcam.load(copy)
-    assert npcam.load(copy, verify=False).fc_weight[0, 0] == 2 * w[0, 0]
+    assert npcam.load(copy, verify=False).head.weight[0, 0] == 2 * w[0, 0]
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 100])

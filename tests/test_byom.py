@@ -90,7 +90,7 @@ def test_torch_module_route(family, tmp_path):
     out = run_torch(f"models:{family}", tmp_path / family, input_size=SIZE)
     model = check_against_torch(out, net, name=family)
     assert model.head.kind == ("affine" if family in AFFINE else "graph")
-    assert model.default_method == ("cam" if family in AFFINE else "gradcam")
+    assert npcam.methods.default_name(model.head.kind) == ("cam" if family in AFFINE else "gradcam")
     assert model.bundle.fixed_size == (family == "fixed_pool") and model.labels == tuple(
         f"class {i}" for i in range(models.CLASSES)
     )
@@ -159,7 +159,7 @@ def test_grey_model_sees_the_luma_of_the_photo(route, tmp_path, capsys):
     assert "one --mean and one --std" in capsys.readouterr().err and not out.exists()
     assert export_main([*args, "--mean", "0.45", "--std", "0.25", "--out", str(out)]) == 0
     model = check_against_torch(out, net, name=f"grey, {route}", grey=True)
-    assert model.mean == (0.45,) * 3 and model.std == (0.25,) * 3
+    assert model.bundle.mean == (0.45,) * 3 and model.bundle.std == (0.25,) * 3
 
 
 def test_int8_qdq_model_from_onnxruntimes_quantizer(tmp_path, capsys):
@@ -186,7 +186,7 @@ def test_int8_qdq_model_from_onnxruntimes_quantizer(tmp_path, capsys):
     assert export_main(["onnx", str(tmp_path / "QDQ.onnx"), "--out", str(tmp_path / "q")]) == 0
     assert "within one step" in capsys.readouterr().err  # its probabilities are quantized to 1/255 steps
     model = npcam.load(tmp_path / "q")
-    assert model.head.kind == "graph" and model.default_method == "gradcam"
+    assert model.head.kind == "graph" and npcam.methods.default_name(model.head.kind) == "gradcam"
     quantized = onnx.load(str(tmp_path / "QDQ.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
     gemm = next(n for n in quantized.graph.node if n.op_type == "Gemm")
@@ -210,7 +210,7 @@ def test_model_made_for_one_image_at_a_time(tmp_path):
     net = models.fixed_pool()
     (tmp_path / "m.onnx").write_bytes(onnx_bytes(net, (1, 3, SIZE, SIZE), dynamic=False))
     model = check_against_torch(run_onnx(tmp_path / "m.onnx", tmp_path / "b"), net, name="batch of 1")
-    pred = model.predict_many(PHOTOS[:2])  # the head itself still takes batches
+    pred = model.predict(PHOTOS[:2])  # the head itself still takes batches
     assert [p.top1 for p in pred] == [model.predict(p).top1 for p in PHOTOS[:2]]
 
 
@@ -264,8 +264,8 @@ def test_affine_heads_fold_to_the_exact_weights(tmp_path):
     model = npcam.load(run_torch("models:two_linear", tmp_path / "b", input_size=SIZE))
     w = (net.fc2.weight @ net.fc1.weight).detach().numpy()
     b = (net.fc2.weight @ net.fc1.bias + net.fc2.bias).detach().numpy()
-    np.testing.assert_allclose(model.fc_weight, w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.fc_bias, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.head.weight, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.head.bias, b, rtol=1e-5, atol=1e-6)
 
 
 def test_keras_like_nhwc_graph(tmp_path):
@@ -274,8 +274,8 @@ def test_keras_like_nhwc_graph(tmp_path):
     out = run_onnx(tmp_path / "keras.onnx", tmp_path / "b", mean=[0.5] * 3, std=[0.25] * 3)
     model = check_against_torch(out, net, nhwc=True, name="keras_nhwc")
     meta = json.loads((out / "bundle.json").read_text())
-    assert meta["layout"] == "NHWC" and meta["output"] == "probabilities" and model.mean == (0.5, 0.5, 0.5)
-    np.testing.assert_allclose(model.fc_weight, net.kernel.detach().numpy().T, rtol=1e-6)
+    assert meta["layout"] == "NHWC" and meta["output"] == "probabilities" and model.bundle.mean == (0.5, 0.5, 0.5)
+    np.testing.assert_allclose(model.head.weight, net.kernel.detach().numpy().T, rtol=1e-6)
 
 
 def test_bgr_model_gets_the_channel_flip_in_its_trunk(tmp_path):

@@ -255,7 +255,7 @@ def test_converter_graph_explained_as_its_own_graph_says(shape, tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     bundle = npcam.load(run_onnx(tmp_path / "m.onnx", tmp_path / "b", input_size=facts.get("size", 32)))
     assert bundle.head.kind == "affine"
-    np.testing.assert_allclose(bundle.fc_weight, facts["fc"], rtol=1e-6)
+    np.testing.assert_allclose(bundle.head.weight, facts["fc"], rtol=1e-6)
     # The reference: the original graph, its feature map added as an output.
     with_features = onnx.ModelProto()
     with_features.CopyFrom(model)
@@ -334,7 +334,7 @@ def test_a_pooling_global_at_another_size_names_that_size_and_it_works(tmp_path,
     assert "covers the whole map at 32 px: give the model's input size with --input-size 32" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
     assert export_main(["onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "b"), "--input-size", "32"]) == 0
-    assert npcam.load(tmp_path / "b").input_size == (32, 32)
+    assert npcam.load(tmp_path / "b").bundle.input_size == (32, 32)
 
 
 # A quiet exporter

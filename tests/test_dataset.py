@@ -81,7 +81,7 @@ def test_the_bundle_digest_and_options_are_in_every_files_metadata(parquet, bund
 
     for path in dest.glob("*.parquet"):
         stamp = json.loads(pq.read_schema(path).metadata[b"npcam"])
-        assert stamp["bundle"] == npcam.bundle.digest(npcam.load(bundle).meta)
+        assert stamp["bundle"] == npcam.bundle.digest(npcam.load(bundle).bundle.meta)
         assert stamp["options"]["top"] == 2 and stamp["options"]["bbox"] is True
 
 

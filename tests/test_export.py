@@ -18,6 +18,7 @@ from export.api import run
 from export.archs import Arch
 from export.errors import ExportError
 from export.weights import find_weights
+from npcam.labels import class_index
 
 
 @pytest.mark.parametrize("name, params", [("resnet18", 11_689_512), ("resnet34", 21_797_672), ("resnet50", 25_557_032)])
@@ -80,7 +81,7 @@ def test_export_reports_what_it_did(resnet18_weights, tmp_path, capsys):
     assert main(["resnet18", "--weights", str(resnet18_weights), "--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
     assert "self-check" in err and "affine head: CAM" in err and len(err.strip().splitlines()) == 1
-    assert npcam.load(tmp_path / "b").arch == "resnet18"
+    assert npcam.load(tmp_path / "b").bundle.arch == "resnet18"
 
 
 def test_fine_tuned_checkpoint_with_labels(tmp_path, capsys):
@@ -91,12 +92,12 @@ def test_fine_tuned_checkpoint_with_labels(tmp_path, capsys):
     (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
     out = run("resnet18", tmp_path / "ft10", tmp_path / "ft10.pth", labels=tmp_path / "labels.txt")
     model = npcam.load(out)
-    assert model.labels == tuple(names) and model.fc_weight.shape == (10, 512)
+    assert model.labels == tuple(names) and model.head.weight.shape == (10, 512)
     pred = model.predict(SAMPLE)
     with torch.no_grad():
         want = net(torch.from_numpy(pred.input))[0].numpy()
     assert np.abs(pred.logits - want).max() <= 1e-4 * np.abs(want).max()
-    assert model.class_index("kind 7") == 7
+    assert class_index(model.labels, "kind 7") == 7
     # A JSON list works too; a list of the wrong length is one line, and nothing is written.
     (tmp_path / "labels.json").write_text(json.dumps(names))
     assert (

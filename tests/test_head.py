@@ -225,8 +225,8 @@ def test_gemm_with_untransposed_weights(tmp_path):
     nodes = [helper.make_node("GlobalAveragePool", ["f"], ["p"]), helper.make_node("Flatten", ["p"], ["q"]),
              helper.make_node("Gemm", ["q", "B", "bias"], ["y"], transB=0)]  # fmt: skip
     model = export_graph(graph_model(nodes, {"B": b, "bias": np.arange(K) * 0.1}), tmp_path, None, None, None, 32)
-    assert model.head.kind == "affine" and model.input_size == (32, 32)
-    np.testing.assert_allclose(model.fc_weight, b.T, rtol=1e-6)
+    assert model.head.kind == "affine" and model.bundle.input_size == (32, 32)
+    np.testing.assert_allclose(model.head.weight, b.T, rtol=1e-6)
     check_cam(model, b.T)
 
 
@@ -239,8 +239,8 @@ def test_average_pool_over_the_whole_map_and_a_fixed_size_trunk(tmp_path, capsys
     onnx_model = graph_model(nodes, {"W": w}, input_shape=(1, 3, 32, 32), trunk_extra=trunk_extra,
                              trunk_inits=[numpy_helper.from_array(position, "pos")])  # fmt: skip
     model = export_graph(onnx_model, tmp_path)
-    assert model.bundle.fixed_size and model.input_size == (32, 32) and model.head.kind == "affine"
-    np.testing.assert_allclose(model.fc_weight, w, rtol=1e-6)
+    assert model.bundle.fixed_size and model.bundle.input_size == (32, 32) and model.head.kind == "affine"
+    np.testing.assert_allclose(model.head.weight, w, rtol=1e-6)
     from npcam.cli import main
 
     for option in (["--size", "64"], ["--keep-aspect"]):
@@ -265,8 +265,8 @@ def test_batch_normalization_after_the_pooling_folds_exactly(tmp_path):
     model = export_graph(graph_model(nodes, {"W": w, "g": gamma, "b": beta, "m": mean, "v": var, "two": 2.0}), tmp_path)
     scale = gamma / np.sqrt(var + 1e-3)
     folded = 2 * w * scale
-    np.testing.assert_allclose(model.fc_weight, folded, rtol=1e-5)
-    np.testing.assert_allclose(model.fc_bias, 2 * w @ (beta - mean * scale), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.head.weight, folded, rtol=1e-5)
+    np.testing.assert_allclose(model.head.bias, 2 * w @ (beta - mean * scale), rtol=1e-5, atol=1e-6)
     check_cam(model, folded)
 
 
@@ -276,7 +276,7 @@ def test_reduce_mean_with_axes_as_an_input(tmp_path):
     nodes = [helper.make_node("ReduceMean", ["f", "axes"], ["p"], keepdims=0), helper.make_node("MatMul", ["p", "W"], ["z"]),
              helper.make_node("Add", ["z", "bias"], ["y"])]  # fmt: skip
     model = export_graph(graph_model(nodes, {"W": w, "axes": np.array([2, 3]), "bias": np.ones(K)}, opset=18), tmp_path)
-    np.testing.assert_allclose(model.fc_weight, w.T, rtol=1e-6)
+    np.testing.assert_allclose(model.head.weight, w.T, rtol=1e-6)
     check_cam(model, w.T)
 
 
@@ -379,7 +379,7 @@ def test_a_trunk_that_takes_one_image_at_a_time(tmp_path):
     model = export_graph(graph_model(nodes, {"W": w}, input_shape=(1, 3, 32, 32), trunk_extra=trunk_extra,
                                      trunk_inits=shapes), tmp_path)  # fmt: skip
     assert model.session.get_inputs()[0].shape[0] == 1 and model.bundle.fixed_size
-    preds = model.predict_many(PHOTOS)  # three images, one trunk call each
+    preds = model.predict(PHOTOS)  # three images, one trunk call each
     for photo, pred in zip(PHOTOS, preds):
         np.testing.assert_allclose(pred.logits, model.predict(photo).logits, rtol=1e-6)
 

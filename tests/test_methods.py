@@ -120,7 +120,7 @@ def test_gradcampp_follows_pytorch_grad_cam_and_torchcam_differs(model, preds, c
         got = model.cam(pred, method="gradcampp")
         assert record("gradcampp vs pytorch-grad-cam's formula, abs", np.abs(got - want).max()) <= 1e-4
         theirs = torchcam_map(tc.GradCAMpp, classifier, x, pred.top1)
-        cubed = shown(weighted_maps(pred.features, np.maximum(model.fc_weight[[pred.top1]], 0) ** 3)[0])
+        cubed = shown(weighted_maps(pred.features, np.maximum(model.head.weight[[pred.top1]], 0) ** 3)[0])
         assert record("TorchCAM GradCAMpp vs relu(W)^3 weights, abs", np.abs(theirs - cubed).max()) <= 1e-4
         assert np.abs(theirs - got).max() > 1e-2  # so the two libraries' Grad-CAM++ really differ
 
@@ -190,9 +190,10 @@ def test_every_method_keeps_zero_maps_zero_and_never_gives_nan(name, model):
 
 
 def test_method_names_and_aliases(model, preds):
-    assert model.method("gradcam++").name == "gradcampp" and model.method("GradCAM").name == "gradcam"
+    kind = model.head.kind
+    assert methods.resolve("gradcam++", kind).name == "gradcampp" and methods.resolve("GradCAM", kind).name == "gradcam"
     with pytest.raises(npcam.NpcamError, match="unknown method 'nope'; choose one of cam, gradcam"):
-        model.method("nope")
+        methods.resolve("nope", kind)
 
 
 # Metrics, against TorchCAM's implementations fed the same maps
@@ -280,10 +281,10 @@ def test_an_affine_head_as_a_graph_gives_the_same_maps(model, preds):
     from npcam.head import GraphHead, Op
 
     graph = GraphHead([Op("Gemm", ("pooled", "w", "b"), "scores", {"transB": 1})],
-                      {"w": model.fc_weight, "b": model.fc_bias}, (-1, model.head.channels))  # fmt: skip
+                      {"w": model.head.weight, "b": model.head.bias}, (-1, model.head.channels))  # fmt: skip
     for pred in preds:
         classes = [pred.top1, 4, 500]
         cam = model.cam(pred, classes, method="cam")
         gradient = graph.gradient(pred.pooled, classes)
-        np.testing.assert_allclose(gradient, model.fc_weight[classes], rtol=1e-6)
+        np.testing.assert_allclose(gradient, model.head.weight[classes], rtol=1e-6)
         np.testing.assert_allclose(normalize(weighted_maps(pred.features, gradient)), cam, atol=1e-6)

@@ -183,7 +183,7 @@ def test_torch_route_exports_and_runs_at_the_native_non_square_size(bundles, nam
     assert meta["format_version"] == 3 and meta["input_size"] == list(size) and meta["stride"] == stride
     assert [2, *size] in meta["check"]["inputs"]  # the self-check ran at the native size
     model, net = npcam.load(bundles[name]), build()
-    assert model.input_size == size and not model.bundle.fixed_size
+    assert model.bundle.input_size == size and not model.bundle.fixed_size
     assert model.head.kind == ("graph" if name == "text_line" else "affine")
     for photo in PHOTOS:
         pred = model.predict(photo)
@@ -209,7 +209,7 @@ def test_onnx_route_takes_a_fixed_non_square_input_as_the_native_size(tmp_path, 
     assert export_main(["onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "b")]) == 0
     assert "48x192 px" in capsys.readouterr().err
     model = npcam.load(tmp_path / "b")
-    assert model.input_size == (48, 192) and model.meta["layout"] == layout
+    assert model.bundle.input_size == (48, 192) and model.bundle.meta["layout"] == layout
     original = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for photo in PHOTOS:
         pred = model.predict(photo)
@@ -295,7 +295,7 @@ def test_version_2_square_bundles_still_load(tmp_path):
     meta["format_version"], meta["input_size"] = 2, 64
     (tmp_path / "old" / "bundle.json").write_text(json.dumps(meta))
     old = npcam.load(tmp_path / "old")
-    assert old.input_size == (64, 64)
+    assert old.bundle.input_size == (64, 64)
     pred_old, pred_new = old.predict(PHOTOS[0]), new.predict(PHOTOS[0])
     assert pred_old.input.shape == (1, 3, 64, 64)
     np.testing.assert_array_equal(pred_old.probs, pred_new.probs)

@@ -87,7 +87,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def test_input_tensor_matches_torch(model):
     for _, rgb in images()[:3]:
-        got = npcam.preprocess(rgb, 224, model.mean, model.std)
+        got = npcam.preprocess(rgb, 224, model.bundle.mean, model.bundle.std)
         np.testing.assert_allclose(got, torch_input(rgb).numpy(), rtol=0, atol=1e-6)
 
 
@@ -212,7 +212,7 @@ def test_cam_with_no_positive_evidence_is_zero_not_nan():
 
 def test_cam_is_scaled_to_one_and_mean_is_the_score(model, cases):
     _, _, pred, _, _ = cases[0]
-    raw = model.fc_weight[pred.top1] @ pred.features.reshape(pred.features.shape[0], -1)
+    raw = model.head.weight[pred.top1] @ pred.features.reshape(pred.features.shape[0], -1)
     # The CAM's mean is the class score less the bias: what makes it a faithful map.
-    assert abs(raw.mean() + model.fc_bias[pred.top1] - pred.logits[pred.top1]) <= 1e-4 * abs(pred.logits).max()
+    assert abs(raw.mean() + model.head.bias[pred.top1] - pred.logits[pred.top1]) <= 1e-4 * abs(pred.logits).max()
     assert model.cam(pred).max() == pytest.approx(1.0)

@@ -170,11 +170,11 @@ def test_reduced_input_of_12mp_photos_stays_close_to_the_exact_one(model, photos
     """
     for path in photos_12mp:
         pil = npcam.open_image(path)
-        exact = preprocess(pil, 224, model.mean, model.std, reducing_gap=None)
-        reduced = preprocess(pil, 224, model.mean, model.std)
-        levels = np.abs(reduced - exact) * 255 * np.asarray(model.std, dtype=np.float32)[None, :, None, None]
+        exact = preprocess(pil, 224, model.bundle.mean, model.bundle.std, reducing_gap=None)
+        reduced = preprocess(pil, 224, model.bundle.mean, model.bundle.std)
+        levels = np.abs(reduced - exact) * 255 * np.asarray(model.bundle.std, dtype=np.float32)[None, :, None, None]
         assert record("12 MP input, reduced vs exact, levels", levels.max()) <= 3.001  # float32 normalization
-        a, b = model.predict_batch([np.asarray(pil)] * 2, [exact, reduced])
+        a, b = model.classify([np.asarray(pil)] * 2, [exact, reduced])
         assert [c for c, _, _ in a.top(5)] == [c for c, _, _ in b.top(5)], path.name
         cam_a, cam_b = model.cam(a), model.cam(b)
         assert record("12 MP top-1 map, reduced vs exact input, abs", np.abs(cam_a - cam_b).max()) <= 0.05

@@ -51,7 +51,7 @@ def test_coffee_is_espresso_or_a_cup(lite0):
 def test_cam_peak_lies_in_the_object_box(lite0):
     """Over the annotated dev images the model gets right, the top-1 CAM peaks inside a box."""
     rows = manifest_rows()
-    preds = lite0.predict_many([p for p, _, _ in rows])
+    preds = lite0.predict([p for p, _, _ in rows])
     inside = []
     for (_, label, boxes), pred in zip(rows, preds):
         if pred.top1 != label:
@@ -67,7 +67,7 @@ def test_cam_peak_lies_in_the_object_box(lite0):
 def test_eval_script_reports_the_paper_metrics(lite0, tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts/eval_localization.py"), str(EVAL / "manifest.csv"), str(EVAL),
-         "--model", str(lite0.path), "--subset", "0/4", "--sweep", "0.2", "--json", str(tmp_path / "r.json")],
+         "--model", str(lite0.bundle.path), "--subset", "0/4", "--sweep", "0.2", "--json", str(tmp_path / "r.json")],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     lines = result.stdout.strip().splitlines()
@@ -83,7 +83,7 @@ def test_bbox_on_the_cat_covers_its_face(lite0, tmp_path, capsys):
     from npcam.cli import main
 
     out = tmp_path / "cat.png"
-    assert main(["-m", str(lite0.path), str(SAMPLE), "--bbox", "--json", "-o", str(out)]) == 0
+    assert main(["-m", str(lite0.bundle.path), str(SAMPLE), "--bbox", "--json", "-o", str(out)]) == 0
     x0, y0, x1, y1 = json.loads(capsys.readouterr().out)["bbox"]
     assert (x0, y0, x1, y1) == cam_box(lite0.cam(SAMPLE, size=(300, 451)))
     # The face fills the middle of the photo: eyes near (170, 110) and (320, 140), nose near (260, 240).
@@ -93,7 +93,7 @@ def test_bbox_on_the_cat_covers_its_face(lite0, tmp_path, capsys):
 @pytest.mark.parametrize("name, channels, size", [("efficientnet_lite1", 1280, 240), ("efficientnet_lite2", 1280, 260)])
 def test_other_lite_variants_export_and_classify(name, channels, size, tmp_path):
     model = npcam.load(run(name, tmp_path / name))
-    assert model.input_size == (size, size) and model.fc_weight.shape == (1000, channels)
+    assert model.bundle.input_size == (size, size) and model.head.weight.shape == (1000, channels)
     assert 281 <= model.predict(SAMPLE).top1 <= 285
 
 
@@ -122,7 +122,7 @@ def test_auto_falls_back_to_lite0_offline(tmp_path, monkeypatch, capsys):
         "exporting EfficientNet-Lite0" in err and len([line for line in err.splitlines() if "ResNet-18" in line]) == 1
     )
     assert npcam.default_model_dir() == tmp_path / ".cache/npcam/efficientnet_lite0"
-    assert npcam.load().arch == "efficientnet_lite0"
+    assert npcam.load().bundle.arch == "efficientnet_lite0"
     assert export_main(["auto"]) == 0 and "using the existing bundle" in capsys.readouterr().err
 
 

@@ -185,7 +185,7 @@ def inputs(model: npcam.Model):
 def test_float_tflite_against_the_interpreter(kind, models, tmp_path, capfd):
     root, _ = models
     model = export(root / f"{kind}.tflite", tmp_path / "b", capfd)
-    assert model.head.kind == "affine" and model.default_method == "cam"
+    assert model.head.kind == "affine" and npcam.methods.default_name(model.head.kind) == "cam"
     reference = TFLite(root / f"{kind}.tflite")
     fc = reference.ops["FULLY_CONNECTED"]
     weight = reference.tensor(fc["inputs"][1])  # [K, C]
@@ -195,7 +195,7 @@ def test_float_tflite_against_the_interpreter(kind, models, tmp_path, capfd):
         got = scores if KINDS[kind][2] == "logits" else model.probabilities(scores)
         error = np.abs(got - want).max() / np.abs(want).max()
         assert record(f"TFLite float {kind}: scores, relative", error) <= 1e-4
-        pred = model.predict_batch([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
+        pred = model.classify([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
         for k in range(CLASSES):
             got_map = model.cam(pred, k)
             assert (
@@ -215,7 +215,7 @@ def test_int8_tflite_within_its_quantization_bound(kind, models, tmp_path, capfd
         weights = conv["inputs"][1]
         assert len(reference.quant(weights)[0]) == reference.details[weights]["shape"][0] > 1
     model = export(path, tmp_path / "b", capfd)
-    assert model.head.kind == "graph" and model.default_method == "gradcam"  # the head's Q/DQ pairs
+    assert model.head.kind == "graph" and npcam.methods.default_name(model.head.kind) == "gradcam"  # the head's Q/DQ pairs
     logits = float(reference.quant(reference.ops["FULLY_CONNECTED"]["outputs"][0])[0][0])  # s_z
     if KINDS[kind][2] == "softmax":
         s_out = float(reference.quant(reference.ops["SOFTMAX"]["outputs"][0])[0][0])
@@ -231,7 +231,7 @@ def test_int8_tflite_within_its_quantization_bound(kind, models, tmp_path, capfd
         scores = model.scores(x)[0].astype(np.float64)
         got = scores if KINDS[kind][2] == "logits" else model.probabilities(scores)
         assert record(f"TFLite int8 {kind}: scores, in bounds", np.abs(got - want).max() / bound) <= 1 + 1e-5  # float32
-        pred = model.predict_batch([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
+        pred = model.classify([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
         ours = pred.features.transpose(1, 2, 0).astype(np.float64)
         steps = np.abs(ours - features) / s_f  # whole steps, up to float32 rounding of the dequantized values
         assert record(f"TFLite int8 {kind}: features, steps", steps.max()) <= 1.001
@@ -263,7 +263,7 @@ def test_keras_against_predict_and_its_own_features(kind, suffix, models, tmp_pa
         got = scores if KINDS[kind][2] == "logits" else model.probabilities(scores)
         assert record(f"Keras {kind}: scores, relative", np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
         features = trunk.predict(nhwc, verbose=0)[0].astype(np.float64)
-        pred = model.predict_batch([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
+        pred = model.classify([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
         for k in range(CLASSES):
             error = np.abs(model.cam(pred, k) - reference_cam(features, weight, k)).max()
             assert record(f"Keras {kind}: CAM, abs", error) <= 1e-4
@@ -290,7 +290,7 @@ def test_keras2_file_through_tf_keras(tmp_path, capfd):
         got = model.scores(x)[0].astype(np.float64)
         assert record("Keras 2 (tf-keras): logits, relative", np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
         features = trunk.predict(nhwc, verbose=0)[0].astype(np.float64)
-        pred = model.predict_batch([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
+        pred = model.classify([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
         for k in range(CLASSES):
             assert np.abs(model.cam(pred, k) - reference_cam(features, weight, k)).max() <= 1e-4
 
