@@ -69,10 +69,7 @@ def run_ort(nodes, inputs: dict[str, np.ndarray], inits: dict[str, np.ndarray], 
         "g",
         [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape)) for k, v in inputs.items()],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
-        [
-            numpy_helper.from_array(v.astype(np.float32) if v.dtype.kind == "f" else v, k)
-            for k, v in inits.items()
-        ],
+        [numpy_helper.from_array(v.astype(np.float32) if v.dtype.kind == "f" else v, k) for k, v in inits.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 9
@@ -223,7 +220,9 @@ def test_vjp_matches_finite_differences(case):
     head, _ = case_head(case)
     x = case_input(case)
     classes = [0, 1, 2]
-    np.testing.assert_allclose(head.gradient(x, classes), finite_difference(head, x, classes), rtol=FD_RTOL, atol=FD_ATOL)
+    np.testing.assert_allclose(
+        head.gradient(x, classes), finite_difference(head, x, classes), rtol=FD_RTOL, atol=FD_ATOL
+    )
 
 
 def test_max_pool_routes_ties_to_the_first_maximum_in_the_window():
@@ -231,10 +230,14 @@ def test_max_pool_routes_ties_to_the_first_maximum_in_the_window():
     x = np.zeros((1, 1, 3, 3))
     x[0, 0, 1, 1] = 1.0  # the shared centre is the max of all four overlapping 2x2 windows
     x[0, 0, 0, 0] = x[0, 0, 0, 1] = 0.5  # ties elsewhere do not matter
-    head = GraphHead([Op("MaxPool", ("x",), "scores", {"kernel_shape": [2, 2], "strides": [1, 1]})], {}, (-1, 1, 3, 3), "x")
+    head = GraphHead(
+        [Op("MaxPool", ("x",), "scores", {"kernel_shape": [2, 2], "strides": [1, 1]})], {}, (-1, 1, 3, 3), "x"
+    )
     g = head.gradient(x, [0, 1, 2, 3]).reshape(4, 3, 3)
     assert (g[:, 1, 1] == 1).all() and g.sum() == 4
-    flat = GraphHead([Op("MaxPool", ("x",), "scores", {"kernel_shape": [2, 2], "strides": [2, 2]})], {}, (-1, 1, 2, 2), "x")
+    flat = GraphHead(
+        [Op("MaxPool", ("x",), "scores", {"kernel_shape": [2, 2], "strides": [2, 2]})], {}, (-1, 1, 2, 2), "x"
+    )
     assert flat.gradient(np.ones((1, 1, 2, 2)), [0]).tolist() == [[1.0, 0.0, 0.0, 0.0]]
     glob = GraphHead([Op("GlobalMaxPool", ("x",), "scores")], {}, (-1, 1, 2, 2), "x")
     assert glob.gradient(np.array([0.0, 3.0, 3.0, 1.0]), [0]).tolist() == [[0.0, 1.0, 0.0, 0.0]]
@@ -270,7 +273,9 @@ def test_two_computed_operands_with_a_batch_of_classes():
     head = GraphHead(ops, arrays, (-1, 2, 3, 4), "x")
     x = RNG.standard_normal((1, 2, 3, 4))
     classes = [3, 0, 2]
-    np.testing.assert_allclose(head.gradient(x, classes), finite_difference(head, x, classes), rtol=FD_RTOL, atol=FD_ATOL)
+    np.testing.assert_allclose(
+        head.gradient(x, classes), finite_difference(head, x, classes), rtol=FD_RTOL, atol=FD_ATOL
+    )
 
 
 def test_side_inputs_are_constants_and_share_a_batch_of_one():
@@ -436,7 +441,9 @@ def test_vit_last_block_against_onnxruntime_and_torch_autograd(gelu):
         xt = torch.tensor(x[i : i + 1], requires_grad=True)
         scores = torch_vit_block(w, xt, torch.from_numpy(res[i : i + 1]), gelu)
         classes = [2, 0, 3]
-        want_g = np.stack([torch.autograd.grad(scores[0, c], xt, retain_graph=True)[0].numpy().ravel() for c in classes])
+        want_g = np.stack(
+            [torch.autograd.grad(scores[0, c], xt, retain_graph=True)[0].numpy().ravel() for c in classes]
+        )
         got = head.gradient(x[i], classes, {"r": res[i : i + 1]})
         np.testing.assert_allclose(got, want_g, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(head.forward_float64(x[i], {"r": res[i]}), scores.detach().numpy(), rtol=1e-12)
