@@ -112,20 +112,15 @@ class GraphHead:
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        self.dtype = np.dtype(precision)
         self.ops = list(ops)
-        self.arrays = {k: np.asarray(v, dtype=np.float64) if v.dtype.kind == "f" else v for k, v in arrays.items()}
+        # The constants, in the precision the head runs in (a float32 VGG head would take 1 GB more in float64).
+        self.arrays = {k: np.asarray(v, dtype=self.dtype) if v.dtype.kind == "f" else v for k, v in arrays.items()}
         self.input_shape = tuple(int(d) for d in input_shape)
         self.input = input
         self.output = output
         self.sides = {name: tuple(int(d) for d in shape) for name, shape in (sides or {}).items()}
-        self.precision = precision
-        self.dtype = np.dtype(precision)
-        # The constants in the precision the head runs in (the float64 arrays themselves for float64).
-        self._consts = (
-            self.arrays
-            if self.dtype == np.float64
-            else {k: v.astype(self.dtype) if v.dtype.kind == "f" else v for k, v in self.arrays.items()}
-        )
         for op in self.ops:
             if op.op not in OPS:
                 raise ValueError(f"unsupported op {op.op} in the head")
@@ -158,7 +153,7 @@ class GraphHead:
                 side = np.broadcast_to(side, (batch, *side.shape[1:]))
             values[name] = side
         for op in self.ops:
-            args = [values[n] if n in values else self._consts[n] for n in op.inputs]
+            args = [values[n] if n in values else self.arrays[n] for n in op.inputs]
             values[op.output] = OPS[op.op].forward(args, op.attrs)
         return values
 
@@ -192,7 +187,7 @@ class GraphHead:
             dy = grads.pop(op.output, None)
             if dy is None or op.output not in self._variable:
                 continue  # this op does not reach the scores, or does not depend on the input
-            args = [values[n] if n in values else self._consts[n] for n in op.inputs]
+            args = [values[n] if n in values else self.arrays[n] for n in op.inputs]
             variable = [n in self._variable for n in op.inputs]
             for name, is_var, g in zip(
                 op.inputs, variable, OPS[op.op].backward(args, op.attrs, values[op.output], dy, variable)
@@ -445,11 +440,15 @@ def _dequantize_backward(a, at, y, dy, v):
     return [dy * _per_axis(a[1], a[0], at.get("axis", 1))] + [None] * (len(a) - 1)
 
 
-# Erf, vectorized. Below |x| = 1, erf(x) = x S(x^2); above, erfc(x) = exp(-x^2) G(x) with G = exp(x^2) erfc(x)
-# smooth and slowly varying; from |x| = 6 on, erf is +-1 in float64 (erfc(6) = 2e-17). S and G are Chebyshev
-# interpolants, built at import from the C library's erf and erfc at the Chebyshev nodes (degrees chosen so
-# that the last coefficient is below 1e-16). Accuracy against mpmath: 2e-15 relative below 1, 1e-15 absolute
-# above (the rounding of exp(-x^2)); tests/test_head_ops.py checks it.
+# Erf, vectorized. Below |x| = 1, erf(x) = x S(x^2) with S the Taylor series, 18 terms: they alternate and
+# shrink (the 18th is 5e-18), so Horner's rule in place keeps it to a few ulps. Above, erfc(x) = exp(-x^2) G(x),
+# with G = exp(x^2) erfc(x) smooth and slowly varying, as Chebyshev interpolants on [1, 3] and [3, 6] built at
+# import from the C library's erfc at the Chebyshev nodes (degree 18: the last coefficient is below 1e-16).
+# From |x| = 6 on, erf is +-1 in float64 (erfc(6) = 2e-17). Accuracy against the C library's erf: 2e-15
+# absolute (the rounding of exp(-x^2)), 4e-15 relative below 1 (tests/test_head_ops.py checks both).
+# Temporaries are few: on this project's machines each fresh 4 MB array costs milliseconds in page faults.
+
+_ERF_TAYLOR = [2 / math.sqrt(math.pi) * (-1) ** n / (math.factorial(n) * (2 * n + 1)) for n in range(18)]
 
 
 def _chebyshev(f: Callable[[float], float], low: float, high: float, degree: int) -> list[float]:
@@ -464,15 +463,13 @@ def _chebyshev(f: Callable[[float], float], low: float, high: float, degree: int
 
 def _clenshaw(coefs: list[float], t: np.ndarray) -> np.ndarray:
     """``sum_i coefs[i] T_i(t)``, in the dtype of ``t`` (the coefficients are Python floats)."""
-    b1 = np.zeros_like(t)
-    b2 = np.zeros_like(t)
+    b1, b2 = np.zeros_like(t), np.zeros_like(t)
     two_t = 2 * t
     for c in coefs[:0:-1]:
         b1, b2 = two_t * b1 - b2 + c, b1
     return t * b1 - b2 + coefs[0]
 
 
-_ERF_SMALL = _chebyshev(lambda u: math.erf(math.sqrt(u)) / math.sqrt(u) if u else 2 / math.sqrt(math.pi), 0, 1, 12)
 _ERFC_PIECES = [(1.0, 3.0, _chebyshev(lambda x: math.exp(x * x) * math.erfc(x), 1, 3, 18)),
                 (3.0, 6.0, _chebyshev(lambda x: math.exp(x * x) * math.erfc(x), 3, 6, 18))]  # fmt: skip
 
@@ -480,19 +477,23 @@ _ERFC_PIECES = [(1.0, 3.0, _chebyshev(lambda x: math.exp(x * x) * math.erfc(x), 
 def _erf(x: np.ndarray) -> np.ndarray:
     """The error function, elementwise, in the dtype of ``x``."""
     x = np.asarray(x)
+    u = np.minimum(x * x, 1.0)  # the series everywhere (most values are small), then the rest replaced
+    out = np.full_like(x, _ERF_TAYLOR[-1])
+    for c in _ERF_TAYLOR[-2::-1]:
+        out *= u
+        out += c
     a = np.abs(x)
-    out = np.ones_like(x)  # |x| >= 6 (and the sign comes last)
-    small = a < 1
-    if small.any():
-        s = a[small]
-        out[small] = s * _clenshaw(_ERF_SMALL, 2 * s * s - 1)
-    for low, high, coefs in _ERFC_PIECES:
-        piece = (a >= low) & (a < high)
-        if piece.any():
-            s = a[piece]
-            out[piece] = 1 - np.exp(-s * s) * _clenshaw(coefs, (2 * s - (low + high)) / (high - low))
-    out[np.isnan(x)] = np.nan
-    return np.copysign(out, x)
+    out *= a
+    big = a >= 1
+    if big.any():
+        s = a[big]
+        tail = np.ones_like(s)
+        for low, high, coefs in _ERFC_PIECES:
+            piece = (s >= low) & (s < high)
+            p = s[piece]
+            tail[piece] = 1 - np.exp(-p * p) * _clenshaw(coefs, (2 * p - (low + high)) / (high - low))
+        out[big] = tail
+    return np.copysign(out, x, out=out)
 
 
 def _gelu(x, at):
@@ -554,9 +555,14 @@ def _gather_backward(a, at, y, dy, v):
     axis = int(at.get("axis", 0)) % x.ndim
     index = np.asarray(index, dtype=np.intp) % x.shape[axis]
     dx = np.zeros((dy.shape[0], *x.shape), dtype=dy.dtype)
-    # Scatter-add along the axis: repeated indices add up. The gathered axes of dy go first, as does the axis of dx.
+    # Scatter along the axis, the gathered axes of dy first as is the axis of dx. Repeated indices add up
+    # (np.add.at, slow); distinct ones (a CLS token, q/k/v out of one tensor) are a plain assignment.
     gathered = list(range(axis + 1, axis + 1 + index.ndim))
-    np.add.at(np.moveaxis(dx, axis + 1, 0), index, np.moveaxis(dy, gathered, list(range(index.ndim))))
+    target, values = np.moveaxis(dx, axis + 1, 0), np.moveaxis(dy, gathered, list(range(index.ndim)))
+    if np.unique(index).size == index.size:
+        target[index] = values
+    else:
+        np.add.at(target, index, values)
     return [dx, None]
 
 
