@@ -18,13 +18,13 @@ documented in docs/formats.md ("The head graph").
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import head_windows as windows
 
 # The largest tensor a head may compute, in values for one image (512 MiB in float64). Real heads stay far
 # below (a 21,843-class layer on 2,048 channels holds 45 M values); this only bounds what a hostile head.json
@@ -197,6 +197,29 @@ class GraphHead:
         if self.input not in grads:
             return np.zeros((len(classes), self.channels))
         return grads[self.input].reshape(len(classes), -1).astype(np.float64, copy=False)
+
+
+# Above this many values (computed for one image, plus the constants), a spatial or token head runs in float32.
+# Measured on a 2-core AMD EPYC (one BLAS thread), forward + gradient for one class: a ViT-B/16 last block
+# (9 M values) 1.3-1.5 s in float64, 0.35-0.40 s in float32 (torch autograd, float32: 0.26-0.37 s); VGG-16's
+# Flatten head (120 M weights) 0.55 s and 1 GB in float64, 0.24 s and 0.5 GB in float32. The tests' small
+# heads (a few thousand values) cost milliseconds either way, and stay exact in float64.
+FLOAT32_WORK = 2**22
+
+
+def recommended_precision(head: GraphHead, layout: str = "pooled") -> str:
+    """The precision a head should run in: ``"float32"`` for a spatial or token head holding or computing more
+    than :data:`FLOAT32_WORK` values (a transformer block, VGG's MLP), where float64 is 2-4x slower, and
+    ``"float64"`` otherwise. Pooled heads always keep float64 (their results do not move).
+
+    float32 costs accuracy the maps cannot show: gradients within 1e-4 of their largest value, relative
+    (tests/test_head_ops.py measures it on a ViT block against torch autograd in float64).
+    """
+    if layout == "pooled":
+        return "float64"
+    work = sum(math.prod(head.shapes[op.output]) for op in head.ops)
+    work += sum(a.size for a in head.arrays.values())
+    return "float32" if work > FLOAT32_WORK else "float64"
 
 
 # The ops: forward on arrays (batch first), and the vector-Jacobian product.
@@ -627,230 +650,10 @@ def _where_backward(a, at, y, dy, v):
     ]
 
 
-# Pooling and convolution, over any number of spatial axes (2 onwards), as ONNX defines them.
-
-
-@dataclass(frozen=True)
-class _Windows:
-    """Where the sliding windows of a pool or a convolution fall on each spatial axis.
-
-    ``pad_begin``: zeros (or -inf) before the input; ``length``: the padded extent the windows read (the input,
-    the pads and, with ceil_mode, what the last window hangs over), ``out``: the number of windows.
-    """
-
-    kernel: tuple[int, ...]
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    pad_begin: tuple[int, ...]
-    pad_end: tuple[int, ...]  # the explicit (or auto) end pads, without the ceil_mode overhang
-    length: tuple[int, ...]
-    out: tuple[int, ...]
-
-
-def _windows(spatial: Sequence[int], kernel: Sequence[int], at: dict, ceil: bool = False) -> _Windows:
-    n = len(spatial)
-    kernel = tuple(int(k) for k in kernel)
-    strides = tuple(int(s) for s in at.get("strides", [1] * n))
-    dilations = tuple(int(d) for d in at.get("dilations", [1] * n))
-    pads = [int(p) for p in at.get("pads", [0] * (2 * n))]
-    if not len(kernel) == len(strides) == len(dilations) == n or len(pads) != 2 * n:
-        raise ValueError(f"kernel, strides, dilations or pads do not fit {n} spatial axes")
-    if min(kernel + strides + dilations) < 1 or min(pads) < 0:
-        raise ValueError("kernel, strides and dilations must be positive, pads not negative")
-    begin, end = pads[:n], pads[n:]
-    auto = at.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    if auto == "VALID":
-        begin, end = [0] * n, [0] * n
-    elif auto in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for size, s, span in zip(spatial, strides, spans):
-            total = max((-(-size // s) - 1) * s + span - size, 0)
-            first = total // 2 if auto == "SAME_UPPER" else total - total // 2
-            begin.append(first)
-            end.append(total - first)
-    elif auto != "NOTSET":
-        raise ValueError(f"auto_pad {auto!r}")
-    out, length = [], []
-    for size, b, e, s, span in zip(spatial, begin, end, strides, spans):
-        room = size + b + e - span
-        if room < 0:
-            raise ValueError(f"a window of {span} does not fit an axis of {size} padded by {b} and {e}")
-        count = (-(-room // s) if ceil else room // s) + 1
-        if ceil and (count - 1) * s >= size + b:  # no window starts in the end padding (torch's rule, ONNX's)
-            count -= 1
-        out.append(count)
-        length.append((count - 1) * s + span)
-    return _Windows(kernel, strides, dilations, tuple(begin), tuple(end), tuple(length), tuple(out))
-
-
-def _window_view(x: np.ndarray, w: _Windows, fill: float) -> np.ndarray:
-    """``x [N, C, *spatial]`` padded with ``fill`` to the windows' extent, as a strided view
-    ``[N, C, *out, *kernel]`` (no copy of the windows)."""
-    n = len(w.kernel)
-    widths = [(0, 0), (0, 0)]
-    crop = [slice(None), slice(None)]
-    for size, b, length in zip(x.shape[2:], w.pad_begin, w.length):
-        after = length - b - size
-        widths.append((b, max(after, 0)))
-        crop.append(slice(0, size + min(after, 0)))  # windows that stop short of the input's end
-    xp = np.pad(x[tuple(crop)], widths, constant_values=fill) if any(map(any, widths)) else x[tuple(crop)]
-    spans = [(k - 1) * d + 1 for k, d in zip(w.kernel, w.dilations)]
-    view = np.lib.stride_tricks.sliding_window_view(xp, spans, axis=tuple(range(2, 2 + n)))
-    step = tuple(slice(None, None, s) for s in w.strides) + tuple(slice(None, None, d) for d in w.dilations)
-    return view[(slice(None), slice(None), *step)]
-
-
-def _scatter_windows(dcols: np.ndarray, x_shape: Sequence[int], w: _Windows) -> np.ndarray:
-    """The adjoint of :func:`_window_view`: add ``dcols [k, N, C, *out, *kernel]`` back onto ``[k, N, C, *spatial]``."""
-    extent = [max(length, b + size) for length, b, size in zip(w.length, w.pad_begin, x_shape[2:])]
-    dx = np.zeros((*dcols.shape[:3], *extent), dtype=dcols.dtype)
-    for offset in itertools.product(*(range(k) for k in w.kernel)):
-        region = tuple(
-            slice(o * d, o * d + (count - 1) * s + 1, s)
-            for o, d, s, count in zip(offset, w.dilations, w.strides, w.out)
-        )
-        dx[(slice(None), slice(None), slice(None), *region)] += dcols[(Ellipsis, *offset)]
-    inner = tuple(slice(b, b + size) for b, size in zip(w.pad_begin, x_shape[2:]))
-    return dx[(slice(None), slice(None), slice(None), *inner)]
-
-
-def _pool_windows(x_shape: Sequence[int], at: dict) -> _Windows:
-    return _windows(x_shape[2:], at["kernel_shape"], at, bool(at.get("ceil_mode", 0)))
-
-
-def _max_pool_forward(a, at):
-    x = a[0]
-    w = _pool_windows(x.shape, at)
-    n = len(w.kernel)
-    return _window_view(x, w, -np.inf).max(axis=tuple(range(-n, 0)))
-
-
-def _average_counts(x_shape: Sequence[int], w: _Windows, at: dict, dtype) -> np.ndarray:
-    """How many values each window averages ``[1, 1, *out]``: the input's, or with count_include_pad the
-    pads' too (but not what a ceil_mode window hangs past the end pad), as torch and onnxruntime count."""
-    ones = np.ones((1, 1, *x_shape[2:]), dtype=dtype)
-    if at.get("count_include_pad", 0):
-        ones = np.pad(ones, [(0, 0), (0, 0), *zip(w.pad_begin, w.pad_end)], constant_values=1)
-        w = dataclasses.replace(w, pad_begin=(0,) * len(w.kernel))
-    return _window_view(ones, w, 0.0).sum(axis=tuple(range(-len(w.kernel), 0)))
-
-
-def _average_pool_forward(a, at):
-    x = a[0]
-    w = _pool_windows(x.shape, at)
-    total = _window_view(x, w, 0.0).sum(axis=tuple(range(-len(w.kernel), 0)))
-    return total / _average_counts(x.shape, w, at, x.dtype)
-
-
-def _average_pool_backward(a, at, y, dy, v):
-    x = a[0]
-    w = _pool_windows(x.shape, at)
-    n = len(w.kernel)
-    share = dy / _average_counts(x.shape, w, at, x.dtype)
-    dcols = np.broadcast_to(share.reshape(*share.shape, *[1] * n), (*share.shape, *w.kernel))
-    return [_scatter_windows(dcols, x.shape, w)]
-
-
-def _max_pool_backward(a, at, y, dy, v):
-    """The gradient goes to each window's maximum: its first, in row order, when values tie (torch's rule)."""
-    x = a[0]
-    w = _pool_windows(x.shape, at)
-    n = len(w.kernel)
-    view = _window_view(x, w, -np.inf)
-    first = view.reshape(*view.shape[: 2 + n], -1).argmax(axis=-1)
-    hits = (first[..., None] == np.arange(math.prod(w.kernel))).reshape(*first.shape, *w.kernel)
-    return [_scatter_windows(dy.reshape(*dy.shape, *[1] * n) * hits, x.shape, w)]
-
-
-def _global_max_forward(a, at):
-    x = a[0]
-    return x.max(axis=tuple(range(2, x.ndim)), keepdims=True)
-
-
-def _global_max_backward(a, at, y, dy, v):
-    """To the first maximum of each channel, in row order, as torch's adaptive_max_pool2d(1) routes it."""
-    x = a[0]
-    flat = x.reshape(*x.shape[:2], -1)
-    hits = (flat.argmax(axis=-1)[..., None] == np.arange(flat.shape[-1])).reshape(x.shape)
-    return [dy * hits]
-
-
-def _global_average_forward(a, at):
-    x = a[0]
-    return x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)
-
-
-def _global_average_backward(a, at, y, dy, v):
-    x = a[0]
-    return [np.broadcast_to(dy / math.prod(x.shape[2:]), (dy.shape[0], *x.shape)).copy()]
-
-
-# Conv: a 1x1 kernel on a 1x1 map (or a flat pooled vector) is a matrix product over channels; anything else
-# (k x k, strides, pads, dilations, groups) goes through the windows as one matrix product per group.
-
-
-def _pointwise(x_shape: Sequence[int], w_shape: Sequence[int], at: dict) -> bool:
-    return (
-        all(d == 1 for d in x_shape[2:])
-        and all(d == 1 for d in w_shape[2:])
-        and int(at.get("group", 1)) == 1
-        and not any(at.get("pads", ()))
-        and at.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET", "VALID", b"VALID")
-    )
-
-
-def _conv_windows(x_shape: Sequence[int], w_shape: Sequence[int], at: dict) -> _Windows:
-    return _windows(x_shape[2:], at.get("kernel_shape", w_shape[2:]), at)
-
-
-def _conv_forward(a, at):
-    x, weight = a[0], a[1]
-    if _pointwise(x.shape, weight.shape, at):
-        y = x.reshape(x.shape[0], -1) @ weight.reshape(weight.shape[0], -1).T
-        if len(a) > 2:
-            y = y + a[2]
-        return y.reshape(x.shape[0], weight.shape[0], 1, 1)
-    w = _conv_windows(x.shape, weight.shape, at)
-    groups, n = int(at.get("group", 1)), len(w.kernel)
-    batch, channels, filters = x.shape[0], x.shape[1], weight.shape[0]
-    view = _window_view(x, w, 0.0)  # [N, C, *out, *kernel]
-    view = view.reshape(batch, groups, channels // groups, *w.out, *w.kernel)
-    # [N, g, positions, C/g * kernel] @ [g, C/g * kernel, M/g]: the im2col product, per group
-    order = (0, 1, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n))
-    cols = view.transpose(order).reshape(batch, groups, math.prod(w.out), -1)
-    kernels = weight.reshape(groups, filters // groups, -1)
-    y = cols @ kernels.transpose(0, 2, 1)  # [N, g, positions, M/g]
-    y = y.transpose(0, 1, 3, 2).reshape(batch, filters, *w.out)
-    if len(a) > 2:
-        y = y + a[2].reshape(1, -1, *[1] * n)
-    return y
-
-
-def _conv_backward(a, at, y, dy, v):
-    if any(v[1:]):
-        raise ValueError("Conv: the weights and bias must be constants")
-    x, weight = a[0], a[1]
-    k = dy.shape[0]
-    if _pointwise(x.shape, weight.shape, at):
-        dx = dy.reshape(k, -1) @ weight.reshape(weight.shape[0], -1)
-        return [dx.reshape(k, *x.shape)] + [None] * (len(a) - 1)
-    w = _conv_windows(x.shape, weight.shape, at)
-    groups, n = int(at.get("group", 1)), len(w.kernel)
-    batch, channels, filters = x.shape[0], x.shape[1], weight.shape[0]
-    g = dy.reshape(k * batch, groups, filters // groups, -1).transpose(0, 1, 3, 2)  # [kN, g, positions, M/g]
-    dcols = g @ weight.reshape(groups, filters // groups, -1)  # [kN, g, positions, C/g * kernel]
-    dcols = dcols.reshape(k * batch, groups, *w.out, channels // groups, *w.kernel)
-    order = (0, 1, 2 + n, *range(2, 2 + n), *range(3 + n, 3 + 2 * n))
-    dcols = dcols.transpose(order).reshape(k, batch, channels, *w.out, *w.kernel)
-    return [_scatter_windows(dcols, x.shape, w)] + [None] * (len(a) - 1)
-
-
 OPS: dict[str, _Rule] = {
     "Gemm": _Rule(_gemm_forward, _gemm_backward),
     "MatMul": _Rule(lambda a, at: a[0] @ a[1], _matmul_backward),
-    "Conv": _Rule(_conv_forward, _conv_backward),
+    "Conv": _Rule(windows.conv_forward, windows.conv_backward),
     "Add": _binary(np.add, lambda a, b: 1.0, lambda a, b: 1.0),
     "Sub": _binary(np.subtract, lambda a, b: 1.0, lambda a, b: -1.0),
     "Mul": _binary(np.multiply, lambda a, b: b, lambda a, b: a),
@@ -929,10 +732,10 @@ OPS: dict[str, _Rule] = {
     "Slice": _Rule(_slice_forward, _slice_backward),
     "Concat": _Rule(_concat_forward, _concat_backward),
     "Where": _Rule(lambda a, at: np.where(a[0].astype(bool), a[1], a[2]), _where_backward),
-    "MaxPool": _Rule(_max_pool_forward, _max_pool_backward),
-    "AveragePool": _Rule(_average_pool_forward, _average_pool_backward),
-    "GlobalMaxPool": _Rule(_global_max_forward, _global_max_backward),
-    "GlobalAveragePool": _Rule(_global_average_forward, _global_average_backward),
+    "MaxPool": _Rule(windows.max_pool_forward, windows.max_pool_backward),
+    "AveragePool": _Rule(windows.average_pool_forward, windows.average_pool_backward),
+    "GlobalMaxPool": _Rule(windows.global_max_forward, windows.global_max_backward),
+    "GlobalAveragePool": _Rule(windows.global_average_forward, windows.global_average_backward),
 }
 
 
@@ -1022,7 +825,7 @@ def _output_shape(name: str, s: list[tuple[int, ...]], at: dict) -> tuple[int, .
         w = s[1]
         if len(x) < 1 or len(w) < 1:
             raise ValueError("needs an input and a weight")
-        if _pointwise(x, w, at):
+        if windows.pointwise(x, w, at):
             if math.prod(x[1:]) != math.prod(w[1:]):
                 raise ValueError(f"input {list(x)} and weight {list(w)} do not fit a 1x1 convolution")
             if len(s) > 2 and math.prod(np.broadcast_shapes((x[0], w[0]), s[2])) != x[0] * w[0]:
@@ -1036,12 +839,12 @@ def _output_shape(name: str, s: list[tuple[int, ...]], at: dict) -> tuple[int, .
             raise ValueError(f"kernel_shape {list(at['kernel_shape'])} is not the weight's {list(w[2:])}")
         if len(s) > 2 and tuple(s[2]) != (w[0],):
             raise ValueError(f"bias {list(s[2])} does not fit {w[0]} channels")
-        win = _conv_windows(x, w, at)
+        win = windows.conv_windows(x, w, at)
         _within_budget("its windows", (x[0], x[1], *win.out, *win.kernel))
         return (x[0], w[0], *win.out)
     if name in ("MaxPool", "AveragePool"):
         _spatial(x, "a pool")
-        win = _pool_windows(x, at)
+        win = windows.pool_windows(x, at)
         _within_budget("its windows", (x[0], x[1], *win.out, *win.kernel))
         return (x[0], x[1], *win.out)
     if name in ("GlobalMaxPool", "GlobalAveragePool"):

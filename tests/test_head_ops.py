@@ -186,14 +186,15 @@ CASES = [
 ]  # fmt: skip
 
 
-def case_head(case: Case, output="scores") -> tuple[GraphHead, int]:
-    """x -> op -> Flatten -> Gemm to 3 classes (or the op's output itself, with output="y")."""
+def case_head(case: Case, output="scores", flatten=False) -> tuple[GraphHead, int]:
+    """x -> op -> Reshape to one row (Flatten with flatten=True) -> Gemm to 3 classes (or the op's output
+    itself, with output="y"). One row: some cases move the batch axis (Gemm with x as B, a Transpose)."""
     y_shape = infer_shapes([Op(case.op, case.inputs, "y", case.attrs)], case.consts, (-1, *case.shape[1:]), "x")["y"]
     width = math.prod(y_shape)
     arrays = {**case.consts, "w_out": RNG.standard_normal((3, width))}
     ops = [
         Op(case.op, case.inputs, "y", case.attrs),
-        Op("Reshape", ("y",), "flat", {"shape": [1, -1]}),
+        Op("Flatten", ("y",), "flat", {"axis": 1}) if flatten else Op("Reshape", ("y",), "flat", {"shape": [1, -1]}),
         Op("Gemm", ("flat", "w_out"), "scores", {"transB": 1}),
     ]
     return GraphHead(ops if output == "scores" else ops[:1], arrays, (-1, *case.shape[1:]), "x", output), width
@@ -485,3 +486,28 @@ def test_vgg_like_flatten_head_against_onnxruntime_and_torch_autograd():
     scores = F.relu(p.flatten(1) @ t["w1"].T + t["b1"]) @ t["w2"].T + t["b2"]
     want_g = np.stack([torch.autograd.grad(scores[0, c], xt, retain_graph=True)[0].numpy().ravel() for c in range(5)])
     np.testing.assert_allclose(head.gradient(x[0], range(5)), want_g, rtol=1e-10, atol=1e-13)
+
+
+BATCH_FIRST = [c for c in CASES if c.op != "Gemm" and not (c.op == "Transpose" and c.attrs["perm"][0] != 0)]
+
+
+@pytest.mark.parametrize("case", BATCH_FIRST, ids=repr)
+def test_a_batch_gives_each_image_its_own_scores(case):
+    """Constants of batch 1 (a CLS token to Concat) broadcast; nothing mixes images. Equal to rounding: a
+    matrix product over N rows may sum in another order than over one."""
+    head, _ = case_head(case, flatten=True)
+    x = RNG.standard_normal((3, *case.shape[1:]))
+    rows = np.vstack([head.forward_float64(row[None]) for row in x])
+    np.testing.assert_allclose(head.forward_float64(x), rows, rtol=1e-13, atol=1e-13)
+
+
+def test_recommended_precision_is_float32_only_for_big_spatial_and_token_heads():
+    from npcam.head import FLOAT32_WORK, recommended_precision
+
+    small = GraphHead(vit_ops("Gelu"), vit_weights(), (-1, L, D), "x", sides={"r": (-1, L, D)})
+    assert recommended_precision(small, "tokens") == "float64"
+    wide = 1 + FLOAT32_WORK // 512
+    ops = [Op("Flatten", ("x",), "f"), Op("Gemm", ("f", "w"), "scores", {"transB": 1})]
+    big = GraphHead(ops, {"w": np.zeros((wide, 512), np.float32)}, (-1, 32, 4, 4), "x")
+    assert recommended_precision(big, "spatial") == "float32"
+    assert recommended_precision(big, "pooled") == "float64"
