@@ -404,7 +404,7 @@ def _l2_gradient(x, y, axes):
 
 def _extreme_gradient(x, y, axes):
     """ReduceMax/Min: the gradient goes to the extreme value, shared evenly by ties (as torch.amax's)."""
-    hit = x == y
+    hit = (x == y).astype(x.dtype)
     return hit / hit.sum(axis=axes, keepdims=True)
 
 

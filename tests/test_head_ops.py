@@ -511,3 +511,30 @@ def test_recommended_precision_is_float32_only_for_big_spatial_and_token_heads()
     big = GraphHead(ops, {"w": np.zeros((wide, 512), np.float32)}, (-1, 32, 4, 4), "x")
     assert recommended_precision(big, "spatial") == "float32"
     assert recommended_precision(big, "pooled") == "float64"
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_float32_heads_compute_in_float32(case, monkeypatch):
+    """Nothing upcasts a float32 head to float64 on the way, forward or backward (which would be as slow as
+    float64), and its gradient is the float64 one to float32 rounding: each value is a sum of at most a few
+    hundred O(1) terms, within ~100 eps32 = 1.2e-5 of the largest; the test allows 1e-4."""
+    import npcam.head
+
+    def checked(rule):
+        def backward(a, at, y, dy, v):
+            grads = rule.backward(a, at, y, dy, v)
+            assert all(g.dtype == y.dtype == dy.dtype for g in grads if g is not None)
+            return grads
+
+        return npcam.head._Rule(rule.forward, backward)
+
+    for name, rule in list(npcam.head.OPS.items()):
+        monkeypatch.setitem(npcam.head.OPS, name, checked(rule))
+    head64, _ = case_head(case)
+    head32 = GraphHead(head64.ops, head64.arrays, head64.input_shape, "x", precision="float32")
+    x = case_input(case)
+    values = head32._run(x.reshape(1, -1))
+    assert {n: v.dtype for n, v in values.items()} == {n: np.dtype(np.float32) for n in values}
+    g64, g32 = head64.gradient(x, [0, 2]), head32.gradient(x, [0, 2])
+    assert g32.dtype == np.float64
+    np.testing.assert_allclose(g32, g64, rtol=0, atol=1e-4 * np.abs(g64).max())
