@@ -169,15 +169,27 @@ class GraphHead:
         scores = self._run(x, sides)[self.output]
         return scores.reshape(scores.shape[0], -1).astype(np.float64, copy=False)
 
-    def gradient(self, x: np.ndarray, classes: Sequence[int], sides: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def trace(self, x: np.ndarray, sides: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """One image's forward, keeping every value for :meth:`gradient` (``trace=``) to reuse, so that a
+        transformer block does not run twice. ``trace[head.output]`` is the scores ``[1, K]`` as computed."""
+        return self._run(x.reshape(1, -1), sides)
+
+    def gradient(
+        self,
+        x: np.ndarray,
+        classes: Sequence[int],
+        sides: dict[str, np.ndarray] | None = None,
+        trace: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
         """``d scores[c] / d x`` at one image's input, by reverse mode: float64 ``[k, prod(input_shape[1:])]``.
 
-        ``x`` is one image's input (batch 1). One backward pass for all classes: every cotangent carries a
-        leading axis of k classes before the forward value's own shape (whose batch is 1), so each op's
-        vector-Jacobian product broadcasts the forward values over it. Callers reshape to
-        ``[k, *input_shape[1:]]``. The side inputs are constants.
+        ``x`` is one image's input (batch 1); with ``trace`` (:meth:`trace` of that same input) its forward
+        is not run again. One backward pass for all classes: every cotangent carries a leading axis of k
+        classes before the forward value's own shape (whose batch is 1), so each op's vector-Jacobian
+        product broadcasts the forward values over it. Callers reshape to ``[k, *input_shape[1:]]``. The
+        side inputs are constants.
         """
-        values = self._run(x.reshape(1, -1), sides)
+        values = self._run(x.reshape(1, -1), sides) if trace is None else trace
         classes = np.asarray(classes, dtype=np.intp)
         scores = values[self.output]
         seed = np.zeros((len(classes), scores.size), dtype=self.dtype)

@@ -446,6 +446,9 @@ def test_vit_last_block_against_onnxruntime_and_torch_autograd(gelu):
             [torch.autograd.grad(scores[0, c], xt, retain_graph=True)[0].numpy().ravel() for c in classes]
         )
         got = head.gradient(x[i], classes, {"r": res[i : i + 1]})
+        trace = head.trace(x[i], {"r": res[i : i + 1]})
+        np.testing.assert_array_equal(head.gradient(None, classes, trace=trace), got)
+        np.testing.assert_array_equal(trace["scores"], head.forward_float64(x[i], {"r": res[i]}))
         np.testing.assert_allclose(got, want_g, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(head.forward_float64(x[i], {"r": res[i]}), scores.detach().numpy(), rtol=1e-12)
         # float32 precision: float32 rounding (6e-8) through the block, amplified by the LayerNorms and
