@@ -800,6 +800,14 @@ def _within_budget(what: str, shape: Sequence[int]) -> None:
         raise ValueError(f"{what} would hold {values:,} values for one image, over the limit of {MAX_VALUES:,}")
 
 
+def _within_windows_budget(x: tuple[int, ...], win) -> None:
+    """What a pool or a convolution allocates besides its output: the padded input (huge pads with a huge
+    stride give a small output) and the windows' copy (a huge kernel)."""
+    padded = [max(n, b + size + e) for n, b, size, e in zip(win.length, win.pad_begin, x[2:], win.pad_end)]
+    _within_budget("its padded input", (x[0], x[1], *padded))
+    _within_budget("its windows", (x[0], x[1], *win.out, *win.kernel))
+
+
 def _spatial(x: tuple[int, ...], what: str) -> None:
     if len(x) < 3:
         raise ValueError(f"{what} needs an input [N, C, spatial...], not {list(x)}")
@@ -853,12 +861,12 @@ def _output_shape(name: str, s: list[tuple[int, ...]], at: dict) -> tuple[int, .
         if len(s) > 2 and tuple(s[2]) != (w[0],):
             raise ValueError(f"bias {list(s[2])} does not fit {w[0]} channels")
         win = windows.conv_windows(x, w, at)
-        _within_budget("its windows", (x[0], x[1], *win.out, *win.kernel))
+        _within_windows_budget(x, win)
         return (x[0], w[0], *win.out)
     if name in ("MaxPool", "AveragePool"):
         _spatial(x, "a pool")
         win = windows.pool_windows(x, at)
-        _within_budget("its windows", (x[0], x[1], *win.out, *win.kernel))
+        _within_windows_budget(x, win)
         return (x[0], x[1], *win.out)
     if name in ("GlobalMaxPool", "GlobalAveragePool"):
         _spatial(x, "a global pool")

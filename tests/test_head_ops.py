@@ -306,6 +306,12 @@ def test_shapes_over_the_budget_are_refused_before_anything_runs():
     with pytest.raises(ValueError, match="its windows"):  # the im2col copy of a huge kernel on a huge map
         infer_shapes([Op("Conv", ("x", "w"), "y", {"pads": [60, 60, 60, 60]})], {"w": np.zeros((1, 64, 121, 121))},
                      (-1, 64, 128, 128), "x")  # fmt: skip
+    with pytest.raises(ValueError, match="its padded input"):  # a small output of a huge padded map
+        infer_shapes([Op("MaxPool", ("x",), "y", {"kernel_shape": [1], "strides": [10**9], "pads": [0, 10**9]})], {},
+                     (-1, 2, 4), "x")  # fmt: skip
+    with pytest.raises(ValueError, match="its padded input"):
+        infer_shapes([Op("AveragePool", ("x",), "y", {"kernel_shape": [1], "strides": [1], "pads": [0, 10**9],
+                     "count_include_pad": 1})], {}, (-1, 2, 4), "x")  # fmt: skip
     with pytest.raises(ValueError, match="side input 's'"):
         infer_shapes([], {}, (-1, 4), "x", {"s": (-1, side, side)})
     with pytest.raises(ValueError, match="empty"):
