@@ -652,6 +652,37 @@ def _concat_backward(a, at, y, dy, v):
     return [_sum_to(p, x.shape) if is_var else None for p, x, is_var in zip(parts, a, v)]
 
 
+def _pad_regions(shape: Sequence[int], at: dict) -> tuple[list[tuple[int, int]], tuple[slice, ...], tuple[slice, ...]]:
+    """ONNX Pad (constant mode) with ``pads`` [begins..., ends...] over ``axes`` (default all): the
+    non-negative widths to pad by, the part of the input kept (negative pads crop) and where it lands."""
+    if at.get("mode", "constant") not in ("constant", b"constant"):
+        raise ValueError(f"mode {at['mode']!r}: only constant padding is supported")
+    axes = [int(ax) % len(shape) for ax in at.get("axes", range(len(shape)))]
+    pads = [int(p) for p in at["pads"]]
+    if len(pads) != 2 * len(axes):
+        raise ValueError(f"{len(pads)} pads for {len(axes)} axes")
+    begin, end = [0] * len(shape), [0] * len(shape)
+    for ax, b, e in zip(axes, pads[: len(axes)], pads[len(axes) :]):
+        begin[ax], end[ax] = b, e
+    if any(size + b + e <= 0 or size + min(b, 0) + min(e, 0) <= 0 for size, b, e in zip(shape, begin, end)):
+        raise ValueError(f"pads {pads} leave nothing of {list(shape)}")
+    kept = tuple(slice(max(-b, 0), size - max(-e, 0)) for size, b, e in zip(shape, begin, end))
+    placed = tuple(slice(max(b, 0), max(b, 0) + k.stop - k.start) for b, k in zip(begin, kept))
+    return [(max(b, 0), max(e, 0)) for b, e in zip(begin, end)], kept, placed
+
+
+def _pad_forward(a, at):
+    widths, kept, _ = _pad_regions(a[0].shape, at)
+    return np.pad(a[0][kept], widths, constant_values=at.get("constant_value", 0.0))
+
+
+def _pad_backward(a, at, y, dy, v):
+    _, kept, placed = _pad_regions(a[0].shape, at)
+    dx = np.zeros((dy.shape[0], *a[0].shape), dtype=dy.dtype)
+    dx[(slice(None), *kept)] = dy[(slice(None), *placed)]
+    return [dx]
+
+
 def _where_backward(a, at, y, dy, v):
     if v[0]:
         raise ValueError("Where: the condition must be a constant")
@@ -745,6 +776,7 @@ OPS: dict[str, _Rule] = {
     "Slice": _Rule(_slice_forward, _slice_backward),
     "Concat": _Rule(_concat_forward, _concat_backward),
     "Where": _Rule(lambda a, at: np.where(a[0].astype(bool), a[1], a[2]), _where_backward),
+    "Pad": _Rule(_pad_forward, _pad_backward),
     "MaxPool": _Rule(windows.max_pool_forward, windows.max_pool_backward),
     "AveragePool": _Rule(windows.average_pool_forward, windows.average_pool_backward),
     "GlobalMaxPool": _Rule(windows.global_max_forward, windows.global_max_backward),
@@ -947,6 +979,11 @@ def _output_shape(name: str, s: list[tuple[int, ...]], at: dict) -> tuple[int, .
         if 0 in out:
             raise ValueError(f"the slice of {list(x)} is empty")
         return out
+    if name == "Pad":
+        if not x:
+            raise ValueError("cannot pad a scalar")
+        widths, kept, _ = _pad_regions(x, at)
+        return tuple(k.stop - k.start + b + e for k, (b, e) in zip(kept, widths))
     if name == "Concat":
         if not x or not -len(x) <= int(at["axis"]) < len(x):
             raise ValueError(f"axis {at['axis']} is not an axis of {list(x)}")

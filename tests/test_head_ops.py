@@ -172,6 +172,13 @@ CASES = [
     Case("Where", (1, 3, 4), inputs=("c", "x", "k"),
          consts={"c": RNG.random((3, 4)) > 0.5, "k": RNG.standard_normal((1, 4))}),
     Case("Where", (1, 3, 4), inputs=("c", "k", "x"), consts={"c": RNG.random((1, 4)) > 0.5, "k": np.array(-2.0)}),
+    # Pad (constant): pads and crops (negative pads), on all axes or some (opset 18's axes)
+    Case("Pad", (1, 2, 3, 4), {"pads": [0, 0, 1, 2, 0, 0, 2, 0], "constant_value": 0.5},
+         onnx_inputs=(("x", "pads", "value"), {"pads": np.array([0, 0, 1, 2, 0, 0, 2, 0], np.int64),
+                                                "value": np.array(0.5)}), onnx_attrs={}, opset=13),
+    Case("Pad", (1, 3, 5), {"pads": [-1, 2, 1, -2], "axes": [1, 2]}, onnx_attrs={}, opset=18,
+         onnx_inputs=(("x", "pads", "", "axes"), {"pads": np.array([-1, 2, 1, -2], np.int64),
+                                                  "axes": np.array([1, 2], np.int64)})),
     # Conv: VGG's 3x3 pad 1; strides, dilations and groups; asymmetric pads; depthwise; 1x1 on a map; 1-D.
     Case("Conv", (1, 3, 6, 6), {"pads": [1, 1, 1, 1]}, inputs=("x", "w", "b"),
          consts={"w": RNG.standard_normal((4, 3, 3, 3)), "b": RNG.standard_normal(4)}),
