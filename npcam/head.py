@@ -655,6 +655,8 @@ def _concat_backward(a, at, y, dy, v):
 def _pad_regions(shape: Sequence[int], at: dict) -> tuple[list[tuple[int, int]], tuple[slice, ...], tuple[slice, ...]]:
     """ONNX Pad (constant mode) with ``pads`` [begins..., ends...] over ``axes`` (default all): the
     non-negative widths to pad by, the part of the input kept (negative pads crop) and where it lands."""
+    if "pads" not in at:
+        raise ValueError("its pads must be an attribute (ONNX's pads input, folded)")
     if at.get("mode", "constant") not in ("constant", b"constant"):
         raise ValueError(f"mode {at['mode']!r}: only constant padding is supported")
     axes = [int(ax) % len(shape) for ax in at.get("axes", range(len(shape)))]

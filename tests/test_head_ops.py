@@ -323,6 +323,8 @@ def test_shapes_over_the_budget_are_refused_before_anything_runs():
         infer_shapes([], {}, (-1, 4), "x", {"s": (-1, side, side)})
     with pytest.raises(ValueError, match="empty"):
         infer_shapes([Op("Slice", ("x",), "y", {"starts": [3], "ends": [1], "axes": [1]})], {}, (-1, 4), "x")
+    with pytest.raises(ValueError, match="op Pad .* pads must be an attribute"):
+        infer_shapes([Op("Pad", ("x", "p"), "y")], {"p": np.zeros(4, np.int64)}, (-1, 4), "x")
     with pytest.raises(ValueError, match="groups"):
         infer_shapes([Op("Conv", ("x", "w"), "y", {"group": 2})], {"w": np.zeros((3, 2, 1, 1))}, (-1, 4, 3, 3), "x")
 
