@@ -213,8 +213,8 @@ class GraphHead:
 
 # Above this many values (computed for one image, plus the constants), a spatial or token head runs in float32.
 # Measured on a 2-core AMD EPYC shared with other jobs (one BLAS thread; ranges over runs), trace + gradient of
-# one class: a ViT-B/16 last block (197 tokens, 768 wide, 13 M values) 0.39-0.58 s in float64, 0.16-0.24 s in
-# float32 (torch autograd, float32: 0.09-0.17 s); ViT-S/16 0.11-0.16 s and 0.05-0.06 s (torch 0.06-0.12 s);
+# one class: a ViT-B/16 last block (197 tokens, 768 wide, 15 M values) 0.39-0.58 s in float64, 0.16-0.24 s in
+# float32 (torch autograd, float32: 0.09-0.17 s); ViT-S/16 (5.8 M values) 0.11-0.16 s and 0.05-0.06 s (torch 0.06-0.12 s);
 # VGG-16's Flatten head (120 M weights: 1 GB in float64) 0.28-0.33 s and 0.11-0.13 s (torch 0.11 s). The
 # tests' small heads (thousands of values) take milliseconds either way, and stay exact in float64.
 FLOAT32_WORK = 2**22
