@@ -399,8 +399,10 @@ def test_a_successful_export_prints_its_own_lines_only(tmp_path):
     assert not [line for line in lines if "[E:onnxruntime" in line or "Quantized bias" in line], lines
     assert [line.split(" ")[0] for line in lines] == ["exported", "int8"], lines
     meta = json.loads((tmp_path / "q" / "bundle.json").read_text())
-    assert meta["int8"]["clipped_biases"] >= 1  # the quantizer's warning did happen, and was counted
-    assert "bias" in lines[1]
+    # Which setting wins depends on its timing (a loaded machine can pick either), so the count is checked on
+    # every setting tried: the quantizer's warning did happen, and was counted, not printed.
+    assert max(tried["clipped_biases"] for tried in meta["int8"]["tried"].values()) >= 1, meta["int8"]["tried"]
+    assert ("bias" in lines[1]) == (meta["int8"]["clipped_biases"] >= 1), (lines, meta["int8"])
 
 
 def test_nested_constant_ifs_inline_to_the_graph_onnxruntime_runs():
