@@ -266,6 +266,14 @@ def tiny_cli(tiny_bundle, capsys, tmp_path, monkeypatch):
     return cli_runner(tiny_bundle, capsys, tmp_path, monkeypatch)
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test sends SIGINT: a shell that starts the tests in the background
+    makes them ignore SIGINT, and children inherit that (and rightly keep ignoring it)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     """``npcam serve`` in a subprocess on a free loopback port; ``url`` once it listens."""
 
@@ -276,7 +284,7 @@ class Server:
 
         command = [sys.executable, "-m", "npcam", "serve", "--model", str(bundle), "--port", "0", *args]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
         self.log: list[str] = []
         first = self.process.stderr.readline()  # the start-up line names the URL
         self.log.append(first)
@@ -287,10 +295,17 @@ class Server:
 
     def stop(self, signal_number=None) -> int:
         import signal
+        import threading
 
         self.process.send_signal(signal_number or signal.SIGTERM)
-        _, rest = self.process.communicate(timeout=60)
-        self.log.append(rest)
+        # Read the rest through the same text stream as the first line: communicate(timeout=...) reads the raw
+        # pipe and would drop lines that readline() had already buffered (the warning after the start line).
+        rest: list[str] = []
+        reader = threading.Thread(target=lambda: rest.append(self.process.stderr.read()))
+        reader.start()
+        self.process.wait(timeout=60)
+        reader.join(timeout=60)
+        self.log.append("".join(rest))
         return self.process.returncode
 
 

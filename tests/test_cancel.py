@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import PHOTOS, REPO
+from conftest import PHOTOS, REPO, default_sigint
 
 import npcam
 from npcam import methods
@@ -82,7 +82,9 @@ def _run_cli(bundle, image, output, interrupt: bool, cwd):
     command = [sys.executable, "-m", "npcam", str(image), "-m", str(bundle), "--method", "scorecam", "--size", "160",
                "-o", str(output)]  # fmt: skip
     start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=slave, env=env, cwd=cwd)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=slave, env=env, cwd=cwd, preexec_fn=default_sigint
+    )
     os.close(slave)
     text, started, sent = b"", None, False
     while True:

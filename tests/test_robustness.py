@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, SAMPLE, synthetic_image
+from conftest import REPO, SAMPLE, default_sigint, synthetic_image
 from PIL import Image
 
 
@@ -238,7 +238,7 @@ def test_ctrl_c_leaves_only_complete_files(bundle, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         [sys.executable, "-m", "npcam", "-m", str(bundle), str(data), "-o", f"{out}/"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(out.glob("*.jpg"))) < 3:
