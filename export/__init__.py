@@ -1,5 +1,5 @@
 """Export a classifier as an npcam model bundle.
 
-``python -m export resnet18 --out DIR [--weights FILE]``; the library is :mod:`export.api`,
+``npcam-export resnet18 --out DIR [--weights FILE]``; the library is :mod:`export.api`,
 the command line :mod:`export.__main__`.
 """

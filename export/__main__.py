@@ -1,11 +1,11 @@
-"""``python -m export``: turn a classifier into an npcam model bundle.
+"""``npcam-export``: turn a classifier into an npcam model bundle.
 
-    python -m export ARCH [--weights FILE] [--labels FILE] [--out DIR]      a built-in architecture
-    python -m export auto                                                   the demo's model
-    python -m export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size S|HxW] [--out DIR]
-    python -m export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size S|HxW] [--out DIR]
-    python -m export tflite MODEL.tflite [--labels FILE] [--mean R G B --std R G B] [--out DIR]
-    python -m export keras MODEL.keras|MODEL.h5 [--labels FILE] [--mean R G B --std R G B] [--out DIR]
+    npcam-export ARCH [--weights FILE] [--labels FILE] [--out DIR]      a built-in architecture
+    npcam-export auto                                                   the demo's model
+    npcam-export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size S|HxW] [--out DIR]
+    npcam-export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size S|HxW] [--out DIR]
+    npcam-export tflite MODEL.tflite [--labels FILE] [--mean R G B --std R G B] [--out DIR]
+    npcam-export keras MODEL.keras|MODEL.h5 [--labels FILE] [--mean R G B --std R G B] [--out DIR]
 
 The ``onnx`` route needs only the runtime's packages and ``onnx``; ``tflite`` and ``keras`` need TensorFlow
 and tf2onnx (the ``tflite`` and ``keras`` extras); the others need torch. This module only parses arguments
@@ -36,7 +36,7 @@ AUTO = "auto"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
-        prog="python -m export",
+        prog="npcam-export",
         description="Turn a classifier into an npcam model bundle (see the README, 'Your own model').",
     )
     routes = parser.add_subparsers(dest="route", required=True, metavar="{ARCH,auto,onnx,torch,tflite,keras}")

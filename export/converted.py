@@ -1,7 +1,7 @@
 """Shared by the TFLite and Keras routes: a model converted to ONNX by tf2onnx goes through the ONNX route.
 
 The converted graph is split by the same head finder (:func:`export.split.split`) and written by the same
-checked bundle writer (:func:`export.build.export`) as ``python -m export onnx``; what differs is the
+checked bundle writer (:func:`export.build.export`) as ``npcam-export onnx``; what differs is the
 reference the self-check compares with: the original model in its own runtime (the TFLite interpreter,
 Keras' ``predict``), not the converted graph.
 """

@@ -1,4 +1,4 @@
-"""``python -m export keras MODEL.keras``: a Keras classifier (Keras 3, or Keras 2 through tf-keras) as a bundle.
+"""``npcam-export keras MODEL.keras``: a Keras classifier (Keras 3, or Keras 2 through tf-keras) as a bundle.
 
 The model is loaded with Keras (``.keras``; ``.h5`` by Keras 3, else by tf-keras), traced as a TensorFlow
 function in inference mode and converted by tf2onnx; the ONNX route splits, writes and checks it against

@@ -1,4 +1,4 @@
-"""``python -m export tflite MODEL.tflite``: a TensorFlow Lite classifier, float or int8, as an npcam bundle.
+"""``npcam-export tflite MODEL.tflite``: a TensorFlow Lite classifier, float or int8, as an npcam bundle.
 
 tf2onnx converts the flatbuffer to ONNX (QuantizeLinear/DequantizeLinear pairs for an int8 model, per-channel
 weights kept), and the ONNX route splits, writes and checks it. The self-check runs the ``.tflite`` file in

@@ -1,6 +1,6 @@
 """Torch modules to ONNX, for the one head finder in :mod:`export.split` (needs torch).
 
-The built-in architectures and ``python -m export torch MODULE:CALLABLE`` both
+The built-in architectures and ``npcam-export torch MODULE:CALLABLE`` both
 come through here: the whole classifier is exported, and the splitter finds
 its last global pooling, as for any ONNX file.
 """

@@ -160,7 +160,7 @@ def _not_a_checkpoint(start: bytes) -> str | None:
     if len(start) > 8 and start[8:9] == b"{":
         return "a safetensors file (or other JSON-headed file), not a torch checkpoint"
     if start[:1] == b"\x08" and (b"pytorch" in start or b"onnx" in start.lower()):
-        return "an ONNX model (export that with `python -m export onnx FILE`)"
+        return "an ONNX model (export that with `npcam-export onnx FILE`)"
     try:
         text = start.decode("utf-8")
     except UnicodeDecodeError:

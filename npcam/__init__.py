@@ -3,7 +3,7 @@
 The data flows image -> tensor -> features -> CAM -> overlay::
 
     import npcam
-    model = npcam.load()                    # a bundle written by `python -m export`
+    model = npcam.load()                    # a bundle written by `npcam-export`
     pred = model.predict("photo.jpg")       # one onnxruntime call
     pred.top(5)                             # [(index, label, probability), ...]
     cam = model.cam(pred, size=pred.image.shape[:2])   # float32 [H, W] in [0, 1]

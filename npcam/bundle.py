@@ -148,12 +148,12 @@ def _read_meta(path: Path) -> dict:
     if path.is_file() or (not path.exists() and path.suffix == ".onnx"):
         raise NpcamError(
             f"{path}: a model bundle is a directory; to explain this model, convert it first with "
-            f"`python -m export onnx {path} --out DIR` (see the README, 'Your own model')"
+            f"`npcam-export onnx {path} --out DIR` (see the README, 'Your own model')"
         )
     if not path.is_dir():
         raise NpcamError(
-            f"{path}: no model bundle here; create one with `python -m export auto` or "
-            f"`python -m export resnet18 --out {path}` (see the README)"
+            f"{path}: no model bundle here; create one with `npcam-export auto` or "
+            f"`npcam-export resnet18 --out {path}` (see the README)"
         )
     try:
         meta = json.loads(_read_file(meta_file))

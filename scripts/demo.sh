@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/venv.sh export
-.venv/bin/python -m export auto
+.venv/bin/npcam-export auto
 .venv/bin/python -m npcam samples/chelsea.png "$@"

@@ -6,7 +6,7 @@ before any softmax); ``forward`` is ``scores o features``, followed by a
 softmax where ``probabilities`` is set. Tests compute torch's own CAM and
 autograd Grad-CAM from these. Weights are seeded
 and random, with BN statistics away from their defaults. Importable as
-``models:NAME`` from the tests folder, which is how ``python -m export torch``
+``models:NAME`` from the tests folder, which is how ``npcam-export torch``
 takes them.
 """
 

@@ -43,7 +43,7 @@ def rehash(path):
 
 
 def test_missing_directory_says_how_to_export(tmp_path):
-    with pytest.raises(NpcamError, match="python -m export"):
+    with pytest.raises(NpcamError, match="npcam-export"):
         npcam.load(tmp_path / "nothing")
 
 

@@ -352,11 +352,11 @@ def test_model_flag_given_an_onnx_file_says_how_to_convert(tmp_path, capsys):
     (tmp_path / "small.onnx").write_bytes(onnx_bytes(models.mlp_head(), (1, 3, SIZE, SIZE)))
     assert main(["-m", str(tmp_path / "small.onnx"), str(PHOTOS[0])]) == 2
     err = capsys.readouterr().err
-    assert f"python -m export onnx {tmp_path / 'small.onnx'} --out DIR" in err and len(err.strip().splitlines()) == 1
+    assert f"npcam-export onnx {tmp_path / 'small.onnx'} --out DIR" in err and len(err.strip().splitlines()) == 1
 
 
 def test_onnx_route_imports_no_torch(tmp_path):
-    """`python -m export onnx` runs where torch cannot be imported."""
+    """`npcam-export onnx` runs where torch cannot be imported."""
     import os
     import subprocess
     import sys

@@ -250,7 +250,7 @@ def test_closed_stdout_ends_the_run_quietly(bundle, tmp_path):
 def test_no_bundle_says_how_to_create_one(tmp_path, capsys):
     code = main(["-m", str(tmp_path / "none"), str(photo(tmp_path))])
     err = capsys.readouterr().err
-    assert code == 2 and "python -m export" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "npcam-export" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,16 +248,24 @@ def test_int8_without_images_is_a_clear_error(resnet18_weights, tmp_path, capsys
 
 
 def test_export_works_from_any_folder(resnet18_weights, tmp_path):
-    """After the README's set-up (`pip install -e .[export]`) `python -m export` runs from anywhere."""
+    """After the README's set-up (`pip install -e .[export]`) `npcam-export` runs from anywhere, and the package
+    it runs is installed as npcam_export (a top-level `export` would be a name any project may claim)."""
     import subprocess
     import sys
 
+    command = Path(sys.executable).with_name("npcam-export")
     result = subprocess.run(
-        [sys.executable, "-m", "export", "resnet18", "--weights", str(resnet18_weights), "--out", str(tmp_path / "b")],
+        [str(command), "resnet18", "--weights", str(resnet18_weights), "--out", str(tmp_path / "b")],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "b" / "bundle.json").is_file()
+    where = subprocess.run(
+        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('npcam_export') is not None, "
+         "u.find_spec('export') is not None)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert where.stdout.split() == ["True", "False"], where.stdout + where.stderr
 
 
 def _whole_model(path):

@@ -166,7 +166,7 @@ def test_head_batches_like_single_samples():
     np.testing.assert_array_equal(head.forward(p), np.vstack([head.forward(row[None]) for row in p]))
 
 
-# Heads written as ONNX graphs, exported with `python -m export onnx`
+# Heads written as ONNX graphs, exported with `npcam-export onnx`
 
 K = 5
 CONV_W = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.5
