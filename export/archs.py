@@ -27,7 +27,7 @@ class Arch:
     Attributes
     ----------
     name : the export command's name for it
-    builder : ``module:function`` making the module, called with ``num_classes``
+    builder : ``module:function`` making the module, called with ``num_classes`` (module relative to this package)
     input_size : side of the square input it was trained at
     fc_name : the final ``nn.Linear``'s name in the state dict; its rows give the class count
     urls : official weight files, newest first; the file name carries the
@@ -48,7 +48,8 @@ class Arch:
     def build(self, num_classes: int = 1000):
         """The torch module with random weights and ``num_classes`` outputs."""
         module, function = self.builder.split(":")
-        return getattr(importlib.import_module(module), function)(num_classes=num_classes)
+        # Relative to this package, which is `export` in a checkout and `npcam_export` when installed.
+        return getattr(importlib.import_module(module, __package__), function)(num_classes=num_classes)
 
 
 ARCHS: dict[str, Arch] = {
@@ -56,24 +57,24 @@ ARCHS: dict[str, Arch] = {
     for a in [
         Arch(
             "resnet18",
-            "export.resnet:resnet18",
+            ".resnet:resnet18",
             urls=(TORCHVISION + "resnet18-f37072fd.pth", TORCHVISION + "resnet18-5c106cde.pth"),
         ),
         Arch(
             "resnet34",
-            "export.resnet:resnet34",
+            ".resnet:resnet34",
             urls=(TORCHVISION + "resnet34-b627a593.pth", TORCHVISION + "resnet34-333f7ec4.pth"),
         ),
         Arch(
             "resnet50",
-            "export.resnet:resnet50",
+            ".resnet:resnet50",
             urls=(TORCHVISION + "resnet50-0676ba61.pth", TORCHVISION + "resnet50-19c8e357.pth"),
         ),
     ]
     + [
         Arch(
             name,
-            f"export.efficientnet_lite:{name}",
+            f".efficientnet_lite:{name}",
             input_size=size,
             mean=LITE_MEAN,
             std=LITE_STD,
