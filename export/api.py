@@ -55,7 +55,9 @@ def run(
         "versions": _torch_versions(),
     }
     size = (arch.input_size, arch.input_size)
-    parts = _split(arch.name, from_torch.to_onnx(net, size, opset), size, output="scores")
+    onnx_model = from_torch.to_onnx(net, size, opset)
+    parts = _split(arch.name, onnx_model, size, output="scores")
+    meta["layer"] = from_torch.module_of_tensor(net, onnx_model, parts.layer, size) or parts.layer
     name = arch.name if weights is None else source.stem
     return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
 
@@ -70,8 +72,11 @@ def run_onnx(
     bgr: bool = False,
     output: str | None = None,
     int8: Path | None = None,
+    layer: str | None = None,
 ) -> Path:
-    """Export any ONNX image classifier, torch-free; returns the bundle directory."""
+    """Export any ONNX image classifier, torch-free; returns the bundle directory.
+
+    ``layer``: the ONNX tensor to explain (default: the family's default layer, see :mod:`export.layer`)."""
     try:
         original = onnx.load(str(model))
     except FileNotFoundError:
@@ -80,10 +85,11 @@ def run_onnx(
         raise ExportError(
             f"{model}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    parts = _split(str(model), original, input_size, bgr=bgr, output=output)
+    parts = _split(str(model), original, input_size, bgr=bgr, output=output, layer=layer)
     digest = sha256_file(model)
     meta = {
         "arch": f"onnx:{model.stem}",
+        "layer": parts.layer,
         "mean": list(mean or IMAGENET_MEAN),
         "std": list(std or IMAGENET_STD),
         "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr, "channels": parts.channels},
@@ -106,8 +112,13 @@ def run_torch(
     input_size: int | tuple[int, int] | None = None,
     opset: int = OPSET,
     int8: Path | None = None,
+    layer: str | None = None,
 ) -> Path:
-    """Export the torch module that ``spec`` (``MODULE:CALLABLE``) returns; returns the bundle directory."""
+    """Export the torch module that ``spec`` (``MODULE:CALLABLE``) returns; returns the bundle directory.
+
+    ``layer``: the module path to explain (``blocks.3.norm1``; default: the family's default layer), recorded
+    in the bundle as a module path where one module outputs the layer.
+    """
     import hashlib
 
     from . import from_torch
@@ -127,7 +138,10 @@ def run_torch(
         "source": {"kind": "torch", "name": weights.name if weights else spec, "sha256": digest},
         "versions": _torch_versions(),
     }
-    parts = _split(spec, from_torch.to_onnx(net, size, opset), size, output="scores")  # a tuple's first
+    onnx_model = from_torch.to_onnx(net, size, opset)
+    tensor = None if layer is None else from_torch.tensor_of_module(net, onnx_model, layer, spec, size)
+    parts = _split(spec, onnx_model, size, output="scores", layer=tensor)  # a tuple's first
+    meta["layer"] = layer or from_torch.module_of_tensor(net, onnx_model, parts.layer, size) or parts.layer
     if parts.channels == 1:
         meta["mean"], meta["std"] = _grey_normalization(mean, std)
     name = weights.stem if weights else spec.rpartition(":")[2]

@@ -7,6 +7,8 @@ its last global pooling, as for any ONNX file.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 import io
 import sys
@@ -72,7 +74,7 @@ def to_onnx(net: nn.Module, input_size: tuple[int, int], opset: int) -> onnx.Mod
     for dynamic_axes in (axes, {"input": {0: "N"}, "scores": {0: "N"}}, None):
         buffer = io.BytesIO()
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), _no_mha_fast_path():
                 warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
                 torch.onnx.export(
                     net.eval(),
@@ -91,6 +93,107 @@ def to_onnx(net: nn.Module, input_size: tuple[int, int], opset: int) -> onnx.Mod
     raise ExportError(
         f"torch could not export the module to ONNX ({type(error).__name__}: {str(error).splitlines()[0]})"
     )
+
+
+@contextlib.contextmanager
+def _no_mha_fast_path():
+    """nn.MultiheadAttention's inference fast path (one fused op) does not export: its plain ops do."""
+    mha = getattr(torch.backends, "mha", None)
+    before = mha.get_fastpath_enabled() if mha else None
+    if mha:
+        mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        if mha:
+            mha.set_fastpath_enabled(before)
+
+
+def module_outputs(net: nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every named submodule's output (a tensor) on ``x`` float32 ``[N,3,H,W]``, by forward hooks."""
+    outputs: dict[str, np.ndarray] = {}
+    hooks = []
+    for name, module in net.named_modules():
+        if not name:
+            continue
+
+        def keep(module, inputs, output, name=name):
+            if isinstance(output, torch.Tensor):
+                outputs[name] = output.detach().float().numpy().copy()
+
+        hooks.append(module.register_forward_hook(keep))
+    try:
+        with torch.no_grad(), _no_mha_fast_path():
+            net.eval()(torch.from_numpy(x))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+def _onnx_values(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every float tensor the ONNX model computes on ``x``, by name (graph order)."""
+    from .graph import float_output, session
+
+    probe = copy.deepcopy(model)
+    known = {o.name for o in probe.graph.output}
+    try:  # only float tensors become outputs: shape arithmetic is int64
+        typed = onnx.shape_inference.infer_shapes(probe).graph.value_info
+    except Exception:  # shape inference is best-effort
+        return {}
+    floats = {v.name for v in typed if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    names = [o for n in probe.graph.node for o in n.output if o in floats]
+    probe.graph.output.extend(float_output(name) for name in names if name not in known)
+    wanted = [o.name for o in probe.graph.output]
+    image = next(i.name for i in probe.graph.input if i.name not in {t.name for t in probe.graph.initializer})
+    try:
+        run = session(probe)
+    except Exception:  # an output onnxruntime cannot type (ints of shape arithmetic): keep the float ones only
+        return {}
+    try:
+        results = run.run(None, {image: x})
+    except Exception:  # onnxruntime's own types
+        return {}
+    return {k: v for k, v in zip(wanted, results) if isinstance(v, np.ndarray) and v.dtype == np.float32}
+
+
+def _probe_input(model: onnx.ModelProto, size: tuple[int, int]) -> np.ndarray:
+    """A random image for the model at ``size`` ``(H, W)``, with its channels."""
+    image = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    channels = image.type.tensor_type.shape.dim[1].dim_value or 3
+    return np.random.default_rng(11).standard_normal([1, channels, *size]).astype(np.float32)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=1e-5 * max(np.abs(b).max(), 1e-6))
+
+
+def tensor_of_module(net: nn.Module, model: onnx.ModelProto, path: str, spec: str, size: tuple[int, int]) -> str:
+    """The ONNX tensor that holds module ``path``'s output: the first in graph order with the same values."""
+    modules = dict(net.named_modules())
+    if path not in modules or not path:
+        near = [n for n in modules if n and n.split(".")[-1] == path.split(".")[-1]][:3]
+        raise ExportError(
+            f"{spec}: --layer {path!r} is not a module path of the model" + (f" (maybe {', '.join(near)})" if near else "")
+        )
+    x = _probe_input(model, size)
+    wanted = module_outputs(net, x).get(path)
+    if wanted is None:
+        raise ExportError(f"{spec}: --layer {path!r} does not output one tensor")
+    for name, value in _onnx_values(model, x).items():
+        if _same(value, wanted):
+            return name
+    raise ExportError(f"{spec}: --layer {path!r}: no tensor of the ONNX export holds its output (torch fused it away)")
+
+
+def module_of_tensor(net: nn.Module, model: onnx.ModelProto, tensor: str, size: tuple[int, int]) -> str | None:
+    """The module path whose output is ONNX tensor ``tensor`` (the outermost such module), or None."""
+    x = _probe_input(model, size)
+    values = _onnx_values(model, x)
+    if tensor not in values:
+        return None
+    matches = [name for name, out in module_outputs(net, x).items() if _same(out, values[tensor])]
+    return min(matches, key=lambda name: name.count(".")) if matches else None
 
 
 def _input_channels(net: nn.Module, input_size: tuple[int, int]) -> int:

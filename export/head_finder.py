@@ -11,6 +11,8 @@ reduces the batch axis (BatchNorm statistics, ``axes=[0,2,3]``) is not one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import onnx
 from onnx import TensorProto
 
@@ -204,16 +206,16 @@ def _spatial(values: Values) -> list:
     return shape[2:] if values.layout == "NCHW" else shape[1:3]
 
 
-def kinds(g: GraphIndex, pooled: str) -> dict[str, str]:
-    """What each tensor depends on, given the pooled tensor: one forward sweep in graph order.
+def kinds(g: GraphIndex, pooled: str, sides: Sequence[str] = ()) -> dict[str, str]:
+    """What each tensor depends on, given the pooled tensor (or the layer cut at): one forward sweep in graph order.
 
-    ``data``: the pooled values; ``shape``: only tensor shapes (Shape nodes) of
-    such tensors, and constants; ``const``: constants only; ``mixed``: the
+    ``data``: the pooled values (and the ``sides``, trunk tensors the head reads as inputs); ``shape``: only
+    tensor shapes (Shape nodes) of such tensors, and constants; ``const``: constants only; ``mixed``: the
     pooled values and tensors from before the pooling. Tensors of the trunk
     get no entry. A node's captured reads (If branches) count as its inputs.
     """
     found = {name: "const" for name in g.constants}
-    found[pooled] = "data"
+    found.update((name, "data") for name in (pooled, *sides))
     for node in g.graph.node:
         if node.op_type == "Constant":
             continue

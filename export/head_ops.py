@@ -22,48 +22,52 @@ from .errors import ExportError
 from .graph import GraphIndex, Values, attr, first_line, is_noop
 
 # Reductions whose axes come as an attribute, or as a second input from opset 13 (ReduceSum) or 18 (the rest).
-REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2"}
+REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2", "ReduceMax", "ReduceMin"}
 
 
 def head_ops(
     g: GraphIndex,
     model: onnx.ModelProto,
-    pool: onnx.NodeProto,
+    start: str,
+    start_shape: list[int],
     nodes: list[onnx.NodeProto],
     kinds: dict,
     scores: str,
     values: Values,
+    sides: dict[str, list[int]] | None = None,
 ) -> tuple[list[Op], dict[str, np.ndarray], list[int], str]:
     """Turn the head's nodes into :class:`npcam.head.Op` s, folding constants and shape arithmetic.
 
     The head runs in onnx's reference evaluator on random pooled vectors of
     batch 1 and 2: what does not depend on the pooled values is folded into
     constant arrays (a shape that follows the batch size may only be a
-    Reshape's target). Returns the ops, their arrays, the pooled tensor's
-    shape and the name of the scores.
+    Reshape's target). ``start`` is the head's input (the pooled tensor, or the layer cut at) of shape
+    ``start_shape`` (-1 for the batch), ``sides`` the trunk tensors it also reads, with their shapes. Returns
+    the ops, their arrays, the input's shape and the name of the scores.
     """
-    pooled_name = pool.output[0]
-    pooled_shape = head_finder.pooled_shape(pool, g, values)
+    pooled_name, pooled_shape, sides = start, start_shape, sides or {}
     outer = {name: values.shape(name) for name in head_finder.outer_shapes(nodes, kinds)}
     if None in outer.values():
         raise ExportError(f"cannot tell the shape of {', '.join(k for k, v in outer.items() if v is None)}")
     for node in nodes:
-        if kinds.get(node.output[0]) == "data" and not (node.op_type in OPS or is_noop(node)):
+        if kinds.get(node.output[0]) == "data" and not (node.op_type in OPS or node.op_type == "Split" or is_noop(node)):
             raise ExportError(
-                f"the head after the last global pooling uses the op {node.op_type} ({node.name!r}), which npcam's "
+                f"the head uses the op {node.op_type} ({node.name!r}), which npcam's "
                 f"NumPy head does not implement (it has {', '.join(sorted(OPS))})"
             )
     try:
         evaluator = ReferenceEvaluator(
-            subgraph(model, nodes, pooled_name, pooled_shape, scores, outer),
+            subgraph(model, nodes, pooled_name, pooled_shape, scores, {**outer, **sides}),
             new_ops=[QuantizeLinear, DequantizeLinear],
         )
     except Exception as e:  # the reference evaluator lacks some op or version
         raise ExportError(f"cannot evaluate the head's shape arithmetic ({first_line(e)})") from None
     runs = []
     for batch in (1,) if values.one_image else (1, 2):
-        pooled = np.random.default_rng(batch).standard_normal((batch, *pooled_shape[1:])).astype(np.float32)
+        rng = np.random.default_rng(batch)
+        pooled = rng.standard_normal((batch, *pooled_shape[1:])).astype(np.float32)
         feed = {pooled_name: pooled, **{k: np.zeros((batch, *v[1:]), np.float32) for k, v in outer.items()}}
+        feed.update({k: rng.standard_normal((batch, *v[1:])).astype(np.float32) for k, v in sides.items()})
         try:
             runs.append({**feed, **evaluator.run(None, feed, intermediate=True)})
         except Exception as e:  # the reference evaluator raises whatever the op's code raises
@@ -89,7 +93,8 @@ def head_ops(
         if is_noop(node):
             alias[node.output[0]] = alias.get(node.input[0], node.input[0])
             continue
-        ops.append(convert(node, ref, runs))
+        converted = convert(node, ref, runs)
+        ops += converted if isinstance(converted, list) else [converted]
     scores = alias.get(scores, scores)
     if not ops:  # the classes are the pooled channels (a conv classifier before the pooling, as in SqueezeNet)
         ops, scores = [Op("Flatten", (pooled_name,), "scores", {"axis": 1})], "scores"
@@ -142,10 +147,27 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
         target = np.asarray(runs[0][inputs[1]]).astype(int).tolist()
         batch2 = np.asarray(runs[1][inputs[1]]).astype(int).tolist()
         in_shape = np.asarray(runs[0][inputs[0]]).shape
+        moved = [i for i, (a, b) in enumerate(zip(target, batch2)) if a != b]
+        batch_first = moved == [0] and target[0] == in_shape[0] == 1 and np.prod(target[1:]) == np.prod(in_shape[1:])
+        if len(moved) == 1 and not batch_first and -1 not in target and batch2[moved[0]] == 2 * target[moved[0]]:
+            # The batch inside another axis (attention's [L, N * heads, d] and back): inferred at any batch.
+            target[moved[0]] = -1
+            return Op(op, (ref(inputs[0]),), out, {"shape": target})
+        if not moved and -1 in target[1:] and target[0] not in (0, -1, 1):
+            # The same target at every batch, its -1 taking the batch where it is (attention's [L, -1, 3, C]).
+            return Op(op, (ref(inputs[0]),), out, {"shape": target})
         if target[1:] != batch2[1:] or target[0] not in (0, -1, 1) or batch2[0] not in (0, -1, 1, 2):
-            raise ExportError(f"the head's Reshape {node.name!r} does not keep the batch dimension ({target})")
+            raise ExportError(
+                f"the head's Reshape {node.name!r} does not keep the batch dimension ({target})"
+                + ("; export the model with a dynamic batch axis" if runs[0] is runs[1] else "")
+            )
         rest = target[1:]
         if -1 not in rest and int(np.prod(rest)) != int(np.prod(in_shape[1:])):
+            if (target[0] == -1 and not moved) or (target[0] in (1, -1) and runs[0] is runs[1]):
+                # The batch merged with the next axis and split back (attention's [N * heads, L, d]), by the
+                # model's own -1 or in a model of batch 1: batch-major, so the first axis is inferred.
+                # split.check_batch verifies it.
+                return Op(op, (ref(inputs[0]),), out, {"shape": [-1, *rest]})
             raise ExportError(f"the head's Reshape {node.name!r} mixes samples of a batch")
         return Op(op, (ref(inputs[0]),), out, {"shape": [0, *rest]})
     if op == "Flatten":
@@ -158,14 +180,25 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
             axes = constant(1).astype(int).ravel().tolist()
         rank = len(np.asarray(runs[0][inputs[0]]).shape) + (len(axes) if op == "Unsqueeze" else 0)
         axes = [a % rank for a in axes]
-        if 0 in axes:
-            raise ExportError(f"the head's {op} {node.name!r} acts on the batch dimension")
+        # An axis 0 that is not the batch (attention moves it: [L, N, C]) is checked by the batch test of the head.
         return Op(op, (ref(inputs[0]),), out, {"axes": axes})
     if op == "Transpose":
-        perm = list(attr(node, "perm"))
-        if perm[0] != 0:
-            raise ExportError(f"the head's Transpose {node.name!r} moves the batch dimension")
+        perm = attr(node, "perm")
+        perm = list(perm) if perm is not None else list(range(np.asarray(runs[0][inputs[0]]).ndim))[::-1]
         return Op(op, (ref(inputs[0]),), out, {"perm": perm})
+    if op == "Slice" and len(inputs) > 1:  # starts, ends, axes, steps: inputs from opset 10
+        names = ("starts", "ends", "axes", "steps")
+        attrs = {k: constant(i).astype(int).ravel().tolist() for i, k in enumerate(names, 1) if constant(i) is not None}
+        return Op(op, (ref(inputs[0]),), out, attrs)
+    if op == "Split":
+        return _split_as_slices(node, inputs, runs, ref)
+    if op == "Pad" and len(inputs) > 1:
+        attrs = {"mode": _plain(attr(node, "mode", b"constant")), "pads": constant(1).astype(int).ravel().tolist()}
+        if constant(3) is not None:
+            attrs["axes"] = constant(3).astype(int).ravel().tolist()
+        if constant(2) is not None and float(constant(2).reshape(-1)[0]) != 0:
+            raise ExportError(f"the head's Pad {node.name!r} pads with a value other than 0")
+        return Op(op, (ref(inputs[0]),), out, attrs)
     if op == "Clip":
         low, high = attr(node, "min"), attr(node, "max")
         low = float(constant(1)) if low is None and constant(1) is not None else low
@@ -211,6 +244,20 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
     if op == "LayerNormalization":
         attrs = {"axis": attrs.get("axis", -1), "epsilon": attrs.get("epsilon", 1e-5)}
     return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
+
+
+def _split_as_slices(node: onnx.NodeProto, inputs: list[str], runs, ref) -> list[Op]:
+    """A Split as one Slice per output (npcam's ops have one output each)."""
+    x = np.asarray(runs[0][inputs[0]])
+    axis = int(attr(node, "axis", 0)) % x.ndim
+    sizes = [np.asarray(runs[0][o]).shape[axis] for o in node.output]
+    source = ref(inputs[0])
+    ops, begin = [], 0
+    for name, size in zip(node.output, sizes):
+        if name:
+            ops.append(Op("Slice", (source,), name, {"starts": [begin], "ends": [begin + size], "axes": [axis]}))
+        begin += size
+    return ops
 
 
 def _plain(value):

@@ -3,11 +3,14 @@
 1. :func:`export.graph.inline_constant_ifs`: If nodes with a constant condition become the branch they take.
 2. :class:`export.graph.GraphIndex`: producers, consumers, constants and chain matching, built once.
 3. :mod:`export.head_finder`: the image input, the scores (a final Softmax or Sigmoid set aside), the last
-   global pooling and the head's nodes.
-4. :mod:`export.head_ops`: the head as a short list of npcam ops on the pooled vector, its shape arithmetic
-   evaluated (:class:`npcam.head.GraphHead`).
-5. :mod:`export.trunk`: everything the pooling's input needs, in npcam's contract, and the sizes it runs at.
-6. :mod:`export.fold`: an all-affine head folded into ``W p + b`` (:class:`npcam.head.AffineHead`): the paper's CAM.
+   global pooling and the head's nodes; :mod:`export.layer`: the cut beyond it (a max or concat pooling's
+   input, a Flatten's, a transformer's last block; or ``--layer``), and the side inputs the head reads.
+4. :mod:`export.head_ops`: the head as a short list of npcam ops on the pooled vector (or the layer), its
+   shape arithmetic evaluated (:class:`npcam.head.GraphHead`).
+5. :mod:`export.trunk`: everything the layer and the side inputs need, in npcam's contract, and the sizes it
+   runs at.
+6. :mod:`export.fold`: an all-affine pooled head folded into ``W p + b`` (:class:`npcam.head.AffineHead`): the
+   paper's CAM.
 
 Anything else is refused with one line saying why.
 """
@@ -16,17 +19,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
-from npcam.head import AffineHead, GraphHead
+from npcam.head import AffineHead, GraphHead, recommended_precision
 
 from .errors import ExportError
 from .fold import fold
 from .graph import Values, index, inline_constant_ifs
 from .graph import dims as _dims  # export.api reads it from here
 from .graph import session as _session  # noqa: F401  (and this)
-from .head_finder import find_head, image_input, pool_layout, scores
+from .head_finder import image_input, scores
 from .head_ops import head_ops
+from .layer import find_cut
 from .sizes import native_size
 from .trunk import LUMA, check_trunk, input_stride, trunk
 
@@ -35,7 +40,7 @@ __all__ = ["LUMA", "Split", "split"]
 
 @dataclass
 class Split:
-    """A classifier split at its last global pooling.
+    """A classifier split at the layer it is explained at.
 
     Attributes
     ----------
@@ -48,6 +53,7 @@ class Split:
     layout : the original input layout, "NCHW" or "NHWC"
     channels : the original input's channels: 3, or 1 for a grey model (the trunk takes the luma of RGB)
     output_step : the step of the original's quantized probabilities (0: not quantized)
+    layer : the ONNX tensor the maps are made of (:class:`export.layer.Cut`)
     """
 
     trunk: onnx.ModelProto
@@ -59,6 +65,7 @@ class Split:
     layout: str
     channels: int = 3
     output_step: float = 0.0
+    layer: str = "features"
 
 
 def split(
@@ -66,8 +73,10 @@ def split(
     input_size: int | tuple[int, int] | None = None,
     bgr: bool = False,
     output: str | None = None,
+    layer: str | None = None,
 ) -> Split:
-    """Split ``model`` (an image classifier) into a trunk and a head; raises :class:`ExportError` with the reason."""
+    """Split ``model`` (an image classifier) into a trunk and a head, at ``layer`` (an ONNX tensor name) or at
+    the default layer of its family (:func:`export.layer.find_cut`); raises :class:`ExportError` with the reason."""
     model = inline_constant_ifs(model)
     g = index(model)
     image = image_input(model.graph)
@@ -79,11 +88,64 @@ def split(
     size = native_size(static_hw, input_size)  # (height, width)
     scores_name, output_kind, output_step = scores(g, output)
     values = Values(model, image.name, layout, size, channels)
-    pool, head_nodes, kinds = find_head(g, scores_name, values)
-    ops, arrays, pooled_shape, scores_name = head_ops(g, model, pool, head_nodes, kinds, scores_name, values)
-    cut = trunk(g, model, image.name, pool.input[0], layout, bgr, pool_layout(pool, g), channels)
-    # An AveragePool's kernel covers the whole map at this size only: elsewhere the model computes something else.
-    features, fixed_size = check_trunk(cut, size, pooled_shape, any_size=pool.op_type != "AveragePool")
-    head = fold(GraphHead(ops, arrays, pooled_shape, pool.output[0], scores_name))
-    stride = input_stride(size, features)
-    return Split(cut, head, size, fixed_size, stride, output_kind, layout, channels, output_step)
+    cut = find_cut(g, scores_name, values, layer)
+    try:
+        ops, arrays, start_shape, scores_name = head_ops(
+            g, model, cut.start, cut.start_shape, cut.nodes, cut.kinds, scores_name, values, cut.sides
+        )
+    except ExportError as e:
+        if not cut.fallback:
+            raise
+        raise ExportError(f"{cut.fallback}; and the head from {cut.layer!r} cannot be taken: {e}") from None
+    rank = 3 if cut.layout == "tokens" else 4
+    part = trunk(
+        g, model, image.name, cut.layer, layout, bgr, cut.trunk_layout, channels, list(cut.sides), cut.grid, rank
+    )
+    if cut.layout == "pooled":
+        # An AveragePool's kernel covers the whole map at this size only: elsewhere the model computes something
+        # else; a token mean is laid on a grid of one size.
+        any_size = cut.pool.op_type != "AveragePool" and cut.trunk_layout != "tokens"
+        features, fixed_size = check_trunk(part, size, start_shape, any_size=any_size)
+        head = GraphHead(ops, arrays, start_shape, cut.start, scores_name)
+        check_batch(head)
+        head = fold(head)
+        stride = input_stride(size, features)
+    else:
+        # The head's input has the layer's exact shape: the model runs at its own size only.
+        features, fixed_size = check_trunk(part, size, start_shape, any_size=False, layer_shape=start_shape)
+        head = _graph_head(ops, arrays, cut, scores_name)
+        check_batch(head)
+        stride = size[1] // cut.grid[1] if cut.layout == "tokens" else input_stride(size, features)
+    return Split(part, head, size, fixed_size, stride, output_kind, layout, channels, output_step, cut.layer)
+
+
+def _graph_head(ops, arrays, cut, scores_name: str) -> GraphHead:
+    """The head of a spatial or token cut, in the precision its size calls for."""
+    options = {"sides": cut.sides, "layout": cut.layout, "grid": cut.grid, "prefix": cut.prefix}
+    try:
+        head = GraphHead(ops, arrays, cut.start_shape, cut.start, scores_name, **options)
+        precision = recommended_precision(head, cut.layout)
+        if precision != head.precision:
+            head = GraphHead(ops, arrays, cut.start_shape, cut.start, scores_name, precision=precision, **options)
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise ExportError(f"the head from {cut.layer!r} cannot run in npcam ({e})") from None
+    return head
+
+
+def check_batch(head: GraphHead) -> None:
+    """Refuse a head whose rows of a batch are not each image's own scores (an axis taken for the batch that is
+    not, where attention moves the batch axis), whatever batch the original model was exported with."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, *head.input_shape[1:]))
+    sides = {name: rng.standard_normal((3, *shape[1:])) for name, shape in head.sides.items()}
+    try:
+        together = head.forward_float64(x, sides)
+        alone = np.concatenate(
+            [head.forward_float64(x[i : i + 1], {k: v[i : i + 1] for k, v in sides.items()}) for i in range(3)]
+        )
+    except ValueError as e:
+        raise ExportError(f"the head does not run on a batch of 3 ({e}); export the model with a dynamic batch") from None
+    scale = max(np.abs(alone).max(), 1e-12)
+    # float32 heads round differently in a batch (BLAS blocking): far below a mixed-up batch's error.
+    if together.shape != alone.shape or np.abs(together - alone).max() > 1e-4 * scale:
+        raise ExportError("the head mixes the images of a batch; export the model with a dynamic batch axis")

@@ -12,6 +12,7 @@ width are made dynamic where the trunk runs that way.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -33,17 +34,24 @@ def trunk(
     bgr: bool,
     pool_layout: str,
     channels: int = 3,
+    sides: Sequence[str] = (),
+    grid: tuple[int, int] | None = None,
+    rank: int = 4,
 ) -> onnx.ModelProto:
     """The nodes the pooling's input needs, wrapped so that it reads ``image`` NCHW RGB and writes ``features`` NCHW.
 
     Identity nodes are rewired away (torch writes them to share equal
     constants, and the int8 quantizer wants constants as initializers), and
-    every node gets a unique name (the quantizer keys on names).
+    every node gets a unique name (the quantizer keys on names). ``sides`` (trunk tensors the head also
+    reads) become outputs of their own, under their own names. ``pool_layout`` ``"tokens"`` (a mean-pooled
+    token model, ``[N, L, C]``) lays the tokens on their ``grid`` as ``features`` ``[N, C, gh, gw]``.
     """
+    if {"image", "features"} & set(sides):
+        raise ExportError("the head reads a tensor named 'image' or 'features' from the trunk; rename it")
     if features == image:
         raise ExportError("the pooling reads the model input directly; there is no trunk")
     graph = model.graph
-    nodes = [copy.deepcopy(n) for n in g.ancestors([features])]
+    nodes = [copy.deepcopy(n) for n in g.ancestors([features, *sides])]
     same = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Identity"}
 
     def source(name: str) -> str:
@@ -76,6 +84,14 @@ def trunk(
         adapters.append(helper.make_node("Transpose", [inner], [nhwc], name=nhwc, perm=[0, 2, 3, 1]))
         inner = nhwc
     out = "features" if pool_layout == "NCHW" else unique("npcam_nhwc_features", names)
+    if image in map(source, sides):
+        raise ExportError("the head reads the model's input directly")
+    # A side that was an Identity's output keeps its name: the head reads it by that name.
+    renamed_sides = [
+        helper.make_node("Identity", [source(name)], [name], name=unique(f"npcam_side_{i}", names))
+        for i, name in enumerate(sides)
+        if source(name) != name
+    ]
     rename = {**clashes, image: inner, features: out}
     for node in nodes:  # what subgraphs capture is renamed too
         rename_reads(node, lambda name: rename.get(source(name), source(name)))
@@ -84,22 +100,32 @@ def trunk(
         adapters.append(
             helper.make_node("Transpose", [out], ["features"], name="npcam_nhwc_to_nchw", perm=[0, 3, 1, 2])
         )
-    used = {i for n in nodes + adapters for i in [*n.input, *(c for sub in subgraphs(n) for c in captured(sub))]}
+    tail = int(pool_layout != "NCHW")  # adapters after the nodes
+    if pool_layout == "tokens":  # [N, L, C] -> [N, C, L] -> [N, C, gh, gw]
+        channels_first, shape = unique("npcam_tokens_channels_first", names), unique("npcam_grid_shape", names)
+        adapters.append(
+            helper.make_node("Transpose", [out], [channels_first], name=channels_first, perm=[0, 2, 1])
+        )
+        adapters.append(helper.make_node("Reshape", [channels_first, shape], ["features"], name="npcam_tokens_to_grid"))
+        extra.append(numpy_helper.from_array(np.array([0, 0, *grid], dtype=np.int64), shape))
+        tail = 2
+    used = {i for n in nodes + adapters + renamed_sides for i in [*n.input, *(c for sub in subgraphs(n) for c in captured(sub))]}
     initializers = [copy.deepcopy(i) for i in graph.initializer if rename.get(i.name, i.name) in used] + extra
     for i in initializers:
         i.name = rename.get(i.name, i.name)
     taken: set[str] = set()
-    for n, node in enumerate(nodes + adapters):
+    for n, node in enumerate(nodes + adapters + renamed_sides):
         if not node.name or node.name in taken:
             node.name = unique(f"{node.op_type}_{n}", taken)
         taken.add(node.name)
+    dims = ["N", "C", "h", "w"] if rank == 4 else ["N", "L", "C"]
+    outputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, dims)]
+    outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in sides]
     new_graph = helper.make_graph(
-        adapters[: len(adapters) - (pool_layout == "NHWC")]
-        + nodes
-        + adapters[len(adapters) - (pool_layout == "NHWC") :],
+        adapters[: len(adapters) - tail] + nodes + adapters[len(adapters) - tail :] + renamed_sides,
         "npcam_trunk",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", "C", "h", "w"])],
+        outputs,
         initializers,
     )
     cut = helper.make_model(new_graph, opset_imports=model.opset_import, producer_name="npcam export")
@@ -119,13 +145,18 @@ def set_input_dims(trunk: onnx.ModelProto, batch: int | str, height: int | str, 
 
 
 def check_trunk(
-    trunk: onnx.ModelProto, size: tuple[int, int], pooled_shape: list[int], any_size: bool = True
+    trunk: onnx.ModelProto,
+    size: tuple[int, int],
+    pooled_shape: list[int],
+    any_size: bool = True,
+    layer_shape: list[int] | None = None,
 ) -> tuple[np.ndarray, bool]:
     """Run the trunk at the native size, then find out whether it also takes other batches and sizes.
 
     Returns the native features and whether the size is fixed (always, unless
     ``any_size``). The batch stays fixed at 1 when a batch of 2 does not give
-    the two single results.
+    the two single results. ``layer_shape`` (-1 for the batch): the exact shape the features must have (a
+    head that starts at a map or tokens), instead of ``pooled_shape``'s channels.
     """
     channels = int(np.prod(pooled_shape[1:]))
     rng = np.random.default_rng(0)
@@ -137,7 +168,12 @@ def check_trunk(
     except Exception as e:
         raise ExportError(f"the trunk cut from the model does not run ({first_line(e)})") from None
     features = single[0]
-    if features.ndim != 4 or features.shape[1] != channels:
+    if layer_shape is not None:
+        if list(features.shape[1:]) != list(layer_shape[1:]):
+            raise ExportError(
+                f"the trunk gives features of shape {list(features.shape)}, the head expects [N, {layer_shape[1:]}]"
+            )
+    elif features.ndim != 4 or features.shape[1] != channels:
         raise ExportError(
             f"the trunk gives features of shape {list(features.shape)}, the head expects {channels} channels"
         )
@@ -148,7 +184,7 @@ def check_trunk(
         )
     except Exception:
         batch_ok = False
-    stride = input_stride(size, features)
+    stride = input_stride(size, features) if any_size else 1
     dynamic = any_size
     for h, w in ((height + 2 * stride, width), (height, width + 3 * stride)) if any_size else ():
         try:

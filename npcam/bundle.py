@@ -38,8 +38,10 @@ FORMAT = "npcam-bundle"
 # What the original model outputs; "sigmoid" (multi-label) also makes npcam's probabilities per-class sigmoids.
 OUTPUTS = ("logits", "probabilities", "log_probabilities", "sigmoid")
 # 3: input_size is [height, width] (it was one int, the side of a square, in 1 and 2).
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: graph heads may start at a spatial map or tokens (head.json's layout, grid, prefix, sides, precision) and
+#    bundle.json names the explained layer; a version 3 bundle is a version 4 one without these keys.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 HEAD_FILES = {"affine": ("fc_weight.npy", "fc_bias.npy"), "graph": ("head.json", "head.npz")}
 CACHE_DIR = Path("~/.cache/npcam")
 # Looked for in this order when no model is named: ResNet-18 is the default,
@@ -95,6 +97,19 @@ class Bundle:
     @property
     def stride(self) -> int:
         return int(self.meta.get("stride", DEFAULT_STRIDE))
+
+    @property
+    def layer(self) -> str:
+        """The explained layer's name: an ONNX tensor name, or a torch module path (``blocks.3.norm1``); bundles
+        from before format 4 say ``"features"`` (the trunk's output)."""
+        return str(self.meta.get("layer", "features"))
+
+    @property
+    def layout(self) -> str:
+        """What the head starts at: ``"pooled"``, ``"spatial"`` (``[N,C,h,w]``) or ``"tokens"`` (``[N,L,C]``).
+
+        Not ``meta["layout"]``, which is the original model's input layout (NCHW or NHWC)."""
+        return self.head.layout
 
     @property
     def multi_label(self) -> bool:
@@ -198,6 +213,8 @@ def _read_meta(path: Path) -> dict:
         raise NpcamError(f"{meta_file}: key 'fixed_size' must be true or false")
     if not isinstance(meta["files"], dict):
         raise NpcamError(f"{meta_file}: key 'files' must map file names to sha256 digests")
+    if not isinstance(meta.get("layer", ""), str):
+        raise NpcamError(f"{meta_file}: key 'layer' must be a string (the explained layer's name)")
     return meta
 
 
@@ -250,15 +267,26 @@ def _load_graph_head(path: Path, spec_bytes: bytes, arrays_bytes: bytes) -> Grap
         ops = [Op(o["op"], tuple(o["inputs"]), o["output"], dict(o.get("attrs", {}))) for o in spec["ops"]]
         input_shape = [int(d) for d in spec["input_shape"]]
         names = (spec["input"], spec["output"])
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        # Format 4; absent: a pooled head of format 3.
+        sides = {str(k): [int(d) for d in v] for k, v in dict(spec.get("sides", {})).items()}
+        layer = {
+            "layout": spec.get("layout", "pooled"),
+            "grid": spec.get("grid"),
+            "prefix": spec.get("prefix", 0),
+            "precision": spec.get("precision", "float64"),
+        }
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise NpcamError(f"{spec_file}: not a head description ({type(e).__name__}: {e})") from None
+    for name in sides:
+        if name in ("image", "features", names[0]):
+            raise NpcamError(f"{spec_file}: side input {name!r} has the name of the head's input or a trunk tensor")
     _check_npz_sizes(arrays_file, arrays_bytes)
     try:
         with np.load(io.BytesIO(arrays_bytes), allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except (ValueError, OSError, EOFError) as e:
         raise NpcamError(f"{arrays_file}: not a plain .npz of arrays ({e})") from None
-    known = set(arrays) | {names[0]} | {op.output for op in ops}
+    known = set(arrays) | {names[0]} | set(sides) | {op.output for op in ops}
     for op in ops:
         unknown = [n for n in op.inputs if n not in known]
         if unknown:
@@ -266,7 +294,7 @@ def _load_graph_head(path: Path, spec_bytes: bytes, arrays_bytes: bytes) -> Grap
     if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
         raise NpcamError(f"{arrays_file}: contains NaN or infinite values")
     try:
-        return GraphHead(ops, arrays, input_shape, *names)
+        return GraphHead(ops, arrays, input_shape, *names, sides=sides, **layer)
     except (ValueError, KeyError, IndexError, TypeError) as e:
         raise NpcamError(f"{spec_file}: the head cannot run ({e})") from None
 
@@ -543,8 +571,9 @@ def write(
     """Write a bundle's files into ``directory`` (existing, empty), then ``bundle.json``; returns the metadata.
 
     ``meta`` must hold ``arch``, ``input_size`` (``(height, width)``, or one
-    side for a square), ``mean`` and ``std``; the format keys, the head kind, the channel and class counts
-    and the hashes are added here.
+    side for a square), ``mean`` and ``std``, and may hold ``layer`` (the explained layer's name); the format
+    keys, the head kind, the channel and class counts and the hashes are added here. ``channels`` is the
+    layer's C (the pooled vector's length for a pooled head).
     """
     if len(labels) != head.classes:
         raise NpcamError(f"{len(labels)} labels for a head with {head.classes} classes")
@@ -558,7 +587,13 @@ def write(
             "input_shape": list(head.input_shape),
             "output": head.output,
             "ops": [{"op": o.op, "inputs": list(o.inputs), "output": o.output, "attrs": o.attrs} for o in head.ops],
+            "layout": head.layout,
+            "precision": head.precision,
         }
+        if head.layout == "tokens":
+            spec.update(grid=list(head.grid), prefix=head.prefix)
+        if head.sides:
+            spec["sides"] = {name: list(shape) for name, shape in head.sides.items()}
         (directory / "head.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
         np.savez(directory / "head.npz", **head.arrays)
     (directory / "labels.json").write_text(json.dumps(list(labels), indent=0, ensure_ascii=False) + "\n", "utf-8")
@@ -568,10 +603,19 @@ def write(
         **meta,
         "input_size": list(as_size(meta["input_size"])),
         "head": head.kind,
-        "channels": head.channels,
+        "channels": layer_channels(head),
         "classes": head.classes,
     }
     return seal(directory, meta)
+
+
+def layer_channels(head: AffineHead | GraphHead) -> int:
+    """C of the explained layer: the pooled vector's length, the map's channels, or the tokens' width."""
+    if head.layout == "spatial":
+        return head.input_shape[1]
+    if head.layout == "tokens":
+        return head.input_shape[2]
+    return head.channels
 
 
 def seal(directory: Path, meta: dict) -> dict:

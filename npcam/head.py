@@ -45,6 +45,9 @@ class AffineHead:
     """
 
     kind = "affine"
+    layout = "pooled"  # what its input is: the pooled vector (see GraphHead)
+    grid = None
+    prefix = 0
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray):
         self.weight = weight
@@ -96,6 +99,11 @@ class GraphHead:
         makes them in autograd.
     precision : ``"float64"`` (exact to rounding) or ``"float32"`` (a transformer block: about 2x faster, see
         docs/formats.md)
+    layout : what the input is: ``"pooled"`` (a globally average-pooled vector), ``"spatial"`` (``[-1, C, h, w]``)
+        or ``"tokens"`` (``[-1, L, C]``)
+    grid : tokens only: ``(gh, gw)``, the patch tokens' grid (row-major)
+    prefix : tokens only: how many tokens come before the patch tokens (1 for a CLS token, 2 with a
+        distillation token, 0 for a mean-pooled model); ``L = prefix + gh * gw``
     """
 
     kind = "graph"
@@ -109,9 +117,13 @@ class GraphHead:
         output: str = "scores",
         sides: dict[str, Sequence[int]] | None = None,
         precision: str = "float64",
+        layout: str = "pooled",
+        grid: Sequence[int] | None = None,
+        prefix: int = 0,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.layout, self.grid, self.prefix = _check_layout(layout, input_shape, grid, prefix)
         self.precision = precision
         self.dtype = np.dtype(precision)
         self.ops = list(ops)
@@ -209,6 +221,32 @@ class GraphHead:
         if self.input not in grads:
             return np.zeros((len(classes), self.channels))
         return grads[self.input].reshape(len(classes), -1).astype(np.float64, copy=False)
+
+
+LAYOUTS = ("pooled", "spatial", "tokens")
+
+
+def _check_layout(
+    layout: str, input_shape: Sequence[int], grid: Sequence[int] | None, prefix: int
+) -> tuple[str, tuple[int, int] | None, int]:
+    """The layout, grid and prefix of a head's input, checked against its shape (ValueError naming what is wrong)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    shape = [int(d) for d in input_shape]
+    if layout == "spatial" and len(shape) != 4:
+        raise ValueError(f"a spatial head's input_shape must be [-1, C, h, w], not {shape}")
+    if layout != "tokens":
+        return layout, None, 0
+    if len(shape) != 3:
+        raise ValueError(f"a token head's input_shape must be [-1, L, C], not {shape}")
+    ok = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+    if grid is None or len(grid) != 2 or not all(ok(d) and d > 0 for d in grid):
+        raise ValueError(f"a token head needs grid [gh, gw] in positive integers, not {grid!r}")
+    if not ok(prefix) or prefix < 0 or prefix + grid[0] * grid[1] != shape[1]:
+        raise ValueError(
+            f"prefix {prefix!r} + grid {list(grid)} ({grid[0] * grid[1]} patch tokens) is not the {shape[1]} tokens"
+        )
+    return layout, (int(grid[0]), int(grid[1])), int(prefix)
 
 
 # Above this many values (computed for one image, plus the constants), a spatial or token head runs in float32.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import overload
@@ -36,12 +36,17 @@ class Prediction:
     ----------
     image : uint8 ``[H, W, 3]``, the upright RGB image as read
     input : float32 ``[1, 3, h_in, w_in]``, the network input made from it
-    features : float32 ``[C, h, w]``, the trunk's last conv features
+    features : float32 ``[C, h, w]``, the explained layer on its grid (what maps are made of): the trunk's last
+        conv features, or a transformer's patch tokens laid on their grid (:meth:`Model.to_grid`)
     logits : float32 ``[K]``, the head's class scores
     probs : float32 ``[K]``, softmax of ``logits`` (each class's sigmoid for a multi-label model)
     labels : the K class names
     photo_size : ``(H, W)`` of the photo when ``image`` was decoded at a reduced
         scale (:func:`npcam.image.read_photo`); None when ``image`` is full size
+    head_input : float32 ``[1, *input_shape[1:]]``, what the head scored: the pooled vector ``[1, C]`` of a
+        pooled head (the default, made from ``features``), the map ``[1, C, h, w]`` or the tokens ``[1, L, C]``
+    sides : ``{name: [1, ...]}``, the head's side inputs (tensors from before the layer, such as a
+        transformer's residual stream); ``{}`` when it has none
     """
 
     image: np.ndarray
@@ -51,6 +56,12 @@ class Prediction:
     probs: np.ndarray
     labels: Sequence[str]
     photo_size: tuple[int, int] | None = None
+    head_input: np.ndarray | None = None
+    sides: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.head_input is None:
+            object.__setattr__(self, "head_input", pool(self.features[None]))
 
     @property
     def size(self) -> tuple[int, int]:
@@ -68,7 +79,7 @@ class Prediction:
 
     @cached_property
     def pooled(self) -> np.ndarray:
-        """float32 ``[C]``: the globally average-pooled features the head scored."""
+        """float32 ``[C]``: the globally average-pooled features (what a pooled head scored)."""
         return pool(self.features[None])[0]
 
 
@@ -87,7 +98,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, verify: bool = True):
         self.bundle = bundle_format.read(path, verify)
-        self.session = _open_session(self.bundle.path / "trunk.onnx", self.bundle.trunk, self.head.channels, threads)
+        self.session = _open_session(self.bundle.path / "trunk.onnx", self.bundle.trunk, self.head, threads)
         batch = self.session.get_inputs()[0].shape[0]
         self._batch_limit = batch if isinstance(batch, int) else None
 
@@ -107,27 +118,97 @@ class Model:
             f"channels={self.head.channels}, classes={self.head.classes})"
         )
 
-    # image -> features -> scores
+    # image -> layer -> scores
 
-    def features(self, batch: np.ndarray) -> np.ndarray:
-        """Run the trunk: float32 ``[N, 3, H, W]`` to float32 ``[N, C, h, w]``."""
+    def trunk(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run the trunk: float32 ``[N, 3, H, W]`` to the layer (float32 ``[N, C, h, w]``, or ``[N, L, C]`` for
+        tokens) and the head's side inputs ``{name: [N, ...]}``, as the trunk outputs them."""
         if self._batch_limit is not None and len(batch) != self._batch_limit:
-            return np.concatenate([self.features(batch[i : i + 1]) for i in range(len(batch))])
+            parts = [self.trunk(batch[i : i + 1]) for i in range(len(batch))]
+            sides = {name: np.concatenate([p[1][name] for p in parts]) for name in parts[0][1]}
+            return np.concatenate([p[0] for p in parts]), sides
         trunk = self.bundle.path / "trunk.onnx"
+        names = list(getattr(self.head, "sides", {}))
         try:
-            (features,) = self.session.run(["features"], {"image": batch})
+            layer, *sides = self.session.run(["features", *names], {"image": batch})
         except Exception as e:  # onnxruntime's own types (a failed allocation, a shape it cannot take)
             raise NpcamError(f"{trunk}: onnxruntime cannot run it on this input ({_first_line(e)})") from None
-        if features.ndim != 4 or features.shape[1] != self.head.channels:
+        expected = _layer_shape(self.head)
+        if layer.ndim != len(expected) or any(e not in (None, d) for e, d in zip(expected[1:], layer.shape[1:])):
+            shown = ", ".join(str(d) if d else "hw"[i % 2] for i, d in enumerate(expected[1:], 1))
             raise NpcamError(
-                f"{trunk}: gives features of shape {list(features.shape)}, "
-                f"the head expects [N, {self.head.channels}, h, w]"
+                f"{trunk}: gives features of shape {list(layer.shape)}, the head expects [N, {shown}]"
             )
-        return features
+        return layer, dict(zip(names, sides))
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """Run the trunk: float32 ``[N, 3, H, W]`` to the layer on its grid, float32 ``[N, C, h, w]``."""
+        return self.to_grid(self.trunk(batch)[0])
+
+    def to_grid(self, layer: np.ndarray) -> np.ndarray:
+        """The layer (or a gradient of its shape) on its grid: ``[N, C, h, w]``, in the input's dtype.
+
+        Spatial and pooled layers are already; tokens ``[N, L, C]`` lose their ``prefix`` tokens (CLS,
+        distillation) and their patch tokens are laid row-major on the ``(gh, gw)`` grid, channels first.
+        """
+        if self.head.layout != "tokens":
+            return layer
+        (gh, gw), prefix = self.head.grid, self.head.prefix
+        patches = layer[:, prefix:]
+        return np.ascontiguousarray(patches.reshape(len(layer), gh, gw, patches.shape[2]).transpose(0, 3, 1, 2))
+
+    def from_grid(self, grid: np.ndarray, like: np.ndarray) -> np.ndarray:
+        """Head inputs made from maps ``grid`` ``[N, C, h, w]``: the inverse of :meth:`to_grid`.
+
+        Tokens: ``grid``'s positions become the patch tokens, the prefix tokens are ``like``'s (one image's
+        head input ``[1, L, C]``, e.g. :attr:`Prediction.head_input`). Spatial: ``grid`` itself. Pooled: its
+        average ``[N, C]``, the pooled vector (so that ``head_scores(from_grid(g, like), sides)`` scores maps
+        ``g`` with any head).
+        """
+        layout = self.head.layout
+        if layout == "pooled":
+            return pool(grid)
+        if layout == "spatial":
+            return grid
+        n, channels = grid.shape[:2]
+        patches = grid.reshape(n, channels, -1).transpose(0, 2, 1)
+        prefix = np.broadcast_to(like[:1, : self.head.prefix], (n, self.head.prefix, channels))
+        return np.concatenate([prefix.astype(patches.dtype, copy=False), patches], axis=1)
+
+    def head_scores(self, x: np.ndarray, sides: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The head: float ``[N, *input_shape[1:]]`` head inputs to float32 ``[N, K]`` scores.
+
+        ``sides`` are the side inputs ``{name: [N or 1, ...]}`` (a batch of 1 is shared by all N).
+        """
+        if self.head.kind == "affine":
+            return self.head.forward(x.reshape(len(x), -1)).astype(np.float32, copy=False)
+        return self.head.forward(x, sides or {})
+
+    def _head_input(self, layer: np.ndarray) -> np.ndarray:
+        """What the head scores, from the trunk's layer: its average for a pooled head, else the layer."""
+        return pool(layer) if self.head.layout == "pooled" else layer
 
     def scores(self, batch: np.ndarray) -> np.ndarray:
         """The whole network: float32 ``[N, 3, H, W]`` inputs to float32 ``[N, K]`` class scores."""
-        return self.head.forward(pool(self.features(batch)))
+        layer, sides = self.trunk(batch)
+        return self.head_scores(self._head_input(layer), sides)
+
+    def grid_gradient(self, prediction: Prediction, classes: Sequence[int]) -> np.ndarray:
+        """``d score_c / d A`` on the grid, at ``prediction``'s layer ``A``: float64 ``[k, C, h, w]``.
+
+        Exact reverse mode through the head (:meth:`npcam.head.GraphHead.gradient`), the side inputs constant.
+        Tokens: the prefix tokens' gradient is dropped (as pytorch-grad-cam's reshape_transform does). Pooled
+        heads: the pooled vector's gradient spread evenly, ``G_c / (h w)`` at every position.
+        """
+        head, classes = self.head, list(classes)
+        if head.kind == "affine":
+            g = head.gradient(prediction.head_input, classes)
+        else:
+            g = head.gradient(prediction.head_input, classes, prediction.sides)
+        if head.layout == "pooled":
+            channels, h, w = prediction.features.shape
+            return np.broadcast_to((g / (h * w))[:, :, None, None], (len(classes), channels, h, w)).copy()
+        return self.to_grid(g.reshape(len(classes), *head.input_shape[1:]))
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
         """Class scores ``[..., K]`` to probabilities: softmax, or sigmoids for a multi-label bundle."""
@@ -227,12 +308,17 @@ class Model:
         preds: list[Prediction | None] = [None] * len(images)
         for members in groups.values():
             batch = np.concatenate([inputs[i] for i in members])
-            features = self.features(batch)
-            logits = self.head.forward(pool(features))
+            layer, sides = self.trunk(batch)
+            x = self._head_input(layer)
+            logits = self.head_scores(x, sides)
+            grid = self.to_grid(layer)
             for j, i in enumerate(members):
                 size = sizes[i] if sizes is not None and sizes[i] != images[i].shape[:2] else None
                 probs = self.probabilities(logits[j])
-                preds[i] = Prediction(images[i], batch[j : j + 1], features[j], logits[j], probs, self.labels, size)
+                own = {name: side[j : j + 1] for name, side in sides.items()}
+                preds[i] = Prediction(
+                    images[i], batch[j : j + 1], grid[j], logits[j], probs, self.labels, size, x[j : j + 1], own
+                )
         return preds
 
     # features -> maps
@@ -282,7 +368,14 @@ def load(path: str | os.PathLike | None = None, threads: int | None = None, veri
     return Model(default_model_dir() if path is None else path, threads=threads, verify=verify)
 
 
-def _open_session(path: Path, model: bytes, channels: int, threads: int | None) -> ort.InferenceSession:
+def _layer_shape(head) -> tuple[int | None, ...]:
+    """The trunk's ``features`` as the head needs it, None where any size goes (the batch, a pooled map's h, w)."""
+    if head.layout == "pooled":
+        return (None, head.channels, None, None)
+    return (None, *head.input_shape[1:])
+
+
+def _open_session(path: Path, model: bytes, head, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a refused model's error is the one line raised below
     if threads:
@@ -298,13 +391,19 @@ def _open_session(path: Path, model: bytes, channels: int, threads: int | None) 
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [i.name for i in inputs] != ["image"] or len(inputs[0].shape) != 4:
         raise NpcamError(f"{path}: expected one input 'image' [N,3,H,W]")
-    if "features" not in [o.name for o in outputs]:
-        raise NpcamError(f"{path}: has no output 'features'")
+    names = [o.name for o in outputs]
+    for name in ["features", *getattr(head, "sides", {})]:
+        if name not in names:
+            raise NpcamError(f"{path}: has no output {name!r}" + ("" if name == "features" else " (a side input)"))
     shape = next(o.shape for o in outputs if o.name == "features")
-    if len(shape) != 4:
-        raise NpcamError(f"{path}: output 'features' must be [N,C,h,w], not {shape}")
-    if isinstance(shape[1], int) and shape[1] != channels:
-        raise NpcamError(f"{path}: gives {shape[1]} channels, the head expects {channels}")
+    expected = _layer_shape(head)
+    if len(shape) != len(expected):
+        wanted = "[N,L,C]" if head.layout == "tokens" else "[N,C,h,w]"
+        raise NpcamError(f"{path}: output 'features' must be {wanted}, not {shape}")
+    channel_axis = 2 if head.layout == "tokens" else 1
+    channels = expected[channel_axis]
+    if isinstance(shape[channel_axis], int) and shape[channel_axis] != channels:
+        raise NpcamError(f"{path}: gives {shape[channel_axis]} channels, the head expects {channels}")
     return session
 
 
