@@ -14,14 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import synthetic_image, tiny_trunk
 from onnx import TensorProto, helper, numpy_helper
 
 import npcam
 from npcam import bundle
 from npcam.errors import NpcamError
 from npcam.head import GraphHead, Op
-
-from conftest import synthetic_image, tiny_trunk
 
 CLASSES = 5
 META = {"arch": "tiny", "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "fixed_size": True}
