@@ -280,3 +280,139 @@ def test_the_record_names_the_layer(spatial_bundle):
     described = describe(explain(spatial_bundle, synthetic_image(32, 32), options), options)
     assert described["layer"] == "relu1" and described["method"] == "gradcam"
     assert str(arrow_schema().field("layer").type) == "string"
+
+
+# 3. End to end: tests/nets19.py exported by the real torch route, against a forward hook + autograd
+
+nets19 = pytest.importorskip("nets19")
+from export.api import run_torch  # noqa: E402
+
+NETS = ["vgg_like", "gmp", "concat_pool", "skip", "vit_cls", "deit", "vit_meanpool", "swin_like"]
+ALL_METHODS = [*GRADIENT_METHODS, "ablationcam", "scorecam", "eigencam", "reciprocam"]
+_BUNDLES: dict[str, npcam.Model] = {}
+
+
+def exported(name: str, tmp_path_factory) -> npcam.Model:
+    if name not in _BUNDLES:
+        out = tmp_path_factory.mktemp(name) / "b"
+        _BUNDLES[name] = npcam.Model(run_torch(f"nets19:{name}", out=out, input_size=SIZE))
+    return _BUNDLES[name]
+
+
+class Hooked:
+    """A torch net with a forward hook on its layer: A and dy_c/dA on the grid, and the scores with A replaced.
+
+    ``grid`` lays the layer's output on ``[C,h,w]`` as pytorch-grad-cam's reshape_transform does (tokens: the
+    ``L - h*w`` prefix tokens dropped; Swin's NHWC: channels first); ``replace(fn)`` runs the net with the
+    layer's output's grid part replaced by ``fn(grid)`` (prefix tokens kept), for ablation and Recipro-CAM.
+    """
+
+    def __init__(self, net, layer: str, hw: tuple[int, int]):
+        self.net, self.module, self.hw = net, net.get_submodule(layer), hw
+
+    def _grid(self, t):
+        h, w = self.hw
+        if t.ndim == 3:  # tokens [N, L, C]
+            return t[:, t.shape[1] - h * w :].reshape(len(t), h, w, t.shape[2]).permute(0, 3, 1, 2)
+        return t if t.shape[2:] == (h, w) else t.permute(0, 3, 1, 2)  # NCHW, or NHWC
+
+    def _put(self, t, grid):
+        h, w = self.hw
+        if t.ndim == 3:
+            patches = grid.permute(0, 2, 3, 1).reshape(len(grid), h * w, t.shape[2])
+            return torch.cat([t[:, : t.shape[1] - h * w].expand(len(grid), -1, -1), patches], dim=1)
+        return grid if t.shape[2:] == (h, w) else grid.permute(0, 2, 3, 1)
+
+    def gradients(self, x, classes):
+        seen = {}
+        handle = self.module.register_forward_hook(lambda m, i, out: seen.setdefault("a", out))
+        try:
+            scores = self.net(x)
+        finally:
+            handle.remove()
+        grads = [self._grid(torch.autograd.grad(scores[0, c], seen["a"], retain_graph=True)[0])[0] for c in classes]
+        return self._grid(seen["a"])[0].detach().double(), [g.double() for g in grads]
+
+    @torch.no_grad()
+    def replaced(self, x, variants: torch.Tensor) -> torch.Tensor:
+        """The scores [n, K] (float64) with the layer's grid replaced by each of ``variants`` [n, C, h, w]."""
+        handle = self.module.register_forward_hook(lambda m, i, out: self._put(out, variants.to(out.dtype)))
+        try:
+            return self.net(x.expand(len(variants), -1, -1, -1)).double()
+        finally:
+            handle.remove()
+
+
+def torch_maps(net, layer, x, classes, hw, name, probabilities) -> list[torch.Tensor]:
+    """``name``'s raw maps [h, w] for each class, in torch at ``layer``, as pytorch-grad-cam (and, for
+    Score-CAM, TorchCAM; for Recipro-CAM, openvino_xai without its Gaussian) define them."""
+    hooked = Hooked(net, layer, hw)
+    a, grads = hooked.gradients(x, classes)
+    channels, h, w = a.shape
+    af = a.float()
+    if name in GRADIENT_METHODS:
+        return [GRADIENT_METHODS[name](a, g) for g in grads]
+    if name == "ablationcam":
+        ablated = af[None].repeat(channels, 1, 1, 1)
+        ablated[torch.arange(channels), torch.arange(channels)] = 0
+        y = net(x)[0].detach().double()
+        drops = hooked.replaced(x, ablated)
+        return [(((y[c] - drops[:, c]) / y[c])[:, None, None] * a).sum(0) for c in classes]
+    if name == "reciprocam":
+        kept = torch.zeros(h * w, channels, h * w)
+        kept[torch.arange(h * w), :, torch.arange(h * w)] = af.reshape(channels, -1).T
+        probs = probabilities(hooked.replaced(x, kept.reshape(-1, channels, h, w)))
+        return [(probs[:, c] - probs[:, c].min()).reshape(h, w) for c in classes]
+    if name == "scorecam":
+        low = af - af.amin(dim=(1, 2), keepdim=True)
+        low = low / (low.amax(dim=(1, 2), keepdim=True) + 1e-8)
+        masks = F.interpolate(low[:, None], size=x.shape[2:], mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            scores = net(masks * x).double()
+        return [(torch.softmax(scores[:, c], 0)[:, None, None] * a).sum(0) for c in classes]
+    if name == "eigencam":
+        rows = a.reshape(channels, -1).T
+        centred = rows - rows.mean(dim=0)
+        projection = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        mean = rows.mean(dim=1)
+        if torch.dot(projection - projection.mean(), mean - mean.mean()) < 0:
+            projection = -projection
+        return [projection.reshape(h, w)] * len(classes)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("net_name", NETS)
+@pytest.mark.parametrize("name", ALL_METHODS)
+def test_methods_match_torch_at_the_default_layer(net_name, name, tmp_path_factory):
+    model = exported(net_name, tmp_path_factory)
+    net = getattr(nets19, net_name)()
+    layer, layout = nets19.LAYERS[net_name]
+    assert model.head.layout == layout
+    pred = model.predict(synthetic_image(SIZE, SIZE, seed=1))
+    classes = [pred.top1, (pred.top1 + 3) % len(model.labels)]
+    x = torch.from_numpy(pred.input)
+    with torch.no_grad():  # the same network, and the same input
+        np.testing.assert_allclose(net(x)[0].numpy(), pred.logits, atol=1e-4)
+
+    def probabilities(scores):
+        return torch.softmax(scores, dim=1)
+
+    want = torch_maps(net, layer, x, classes, pred.features.shape[1:], name, probabilities)
+    got = model.cam(pred, classes, size=(SIZE, SIZE), method=name)
+    for j, c in enumerate(classes):
+        error = np.abs(got[j] - shown(want[j])).max()
+        assert record(f"{net_name} {name} vs torch", error) <= TOLERANCE, c
+
+
+@pytest.mark.parametrize("net_name", NETS)
+def test_cam_is_refused_or_is_gradcam(net_name, tmp_path_factory):
+    """Heads that are not one affine layer after global pooling refuse CAM in one line; the mean-pooled token
+    nets (folded to an affine head on the grid) take CAM, and it is their Grad-CAM."""
+    model = exported(net_name, tmp_path_factory)
+    pred = model.predict(synthetic_image(SIZE, SIZE, seed=1))
+    if model.head.kind == "affine":
+        np.testing.assert_allclose(model.cam(pred, method="cam"), model.cam(pred, method="gradcam"), atol=1e-6)
+        return
+    with pytest.raises(npcam.NpcamError) as e:
+        model.cam(pred, method="cam")
+    assert "\n" not in str(e.value) and "method cam needs a head" in str(e.value)
