@@ -2,8 +2,8 @@
 
     python -m export ARCH [--weights FILE] [--labels FILE] [--out DIR]      a built-in architecture
     python -m export auto                                                   the demo's model
-    python -m export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size S|HxW] [--out DIR]
-    python -m export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size S|HxW] [--out DIR]
+    python -m export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size S|HxW] [--layer T] [--out DIR]
+    python -m export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size S|HxW] [--layer M] [--out DIR]
     python -m export tflite MODEL.tflite [--labels FILE] [--mean R G B --std R G B] [--out DIR]
     python -m export keras MODEL.keras|MODEL.h5 [--labels FILE] [--mean R G B --std R G B] [--out DIR]
 
@@ -72,10 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--bgr", action="store_true", help="the model takes BGR images (the channel flip goes into the trunk)"
     )
     p.add_argument("--output", metavar="NAME", help="which model output holds the class scores (default: the only one)")
+    p.add_argument("--layer", metavar="TENSOR", help="the ONNX tensor to explain (default: see docs/export.md)")
     p = routes.add_parser("torch", parents=[common, preprocessing], help="a torch module from MODULE:CALLABLE")
     p.add_argument("spec", metavar="MODULE:CALLABLE", help="e.g. mypkg.models:build (run from where it imports)")
     p.add_argument("--weights", type=Path, help="a state dict to load into the module (strict)")
     p.add_argument("--opset", type=OPSETS, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument("--layer", metavar="MODULE", help="the module to explain, e.g. blocks.3.norm1 (default: see docs/export.md)")
     p = routes.add_parser("tflite", parents=[common, preprocessing], help="a TensorFlow Lite classifier, float or int8")
     p.add_argument("model", type=Path, metavar="MODEL.tflite")
     p = routes.add_parser("keras", parents=[common, preprocessing], help="a Keras classifier (.keras, or .h5)")
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.bgr,
                 args.output,
                 args.int8,
+                args.layer,
             )
         elif args.route == "torch":
             run_torch(
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.input_size,
                 args.opset,
                 args.int8,
+                args.layer,
             )
         elif args.route in ("tflite", "keras"):
             from .from_keras import run_keras

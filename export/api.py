@@ -57,7 +57,7 @@ def run(
     size = (arch.input_size, arch.input_size)
     onnx_model = from_torch.to_onnx(net, size, opset)
     parts = _split(arch.name, onnx_model, size, output="scores")
-    meta["layer"] = from_torch.module_of_tensor(net, onnx_model, parts.layer) or parts.layer
+    meta["layer"] = from_torch.module_of_tensor(net, onnx_model, parts.layer, size) or parts.layer
     name = arch.name if weights is None else source.stem
     return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
 
@@ -139,9 +139,9 @@ def run_torch(
         "versions": _torch_versions(),
     }
     onnx_model = from_torch.to_onnx(net, size, opset)
-    tensor = None if layer is None else from_torch.tensor_of_module(net, onnx_model, layer, spec)
+    tensor = None if layer is None else from_torch.tensor_of_module(net, onnx_model, layer, spec, size)
     parts = _split(spec, onnx_model, size, output="scores", layer=tensor)  # a tuple's first
-    meta["layer"] = layer or from_torch.module_of_tensor(net, onnx_model, parts.layer) or parts.layer
+    meta["layer"] = layer or from_torch.module_of_tensor(net, onnx_model, parts.layer, size) or parts.layer
     if parts.channels == 1:
         meta["mean"], meta["std"] = _grey_normalization(mean, std)
     name = weights.stem if weights else spec.rpartition(":")[2]

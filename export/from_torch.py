@@ -137,7 +137,12 @@ def _onnx_values(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]
 
     probe = copy.deepcopy(model)
     known = {o.name for o in probe.graph.output}
-    names = [o for n in probe.graph.node for o in n.output if o and n.op_type not in ("Constant", "Shape")]
+    try:  # only float tensors become outputs: shape arithmetic is int64
+        typed = onnx.shape_inference.infer_shapes(probe).graph.value_info
+    except Exception:  # shape inference is best-effort
+        return {}
+    floats = {v.name for v in typed if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    names = [o for n in probe.graph.node for o in n.output if o in floats]
     probe.graph.output.extend(float_output(name) for name in names if name not in known)
     wanted = [o.name for o in probe.graph.output]
     image = next(i.name for i in probe.graph.input if i.name not in {t.name for t in probe.graph.initializer})
@@ -145,21 +150,25 @@ def _onnx_values(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]
         run = session(probe)
     except Exception:  # an output onnxruntime cannot type (ints of shape arithmetic): keep the float ones only
         return {}
-    results = run.run(None, {image: x})
+    try:
+        results = run.run(None, {image: x})
+    except Exception:  # onnxruntime's own types
+        return {}
     return {k: v for k, v in zip(wanted, results) if isinstance(v, np.ndarray) and v.dtype == np.float32}
 
 
-def _probe_input(model: onnx.ModelProto) -> np.ndarray:
+def _probe_input(model: onnx.ModelProto, size: tuple[int, int]) -> np.ndarray:
+    """A random image for the model at ``size`` ``(H, W)``, with its channels."""
     image = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
-    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in image.type.tensor_type.shape.dim]
-    return np.random.default_rng(11).standard_normal([1, *dims[1:]]).astype(np.float32)
+    channels = image.type.tensor_type.shape.dim[1].dim_value or 3
+    return np.random.default_rng(11).standard_normal([1, channels, *size]).astype(np.float32)
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=1e-5 * max(np.abs(b).max(), 1e-6))
 
 
-def tensor_of_module(net: nn.Module, model: onnx.ModelProto, path: str, spec: str) -> str:
+def tensor_of_module(net: nn.Module, model: onnx.ModelProto, path: str, spec: str, size: tuple[int, int]) -> str:
     """The ONNX tensor that holds module ``path``'s output: the first in graph order with the same values."""
     modules = dict(net.named_modules())
     if path not in modules or not path:
@@ -167,7 +176,7 @@ def tensor_of_module(net: nn.Module, model: onnx.ModelProto, path: str, spec: st
         raise ExportError(
             f"{spec}: --layer {path!r} is not a module path of the model" + (f" (maybe {', '.join(near)})" if near else "")
         )
-    x = _probe_input(model)
+    x = _probe_input(model, size)
     wanted = module_outputs(net, x).get(path)
     if wanted is None:
         raise ExportError(f"{spec}: --layer {path!r} does not output one tensor")
@@ -177,9 +186,9 @@ def tensor_of_module(net: nn.Module, model: onnx.ModelProto, path: str, spec: st
     raise ExportError(f"{spec}: --layer {path!r}: no tensor of the ONNX export holds its output (torch fused it away)")
 
 
-def module_of_tensor(net: nn.Module, model: onnx.ModelProto, tensor: str) -> str | None:
+def module_of_tensor(net: nn.Module, model: onnx.ModelProto, tensor: str, size: tuple[int, int]) -> str | None:
     """The module path whose output is ONNX tensor ``tensor`` (the outermost such module), or None."""
-    x = _probe_input(model)
+    x = _probe_input(model, size)
     values = _onnx_values(model, x)
     if tensor not in values:
         return None

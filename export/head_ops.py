@@ -153,6 +153,9 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
             # The batch inside another axis (attention's [L, N * heads, d] and back): inferred at any batch.
             target[moved[0]] = -1
             return Op(op, (ref(inputs[0]),), out, {"shape": target})
+        if not moved and -1 in target[1:] and target[0] not in (0, -1, 1):
+            # The same target at every batch, its -1 taking the batch where it is (attention's [L, -1, 3, C]).
+            return Op(op, (ref(inputs[0]),), out, {"shape": target})
         if target[1:] != batch2[1:] or target[0] not in (0, -1, 1) or batch2[0] not in (0, -1, 1, 2):
             raise ExportError(
                 f"the head's Reshape {node.name!r} does not keep the batch dimension ({target})"
@@ -160,6 +163,11 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
             )
         rest = target[1:]
         if -1 not in rest and int(np.prod(rest)) != int(np.prod(in_shape[1:])):
+            if (target[0] == -1 and not moved) or (target[0] in (1, -1) and runs[0] is runs[1]):
+                # The batch merged with the next axis and split back (attention's [N * heads, L, d]), by the
+                # model's own -1 or in a model of batch 1: batch-major, so the first axis is inferred.
+                # split.check_batch verifies it.
+                return Op(op, (ref(inputs[0]),), out, {"shape": [-1, *rest]})
             raise ExportError(f"the head's Reshape {node.name!r} mixes samples of a batch")
         return Op(op, (ref(inputs[0]),), out, {"shape": [0, *rest]})
     if op == "Flatten":

@@ -178,6 +178,8 @@ def _descendants(g: GraphIndex, name: str, within: set[int]) -> set[int]:
 
 def cut_at(g: GraphIndex, scores: str, values: Values, layer: str) -> Cut:
     """The head from ``layer`` (and the trunk tensors it reads, as side inputs) to the scores."""
+    if layer not in g.producers:
+        raise ExportError(f"{layer!r} is the model's input: there is no trunk before it to explain")
     shape = values.shape(layer)
     if shape is None:
         raise ExportError(f"cannot tell the shape of {layer!r}")

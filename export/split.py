@@ -101,7 +101,9 @@ def split(
         # else; a token mean is laid on a grid of one size.
         any_size = cut.pool.op_type != "AveragePool" and cut.trunk_layout != "tokens"
         features, fixed_size = check_trunk(part, size, start_shape, any_size=any_size)
-        head = fold(GraphHead(ops, arrays, start_shape, cut.start, scores_name))
+        head = GraphHead(ops, arrays, start_shape, cut.start, scores_name)
+        check_batch(head)
+        head = fold(head)
         stride = input_stride(size, features)
     else:
         # The head's input has the layer's exact shape: the model runs at its own size only.

@@ -29,10 +29,14 @@ def _seeded(build):
     return make
 
 
-def _convs(widths=(3, 8, 16)):
+def _convs(widths=(3, 8, 16), linear_end=False):
+    """conv -> BN -> ReLU -> MaxPool stages; ``linear_end``: then a 1x1 conv, so that a global max has no ties
+    (ReLU's zeros tie, and which of them gets the gradient is each framework's own choice)."""
     layers = []
     for cin, cout in zip(widths, widths[1:]):
         layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
+    if linear_end:
+        layers.append(nn.Conv2d(widths[-1], widths[-1], 1))
     return nn.Sequential(*layers)
 
 
@@ -55,7 +59,7 @@ class GMPNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = _convs()
+        self.features = _convs(linear_end=True)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(16, CLASSES)
 
@@ -68,7 +72,7 @@ class ConcatPoolNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = _convs()
+        self.features = _convs(linear_end=True)
         self.head = nn.Sequential(
             nn.Flatten(), nn.BatchNorm1d(32), nn.Dropout(0.25), nn.Linear(32, 12), nn.ReLU(), nn.Linear(12, CLASSES)
         )

@@ -336,7 +336,7 @@ def test_cam_on_a_graph_head_is_explained_in_one_line(tmp_path):
         ("unsupported op", "uses the op Cos"),
         ("two inputs", "2 inputs"),
         ("integer input", "not float32"),
-        ("no pooling", "no global average pooling"),
+        ("no spatial tensor", "'x' is the model's input: there is no trunk before it"),
     ],
 )
 def test_graphs_npcam_cannot_explain_are_refused_in_one_line(case, message, tmp_path, capsys):
@@ -353,9 +353,9 @@ def test_graphs_npcam_cannot_explain_are_refused_in_one_line(case, message, tmp_
                   helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1])]  # fmt: skip
     elif case == "integer input":
         inputs = [helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 3, 32, 32])]
-    elif case == "no pooling":
-        w = RNG.standard_normal((K, 8 * 8 * 8)).astype(np.float32)
-        head = [helper.make_node("Flatten", ["f"], ["q"]), helper.make_node("Gemm", ["q", "W"], ["y"], transB=1)]
+    elif case == "no spatial tensor":  # an MLP on the image itself (a Flatten of a map is a spatial head now)
+        w = RNG.standard_normal((K, 3 * 32 * 32)).astype(np.float32)
+        head = [helper.make_node("Flatten", ["x"], ["q"]), helper.make_node("Gemm", ["q", "W"], ["y"], transB=1)]
     onnx.save(graph_model(head, {"W": w}, inputs=inputs), tmp_path / "m.onnx")
     assert export_main(["onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
