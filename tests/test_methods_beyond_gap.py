@@ -399,9 +399,16 @@ def test_methods_match_torch_at_the_default_layer(net_name, name, tmp_path_facto
 
     want = torch_maps(net, layer, x, classes, pred.features.shape[1:], name, probabilities)
     got = model.cam(pred, classes, size=(SIZE, SIZE), method=name)
+    raw = methods.resolve(name).maps(model, pred, classes)
     for j, c in enumerate(classes):
         error = np.abs(got[j] - shown(want[j])).max()
         assert record(f"{net_name} {name} vs torch", error) <= TOLERANCE, c
+        # The raw maps too, negative parts included (a map with no positive value shows as zeros), up to the
+        # positive scale that the pooled closed forms leave out: divided by their largest magnitude.
+        theirs = want[j].numpy()
+        assert np.abs(theirs).max() > 0, c
+        signed = np.abs(raw[j] / np.abs(raw[j]).max() - theirs / np.abs(theirs).max()).max()
+        assert record(f"{net_name} {name} vs torch, signed raw", signed) <= TOLERANCE, c
 
 
 @pytest.mark.parametrize("net_name", NETS)
