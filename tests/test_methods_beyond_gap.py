@@ -468,3 +468,51 @@ def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, tmp_pa
         got = model.cam(pred, classes, size=(SIZE, SIZE), method=name)
         for j, c in enumerate(classes):
             assert record(f"{net_name} {route} {name} vs torch", np.abs(got[j] - shown(want[j])).max()) <= TOLERANCE
+
+
+# 4. The head takes the CLS token before the token-wise ops (npcam.head.select_token_early): the same function
+
+
+def token_head(rewrite: bool, monkeypatch=None) -> GraphHead:
+    """A token head [1,5,4] -> mix the tokens (constant MatMul from the left) -> LayerNorm -> MLP (MatMul, Add,
+    Erf, Mul) -> residual Add -> LayerNorm -> Gather(CLS) -> Gemm; plus a token mean of the MLP's input that
+    is added to the scores, so that one value on the way is read by more than the Gather."""
+    rng = np.random.default_rng(5)
+    arrays = {
+        "mix": rng.normal(size=(5, 5)), "s1": rng.normal(size=4), "b1": rng.normal(size=4),
+        "w": rng.normal(size=(4, 6)), "b": rng.normal(size=6), "w2": rng.normal(size=(6, 4)),
+        "s2": rng.normal(size=4), "b2": rng.normal(size=4), "zero": np.array(0, np.int64),
+        "fc": rng.normal(size=(3, 4)), "fcb": rng.normal(size=3), "half": np.array(0.5),
+    }  # fmt: skip
+    ops = [
+        Op("MatMul", ("mix", "x"), "mixed"),
+        Op("LayerNormalization", ("mixed", "s1", "b1"), "n1", {"axis": -1}),
+        Op("MatMul", ("n1", "w"), "h"),
+        Op("Add", ("h", "b"), "hb"),
+        Op("Erf", ("hb",), "e"),
+        Op("Mul", ("e", "hb"), "g"),
+        Op("Mul", ("g", "half"), "g2"),
+        Op("MatMul", ("g2", "w2"), "m"),
+        Op("Add", ("mixed", "m"), "r"),
+        Op("LayerNormalization", ("r", "s2", "b2"), "n2", {"axis": 2}),
+        Op("Gather", ("n2", "zero"), "cls", {"axis": 1}),
+        Op("Gemm", ("cls", "fc", "fcb"), "y", {"transB": 1}),
+        Op("ReduceMean", ("n1",), "pooled", {"axes": [1, 2], "keepdims": 0}),
+        Op("Add", ("y", "pooled"), "scores"),
+    ]
+    if not rewrite:
+        monkeypatch.setattr("npcam.head.select_token_early", lambda ops, *args: ops)
+    return GraphHead(ops, arrays, [-1, 5, 4], "x", "scores", layout="tokens", grid=(2, 2), prefix=1)
+
+
+def test_the_cls_token_is_taken_before_the_tokenwise_ops(monkeypatch):
+    fast = token_head(True)
+    with monkeypatch.context() as m:
+        slow = token_head(False, m)
+    # The MLP, the residual and the last LayerNorm run on one token; n1, which the token mean also reads, on all.
+    wide = [op.output for op in fast.ops if len(fast.shapes[op.output]) == 3]
+    assert wide == ["mixed", "n1"], wide
+    assert len([op for op in slow.ops if len(slow.shapes[op.output]) == 3]) == 10
+    x = np.random.default_rng(6).normal(size=(3, 5, 4))
+    np.testing.assert_allclose(fast.forward_float64(x), slow.forward_float64(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fast.gradient(x[:1], [0, 2]), slow.gradient(x[:1], [0, 2]), rtol=1e-10, atol=1e-12)
