@@ -58,6 +58,7 @@ class Cut:
     trunk_layout: str = "NCHW"
     grid: tuple[int, int] | None = None
     prefix: int = 0
+    fallback: str = ""  # a default cut beyond GAP: why there is no GAP cut, said too if this one fails
 
 
 def find_cut(g: GraphIndex, scores: str, values: Values, layer: str | None = None) -> Cut:
@@ -69,12 +70,16 @@ def find_cut(g: GraphIndex, scores: str, values: Values, layer: str | None = Non
         return _pooled(g, pool, nodes, found, values)
     except ExportError as e:
         gap_reason = str(e)
+        if "--input-size" in gap_reason:  # a global average pooling at the model's real size: say so
+            raise
     reasons = []
     for candidate, family in default_layers(g, scores, values):
         try:
-            if family == "token_mean":
-                return _token_mean(g, scores, values, candidate)
-            return cut_at(g, scores, values, candidate)
+            cut = _token_mean(g, scores, values, candidate) if family == "token_mean" else cut_at(
+                g, scores, values, candidate
+            )
+            cut.fallback = gap_reason
+            return cut
         except ExportError as e:
             reasons.append(f"at {candidate!r} ({family}): {e}")
     if not reasons:

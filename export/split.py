@@ -89,9 +89,14 @@ def split(
     scores_name, output_kind, output_step = scores(g, output)
     values = Values(model, image.name, layout, size, channels)
     cut = find_cut(g, scores_name, values, layer)
-    ops, arrays, start_shape, scores_name = head_ops(
-        g, model, cut.start, cut.start_shape, cut.nodes, cut.kinds, scores_name, values, cut.sides
-    )
+    try:
+        ops, arrays, start_shape, scores_name = head_ops(
+            g, model, cut.start, cut.start_shape, cut.nodes, cut.kinds, scores_name, values, cut.sides
+        )
+    except ExportError as e:
+        if not cut.fallback:
+            raise
+        raise ExportError(f"{cut.fallback}; and the head from {cut.layer!r} cannot be taken: {e}") from None
     rank = 3 if cut.layout == "tokens" else 4
     part = trunk(
         g, model, image.name, cut.layer, layout, bgr, cut.trunk_layout, channels, list(cut.sides), cut.grid, rank
