@@ -245,7 +245,7 @@ def select_token_early(
     LayerNormalization over the last axis, or a MatMul by a constant matrix. Returns ``ops`` itself when
     nothing moves.
     """
-    original, ops = ops, list(ops)
+    original, ops, shapes = ops, list(ops), dict(shapes)
     names = {n for op in ops for n in (*op.inputs, op.output)} | set(arrays)
     changed = False
     while True:
