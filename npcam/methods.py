@@ -194,10 +194,10 @@ def head_batch(model: Model, limit: int) -> int:
     :data:`HEAD_PASS_BYTES` of values (the head keeps every op's output during a pass)."""
     head = model.head
     if head.kind == "affine":
-        per_image = head.channels + head.classes
+        per_image = 8 * (head.channels + head.classes)
     else:
-        per_image = math.prod(head.input_shape[1:]) + sum(math.prod(head.shapes[op.output]) for op in head.ops)
-        per_image *= head.dtype.itemsize
+        values = math.prod(head.input_shape[1:]) + sum(math.prod(head.shapes[op.output]) for op in head.ops)
+        per_image = values * head.dtype.itemsize
     return int(max(1, min(limit, HEAD_PASS_BYTES // max(1, per_image))))
 
 
