@@ -54,17 +54,23 @@ def logits(features: np.ndarray, fc_weight: np.ndarray, fc_bias: np.ndarray) -> 
 
 
 def weighted_maps(features: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``sum_k weights[j, k] * features[k]`` for each row j: float64 ``[k, h, w]``.
+    """The one combine step of every channel-weight method: float64 ``[k, h, w]``.
+
+    Channel weights ``[k, C]`` give ``sum_c weights[j, c] * features[c]``;
+    per-position weights ``[k, C, h, w]`` (HiResCAM, Layer-CAM on a head that
+    is not globally pooled) give ``sum_c weights[j, c] * features[c]``
+    elementwise.
 
     Parameters
     ----------
     features : float32 ``[C, h, w]``
-    weights : float ``[k, C]``
+    weights : float ``[k, C]`` or ``[k, C, h, w]``
 
     float64 is cheap at this size, and no finite float32 input can overflow it.
     ``optimize=True`` lets einsum hand the contraction to BLAS.
     """
-    return np.einsum("kc,chw->khw", weights.astype(np.float64), features.astype(np.float64), optimize=True)
+    spec = "kc,chw->khw" if weights.ndim == 2 else "kchw,chw->khw"
+    return np.einsum(spec, weights.astype(np.float64), features.astype(np.float64), optimize=True)
 
 
 def normalize(maps: np.ndarray) -> np.ndarray:

@@ -98,7 +98,8 @@ class Explanation:
     """One image explained: its prediction and one map per explained class.
 
     ``maps`` is float32 ``[k, h, w]`` in [0, 1] at feature resolution;
-    :meth:`full` upsamples one to the image's size (once).
+    :meth:`full` upsamples one to the image's size (once). ``layer`` names the
+    explained layer (:attr:`npcam.bundle.Bundle.layer`).
     """
 
     name: str
@@ -106,6 +107,7 @@ class Explanation:
     method: str
     classes: list[int]
     maps: np.ndarray
+    layer: str | None = None
     _full: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _boxes: dict[tuple[int, float | str], Box | None] = field(default_factory=dict, repr=False)
 
@@ -157,7 +159,8 @@ def explain(
     prediction = model.classify([rgb], [x], [size])[0]
     classes = list(options.classes) or [c for c, _, _ in prediction.top(options.top)]
     maps = model.cam(prediction, classes, method=options.method, progress=progress, should_stop=should_stop)
-    return Explanation(label, prediction, options.method or default_name(model.head.kind), classes, maps)
+    method = options.method or default_name(model.head.kind)
+    return Explanation(label, prediction, method, classes, maps, model.bundle.layer)
 
 
 def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:
@@ -200,7 +203,7 @@ def describe(
         if options.lowres:
             extra["lowres"] = records.lowres(explanation.maps[i])
         maps.append(records.map_entry(explanation.prediction, c, **extra))
-    return records.make(explanation.name, explanation.prediction, explanation.method, maps)
+    return records.make(explanation.name, explanation.prediction, explanation.method, maps, explanation.layer)
 
 
 def write(

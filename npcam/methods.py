@@ -2,10 +2,16 @@
 
 What each method computes, its cost, and which to use are in docs/methods.md
 (the one description of the methods). The notation there is used here: ``A``
-the trunk's output ``[C, h, w]``, ``p`` its spatial mean, ``y = f(p)`` the
-head's class scores and ``G = dy_c/dp`` the head's gradient (:mod:`npcam.head`).
+the explained layer on its grid ``[C, h, w]`` (``prediction.features``).
+On a globally pooled head, ``p`` is its spatial mean, ``y = f(p)`` the head's
+class scores and ``G = dy_c/dp`` the head's gradient (:mod:`npcam.head`): the
+closed forms. On any other head (a spatial map or tokens), ``G = dy_c/dA``
+``[k, C, h, w]`` (:meth:`npcam.model.Model.grid_gradient`) and each method has
+its general definition, as pytorch-grad-cam computes it.
 
-Every map then goes through the same ReLU and max scaling (:func:`npcam.cam.normalize`).
+A method gives channel weights ``[k, C]`` or per-position weights
+``[k, C, h, w]``; :func:`npcam.cam.weighted_maps` combines them with ``A``, and
+every map then goes through the same ReLU and max scaling (:func:`npcam.cam.normalize`).
 To add a method: write a function ``(model, prediction, classes, progress, should_stop) -> [k, h, w]``
 raw maps and register it in :data:`METHODS`. A method that runs many passes calls
 :func:`check` between its batches, so that Ctrl-C and the server's time limit
@@ -14,6 +20,7 @@ stop it there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -63,8 +70,58 @@ class Method:
         return self.extra_passes or (self.head_passes and head_kind != "affine")
 
 
+def _pooled(model: Model) -> bool:
+    """Whether the head starts at the globally average-pooled vector (the closed forms hold)."""
+    return model.head.layout == "pooled"
+
+
 def _head_gradient(model: Model, pred: Prediction, classes: Sequence[int]) -> np.ndarray:
     return model.head.gradient(pred.pooled, classes)
+
+
+# General definitions, on a head that is not globally pooled: pure functions of A [C, h, w] and G [k, C, h, w].
+
+
+def gradcam_weights(gradient: np.ndarray) -> np.ndarray:
+    """Grad-CAM's channel weights, the spatial mean of ``G``: ``[k, C, h, w]`` to float64 ``[k, C]``."""
+    return gradient.mean(axis=(2, 3), dtype=np.float64)
+
+
+def xgradcam_weights(gradient: np.ndarray, features: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """XGrad-CAM's channel weights ``sum_ij(G A) / (sum_ij A + eps)``: float64 ``[k, C]``.
+
+    ``eps`` is pytorch-grad-cam's 1e-7. Parameters: ``gradient`` float ``[k, C, h, w]``,
+    ``features`` float ``[C, h, w]``.
+    """
+    a = features.astype(np.float64)
+    return (gradient * a).sum(axis=(2, 3)) / (a.sum(axis=(1, 2)) + eps)
+
+
+def gradcampp_general_weights(gradient: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Grad-CAM++'s channel weights from the full gradient, as pytorch-grad-cam computes them: float64 ``[k, C]``.
+
+    ``alpha_ij = g^2 / (2 g^2 + S_k g^3)`` with ``g = G[k, :, i, j]`` and
+    ``S_k = sum_ij A_k``, 0 where ``g = 0``; ``w_k = sum_ij max(g, 0) alpha_ij``.
+    As in :func:`gradcampp_weights`, npcam leaves out pytorch-grad-cam's eps of
+    1e-6 in the denominator (it outweighs ``g^2`` for small gradients), so
+    where ``g != 0`` alpha is ``1 / (2 + S_k g)``, and a zero denominator gives 0.
+    On a pooled head (``g = G/hw`` everywhere) this is :func:`gradcampp_weights` over hw.
+
+    Parameters
+    ----------
+    gradient : float ``[k, C, h, w]``
+    features : float ``[C, h, w]``
+    """
+    g = gradient.astype(np.float64, copy=False)
+    sums = features.astype(np.float64).sum(axis=(1, 2))[None, :, None, None]
+    g2 = g * g
+    denominator = 2 * g2 + sums * g2 * g
+    alpha = np.divide(g2, denominator, out=np.zeros_like(g), where=(g != 0) & (denominator != 0))
+    return (np.maximum(g, 0) * alpha).sum(axis=(2, 3))
+
+
+def _grid_gradient(model: Model, pred: Prediction, classes: Sequence[int]) -> np.ndarray:
+    return model.grid_gradient(pred, list(classes))
 
 
 def _cam(model, pred, classes, progress=None, should_stop=None):
@@ -76,11 +133,27 @@ def _softmax_weights(model, pred, classes, progress=None, should_stop=None):
 
 
 def _gradcam(model, pred, classes, progress=None, should_stop=None):
-    return weighted_maps(pred.features, _head_gradient(model, pred, classes))
+    if _pooled(model):
+        return weighted_maps(pred.features, _head_gradient(model, pred, classes))
+    return weighted_maps(pred.features, gradcam_weights(_grid_gradient(model, pred, classes)))
+
+
+def _hirescam(model, pred, classes, progress=None, should_stop=None):
+    if _pooled(model):  # G/hw at every position: Grad-CAM's map over hw
+        return _gradcam(model, pred, classes)
+    return weighted_maps(pred.features, _grid_gradient(model, pred, classes))
+
+
+def _xgradcam(model, pred, classes, progress=None, should_stop=None):
+    if _pooled(model):  # sum_ij(G A/hw) / sum_ij A = G/hw: Grad-CAM's map
+        return _gradcam(model, pred, classes)
+    return weighted_maps(pred.features, xgradcam_weights(_grid_gradient(model, pred, classes), pred.features))
 
 
 def _layercam(model, pred, classes, progress=None, should_stop=None):
-    return weighted_maps(pred.features, np.maximum(_head_gradient(model, pred, classes), 0))
+    if _pooled(model):
+        return weighted_maps(pred.features, np.maximum(_head_gradient(model, pred, classes), 0))
+    return weighted_maps(pred.features, np.maximum(_grid_gradient(model, pred, classes), 0))
 
 
 def gradcampp_weights(gradient: np.ndarray, pooled: np.ndarray) -> np.ndarray:
@@ -104,29 +177,91 @@ def gradcampp_weights(gradient: np.ndarray, pooled: np.ndarray) -> np.ndarray:
 
 
 def _gradcampp(model, pred, classes, progress=None, should_stop=None):
-    return weighted_maps(pred.features, gradcampp_weights(_head_gradient(model, pred, classes), pred.pooled))
+    if _pooled(model):
+        return weighted_maps(pred.features, gradcampp_weights(_head_gradient(model, pred, classes), pred.pooled))
+    gradient = _grid_gradient(model, pred, classes)
+    return weighted_maps(pred.features, gradcampp_general_weights(gradient, pred.features))
 
 
 ABLATION_BATCH = 256
+# At most this many bytes of head values (every op's output, for the whole batch) per head pass of a
+# multi-pass method on a head that is not pooled: a ViT-S last block holds about 2 M values per image.
+HEAD_PASS_BYTES = 128 * 2**20
+
+
+def head_batch(model: Model, limit: int) -> int:
+    """How many head inputs one head pass of a multi-pass method takes: at most ``limit``, and at most
+    :data:`HEAD_PASS_BYTES` of values (the head keeps every op's output during a pass)."""
+    head = model.head
+    if head.kind == "affine":
+        per_image = 8 * (head.channels + head.classes)
+    else:
+        values = math.prod(head.input_shape[1:]) + sum(math.prod(head.shapes[op.output]) for op in head.ops)
+        per_image = values * head.dtype.itemsize
+    return int(max(1, min(limit, HEAD_PASS_BYTES // max(1, per_image))))
+
+
+def grid_scores(
+    model: Model,
+    pred: Prediction,
+    grids: Callable[[int, int], np.ndarray],
+    count: int,
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+    limit: int = ABLATION_BATCH,
+) -> np.ndarray:
+    """The head's scores of ``count`` variants of ``pred``'s layer on its grid: float64 ``[count, K]``.
+
+    ``grids(start, stop)`` makes variants ``start..stop-1`` as float32 ``[n, C, h, w]``; each batch
+    becomes head inputs through :meth:`~npcam.model.Model.from_grid` (a token head's prefix tokens and
+    the side inputs are this image's), in batches of :func:`head_batch`, with :func:`check` before each.
+    """
+    batch = head_batch(model, limit)
+    scores = np.empty((count, model.head.classes))
+    for start in range(0, count, batch):
+        check(should_stop)
+        stop = min(start + batch, count)
+        x = model.from_grid(grids(start, stop), pred.head_input)
+        scores[start:stop] = model.head_scores(x, pred.sides)
+        if progress:
+            progress(stop, count)
+    return scores
 
 
 def ablation_weights(
-    model: Model, pred: Prediction, classes: Sequence[int], should_stop: ShouldStop | None = None
+    model: Model,
+    pred: Prediction,
+    classes: Sequence[int],
+    should_stop: ShouldStop | None = None,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """Ablation-CAM weights ``(y_c - y_c with channel k zeroed) / y_c``: float64 ``[k, C]``.
 
-    Zeroing the channel map ``A_k`` zeroes ``p_k``, so only the head runs again.
-    For an affine head the drop is ``W_ck p_k`` exactly; other heads run C
-    forward passes, in batches of ABLATION_BATCH. A zero score gives zero weights.
+    On a pooled head, zeroing the channel map ``A_k`` zeroes ``p_k``, so only
+    the head runs again. For an affine head the drop is ``W_ck p_k`` exactly;
+    other pooled heads run C forward passes, in batches of ABLATION_BATCH. On
+    a head that is not pooled, channel k of ``A`` is zeroed on the grid (a
+    token head keeps its CLS token) and the head runs on the C ablated layers,
+    batched within :data:`HEAD_PASS_BYTES`. A zero score gives zero weights.
     (pytorch-grad-cam ablates with ``min(A) - 1e7`` instead of 0 when the
     activations can be negative; npcam follows the paper.)
     """
     classes = list(classes)
-    pooled = pred.pooled.astype(np.float64)
     scores = pred.logits[classes].astype(np.float64)
-    if model.head.kind == "affine":
-        drop = model.head.weight[classes].astype(np.float64) * pooled
+    if not _pooled(model):
+        features = pred.features
+
+        def ablated(start, stop):
+            grids = np.repeat(features[None], stop - start, axis=0)
+            grids[np.arange(stop - start), np.arange(start, stop)] = 0.0
+            return grids
+
+        ablated_scores = grid_scores(model, pred, ablated, len(features), progress, should_stop)[:, classes]
+        drop = scores[:, None] - ablated_scores.T
+    elif model.head.kind == "affine":
+        drop = model.head.weight[classes].astype(np.float64) * pred.pooled.astype(np.float64)
     else:
+        pooled = pred.pooled.astype(np.float64)
         ablated_scores = np.empty((len(pooled), len(classes)))
         for start in range(0, len(pooled), ABLATION_BATCH):
             check(should_stop)
@@ -140,7 +275,43 @@ def ablation_weights(
 
 
 def _ablationcam(model, pred, classes, progress=None, should_stop=None):
-    return weighted_maps(pred.features, ablation_weights(model, pred, classes, should_stop))
+    return weighted_maps(pred.features, ablation_weights(model, pred, classes, should_stop, progress))
+
+
+def reciprocam_maps(
+    model: Model,
+    pred: Prediction,
+    classes: Sequence[int],
+    progress: Progress | None = None,
+    should_stop: ShouldStop | None = None,
+) -> np.ndarray:
+    """Recipro-CAM (ViT-ReciproCAM on tokens): the class's probability with one position of ``A`` kept.
+
+    For each of the hw positions, ``A`` with every other position zeroed runs
+    through the head (a token head keeps its CLS token; the side inputs are
+    this image's), in batches of :func:`head_batch`. The map at ``(i, j)`` is
+    the class's probability (softmax, or its sigmoid on a multi-label model)
+    less its minimum over positions, so that the max scaling afterwards is
+    openvino_xai's min-max. npcam keeps one position only (openvino_xai's
+    default also spreads each kept position over its 3x3 neighbours with a
+    Gaussian). Returns float64 ``[k, h, w]``.
+    """
+    features = pred.features
+    channels, h, w = features.shape
+
+    def kept(start, stop):
+        positions = np.arange(start, stop)
+        grids = np.zeros((stop - start, channels, h * w), dtype=features.dtype)
+        grids[np.arange(stop - start), :, positions] = features.reshape(channels, -1)[:, positions].T
+        return grids.reshape(-1, channels, h, w)
+
+    scores = grid_scores(model, pred, kept, h * w, progress, should_stop)
+    probs = model.probabilities(scores)[:, list(classes)].T  # [k, hw]
+    return (probs - probs.min(axis=1, keepdims=True)).reshape(len(classes), h, w)
+
+
+def _reciprocam(model, pred, classes, progress=None, should_stop=None):
+    return reciprocam_maps(model, pred, classes, progress, should_stop)
 
 
 def eigen_map(features: np.ndarray) -> np.ndarray:
@@ -218,10 +389,10 @@ METHODS: dict[str, Method] = {
         Method(
             "gradcam", "Grad-CAM: the head's gradient (equals cam on an affine head; the default otherwise)", _gradcam
         ),
-        Method("hirescam", "HiResCAM: equals gradcam on a globally pooled head", _gradcam),
-        Method("xgradcam", "XGrad-CAM: equals gradcam on a globally pooled head", _gradcam),
-        Method("layercam", "Layer-CAM: the gradient's positive part (negative weights clamped)", _layercam),
-        Method("gradcampp", "Grad-CAM++ (also gradcam++): max(G,0)/(2 + G*p), as pytorch-grad-cam", _gradcampp),
+        Method("hirescam", "HiResCAM: sum_C G*A elementwise (equals gradcam on a globally pooled head)", _hirescam),
+        Method("xgradcam", "XGrad-CAM: sum(G*A)/sum(A) (equals gradcam on a globally pooled head)", _xgradcam),
+        Method("layercam", "Layer-CAM: the gradient's positive part times A", _layercam),
+        Method("gradcampp", "Grad-CAM++ (also gradcam++): with G^2 and G^3, as pytorch-grad-cam", _gradcampp),
         Method(
             "ablationcam", "Ablation-CAM: the score's drop when each channel is zeroed", _ablationcam, head_passes=True
         ),
@@ -237,6 +408,12 @@ METHODS: dict[str, Method] = {
             "the seed tutorial's variant: softmax over the FC row (affine heads)",
             _softmax_weights,
             affine_only=True,
+        ),
+        Method(
+            "reciprocam",
+            "Recipro-CAM: the class's probability with one position of A kept (h*w head passes)",
+            _reciprocam,
+            head_passes=True,
         ),
     ]
 }

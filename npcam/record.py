@@ -2,7 +2,7 @@
 ``npcam.dataset`` stores as Parquet rows. Made here and nowhere else.
 
 One record per input image: ``image``, ``width``, ``height``, ``method``,
-``top5``, ``maps`` (one entry per explained class) and the first map's keys at
+``layer``, ``top5``, ``maps`` (one entry per explained class) and the first map's keys at
 the top level; ``{image, error}`` for an image that failed. Every key is
 documented in docs/formats.md ("The record"); :func:`arrow_schema` is the same
 record as Parquet stores it.
@@ -31,14 +31,17 @@ def lowres(cam: np.ndarray) -> dict[str, Any]:
     return {"shape": list(cam.shape), "values": cam.astype(np.float16).astype(float).ravel().tolist()}
 
 
-def make(image: str, prediction: Prediction, method: str, maps: list[dict[str, Any]]) -> dict[str, Any]:
-    """The record of one explained image."""
+def make(
+    image: str, prediction: Prediction, method: str, maps: list[dict[str, Any]], layer: str | None = None
+) -> dict[str, Any]:
+    """The record of one explained image; ``layer`` names the explained layer (:attr:`npcam.bundle.Bundle.layer`)."""
     height, width = prediction.size  # the photo's own pixels, also when decoded smaller
     return {
         "image": image,
         "width": width,
         "height": height,
         "method": method,
+        "layer": layer,
         "top5": top5(prediction),
         **maps[0],
         "maps": maps,
@@ -67,6 +70,7 @@ def arrow_schema():
             ("width", pa.int64()),
             ("height", pa.int64()),
             ("method", pa.string()),
+            ("layer", pa.string()),
             ("top5", pa.list_(pa.struct(scored))),
             *scored,
             *extra,

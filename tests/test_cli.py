@@ -71,6 +71,7 @@ def test_json_record(cli, tmp_path, model):
         "width",
         "height",
         "method",
+        "layer",
         "top5",
         "maps",
         "class",
@@ -81,6 +82,7 @@ def test_json_record(cli, tmp_path, model):
     } <= record.keys()
     pred = model.predict(image)
     assert record["class"] == pred.top1 and record["label"] == pred.labels[pred.top1] and record["method"] == "cam"
+    assert record["layer"] == model.bundle.layer  # the explained layer (a pre-format-4 bundle: "features")
     assert record["score"] == pytest.approx(float(pred.probs.max()))
     assert [t["class"] for t in record["top5"]] == [c for c, _, _ in pred.top(5)]
     assert record["maps"] == [{k: record[k] for k in ("class", "label", "score", "output", "cam")}]
