@@ -255,7 +255,7 @@ def select_token_early(
             for n in op.inputs:
                 consumers.setdefault(n, []).append(i)
         move = None
-        for i, g in enumerate(ops):
+        for g in ops:
             token = _token_of(g, arrays, shapes)
             t = g.inputs[0] if token is not None else None
             if t is None or t == output or t not in producer:

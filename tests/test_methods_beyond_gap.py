@@ -466,7 +466,7 @@ def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, tmp_pa
     for name in GRADIENT_METHODS:
         want = torch_maps(net, layer, x, classes, pred.features.shape[1:], name, None)
         got = model.cam(pred, classes, size=(SIZE, SIZE), method=name)
-        for j, c in enumerate(classes):
+        for j in range(len(classes)):
             assert record(f"{net_name} {route} {name} vs torch", np.abs(got[j] - shown(want[j])).max()) <= TOLERANCE
 
 
