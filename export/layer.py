@@ -125,7 +125,7 @@ def default_layers(g: GraphIndex, scores: str, values: Values) -> list[tuple[str
     pools = [n for n in needed if _is_any_global_pool(n, g, values)]
     # The deepest map first (a skip's earlier map is pooled too, sometimes later in graph order).
     for node in sorted(pools, key=lambda n: -g.position.get(id(g.producers.get(n.input[0])), -1)):
-        found.append((node.input[0], "pooling"))
+        found.append((channels_first(g, node.input[0]), "pooling"))
     softmaxes = [n for n in needed if n.op_type == "Softmax"]
     for node in reversed(needed):  # the last block's first LayerNorm: before the last attention Softmax
         shape = values.shape(node.input[0]) if node.input else None
@@ -139,11 +139,29 @@ def default_layers(g: GraphIndex, scores: str, values: Values) -> list[tuple[str
         out = values.shape(node.output[0]) if node.output else None
         whole = shape is not None and len(shape) == 4 and out == [1, shape[1] * shape[2] * shape[3]]
         if whole and node.op_type in ("Flatten", "Reshape"):
-            found.append((node.input[0], "flatten"))
+            found.append((channels_first(g, node.input[0]), "flatten"))
     unique: dict[str, str] = {}
     for name, family in found:
         unique.setdefault(name, family)
     return list(unique.items())
+
+
+def nhwc_source(g: GraphIndex, name: str) -> str | None:
+    """The ``[N, C, h, w]`` tensor that ``name`` is the channels-last transpose of (perm 0,2,3,1), or None.
+
+    Converters from channels-last frameworks (tf2onnx for Keras and TFLite) run convolutions in NCHW and
+    transpose back to NHWC after them, so a Keras Flatten or pooling reads an NHWC tensor.
+    """
+    node = g.producers.get(name)
+    if node is not None and node.op_type == "Transpose" and list(attr(node, "perm", [])) == [0, 2, 3, 1]:
+        return node.input[0]
+    return None
+
+
+def channels_first(g: GraphIndex, name: str) -> str:
+    """``name``, or the NCHW tensor it transposes to channels-last: the map is explained channels first, and
+    the Transpose joins the head."""
+    return nhwc_source(g, name) or name
 
 
 def _axes3(node: onnx.NodeProto, g: GraphIndex) -> list[int] | None:
@@ -162,8 +180,9 @@ def _is_any_global_pool(node: onnx.NodeProto, g: GraphIndex, values: Values) -> 
         return False
     if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
         return True
-    if node.op_type in ("ReduceMean", "ReduceMax"):
-        return head_finder.reduce_axes(node, g) == [2, 3]
+    if node.op_type in ("ReduceMean", "ReduceMax"):  # over h, w: of NCHW, or of a channels-last transpose
+        axes = head_finder.reduce_axes(node, g)
+        return axes == [2, 3] or (axes == [1, 2] and nhwc_source(g, node.input[0]) is not None)
     if node.op_type in ("AveragePool", "MaxPool"):
         return list(attr(node, "kernel_shape", [])) == shape[2:] and not any(attr(node, "pads", [0]))
     return False
@@ -190,6 +209,8 @@ def cut_at(g: GraphIndex, scores: str, values: Values, layer: str) -> Cut:
         raise ExportError(f"cannot tell the shape of {layer!r}")
     if len(shape) not in (3, 4):
         raise ExportError(f"{layer!r} has shape {shape}: neither a map [N,C,h,w] nor tokens [N,L,C]")
+    if len(shape) == 4 and nhwc_source(g, layer) is not None:
+        raise ExportError(f"{layer!r} is channels-last (a transpose of {nhwc_source(g, layer)!r}): name that one")
     found = head_finder.kinds(g, layer)
     if found.get(scores) not in ("data", "mixed"):
         raise ExportError(f"the scores do not depend on {layer!r}")

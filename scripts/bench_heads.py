@@ -1,10 +1,12 @@
-"""Grad-CAM at a ViT's last block: npcam (NumPy head, exact reverse mode) against torch autograd, same layer.
+"""Grad-CAM beyond global pooling: npcam (NumPy head, exact reverse mode) against torch autograd, same layer.
 
-    python scripts/bench_heads.py [--rounds 15] [--size s|b] [--depth 2]
+    python scripts/bench_heads.py [--rounds 15] [--size s|b|vgg] [--depth 2]
 
 A ViT-S/16-sized net (384 wide, 6 heads, MLP 1536, 197 tokens at 224 px; ``--size b``: ViT-B/16, 768 wide,
 12 heads) with random weights and ``--depth`` blocks (only the last block is the head; the others are trunk),
-exported by npcam's torch route at its default layer, the last block's ``norm1``. Two rows per thread setting:
+exported by npcam's torch route at its default layer, the last block's ``norm1``. ``--size vgg``: VGG-16's
+classifier (Flatten of 512x7x7, 4096, 4096, 1000: 120 M weights) on a small conv trunk, at its default layer,
+the Flatten's input. Two rows per thread setting:
 
 - **head**: from the layer to the map. npcam: ``model.cam(pred, c, method="gradcam")`` (the head's forward
   and backward, the channel weights, the weighted sum, ReLU and scaling). torch: the same head as a torch
@@ -85,6 +87,29 @@ def vit(size: str = "s", depth: int = 2):
     return ViT().eval()
 
 
+def vgg():
+    """VGG-16's classifier (25088 -> 4096 -> 4096 -> 1000) on a small stride-32 conv trunk, random weights."""
+    import torch
+    from torch import nn
+
+    class VGGHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 64, 8, stride=8), nn.ReLU(), nn.Conv2d(64, 512, 4, stride=4), nn.ReLU()
+            )
+            self.classifier = nn.Sequential(
+                nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(),
+                nn.Dropout(), nn.Linear(4096, 1000),
+            )  # fmt: skip
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.features(x), 1))
+
+    torch.manual_seed(0)
+    return VGGHead().eval()
+
+
 def vit_s():
     return vit("s", int(os.environ.get("BENCH_HEADS_DEPTH", "2")))
 
@@ -105,6 +130,70 @@ def timed(fn, rounds: int) -> tuple[float, float]:
     return times[len(times) // 2], times[0]
 
 
+def _grad_cam(g, a):
+    """torch Grad-CAM of one class from the layer's gradient and value, both [C, h, w]."""
+    import torch
+
+    cam = torch.relu((g.mean(dim=(1, 2))[:, None, None] * a).sum(0))
+    return cam / cam.max()
+
+
+def _vit_torch(net, xt, c):
+    """(head, total) Grad-CAM functions at the last block's norm1, as torch + a hook computes them."""
+    import torch
+
+    block = net.blocks[-1]
+    seen = {}
+    hook = block.norm1.register_forward_hook(lambda m, i, out: seen.update(a=out, x=i[0]))
+    with torch.no_grad():
+        net(xt)
+    hook.remove()
+    layer0, resid = seen["a"].detach(), seen["x"].detach()
+    grid = lambda t: t[0, 1:].reshape(14, 14, -1).permute(2, 0, 1)  # noqa: E731
+
+    def head():
+        a = layer0.clone().requires_grad_(True)
+        y = resid + block.attn(a)
+        y = y + block.mlp(block.norm2(y))
+        score = net.head(net.norm(y)[:, 0])[0, c]
+        (g,) = torch.autograd.grad(score, a)
+        return _grad_cam(grid(g), grid(a.detach()))
+
+    def total():
+        kept = {}
+        handle = block.norm1.register_forward_hook(lambda m, i, out: kept.setdefault("a", out))
+        try:
+            score = net(xt)[0, c]
+        finally:
+            handle.remove()
+        (g,) = torch.autograd.grad(score, kept["a"])
+        return _grad_cam(grid(g), grid(kept["a"].detach()))
+
+    return head, total
+
+
+def _vgg_torch(net, xt, c):
+    """(head, total) Grad-CAM functions at the Flatten's input (the output of ``features``)."""
+    import torch
+
+    with torch.no_grad():
+        layer0 = net.features(xt)
+
+    def head():
+        a = layer0.clone().requires_grad_(True)
+        score = net.classifier(torch.flatten(a, 1))[0, c]
+        (g,) = torch.autograd.grad(score, a)
+        return _grad_cam(g[0], a[0].detach())
+
+    def total():
+        a = net.features(xt)
+        score = net.classifier(torch.flatten(a, 1))[0, c]
+        (g,) = torch.autograd.grad(score, a)
+        return _grad_cam(g[0], a[0].detach())
+
+    return head, total
+
+
 def worker(args) -> dict:
     """One thread setting: export once (cached in ``args.out``), then time both ways; returns the figures."""
     import numpy as np
@@ -114,7 +203,7 @@ def worker(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    builder = f"vit_{args.size}"
+    builder = "vgg" if args.size == "vgg" else f"vit_{args.size}"
     bundle = Path(args.out) / f"{builder}_d{args.depth}"
     if not (bundle / "bundle.json").exists():
         from export.api import run_torch
@@ -126,37 +215,8 @@ def worker(args) -> dict:
     x = rng.normal(size=(1, 3, 224, 224)).astype(np.float32)
     pred = model.classify([np.zeros((224, 224, 3), np.uint8)], [x])[0]
     c = pred.top1
-    block = net.blocks[-1]
     xt = torch.from_numpy(x)
-
-    seen = {}
-    hook = block.norm1.register_forward_hook(lambda m, i, out: seen.update(a=out, x=i[0]))
-    with torch.no_grad():
-        net(xt)
-    hook.remove()
-    layer0, resid = seen["a"].detach(), seen["x"].detach()
-
-    def torch_head():
-        a = layer0.clone().requires_grad_(True)
-        y = resid + block.attn(a)
-        y = y + block.mlp(block.norm2(y))
-        score = net.head(net.norm(y)[:, 0])[0, c]
-        (g,) = torch.autograd.grad(score, a)
-        grid = lambda t: t[0, 1:].reshape(14, 14, -1).permute(2, 0, 1)  # noqa: E731
-        cam = torch.relu((grid(g).mean(dim=(1, 2))[:, None, None] * grid(a.detach())).sum(0))
-        return cam / cam.max()
-
-    def torch_total():
-        kept = {}
-        handle = block.norm1.register_forward_hook(lambda m, i, out: kept.setdefault("a", out))
-        try:
-            score = net(xt)[0, c]
-        finally:
-            handle.remove()
-        (g,) = torch.autograd.grad(score, kept["a"])
-        grid = lambda t: t[0, 1:].reshape(14, 14, -1).permute(2, 0, 1)  # noqa: E731
-        cam = torch.relu((grid(g).mean(dim=(1, 2))[:, None, None] * grid(kept["a"].detach())).sum(0))
-        return cam / cam.max()
+    torch_head, torch_total = (_vgg_torch if builder == "vgg" else _vit_torch)(net, xt, c)
 
     def npcam_total():
         p = model.classify([pred.image], [x])[0]
@@ -178,7 +238,7 @@ def worker(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--size", choices=sorted(SIZES), default="s")
+    parser.add_argument("--size", choices=[*sorted(SIZES), "vgg"], default="s")
     parser.add_argument("--depth", type=int, default=2, help="blocks (the last is the head)")
     parser.add_argument("--out", help="where the exported bundle is kept (default: a temporary directory)")
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)  # a worker's own setting (0: default)
@@ -201,7 +261,8 @@ def main() -> None:
             if done.returncode:
                 sys.exit(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "the worker failed")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"ViT-{args.size.upper()}/16 last block as the head ({args.depth} blocks, random weights), Grad-CAM of one")
+    what = "VGG-16's classifier" if args.size == "vgg" else f"ViT-{args.size.upper()}/16 last block ({args.depth} blocks)"
+    print(f"{what} as the head, random weights, Grad-CAM of one")
     print(f"class, ms median (min) over {args.rounds} rounds; CPU: {cpu()}")
     print("| threads | what | npcam | torch | npcam / torch |")
     print("|---|---|---|---|---|")
