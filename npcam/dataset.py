@@ -1,24 +1,27 @@
-"""Explain whole datasets on Ray Data: ``python -m npcam.dataset SRC --model DIR --out DEST`` (or ``npcam dataset``).
+"""Explain whole datasets into Parquet: ``python -m npcam.dataset SRC --model DIR --out DEST`` (or ``npcam dataset``).
 
 Each image becomes one row of Parquet in ``DEST``: the same record that
 ``npcam --json`` prints (:mod:`npcam.record`), or ``{image, error}`` for an
-image that failed. With no ``--address``, Ray starts inside this process on
-this machine's cores; ``--address auto|HOST:PORT`` (or ``RAY_ADDRESS``) runs
-the same job on an existing cluster.
+image that failed. With no ``--address``, the work runs on this machine's
+cores (the driver's threads, and Ray started inside this process when actors
+are asked for); ``--address auto|HOST:PORT`` (or ``RAY_ADDRESS``) runs the
+same job on an existing cluster with Ray Data.
 
 The sources it takes, resuming and the refusal of mixed results are described
 in docs/dataset-and-serve.md. Each actor (one onnxruntime session, one thread)
 asks for half a CPU, so that Ray's Parquet writers always find room: with whole
 CPUs, two actors on two cores starve them and the job hangs.
 
-Embedded Ray takes seconds to start. Meanwhile the driver explains images
-itself, from the end of the list (:class:`HeadStart`), and goes on beside
-Ray's actors, which work from the start. Each image is claimed first, by an
-``O_EXCL`` file in the run's own folder, so no image is done twice; the
-driver's rows go to ``driver-*.parquet`` files of their own.
+Embedded, the driver explains images itself at once, from the end of the
+list (:class:`HeadStart`). Ray's actors get only the cores its threads leave
+(none by default, and then Ray is not started: on one machine they would add
+Ray's start-up and no capacity); they work from the start of the list while
+the driver goes on. Each image is claimed first, by an ``O_EXCL`` file in the
+run's own folder, so no image is done twice; the driver's rows go to
+``driver-*.parquet`` files of their own.
 
-Needs the ``dataset`` extra (``pip install .[dataset]``: Ray Data and pyarrow);
-``import npcam`` never imports Ray.
+Needs the ``dataset`` extra (``pip install .[dataset]``: Ray Data and pyarrow;
+Ray only for runs with actors); ``import npcam`` never imports Ray.
 """
 
 from __future__ import annotations
