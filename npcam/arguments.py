@@ -142,6 +142,12 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-pixels", type=between(1), default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
     )
+    p.add_argument(
+        "--max-side",
+        type=between(1),
+        metavar="N",
+        help="write overlays at most N pixels on their long side (records, boxes and .npy maps keep the photo's size)",
+    )
 
 
 def options_from(args: argparse.Namespace, **extra) -> Options:
@@ -155,6 +161,7 @@ def options_from(args: argparse.Namespace, **extra) -> Options:
         keep_aspect=args.keep_aspect,
         size=args.size,
         max_pixels=args.max_pixels,
+        max_side=args.max_side,
         **extra,
     )
 
@@ -165,7 +172,7 @@ def methods_help() -> str:
 
 
 # A library message names an option as its Options field: ``max_pixels``, or ``size=100x100``.
-_FIELD = re.compile(r"\b(keep_aspect|max_pixels|save_cam)\b|\b(size|method|alpha|top|threshold)=(\S+)")
+_FIELD = re.compile(r"\b(keep_aspect|max_pixels|max_side|save_cam)\b|\b(size|method|alpha|top|threshold)=(\S+)")
 
 
 def flag_words(message: str) -> str:

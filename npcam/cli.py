@@ -12,7 +12,6 @@ import importlib
 import json
 import os
 import sys
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from .explain import explain_files
 from .files import find_images, plan_outputs
 from .methods import METHODS
 from .model import Model, default_model_dir
+from .progress import Progress
 from .record import error as error_record
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
@@ -67,12 +67,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--alpha", type=fraction, default=0.5, help="heat-map opacity from 0 (photo) to 1 (heat map) (default 0.5)"
     )
     p.add_argument("--save-cam", action="store_true", help="also write each full-resolution map as float32 .npy")
-    p.add_argument(
-        "--max-side",
-        type=between(1),
-        metavar="N",
-        help="write overlays at most N pixels on their long side (records and .npy maps keep the photo's size)",
-    )
     p.add_argument("--json", action="store_true", help="print one JSON record per image on stdout (JSON Lines)")
     p.add_argument(
         "--no-overlay",
@@ -138,7 +132,7 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
     # A method with extra network passes (Score-CAM) shows them for a single image; several show the image count.
     extra = passes if len(jobs) == 1 and METHODS[options.method].extra_passes else None
-    results = explain_files(model, jobs, options, workers, extra, overlays=not args.no_overlay, max_side=args.max_side)
+    results = explain_files(model, jobs, options, workers, extra, overlays=not args.no_overlay)
     with closing(results):
         for n, (job, result) in enumerate(results, 1):
             progress.show(n, len(jobs), job.image)
@@ -173,37 +167,3 @@ def _describe(record: dict, verbose: bool) -> str:
 
 def _error(message: str) -> None:
     print(f"npcam: error: {message}", file=sys.stderr, flush=True)
-
-
-class Progress:
-    """A one-line progress display on stderr, when stderr is a terminal: count, rate and time left."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.start = time.monotonic()
-        self.shown = False
-
-    def show(self, n: int, total: int, label: object, unit: str = "img") -> None:
-        if total <= 1 or not self.stream.isatty():
-            return
-        elapsed = time.monotonic() - self.start
-        rate = n / elapsed if elapsed > 0 else 0.0
-        left = (total - n) / rate if rate > 0 else 0.0
-        self.stream.write(f"\r\x1b[K[{n}/{total}] {rate:.1f} {unit}/s, {_clock(left)} left  {label}")
-        self.stream.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.shown = False
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return (
-        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-        if seconds >= 3600
-        else f"{seconds // 60}:{seconds % 60:02d}"
-    )

@@ -1,18 +1,27 @@
-"""Explain whole datasets on Ray Data: ``python -m npcam.dataset SRC --model DIR --out DEST`` (or ``npcam dataset``).
+"""Explain whole datasets into Parquet: ``python -m npcam.dataset SRC --model DIR --out DEST`` (or ``npcam dataset``).
 
 Each image becomes one row of Parquet in ``DEST``: the same record that
 ``npcam --json`` prints (:mod:`npcam.record`), or ``{image, error}`` for an
-image that failed. With no ``--address``, Ray starts inside this process on
-this machine's cores; ``--address auto|HOST:PORT`` (or ``RAY_ADDRESS``) runs
-the same job on an existing cluster.
+image that failed. With no ``--address``, the work runs on this machine's
+cores (the driver's threads, and Ray started inside this process when actors
+are asked for); ``--address auto|HOST:PORT`` (or ``RAY_ADDRESS``) runs the
+same job on an existing cluster with Ray Data.
 
 The sources it takes, resuming and the refusal of mixed results are described
 in docs/dataset-and-serve.md. Each actor (one onnxruntime session, one thread)
 asks for half a CPU, so that Ray's Parquet writers always find room: with whole
 CPUs, two actors on two cores starve them and the job hangs.
 
-Needs the ``dataset`` extra (``pip install .[dataset]``: Ray Data and pyarrow);
-``import npcam`` never imports Ray.
+Embedded, the driver explains images itself at once, from the end of the
+list (:class:`HeadStart`). Ray's actors get only the cores its threads leave
+(none by default, and then Ray is not started: on one machine they would add
+Ray's start-up and no capacity); they work from the start of the list while
+the driver goes on. Each image is claimed first, by an ``O_EXCL`` file in the
+run's own folder, so no image is done twice; the driver's rows go to
+``driver-*.parquet`` files of their own.
+
+Needs the ``dataset`` extra (``pip install .[dataset]``: Ray Data and pyarrow;
+Ray only for runs with actors); ``import npcam`` never imports Ray.
 """
 
 from __future__ import annotations
@@ -20,13 +29,17 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import glob
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,10 +49,12 @@ from . import record as records
 from .errors import NpcamError
 from .explain import Options
 from .files import IMAGE_SUFFIXES, find_images, plan_outputs
+from .progress import Progress
 
 META_KEY = b"npcam"
 ACTOR_CPUS = 0.5
 CONNECT_TIMEOUT = 30.0  # seconds to reach a cluster (--connect-timeout); Ray alone would retry for minutes
+DRIVER_PREFIX = "driver-"  # the driver's own Parquet files; written as ".driver-….tmp", then renamed
 
 
 def list_images(src: str) -> list[str]:
@@ -99,6 +114,9 @@ def done_images(dest: str, stamp: dict) -> set[str]:
         return set()
     done: set[str] = set()
     for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
+        if info.type == fs.FileType.File and info.base_name.startswith("." + DRIVER_PREFIX):
+            filesystem.delete_file(info.path)  # the driver was killed while writing it
+            continue
         if info.type != fs.FileType.File or not info.path.endswith(".parquet"):
             continue
         try:
@@ -116,8 +134,47 @@ def done_images(dest: str, stamp: dict) -> set[str]:
     return done
 
 
-def explainer_class(model_dir: str, options: Options):
-    """The actor class: one model per actor, explaining a batch of ``{image, overlay}`` rows into records."""
+def explain_row(model, image: str, overlay: str, options: Options, should_stop: Callable[[], bool] | None = None) -> dict:
+    """One image's row: its record (its overlays written when ``overlay`` names a file), or ``{image, error}``.
+
+    The actors and the driver both explain through here. :class:`npcam.methods.Cancelled`
+    (``should_stop``) passes through: the image gets no row.
+    """
+    from .explain import describe, explain, write
+    from .files import Job
+
+    try:
+        explanation = explain(model, read_bytes(image), options, name=image, pixels=bool(overlay),
+                              should_stop=should_stop)  # fmt: skip
+        if overlay:
+            return write(explanation, Job(Path(image), Path(overlay), options.top > 1), options)
+        return describe(explanation, options)
+    except NpcamError as e:
+        return records.error(image, str(e))
+    except (OSError, MemoryError) as e:
+        return records.error(image, f"{image}: {type(e).__name__}: {e}")
+
+
+def claim(claims: str | None, index: int) -> bool:
+    """Take image ``index`` of this run: False if the driver or an actor has it already (always True without claims).
+
+    A claim is a file made with ``O_EXCL`` in the run's ``claims`` folder: of any
+    number of processes on this machine, exactly one creates it.
+    """
+    if claims is None:
+        return True
+    try:
+        os.close(os.open(os.path.join(claims, str(index)), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
+def explainer_class(model_dir: str, options: Options, claims: str | None = None):
+    """The actor class: one model per actor, explaining a batch of ``{image, overlay, index}`` rows into records.
+
+    With ``claims`` (an embedded run), an image the driver has claimed is skipped: it gets no row here.
+    """
 
     class Explainer:
         def __init__(self):
@@ -129,25 +186,125 @@ def explainer_class(model_dir: str, options: Options):
         def __call__(self, batch: dict):
             import pyarrow as pa
 
-            from .explain import describe, explain, write
-            from .files import Job
-
             rows = []
-            for image, overlay in zip(batch["image"], batch["overlay"]):
-                image = str(image)
-                try:
-                    explanation = explain(self.model, read_bytes(image), options, name=image, pixels=bool(overlay))
-                    if overlay:
-                        rows.append(write(explanation, Job(Path(image), Path(overlay), options.top > 1), options))
-                    else:
-                        rows.append(describe(explanation, options))
-                except NpcamError as e:
-                    rows.append(records.error(image, str(e)))
-                except (OSError, MemoryError) as e:
-                    rows.append(records.error(image, f"{image}: {type(e).__name__}: {e}"))
+            for image, overlay, index in zip(batch["image"], batch["overlay"], batch["index"]):
+                if claim(claims, int(index)):
+                    rows.append(explain_row(self.model, str(image), str(overlay), options))
             return pa.Table.from_pylist(rows, schema=self.schema)
 
     return Explainer
+
+
+class HeadStart:
+    """The driver's share of an embedded run: images from the end of the list, while Ray starts and beside it.
+
+    ``threads`` threads share the driver's model (onnxruntime, Pillow and NumPy
+    release the GIL, as in the CLI). Each takes the last image not yet taken and
+    claims it (:func:`claim`); the first claim that fails means Ray's actors,
+    which go from the start, have got that far, and the driver stops. Its rows
+    are written every ``rows_per_file`` rows and at :meth:`finish` to
+    ``DEST/driver-<run>-<n>.parquet``, each first under a hidden name and then
+    renamed, so a kill leaves no partial file in sight (the next run deletes
+    the hidden one). ``items`` are ``{image, overlay, index}`` dicts.
+    """
+
+    def __init__(self, model, items: list[dict], options: Options, claims: str | None, dest: str, schema,
+                 rows_per_file: int, threads: int):  # fmt: skip
+        self.model, self.items, self.options, self.claims = model, items, options, claims
+        self.schema, self.rows_per_file = schema, rows_per_file
+        self.filesystem, self.root = _filesystem(dest)
+        self.run = uuid.uuid4().hex[:12]
+        self.lock = threading.Lock()  # the next index, the rows, the counts
+        self.writing = threading.Lock()  # one file at a time, numbered in order
+        self.next = len(items) - 1
+        self.rows: list[dict] = []
+        self.files = 0
+        self.explained = 0
+        self.allowed = threads  # threads past this many stop at their next image (set_threads)
+        self.halt = threading.Event()  # stop now: multi-pass methods between batches, no more images
+        self.failure: BaseException | None = None
+        self.threads = [threading.Thread(target=self._work, args=(i,), daemon=True) for i in range(threads)]
+
+    def start(self) -> HeadStart:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def front(self) -> int:
+        """How many images, from the start of the list, the driver has not taken: Ray's actors' share."""
+        with self.lock:
+            return self.next + 1
+
+    def set_threads(self, n: int) -> None:
+        """Keep only ``n`` threads working (the rest stop after their image)."""
+        self.allowed = n
+
+    def finish(self, write: bool = True) -> None:
+        """Wait for the threads, then write the remaining rows (none with ``write=False``); re-raise a thread's bug."""
+        if not write:
+            self.halt.set()
+        for thread in self.threads:
+            thread.join()
+        if write and self.rows:
+            self._write(self.rows)
+            self.rows = []
+        if self.failure is not None:
+            raise self.failure
+
+    def stop(self) -> None:
+        """Stop at once: in-flight multi-pass methods between batches (those images get no row), nothing new."""
+        self.halt.set()
+
+    def _take(self, thread: int) -> dict | None:
+        with self.lock:
+            while self.next >= 0 and thread < self.allowed and not self.halt.is_set():
+                item = self.items[self.next]
+                self.next -= 1
+                if claim(self.claims, item["index"]):
+                    return item
+                self.next = -1  # Ray's actors have got this far: what is left is theirs
+            return None
+
+    def _work(self, thread: int) -> None:
+        from .methods import Cancelled
+
+        try:
+            while (item := self._take(thread)) is not None:
+                try:
+                    row = explain_row(self.model, item["image"], item["overlay"], self.options, self.halt.is_set)
+                except Cancelled:
+                    return  # interrupted: the next run does this image
+                with self.lock:
+                    self.rows.append(row)
+                    self.explained += 1
+                    full = len(self.rows) >= self.rows_per_file
+                    rows, self.rows = (self.rows, []) if full else ([], self.rows)
+                if rows:
+                    self._write(rows)
+        except BaseException as e:  # a bug, not a bad image: the run fails, as a failing actor fails Ray's job
+            self.failure = e
+            self.halt.set()
+
+    def _write(self, rows: list[dict]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with self.writing:
+            name = f"{DRIVER_PREFIX}{self.run}-{self.files:05d}.parquet"
+            self.files += 1
+            hidden, final = f"{self.root}/.{name}.tmp", f"{self.root}/{name}"
+            self.filesystem.create_dir(self.root, recursive=True)
+            pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), hidden, filesystem=self.filesystem)
+            self.filesystem.move(hidden, final)
+
+
+def _filesystem(dest: str):
+    """pyarrow's filesystem for ``dest`` and the path in it."""
+    from pyarrow import fs
+
+    if "://" in dest:
+        return fs.FileSystem.from_uri(dest)
+    return fs.LocalFileSystem(), str(Path(dest).absolute())
 
 
 def run(
@@ -161,11 +318,15 @@ def run(
     batch_size: int = 16,
     rows_per_file: int = 1000,
     connect_timeout: float = CONNECT_TIMEOUT,
+    driver_threads: int | None = None,
 ) -> dict:
     """Explain every image of ``src`` not yet in ``dest``; returns a summary (counts, seconds).
 
     A cluster (``address``, or ``$RAY_ADDRESS``) that does not answer within ``connect_timeout`` seconds
     ends the process with exit code 2 and one line on stderr (Ray's connect cannot be interrupted).
+    Embedded, the driver explains images too (:class:`HeadStart`): ``driver_threads`` threads
+    (default: one per core) while Ray starts and beside Ray's ``actors`` (default: one per core
+    the driver leaves; with none, Ray is not started). ``driver_threads=0``: Ray's actors alone.
     """
     from .model import Model
 
@@ -178,7 +339,8 @@ def run(
             {
                 "bundle": bundle_format.digest(model.bundle.meta),
                 "arch": model.bundle.arch,
-                "options": {k: v for k, v in asdict(options).items() if k != "max_pixels"},
+                # max_side sets only the overlays' size, as --overlays sets whether there are any
+                "options": {k: v for k, v in asdict(options).items() if k not in ("max_pixels", "max_side")},
                 "npcam": __version__.split(".")[0],
             }
         )
@@ -196,35 +358,97 @@ def run(
         outputs = [str(j.output) for j in jobs]
     else:
         outputs = [""] * len(todo)
-    ray = _start_ray(address, connect_timeout)
+    items = [{"image": i, "overlay": o, "index": n} for n, (i, o) in enumerate(zip(todo, outputs))]
+    schema = records.arrow_schema().with_metadata({META_KEY: json.dumps(stamp).encode()})
+    embedded = address is None and not os.environ.get("RAY_ADDRESS")
+    cores = os.cpu_count() or 1
+    threads = (cores if driver_threads is None else driver_threads) if embedded else 0
+    # Embedded, Ray's actors would share this machine's cores with the driver's threads: by default they get
+    # only the cores the driver leaves, and with none left Ray is not started at all (it would add its
+    # start-up and no capacity; docs/performance.md has the measurements).
+    pool = (actors if actors is not None else max(0, cores - threads)) if embedded else actors
+    if threads == 0 and pool == 0:
+        raise NpcamError("no driver threads and no actors: nothing would explain the images")
+    if pool != 0 and importlib.util.find_spec("ray") is None:
+        raise NpcamError(NEEDS_RAY)
+    # The run's own folder on this machine: Ray's session files and the claims, removed at the end.
+    work = Path(tempfile.mkdtemp(prefix="npcam-run-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    head = None
+    if threads > 0:
+        (work / "claims").mkdir()
+        head = HeadStart(model, items, options, str(work / "claims"), dest, schema, rows_per_file, threads).start()
+    shown = _show_progress(len(todo), work / "claims", head) if head else None
+    ray, ray_up = None, False
     try:
-        import ray.data
+        if pool != 0:
+            ray = _start_ray(address, connect_timeout, str(work / "ray"))
+            ray_up = True
+        rest = items[: head.front()] if head and ray_up else [] if head else items
+        if rest:
+            import ray.data
 
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        pool = actors or max(1, cpus)
-        schema = records.arrow_schema().with_metadata({META_KEY: json.dumps(stamp).encode()})
-        items = [{"image": i, "overlay": o} for i, o in zip(todo, outputs)]
-        blocks = min(len(items), max(pool, min(len(items) // batch_size, 10_000)))
-        dataset = ray.data.from_items(items, override_num_blocks=blocks)
-        dataset = dataset.map_batches(
-            explainer_class(str(model.bundle.path), options),
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool),
-            num_cpus=ACTOR_CPUS,
-        )
-        dataset.write_parquet(
-            dest,
-            min_rows_per_file=rows_per_file,
-            ray_remote_args={"num_cpus": 0.25},
-            schema=schema,
-        )
+            pool = pool or max(1, int(ray.cluster_resources().get("CPU", 1)))  # a cluster: one per CPU
+            if head:
+                ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts the driver's too
+            blocks = min(len(rest), max(pool, min(len(rest) // batch_size, 10_000)))
+            dataset = ray.data.from_items(rest, override_num_blocks=blocks)
+            dataset = dataset.map_batches(
+                explainer_class(str(model.bundle.path), options, head.claims if head else None),
+                batch_size=batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=pool),
+                num_cpus=ACTOR_CPUS,
+            )
+            dataset.write_parquet(
+                dest,
+                min_rows_per_file=rows_per_file,
+                ray_remote_args={"num_cpus": 0.25},
+                schema=schema,
+            )
+    except BaseException:
+        if head:
+            head.stop()  # an interrupt or a failed job: finish the images in hand, take no more
+        raise
     finally:
-        if address is None:
-            ray.shutdown()
-    rows = _count(dest, set(todo))
-    summary.update(explained=rows["rows"], errors=rows["errors"], seconds=time.monotonic() - started, actors=pool)
+        if shown:
+            shown.set()
+        try:
+            if head:
+                # Rows of finished images are complete results, written whatever happened once Ray was up;
+                # before that (Ray missing or broken) the run leaves no rows.
+                head.finish(write=ray_up or pool == 0)
+        finally:
+            if ray is not None and ray_up and address is None:
+                ray.shutdown()
+            shutil.rmtree(work, ignore_errors=True)
+    found = _count(dest, set(todo))
+    missing = [item for item in items if item["image"] not in found["images"]]
+    if missing:  # claimed by an actor's attempt that died (Ray retried it and the claim stood): done here
+        HeadStart(model, missing, options, None, dest, schema, rows_per_file, max(1, threads)).start().finish()
+        found = _count(dest, set(todo))
+    summary.update(explained=found["rows"], errors=found["errors"], seconds=time.monotonic() - started, actors=pool or 0,
+                   driver=head.explained if head else 0, recovered=len(missing))  # fmt: skip
     return summary
+
+
+def _show_progress(total: int, claims: Path, head: HeadStart) -> threading.Event | None:
+    """On a terminal, a progress line counting the images taken (by the driver and the actors); set to stop."""
+    progress = Progress()
+    if not progress.stream.isatty():
+        return None
+    stop = threading.Event()
+
+    def show():
+        while not stop.wait(0.5):
+            try:
+                taken = len(os.listdir(claims))
+            except OSError:
+                break
+            progress.show(taken, total, f"({head.explained} in this process)")
+        progress.clear()
+
+    threading.Thread(target=show, daemon=True).start()
+    return stop
 
 
 def _input(image: str, root: str | None):
@@ -236,21 +460,28 @@ def _input(image: str, root: str | None):
 def _count(dest: str, wanted: set[str]) -> dict:
     import pyarrow.dataset as pds
 
-    table = pds.dataset(dest, format="parquet").to_table(columns=["image", "error"])
-    mine = [e for i, e in zip(table.column("image").to_pylist(), table.column("error").to_pylist()) if i in wanted]
-    return {"rows": len(mine), "errors": sum(e is not None for e in mine)}
+    filesystem, root = _filesystem(dest)
+    # The records' schema, not one inferred from whichever file comes first (Ray's and the driver's files)
+    files = pds.dataset(root, filesystem=filesystem, format="parquet", schema=records.arrow_schema())
+    table = files.to_table(columns=["image", "error"])
+    mine = [(i, e) for i, e in zip(table.column("image").to_pylist(), table.column("error").to_pylist()) if i in wanted]
+    return {"rows": len(mine), "errors": sum(e is not None for _, e in mine), "images": {i for i, _ in mine}}
+
+
+NEEDS_EXTRA = "npcam dataset needs pyarrow: pip install 'npcam[dataset]'"
+NEEDS_RAY = "npcam dataset needs Ray Data and pyarrow: pip install 'npcam[dataset]'"
 
 
 def _require_extra() -> None:
+    """Refuse at once where pyarrow is not installed (Ray, when a run needs it, is imported while the driver works)."""
     try:
         import pyarrow  # noqa: F401
-        import ray.data  # noqa: F401
     except ImportError:
-        raise NpcamError("npcam dataset needs Ray Data and pyarrow: pip install 'npcam[dataset]'") from None
+        raise NpcamError(NEEDS_EXTRA) from None
 
 
-def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT):
-    """Ray in this process (own temp dir, this machine's cores, quiet), or connected to ``address``."""
+def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT, temp: str | None = None):
+    """Ray in this process (temp dir ``temp`` or a new one, this machine's cores, quiet), or connected to ``address``."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-user local instance: no token warning
     embedded = address is None and not os.environ.get("RAY_ADDRESS")
     if embedded:
@@ -258,8 +489,11 @@ def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT):
         # Ray does that where it runs without clusters (macOS, Windows); this flag asks for it here, and the
         # processes Ray starts inherit it.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    import ray.data
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise NpcamError(NEEDS_RAY) from None
 
     if embedded:
         from ray._private import ray_constants
@@ -270,7 +504,7 @@ def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT):
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if embedded:
-        temp = tempfile.mkdtemp(prefix="npcam-ray-", dir="/tmp" if Path("/tmp").is_dir() else None)
+        temp = temp or tempfile.mkdtemp(prefix="npcam-ray-", dir="/tmp" if Path("/tmp").is_dir() else None)
         ray.init(
             address="local",
             num_cpus=os.cpu_count() or 1,
@@ -279,6 +513,9 @@ def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT):
             logging_level=logging.WARNING,
             log_to_driver=False,
             configure_logging=True,
+            # No idle workers started ahead: on a small machine each costs a core-second of imports, and
+            # Ray Data starts the processes it needs (the actors, the writers) itself.
+            _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
         )
     else:
         _connect(ray, address or os.environ["RAY_ADDRESS"], connect_timeout)
@@ -336,6 +573,7 @@ def _probe(address: str, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .arguments import (
+        MAX_THREADS,
         OneLineParser,
         add_explanation_options,
         between,
@@ -369,6 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"give up on a cluster that does not answer within this time (default {CONNECT_TIMEOUT:g})",
     )
     p.add_argument("--actors", type=between(1), help="model actors (default: one per CPU of the cluster)")
+    p.add_argument(
+        "--driver-threads",
+        type=between(0, MAX_THREADS),
+        metavar="N",
+        help="embedded Ray: threads of this process that explain images while Ray starts and beside its actors "
+        "(default: one per core; 0: Ray's actors alone)",
+    )
     p.add_argument("--batch-size", type=between(1), default=16, help="images per actor call (default 16)")
     p.add_argument(
         "--rows-per-file", type=between(1), default=1000, help="rows per Parquet file at least (default 1000)"
@@ -377,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from(args, alpha=args.alpha, lowres=args.save_cam)
     try:
         summary = run(args.src, args.model, args.out, options, args.overlays, args.address, args.actors,
-                      args.batch_size, args.rows_per_file, args.connect_timeout)  # fmt: skip
+                      args.batch_size, args.rows_per_file, args.connect_timeout, args.driver_threads)  # fmt: skip
     except NpcamError as e:
         print(f"npcam dataset: error: {flag_words(str(e))}", file=sys.stderr)
         return 2
@@ -386,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(
         f"{summary['images']} images: {summary['already_done']} already in {args.out}, {summary['explained']} explained "
-        f"now ({summary['errors']} failed) in {summary['seconds']:.1f} s",
+        f"now ({summary['errors']} failed; {summary.get('driver', 0)} in this process, "
+        f"{summary['explained'] - summary.get('driver', 0)} by {summary.get('actors', 0)} Ray actor(s)) "
+        f"in {summary['seconds']:.1f} s",
         file=sys.stderr,
     )
     return 0

@@ -54,6 +54,8 @@ class Options:
     keep_aspect, size : the network input (see :func:`npcam.image.input_size`); ``size`` is
         ``(H, W)``, or ``S`` for ``S x S``; None: the bundle's
     max_pixels : refuse larger images before decoding them
+    max_side : keep overlays at most this many pixels on their long side (None: the photo's size);
+        records, boxes and ``.npy`` maps stay in the photo's own pixels
     save_cam : write each full-resolution map as ``.npy`` beside its overlay
     lowres : put each map at feature resolution into the record
     """
@@ -67,6 +69,7 @@ class Options:
     keep_aspect: bool = False
     size: int | tuple[int, int] | None = None
     max_pixels: int = MAX_PIXELS
+    max_side: int | None = None
     save_cam: bool = False
     lowres: bool = False
 
@@ -84,6 +87,8 @@ class Options:
             raise NpcamError(f"top must be between 1 and {MAX_TOP}, not {self.top}")
         if self.max_pixels < 1:
             raise NpcamError(f"max_pixels must be at least 1, not {self.max_pixels}")
+        if self.max_side is not None and self.max_side < 1:
+            raise NpcamError(f"max_side must be at least 1, not {self.max_side}")
         size = model.check_input_options(self.keep_aspect, self.size)
         return replace(
             self,
@@ -131,7 +136,6 @@ def explain(
     name: str | None = None,
     progress: Progress | None = None,
     pixels: bool = True,
-    max_side: int | None = None,
     should_stop: ShouldStop | None = None,
 ) -> Explanation:
     """Read, predict and compute the maps of one image; ``options`` must come from :meth:`Options.checked`.
@@ -141,14 +145,17 @@ def explain(
     maps): a JPEG is then decoded at the smallest DCT scale that keeps
     :data:`~npcam.image.REDUCING_GAP` times the network input, and sizes,
     maps and boxes are still in the photo's own pixels (docs/performance.md).
-    ``max_side`` keeps ``prediction.image``, and so the overlays, at most that
-    many pixels on its long side; a JPEG is then decoded at the smallest DCT
-    scale that keeps both sides at least ``max_side`` (and the network's need).
+    With pixels, ``options.max_side`` keeps ``prediction.image``, and so the
+    overlays, at most that many pixels on its long side; a JPEG is then decoded
+    at the smallest DCT scale that keeps both sides at least ``max_side`` (and
+    the network's need). Without pixels it changes nothing.
     ``should_stop`` is checked between the batches of multi-pass methods
     (:class:`npcam.methods.Cancelled` when it returns true).
     """
     label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
     network = int(np.ceil(REDUCING_GAP * max(as_size(options.size) or model.bundle.input_size)))
+    # Without pixels, the network's need alone sets the decode scale: max_side is about overlays.
+    max_side = options.max_side if pixels else None
     min_size = max(network, max_side) if max_side else None if pixels else network
     pil, rgb, size = read_photo(image, options.max_pixels, label, min_size)
     x = model.preprocess(pil, options.keep_aspect, options.size)
@@ -235,12 +242,11 @@ def explain_file(
     job: Job,
     progress: Progress | None = None,
     overlays: bool = True,
-    max_side: int | None = None,
     should_stop: ShouldStop | None = None,
 ) -> dict:
     """One job from file to written overlays (or only its record, without ``overlays``); returns its record."""
     explanation = explain(
-        model, job.image, options, str(job.image), progress, pixels=overlays, max_side=max_side, should_stop=should_stop
+        model, job.image, options, str(job.image), progress, pixels=overlays, should_stop=should_stop
     )
     return write(explanation, job, options, protected, overlays)
 
@@ -255,7 +261,6 @@ def explain_files(
     workers: int | None = None,
     progress: Progress | None = None,
     overlays: bool = True,
-    max_side: int | None = None,
 ) -> Iterator[Result]:
     """Explain and write every job; yields each with its record or its one-line error, in input order.
 
@@ -267,7 +272,7 @@ def explain_files(
     without writing, and files being written are finished, so that only
     complete files remain. No job writes over another job's input.
     ``progress`` goes to methods with extra passes (Score-CAM); ``overlays=False``
-    writes no overlays (see :func:`explain`'s ``pixels``); ``max_side`` caps their size.
+    writes no overlays (see :func:`explain`'s ``pixels``); ``options.max_side`` caps their size.
     """
     workers = workers or (1 if len(jobs) == 1 else max(1, os.cpu_count() or 1))
     protected = frozenset(job.image.resolve() for job in jobs)
@@ -281,7 +286,6 @@ def explain_files(
             protected,
             progress=progress,
             overlays=overlays,
-            max_side=max_side,
             should_stop=stop.is_set,
         )
         for job, future in _ahead(pool, jobs, task, depth=2 * workers):

@@ -66,8 +66,11 @@ class BadRequest(Exception):
         self.headers = headers
 
 
-def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
-    """The explanation options and the response format from the query string; 422 for a bad value."""
+def options_from_query(query, max_pixels: int, max_side: int | None = None) -> tuple[Options, str]:
+    """The explanation options and the response format from the query string; 422 for a bad value.
+
+    ``max_side`` is the server's (``--max-side``): the default and the largest a request may ask for.
+    """
 
     def number(name, kind, default):
         text = query.get(name)
@@ -118,8 +121,16 @@ def options_from_query(query, max_pixels: int) -> tuple[Options, str]:
         keep_aspect=flag("keep_aspect"),
         size=input_size(),
         max_pixels=max_pixels,
+        max_side=_smaller(number("max_side", int, None), max_side),
     )
     return options, {"jpg": "jpeg"}.get(fmt, fmt)
+
+
+def _smaller(asked: int | None, cap: int | None) -> int | None:
+    """The request's max_side within the server's; a bad value (< 1) is left for Options.checked to refuse."""
+    if asked is None or cap is None:
+        return cap if asked is None else asked
+    return asked if asked < 1 else min(asked, cap)
 
 
 def image_from_body(body: bytes, content_type: str) -> tuple[bytes, str]:
@@ -248,6 +259,7 @@ def make_app(
     max_body: int = MAX_BODY,
     max_pixels: int = MAX_PIXELS,
     *,
+    max_side: int | None = None,
     queue: int = 16,
     expensive_concurrency: int = 1,
     expensive_queue: int = 2,
@@ -290,7 +302,7 @@ def make_app(
         "fixed_size": model.bundle.fixed_size,
         "classes": len(model.labels),
         "labels": list(model.labels),
-        "limits": {"max_body_bytes": max_body, "max_pixels": max_pixels},
+        "limits": {"max_body_bytes": max_body, "max_pixels": max_pixels, "max_side": max_side},
         "serving": {
             "timeout_seconds": timeout,
             "multi_pass_methods": expensive,
@@ -360,7 +372,7 @@ def make_app(
     async def explain_route(request: Request) -> Response:
         authorize(request)
         deadline = None if timeout is None else time.monotonic() + timeout
-        options, fmt = options_from_query(request.query_params, max_pixels)
+        options, fmt = options_from_query(request.query_params, max_pixels, max_side)
         options = replace(options, method=offered_method(options))
         data, name = image_from_body(await read_body(request), request.headers.get("content-type", ""))
         if not data:
@@ -499,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-body", type=between(1), default=MAX_BODY, help=f"largest request body in bytes (default {MAX_BODY:,})"
     )
     p.add_argument("--max-pixels", type=between(1), default=MAX_PIXELS, help=f"largest image (default {MAX_PIXELS:,})")
+    p.add_argument("--max-side", type=between(1), metavar="N", help="overlays (format=jpeg|png) at most N pixels on "
+                   "their long side, and the most a request's max_side may ask for (default: the photo's size)")  # fmt: skip
     add_admission_options(p)
     args = p.parse_args(argv)
     try:
@@ -539,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         workers,
         args.max_body,
         args.max_pixels,
+        max_side=args.max_side,
         queue=args.queue,
         expensive_concurrency=args.expensive_concurrency,
         expensive_queue=args.expensive_queue,

@@ -46,9 +46,11 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parquet(bundle, images, tmp_path_factory):
-    """One embedded run (two actors on this machine's cores), shared by the tests below."""
+    """One embedded run with Ray (the driver's thread and Ray's actors), shared by the tests below."""
     dest = tmp_path_factory.mktemp("out") / "rows"
-    summary = dataset.run(str(images), str(bundle), str(dest), Options(top=2, bbox=True), batch_size=2)
+    # One driver thread: on two cores one Ray actor beside it (on more cores, more), so both share the list.
+    summary = dataset.run(str(images), str(bundle), str(dest), Options(top=2, bbox=True), batch_size=2,
+                          driver_threads=1)  # fmt: skip
     return dest, summary
 
 
@@ -60,6 +62,8 @@ def test_every_image_gets_one_row_and_bad_ones_an_error(parquet, images):
     assert set(errors) == {str(images / "broken.jpg"), str(images / "text.png")}
     assert "cannot decode" in errors[str(images / "broken.jpg")] and "not an image" in errors[str(images / "text.png")]
     assert summary["explained"] == 5 and summary["errors"] == 2 and summary["already_done"] == 0
+    assert summary["actors"] >= 1 and 1 <= summary["driver"] <= 5  # Ray ran; the driver took at least the last
+    assert any(p.name.startswith("driver-") for p in dest.glob("*.parquet"))
 
 
 def test_rows_are_the_clis_records(parquet, images, bundle, capsys, tmp_path):
@@ -125,27 +129,32 @@ def test_sources_globs_and_list_files(images, tmp_path):
 
 def test_overlays_on_request(bundle, images, tmp_path):
     dest, overlays = tmp_path / "rows", tmp_path / "overlays"
-    dataset.run(str(images), str(bundle), str(dest), Options(), overlays=str(overlays))
+    summary = dataset.run(str(images), str(bundle), str(dest), Options(), overlays=str(overlays))
+    # By default every core runs a driver thread: Ray's actors would add no core, so Ray is not started.
+    assert summary["actors"] == 0 and summary["driver"] == 5
     written = sorted(p.name for p in overlays.iterdir())
     assert written == ["chelsea_cam.jpg", "coffee_cam.jpg", "rocket_cam.jpg"]
     assert {r["output"] for r in rows(dest) if not r["error"]} == {str(overlays / n) for n in written}
 
 
-def test_a_killed_run_finishes_on_the_second_with_nothing_lost_or_duplicated(bundle, tmp_path):
+@pytest.mark.parametrize("driver", ["1", "0"], ids=["driver-and-ray", "ray-alone"])
+def test_a_killed_run_finishes_on_the_second_with_nothing_lost_or_duplicated(bundle, tmp_path, driver):
+    """SIGKILL mid-run, then the same command: every image once. With the driver's head start the kill lands
+    while its files are being written (one row each); with --driver-threads 0, while Ray's are."""
     folder = tmp_path / "many"
     folder.mkdir()
-    for i in range(60):
+    for i in range(120):
         Image.fromarray(synthetic_image(120, 160, seed=i)).save(folder / f"img{i:03d}.jpg")
     dest = tmp_path / "rows"
     command = [sys.executable, "-m", "npcam.dataset", str(folder), "--model", str(bundle), "--out", str(dest),
-               "--batch-size", "1", "--rows-per-file", "1", "--actors", "1"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+               "--batch-size", "1", "--rows-per-file", "1", "--actors", "1", "--driver-threads", driver]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(dest.glob("*.parquet"))) < 5 and process.poll() is None:
-        time.sleep(0.1)
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and its embedded Ray, mid-run
     process.wait()
     # Ray's worker processes notice their driver's death a moment later and may finish a file meanwhile: the
@@ -158,12 +167,78 @@ def test_a_killed_run_finishes_on_the_second_with_nothing_lost_or_duplicated(bun
         seen = now
         time.sleep(3)
     partial = len(list(dest.glob("*.parquet")))
-    assert 5 <= partial < 60, process.stderr.read()[-2000:]
+    assert 5 <= partial < 120, process.stderr.read()[-2000:]
+    if driver == "1":
+        assert any(p.name.startswith("driver-") for p in dest.glob("*.parquet"))
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     found = [r["image"] for r in rows(dest)]
     assert sorted(found) == sorted(str(p) for p in folder.iterdir())  # each once: nothing lost, nothing twice
     assert "already in" in result.stderr
+    assert not [p.name for p in dest.iterdir() if p.name.startswith(".")]  # no hidden file of a killed driver left
+
+
+def test_the_driver_and_the_actors_share_the_list_without_overlap(bundle, tmp_path):
+    """The claim scheme without Ray's timing: the driver's HeadStart (from the end) and an actor's batches (from
+    the start) race over the same list in threads of this process; each image gets exactly one row."""
+    from npcam import record
+    from npcam.model import Model
+
+    folder = tmp_path / "split"
+    folder.mkdir()
+    paths = []
+    for i in range(40):
+        paths.append(folder / f"s{i:02d}.png")
+        Image.fromarray(synthetic_image(64 + i, 80, seed=100 + i)).save(paths[-1])
+    items = [{"image": str(p), "overlay": "", "index": n} for n, p in enumerate(paths)]
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    model = Model(str(bundle), threads=1)
+    options = Options(bbox=True).checked(model)
+    dest = tmp_path / "rows"
+    schema = record.arrow_schema().with_metadata({b"npcam": b"{}"})
+    head = dataset.HeadStart(model, items, options, str(claims), str(dest), schema, rows_per_file=7, threads=2)
+    actor = dataset.explainer_class(str(bundle), options, str(claims))()
+    head.start()
+    actor_rows = []
+    for start in range(0, len(items), 4):  # Ray's way: batches of the list in order
+        batch = {k: [item[k] for item in items[start : start + 4]] for k in ("image", "overlay", "index")}
+        actor_rows += actor(batch).to_pylist()
+    head.finish()
+    driver_rows = rows(dest)
+    assert sorted(p.name for p in dest.iterdir())[0].startswith("driver-")
+    mine = [r["image"] for r in actor_rows] + [r["image"] for r in driver_rows]
+    assert sorted(mine) == sorted(str(p) for p in paths)  # every image once
+    assert head.explained == len(driver_rows) and len(actor_rows) == len(paths) - len(driver_rows)
+    assert sorted(os.listdir(claims), key=int) == [str(i) for i in range(len(paths))]
+    reference = {str(p): plain(npcam_describe(model, p, options)) for p in paths}
+    for row in actor_rows + driver_rows:  # the same record whoever explained it
+        assert plain(row) == reference[row["image"]], row["image"]
+
+
+def npcam_describe(model, path, options) -> dict:
+    from npcam.explain import describe, explain
+
+    return describe(explain(model, path.read_bytes(), options, name=str(path), pixels=False), options)
+
+
+def test_max_side_scales_the_overlays_and_keeps_the_rows_in_the_photos_pixels(bundle, images, tmp_path):
+    dest, overlays = tmp_path / "rows", tmp_path / "overlays"
+    summary = dataset.run(str(images), str(bundle), str(dest), Options(max_side=100, bbox=True), overlays=str(overlays))
+    assert summary["explained"] == 5 and summary["errors"] == 2
+    found = {r["image"]: r for r in rows(dest) if not r["error"]}
+    for photo in PHOTOS:
+        row = found[str(images / photo.name)]
+        with Image.open(photo) as original, Image.open(row["output"]) as overlay:
+            assert (row["width"], row["height"]) == original.size  # the record: the photo's pixels
+            assert max(overlay.size) == 100 and overlay.size[0] / overlay.size[1] == pytest.approx(
+                original.size[0] / original.size[1], abs=0.02  # rounding one side of a 100 px overlay
+            )
+        x0, y0, x1, y1 = row["maps"][0]["bbox"]
+        assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
+    # max_side changes only the overlays: a run into the same DEST without it is a resume, not other options
+    again = dataset.run(str(images), str(bundle), str(dest), Options(bbox=True))
+    assert again["already_done"] == 5 and again["explained"] == 0
 
 
 def test_without_the_extra_the_error_is_one_line(bundle, tmp_path):
@@ -173,10 +248,12 @@ def test_without_the_extra_the_error_is_one_line(bundle, tmp_path):
     (blocker / "ray" / "__init__.py").write_text("raise ImportError('ray is blocked in this test')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
     result = subprocess.run([sys.executable, "-m", "npcam", "dataset", str(PHOTOS[0]), "--model", str(bundle), "--out",
-                             str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+                             str(tmp_path / "o"), "--actors", "1"], env=env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
     assert result.returncode == 2 and result.stderr.strip() == (
         "npcam dataset: error: npcam dataset needs Ray Data and pyarrow: pip install 'npcam[dataset]'"
     )
+    assert not (tmp_path / "o").exists()  # the driver's head start leaves no rows when Ray cannot start
 
 
 def test_embedded_ray_listens_on_loopback_only(tmp_path):

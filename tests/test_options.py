@@ -69,6 +69,7 @@ def test_image_limit_is_in_library_words(photo):
         (Options(top=0), f"top must be between 1 and {MAX_TOP}, not 0"),
         (Options(top=MAX_TOP + 1), f"top must be between 1 and {MAX_TOP}, not {MAX_TOP + 1}"),
         (Options(max_pixels=0), "max_pixels must be at least 1, not 0"),
+        (Options(max_side=0), "max_side must be at least 1, not 0"),
     ],
 )
 def test_options_check_every_limit_once(tiny_model, options, message):
@@ -76,6 +77,16 @@ def test_options_check_every_limit_once(tiny_model, options, message):
         options.checked(tiny_model)
     assert str(e.value) == message
     assert Options(alpha=1.0, top=MAX_TOP).checked(tiny_model).top == MAX_TOP  # the bounds themselves are allowed
+
+
+@pytest.mark.parametrize("prog", [[], ["dataset"]])
+def test_cli_and_dataset_have_the_max_side_limit(tiny_bundle, photo, tmp_path, capsys, prog):
+    extra = ["--out", str(tmp_path / "d")] if prog else []
+    with pytest.raises(SystemExit) as e:
+        main([*prog, str(photo), "-m", str(tiny_bundle), *extra, "--max-side", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --max-side: must be at least 1, not 0" in err and err.count("\n") == 1, err
+    assert flag_words("max_side must be at least 1, not 0") == "--max-side must be at least 1, not 0"
 
 
 @pytest.mark.parametrize("prog", [[], ["dataset"]])

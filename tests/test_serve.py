@@ -42,7 +42,7 @@ def test_health_model_and_page(server, model):
     status, kind, body = http(f"{server.url}/model")
     about = json.loads(body)
     assert status == 200 and about["labels"] == list(model.labels) and about["default_method"] == "cam"
-    assert about["limits"] == {"max_body_bytes": 2_000_000, "max_pixels": 3_000_000} and "scorecam" in about["methods"]
+    assert about["limits"] == {"max_body_bytes": 2_000_000, "max_pixels": 3_000_000, "max_side": None} and "scorecam" in about["methods"]
     status, kind, body = http(f"{server.url}/")
     assert (
         status == 200
@@ -106,6 +106,8 @@ def test_explain_as_an_image(server, model, fmt):
         ("?method=magic", None, 422, "method must be one of cam"),
         ("?threshold=3", None, 422, "threshold must be 'mean'"),
         ("?size=8", None, 422, "must be at least 64"),
+        ("?max_side=0&format=png", None, 422, "max_side must be at least 1, not 0"),  # Options' limit, as the CLI's
+        ("?max_side=big", None, 422, "max_side must be a int"),
     ],
 )
 def test_errors_have_the_right_status_and_one_line(server, query, body, status, message):
@@ -253,6 +255,27 @@ def test_a_full_multi_pass_queue_answers_503_and_the_time_limit_stops_the_passes
     assert "POST /explain?method=scorecam&size=320 504" in running.log[-1] and "Traceback" not in running.log[-1]
 
 
+def test_max_side_asked_for_and_capped_by_the_server(server, bundle, model):
+    """A request's max_side scales the overlay (the record keeps the photo's pixels); --max-side is the default
+    and the cap. The photo is 451x300."""
+    photo = PHOTOS[0].read_bytes()
+    status, _, body = post(server, "?format=png&max_side=100", photo)
+    assert status == 200 and Image.open(io.BytesIO(body)).size == (100, 67)
+    options = npcam.Options(max_side=100).checked(model)
+    want = npcam.draw(npcam.explain(model, PHOTOS[0], options), 0, options)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), want)  # PNG: the library's picture
+    status, _, body = post(server, "?max_side=100&bbox=1", photo)
+    assert status == 200 and json.loads(body) == expected(model, PHOTOS[0], bbox=True)  # JSON: no overlay to scale
+    capped = Server(bundle, "--max-side", "200")
+    try:
+        assert json.loads(http(f"{capped.url}/model")[2])["limits"]["max_side"] == 200
+        for query, size in (("", (200, 133)), ("&max_side=100", (100, 67)), ("&max_side=300", (200, 133))):
+            status, _, body = post(capped, f"?format=jpeg{query}", photo)
+            assert status == 200 and Image.open(io.BytesIO(body)).size == size, query
+    finally:
+        assert capped.stop() == 0
+
+
 def test_methods_restricts_what_the_server_offers(bundle):
     running = Server(bundle, "--methods", "gradcam,scorecam")
     try:
@@ -279,6 +302,7 @@ def test_methods_restricts_what_the_server_offers(bundle):
         (["--token-file", "/nonexistent/token"], "/nonexistent/token: cannot read the token file"),
         (["--expensive-concurrency", "0"], "--expensive-concurrency: must be between 1 and 1024, not 0"),
         (["--timeout", "soon"], "--timeout: must be a number of seconds"),
+        (["--max-side", "0"], "--max-side: must be at least 1, not 0"),
     ],
 )
 def test_bad_serving_options_exit_2_in_one_line(bundle, args, message):
