@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument(
         "--int8", metavar="IMAGES", type=Path, help="also quantize the trunk to int8, calibrated on these images"
     )
+    common.add_argument(
+        "--int8-check",
+        metavar="IMAGES",
+        type=Path,
+        help="measure the int8 trunk's agreement on these images (default: half of --int8's, not calibrated on)",
+    )
     preprocessing = argparse.ArgumentParser(add_help=False)
     for name in ("mean", "std"):
         preprocessing.add_argument(
@@ -91,6 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--std values must be positive")
     if not all(math.isfinite(v) for name in ("mean", "std") for v in getattr(args, name, None) or ()):
         parser.error("--mean and --std values must be finite numbers")
+    if getattr(args, "int8_check", None) is not None:
+        if args.int8 is None:
+            parser.error("--int8-check needs --int8 (the images to calibrate on)")
+        args.int8 = (args.int8, args.int8_check)  # the exporter's int8 argument: calibration, held-out images
     return args
 
 

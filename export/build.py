@@ -73,14 +73,15 @@ def export(
     meta: dict,
     reference: Reference,
     reference_sizes: Sequence[tuple[int, int, int]] | None = None,
-    int8: Path | None = None,
+    int8: Path | tuple[Path, Path] | None = None,
 ) -> dict:
     """Write ``split`` as a bundle at ``out`` and check it against ``reference``; returns bundle.json's content.
 
     ``meta`` holds the model's name (``arch``), ``mean``, ``std`` and
     ``source``. The check runs ``reference_sizes`` (batch, height, width),
     default a batch of 2 at the input size and, for a trunk of dynamic size,
-    one non-square input.
+    one non-square input. ``int8``: the images to calibrate an int8 trunk on, or ``(images, check)`` with
+    a folder of images to measure its agreement on (:func:`export.quantize.image_sets`).
     """
     if split.trunk.ByteSize() >= 2**31:
         # One protobuf holds at most 2 GiB; a bundle's trunk is always one self-contained file (no external data).
@@ -115,7 +116,8 @@ def export(
         if int8 is not None:
             from .quantize import quantize_bundle
 
-            meta = quantize_bundle(tmp, meta, int8)
+            images, check = int8 if isinstance(int8, tuple) else (int8, None)
+            meta = quantize_bundle(tmp, meta, images, check)
         meta = bundle_format.seal(tmp, meta)
     return meta
 
@@ -198,8 +200,8 @@ def report(meta: dict, out: Path) -> None:
         q = meta["int8"]
         speed = f"trunk {q['trunk_ms']:.1f} ms vs fp32 {q['fp32_trunk_ms']:.1f} ms"
         print(
-            f"int8 trunk ({q['settings']}) calibrated on {q['images']} images: top-1 agrees with fp32 on "
-            f"{q['top1_agreement']:.1%} of them, CAM correlation {q['cam_pearson']:.3f}, {speed} on {q['cpu']}"
+            f"int8 trunk ({q['settings']}) calibrated on {q['images']} images; on {q['checked_on']}: top-1 agrees "
+            f"with fp32 on {q['top1_agreement']:.1%}, CAM correlation {q['cam_pearson']:.3f}, {speed} on {q['cpu']}"
             + (
                 f"; {q['clipped_biases']} biases clipped to int32 (channels with near-zero weights)"
                 if q.get("clipped_biases")

@@ -88,7 +88,7 @@ def export_converted(
     mean=None,
     std=None,
     input_size=None,
-    int8: Path | None = None,
+    int8: Path | tuple[Path, Path] | None = None,
     int8_bound: dict | None = None,
 ) -> Path:
     """The ONNX route (split, write, self-check, report) for ``converted``, checked against ``reference``.

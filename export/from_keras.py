@@ -24,7 +24,7 @@ def run_keras(
     mean=None,
     std=None,
     input_size=None,
-    int8: Path | None = None,
+    int8: Path | tuple[Path, Path] | None = None,
 ) -> Path:
     """Export a ``.keras`` or ``.h5`` image classifier; returns the bundle directory."""
     check_file(model, (".keras", ".h5", ".hdf5"), "Keras model")

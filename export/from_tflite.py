@@ -30,7 +30,7 @@ def run_tflite(
     mean=None,
     std=None,
     input_size=None,
-    int8: Path | None = None,
+    int8: Path | tuple[Path, Path] | None = None,
 ) -> Path:
     """Export a ``.tflite`` image classifier; returns the bundle directory."""
     check_file(model, (".tflite",), "TensorFlow Lite")
