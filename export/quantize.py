@@ -12,11 +12,13 @@ A setting is a string of words, which ``bundle.json`` records as given and
 - the calibration: ``minmax`` (default), ``entropy``, ``percentile``;
 - ``per_tensor`` weights (default: per channel);
 - ``symmetric`` activations;
-- ``float=first+depthwise+last``: layers left in float (the first conv, the
-  depthwise convs, the last conv);
+- ``float=first+depthwise+last+add``: layers left in float (the first conv, the
+  depthwise convs, the last conv, the residual additions);
 - ``images=N``: calibrate on up to N images (default ``CALIBRATION_IMAGES``);
-- ``fixed``: quantize with the input's shape fixed to the calibration size (for measuring; such a trunk only
-  takes that size, so the export does not offer it).
+- ``fixed``: fix the input's shape to one image at the bundle's input size before quantizing. onnxruntime
+  then folds the shape arithmetic of dynamic "SAME" padding (EfficientNet-Lite's) into constants, and the
+  quantized convolutions run back to back instead of through a float Pad subgraph; the bundle then takes
+  that size only (``fixed_size``).
 
 A bundle travels between machines, so its int8 trunk should compute the same on
 every CPU. 8-bit signed weights (``u8s8``, ``s8s8`` without ``reduce_range``)
@@ -65,7 +67,7 @@ KERNELS = {
 }
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
-FLOAT_LAYERS = ("first", "depthwise", "last")
+FLOAT_LAYERS = ("first", "depthwise", "last", "add")
 
 
 def parse_setting(setting: str) -> dict:
@@ -117,6 +119,22 @@ def portable(setting: str) -> bool:
     """
     options = parse_setting(setting)
     return options["reduce_range"] or options["weight_type"] == QuantType.QUInt8
+
+
+# CPU families whose int8 kernels gave bit-identical integers for every setting measured (x86 VNNI, and
+# aarch64 with and without dot-product instructions; docs/export.md). x86 without VNNI saturates 8-bit weights.
+EXACT_FAMILIES = ("x86_64 vnni", "aarch64")
+
+
+def same_on(setting: str, family: str) -> list[str]:
+    """The CPU families on which a trunk quantized with ``setting`` and measured on ``family`` computes the
+    same integers: all for a portable setting (``["*"]``); for 8-bit ``u8s8``, the exact families when it was
+    measured on one of them; otherwise ``family`` alone (``s8s8`` differs between x86 and aarch64)."""
+    if portable(setting):
+        return ["*"]
+    if setting.split()[0] == "u8s8" and family in EXACT_FAMILIES:
+        return list(EXACT_FAMILIES)
+    return [family]
 
 
 def image_sets(directory: Path, check: Path | None = None) -> tuple[list[Path], list[Path], str]:
@@ -223,7 +241,7 @@ def _quiet_quantizer():
 
 
 def float_nodes(model: onnx.ModelProto, layers: tuple[str, ...]) -> list[str]:
-    """Names of the Conv nodes of ``model`` that ``layers`` (words of ``FLOAT_LAYERS``) keep in float."""
+    """Names of the nodes of ``model`` that ``layers`` (words of ``FLOAT_LAYERS``) keep in float."""
     weights = {i.name: i.dims for i in model.graph.initializer}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     names = []
@@ -237,7 +255,55 @@ def float_nodes(model: onnx.ModelProto, layers: tuple[str, ...]) -> list[str]:
             dims = weights.get(node.input[1])
             if group > 1 and dims is not None and dims[1] == 1:  # one input channel per group
                 names.append(node.name)
+    if "add" in layers:
+        names += [n.name for n in model.graph.node if n.op_type == "Add"]
     return list(dict.fromkeys(names))
+
+
+def fuse_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each zero Pad of constant amounts that feeds one Conv folded into that Conv's pads.
+
+    Exact, and it matters for int8: onnxruntime runs such a Pad in float, so each one costs a
+    DequantizeLinear and a QuantizeLinear between two int8 convolutions (EfficientNet-Lite's "SAME"
+    padding, once its amounts are constants at a fixed input size: 17 of them, ~3 ms of Lite0's ~10).
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    fused = []
+    for pad in (n for n in graph.node if n.op_type == "Pad"):
+        mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+        users = consumers.get(pad.output[0], [])
+        value = pad.input[2] if len(pad.input) > 2 else ""
+        if mode != "constant" or len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in outputs:
+            continue
+        if pad.input[1] not in initializers or (len(pad.input) > 3 and pad.input[3]):
+            continue  # amounts computed at run time, or an axes input
+        if value and (value not in initializers or numpy_helper.to_array(initializers[value]).any()):
+            continue
+        amounts = numpy_helper.to_array(initializers[pad.input[1]]).astype(int)
+        conv = users[0]
+        if len(amounts) != 8 or amounts[[0, 1, 4, 5]].any() or (amounts < 0).any() or conv.input[0] != pad.output[0]:
+            continue
+        attributes = {a.name: a for a in conv.attribute}
+        if "auto_pad" in attributes and attributes["auto_pad"].s not in (b"", b"NOTSET"):
+            continue
+        own = list(attributes["pads"].ints) if "pads" in attributes else [0, 0, 0, 0]
+        total = [own[0] + amounts[2], own[1] + amounts[3], own[2] + amounts[6], own[3] + amounts[7]]
+        kept = [a for a in conv.attribute if a.name not in ("pads", "auto_pad")]
+        del conv.attribute[:]
+        conv.attribute.extend([*kept, helper.make_attribute("pads", [int(v) for v in total])])
+        conv.input[0] = pad.input[0]
+        fused.append(pad)
+    for pad in fused:
+        graph.node.remove(pad)
+    return model
 
 
 def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, setting: str, cache: Path | None = None) -> int:
@@ -250,17 +316,21 @@ def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, setting: st
     options = parse_setting(setting)
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer() as quiet:
         prepared = Path(tmp) / "prepared.onnx"
-        # Symbolic shape inference cannot follow dynamic "SAME" padding arithmetic; ONNX's own can.
-        quant_pre_process(str(trunk), str(prepared), skip_symbolic_shape=True)
-        model = onnx.load(prepared)
-        for i, node in enumerate(model.graph.node):
-            node.name = node.name or f"{node.op_type}_{i}"  # nodes_to_exclude names nodes
         if options["fixed"]:
-            for dim, size in zip(model.graph.input[0].type.tensor_type.shape.dim, inputs[0].shape):
+            # Before the pre-processing, whose graph optimization then folds the padding's shape arithmetic.
+            # All four dims: with a free batch, Shape's output is not constant (measured: no gain).
+            model = onnx.load(trunk)
+            for dim, size in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, *inputs[0].shape[1:])):
                 dim.Clear()
                 dim.dim_value = size
             del model.graph.value_info[:]  # re-inferred for the fixed shape
-            model = onnx.shape_inference.infer_shapes(model)
+            trunk = Path(tmp) / "fixed.onnx"
+            onnx.save(model, trunk)
+        # Symbolic shape inference cannot follow dynamic "SAME" padding arithmetic; ONNX's own can.
+        quant_pre_process(str(trunk), str(prepared), skip_symbolic_shape=True)
+        model = fuse_pads(onnx.load(prepared))
+        for i, node in enumerate(model.graph.node):
+            node.name = node.name or f"{node.op_type}_{i}"  # nodes_to_exclude names nodes
         onnx.save(model, prepared)
         quantize_static(
             str(prepared),
@@ -300,7 +370,7 @@ def quantize_bundle(
             candidate = Path(tmp) / f"{len(candidates)}.onnx"
             clipped = quantize_trunk(original, inputs, candidate, name)
             candidates[name] = candidate.read_bytes()
-            bundle_format.replace_trunk(bundle, candidates[name], meta)
+            bundle_format.replace_trunk(bundle, candidates[name], _sized(meta, name))
             int8 = npcam.load(bundle)
             fp32_ms, int8_ms = trunk_ms([fp32, int8], checks)
             results[name] = {
@@ -318,7 +388,7 @@ def quantize_bundle(
             f"images (best of {', '.join(settings)}); keep the fp32 bundle"
         )
     meta = {
-        **meta,
+        **_sized(meta, best),
         "precision": "int8",
         "int8": {
             "settings": best,
@@ -330,10 +400,16 @@ def quantize_bundle(
             "portable": portable(best),
             "cpu": cpu_name(),
             "cpu_family": npcam.model.cpu_family(),
+            "same_on": same_on(best, npcam.model.cpu_family()),
             "format": "QDQ, onnxruntime quantize_static",
         },
     }
     return bundle_format.replace_trunk(bundle, candidates[best], meta)
+
+
+def _sized(meta: dict, setting: str) -> dict:
+    """``meta`` for a trunk quantized with ``setting``: one that fixed the input size takes that size only."""
+    return {**meta, "fixed_size": True} if parse_setting(setting)["fixed"] else meta
 
 
 def trunk_ms(models: list[npcam.Model], inputs: list[np.ndarray]) -> list[float]:

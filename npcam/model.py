@@ -308,16 +308,17 @@ _warned: set[str] = set()
 
 def _warn_if_not_portable(bundle: bundle_format.Bundle) -> None:
     """One line on stderr, once per process, when an int8 trunk whose answers depend on the CPU's int8
-    kernels (``int8.portable`` false) is loaded on another kind of CPU than it was measured on."""
-    q = bundle.meta.get("int8")
-    if not isinstance(q, dict) or q.get("portable", True) or "cpu_family" not in q:
+    kernels is loaded on a kind of CPU where they were not measured to be the same."""
+    same_on = bundle.int8_same_on
+    if same_on is None or "int8" in _warned:
         return
     here = cpu_family()
-    if here != q["cpu_family"] and "int8" not in _warned:
+    if here not in same_on:
         _warned.add("int8")
         print(
-            f"npcam: warning: {bundle.path}: its int8 trunk ({q.get('settings')}) was measured on {q['cpu_family']}, "
-            f"this CPU is {here}: its answers may differ from those measured (docs/export.md, int8)",
+            f"npcam: warning: {bundle.path}: its int8 trunk ({bundle.meta['int8'].get('settings')}) computes as "
+            f"measured on {', '.join(same_on)}, not necessarily on this CPU ({here}): answers may differ a little "
+            "(docs/export.md, int8)",
             file=sys.stderr,
         )
 

@@ -139,7 +139,7 @@ def test_warns_once_for_a_trunk_that_is_not_portable(tiny, tmp_path, capsys, mon
         path = tmp_path / name
         shutil.copytree(fp32_bundle, path)
         meta = bundle_format.peek_meta(path)
-        q = {"settings": "u8s8", "portable": portable, "cpu_family": family or npcam.model.cpu_family()}
+        q = {"settings": "u8s8", "portable": portable, "cpu_family": family or npcam.model.cpu_family()}  # same_on absent: that family
         bundle_format.seal(path, {**meta, "precision": "int8", "int8": q})
         bundles.append(path)
     for path in bundles[1:]:  # measured on this kind of CPU, or portable: no warning
@@ -149,3 +149,12 @@ def test_warns_once_for_a_trunk_that_is_not_portable(tiny, tmp_path, capsys, mon
     npcam.load(bundles[0])
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "aarch64-elsewhere" in err[0] and str(bundles[0]) in err[0], err
+
+
+def test_same_on():
+    """8-bit u8s8 gave the same integers on x86 with VNNI and on aarch64 (measured, docs/export.md); s8s8 did
+    not, and x86 without VNNI saturates."""
+    assert quantize.same_on("u8s8 reduce_range", "x86_64") == ["*"]
+    assert quantize.same_on("u8s8 entropy", "x86_64 vnni") == ["x86_64 vnni", "aarch64"]
+    assert quantize.same_on("u8s8", "x86_64") == ["x86_64"]
+    assert quantize.same_on("s8s8", "aarch64") == ["aarch64"]
