@@ -158,3 +158,57 @@ def test_same_on():
     assert quantize.same_on("u8s8 entropy", "x86_64 vnni") == ["x86_64 vnni", "aarch64"]
     assert quantize.same_on("u8s8", "x86_64") == ["x86_64"]
     assert quantize.same_on("s8s8", "aarch64") == ["aarch64"]
+
+
+def test_zero_pads_fold_into_the_next_conv():
+    """The fold is exact (onnxruntime on the original graph is the reference); a Pad of another value stays."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    init = [
+        numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "amounts"),
+        numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "amounts2"),
+        numpy_helper.from_array(np.float32(0.5), "half"),
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w3"),
+    ]
+    nodes = [
+        helper.make_node("Pad", ["image", "amounts"], ["p1"], mode="constant"),  # SAME, stride 2: (0, 1)
+        helper.make_node("Conv", ["p1", "w1"], ["c1"], strides=[2, 2]),
+        helper.make_node("Pad", ["c1", "amounts2"], ["p2"]),
+        helper.make_node("Conv", ["p2", "w2"], ["c2"], group=4, pads=[1, 1, 1, 1]),  # own pads add up
+        helper.make_node("Pad", ["c2", "amounts", "half"], ["p3"]),  # pads with 0.5: not a conv's zeros
+        helper.make_node("Conv", ["p3", "w3"], ["features"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "pads", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, None)], init,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    fused = quantize.fuse_pads(onnx.ModelProto.FromString(model.SerializeToString()))
+    assert [n.op_type for n in fused.graph.node] == ["Conv", "Conv", "Pad", "Conv"]
+    got = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert got[0].shape == want[0].shape
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)  # float32 sums of 27 terms, reordered
+
+
+def test_shape_dependent_trunk_is_quantized_at_a_fixed_size(tiny, folders, tmp_path, monkeypatch):
+    """A trunk that computes from its input's shape (Lite0's SAME padding) gets a fixed-size int8 trunk; the
+    tiny model has no Shape node, so the rule is forced here and checked through the bundle it makes."""
+    model, _ = tiny
+    assert not quantize.shape_dependent(onnx.load(model))
+    monkeypatch.setattr(quantize, "shape_dependent", lambda m: True)
+    out = run_onnx(model, out=tmp_path / "int8", int8=folders / "calibration")
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["fixed_size"] is True and all(s.endswith(" fixed") for s in meta["int8"]["tried"])
+    dims = [d.dim_value for d in onnx.load(out / "trunk.onnx").graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 64, 64]
+    int8 = npcam.load(out)
+    assert int8.predict(folders / "check" / "00.png").features.shape == (32, 16, 16)
+    with pytest.raises(npcam.NpcamError):
+        int8.predict(folders / "check" / "00.png", keep_aspect=True)
