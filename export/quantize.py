@@ -12,8 +12,8 @@ A setting is a string of words, which ``bundle.json`` records as given and
 - the calibration: ``minmax`` (default), ``entropy``, ``percentile``;
 - ``per_tensor`` weights (default: per channel);
 - ``symmetric`` activations;
-- ``float=first+depthwise+last+add``: layers left in float (the first conv, the
-  depthwise convs, the last conv, the residual additions);
+- ``float=first+depthwise+last+add``: layers left in float (the first conv, or
+  ``firstN`` the first N, the depthwise convs, the last conv, the residual additions);
 - ``images=N``: calibrate on up to N images (default ``CALIBRATION_IMAGES``);
 - ``fixed``: fix the input's shape to one image at the bundle's input size before quantizing. onnxruntime
   then folds the shape arithmetic of dynamic "SAME" padding (EfficientNet-Lite's) into constants, and the
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ CALIBRATION_IMAGES = 128
 CHECK_IMAGES = 512
 MIN_AGREEMENT = 0.8
 # Tried in turn; the best-agreeing one that is faster than fp32 is kept (see docs/export.md for the measurements).
-SETTINGS = ("u8s8 reduce_range", "u8u8")
+SETTINGS = ("u8s8 float=first3", "u8s8 reduce_range float=first3")
 KERNELS = {
     "u8s8": (QuantType.QUInt8, QuantType.QInt8),
     "u8u8": (QuantType.QUInt8, QuantType.QUInt8),
@@ -67,7 +68,7 @@ KERNELS = {
 }
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
-FLOAT_LAYERS = ("first", "depthwise", "last", "add")
+FLOAT_WORD = r"first\d*|depthwise|last|add"  # the words of float=; firstN: the first N convs
 
 
 def parse_setting(setting: str) -> dict:
@@ -102,7 +103,7 @@ def parse_setting(setting: str) -> dict:
             options["symmetric"] = True
         elif word in METHODS:
             options["calibrate_method"] = METHODS[word]
-        elif key == "float" and value and set(value.split("+")) <= set(FLOAT_LAYERS):
+        elif key == "float" and value and all(re.fullmatch(FLOAT_WORD, v) for v in value.split("+")):
             options["float"] = tuple(value.split("+"))
         elif key == "images" and value.isdigit() and int(value) > 0:
             options["images"] = int(value)
@@ -241,12 +242,13 @@ def _quiet_quantizer():
 
 
 def float_nodes(model: onnx.ModelProto, layers: tuple[str, ...]) -> list[str]:
-    """Names of the nodes of ``model`` that ``layers`` (words of ``FLOAT_LAYERS``) keep in float."""
+    """Names of the nodes of ``model`` that ``layers`` (words of ``float=``, ``FLOAT_WORD``) keep in float."""
     weights = {i.name: i.dims for i in model.graph.initializer}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     names = []
-    if convs and "first" in layers:
-        names.append(convs[0].name)
+    for layer in layers:
+        if layer.startswith("first"):
+            names += [c.name for c in convs[: int(layer[5:] or 1)]]
     if convs and "last" in layers:
         names.append(convs[-1].name)
     if "depthwise" in layers:
@@ -350,7 +352,7 @@ def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, setting: st
 
 
 def quantize_bundle(
-    bundle: Path, meta: dict, images: Path, check: Path | None = None, settings: tuple[str, ...] = SETTINGS
+    bundle: Path, meta: dict, images: Path, check: Path | None = None, settings: tuple[str, ...] | None = None
 ) -> dict:
     """Replace the bundle's fp32 trunk with the best-agreeing int8 one; returns the updated metadata.
 
@@ -358,6 +360,7 @@ def quantize_bundle(
     shape is quantized at the bundle's input size (``fixed``, :func:`shape_dependent`). Refuses (ExportError)
     when even the best agrees with fp32 on fewer than ``MIN_AGREEMENT`` of them.
     """
+    settings = settings or SETTINGS
     fp32 = npcam.load(bundle)
     calibration, held_out, described = image_sets(images, check)
     checks = network_inputs(held_out, fp32, CHECK_IMAGES)

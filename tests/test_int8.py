@@ -62,6 +62,7 @@ def test_one_image_cannot_be_split(tmp_path):
 
 def test_setting_words():
     options = quantize.parse_setting("u8s8 reduce_range entropy per_tensor symmetric float=first+last images=32")
+    assert quantize.parse_setting("u8s8 float=first3+add")["float"] == ("first3", "add")
     assert options["reduce_range"] and not options["per_channel"] and options["symmetric"]
     assert options["calibrate_method"].name == "Entropy" and options["float"] == ("first", "last")
     assert options["images"] == 32
