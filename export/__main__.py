@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="measure the int8 trunk's agreement on these images (default: half of --int8's, not calibrated on)",
     )
+    common.add_argument(
+        "--int8-setting",
+        metavar="WORDS",
+        action="append",
+        help='an int8 setting to try instead of the defaults, e.g. "u8s8 reduce_range float=first3" (repeatable)',
+    )
     preprocessing = argparse.ArgumentParser(add_help=False)
     for name in ("mean", "std"):
         preprocessing.add_argument(
@@ -97,10 +103,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--std values must be positive")
     if not all(math.isfinite(v) for name in ("mean", "std") for v in getattr(args, name, None) or ()):
         parser.error("--mean and --std values must be finite numbers")
-    if getattr(args, "int8_check", None) is not None:
+    if args.int8_check is not None or args.int8_setting:
         if args.int8 is None:
-            parser.error("--int8-check needs --int8 (the images to calibrate on)")
-        args.int8 = (args.int8, args.int8_check)  # the exporter's int8 argument: calibration, held-out images
+            parser.error("--int8-check and --int8-setting need --int8 (the images to calibrate on)")
+        from .quantize import Int8, parse_setting
+
+        for setting in args.int8_setting or ():
+            try:
+                parse_setting(setting)
+            except ExportError as e:
+                parser.error(str(e))
+        args.int8 = Int8(args.int8, args.int8_check, tuple(args.int8_setting) if args.int8_setting else None)
     return args
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -20,6 +21,9 @@ from .errors import ExportError
 from .sizes import native_size
 from .split import Split, split
 
+if TYPE_CHECKING:
+    from .quantize import Int8
+
 OPSET = 17
 
 
@@ -28,7 +32,7 @@ def run(
     out: Path | None = None,
     weights: Path | None = None,
     opset: int = OPSET,
-    int8: Path | tuple[Path, Path] | None = None,
+    int8: Path | Int8 | None = None,
     labels: Path | None = None,
 ) -> Path:
     """Export a built-in architecture; returns the bundle directory.
@@ -69,7 +73,7 @@ def run_onnx(
     input_size: int | tuple[int, int] | None = None,
     bgr: bool = False,
     output: str | None = None,
-    int8: Path | tuple[Path, Path] | None = None,
+    int8: Path | Int8 | None = None,
 ) -> Path:
     """Export any ONNX image classifier, torch-free; returns the bundle directory."""
     try:
@@ -105,7 +109,7 @@ def run_torch(
     std=None,
     input_size: int | tuple[int, int] | None = None,
     opset: int = OPSET,
-    int8: Path | tuple[Path, Path] | None = None,
+    int8: Path | Int8 | None = None,
 ) -> Path:
     """Export the torch module that ``spec`` (``MODULE:CALLABLE``) returns; returns the bundle directory."""
     import hashlib
@@ -165,7 +169,7 @@ def _split(what: str, model: onnx.ModelProto, input_size, **options) -> Split:
         raise ExportError(f"{what}: {e}; nothing was written") from None
 
 
-def _out(out: Path | None, name: str, digest: str, int8: Path | tuple[Path, Path] | None) -> Path:
+def _out(out: Path | None, name: str, digest: str, int8: Path | Int8 | None) -> Path:
     """``--out``, else ``~/.cache/npcam/NAME`` (``NAME_int8`` for an int8 bundle)."""
     return out.expanduser() if out is not None else build.default_out(name + ("_int8" if int8 else ""), digest)
 

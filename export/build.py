@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -24,6 +25,9 @@ from npcam.image import as_size
 
 from .errors import ExportError
 from .split import Split
+
+if TYPE_CHECKING:
+    from .quantize import Int8
 
 TOLERANCE = 1e-4  # relative: max |npcam - original| / max |original|
 IMAGENET_LABELS = Path(__file__).with_name("imagenet_classes.txt")
@@ -73,15 +77,15 @@ def export(
     meta: dict,
     reference: Reference,
     reference_sizes: Sequence[tuple[int, int, int]] | None = None,
-    int8: Path | tuple[Path, Path] | None = None,
+    int8: Path | Int8 | None = None,
 ) -> dict:
     """Write ``split`` as a bundle at ``out`` and check it against ``reference``; returns bundle.json's content.
 
     ``meta`` holds the model's name (``arch``), ``mean``, ``std`` and
     ``source``. The check runs ``reference_sizes`` (batch, height, width),
     default a batch of 2 at the input size and, for a trunk of dynamic size,
-    one non-square input. ``int8``: the images to calibrate an int8 trunk on, or ``(images, check)`` with
-    a folder of images to measure its agreement on (:func:`export.quantize.image_sets`).
+    one non-square input. ``int8``: the images to calibrate an int8 trunk on, or an
+    :class:`export.quantize.Int8` that also names the images to check it on and the settings to try.
     """
     if split.trunk.ByteSize() >= 2**31:
         # One protobuf holds at most 2 GiB; a bundle's trunk is always one self-contained file (no external data).
@@ -116,8 +120,10 @@ def export(
         if int8 is not None:
             from .quantize import quantize_bundle
 
-            images, check = int8 if isinstance(int8, tuple) else (int8, None)
-            meta = quantize_bundle(tmp, meta, images, check)
+            from .quantize import Int8
+
+            int8 = int8 if isinstance(int8, Int8) else Int8(int8)
+            meta = quantize_bundle(tmp, meta, int8.images, int8.check, int8.settings)
         meta = bundle_format.seal(tmp, meta)
     return meta
 

@@ -13,7 +13,7 @@ A setting is a string of words, which ``bundle.json`` records as given and
 - ``per_tensor`` weights (default: per channel);
 - ``symmetric`` activations;
 - ``float=first+depthwise+last+add``: layers left in float (the first conv, or
-  ``firstN`` the first N, the depthwise convs, the last conv, the residual additions);
+  ``firstN`` the first N, at most a quarter of them; the depthwise convs, the last conv, the residual additions);
 - ``images=N``: calibrate on up to N images (default ``CALIBRATION_IMAGES``);
 - ``fixed``: fix the input's shape to one image at the bundle's input size before quantizing. onnxruntime
   then folds the shape arithmetic of dynamic "SAME" padding (EfficientNet-Lite's) into constants, and the
@@ -37,6 +37,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -69,6 +70,15 @@ KERNELS = {
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
 FLOAT_WORD = r"first\d*|depthwise|last|add"  # the words of float=; firstN: the first N convs
+
+
+class Int8(NamedTuple):
+    """What ``--int8`` asks for: the images to calibrate on, those to check on (default: the held-out half),
+    and the settings to try (default: ``SETTINGS``)."""
+
+    images: Path
+    check: Path | None = None
+    settings: tuple[str, ...] | None = None
 
 
 def parse_setting(setting: str) -> dict:
@@ -247,8 +257,8 @@ def float_nodes(model: onnx.ModelProto, layers: tuple[str, ...]) -> list[str]:
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     names = []
     for layer in layers:
-        if layer.startswith("first"):
-            names += [c.name for c in convs[: int(layer[5:] or 1)]]
+        if layer.startswith("first"):  # at most a quarter of the convs: a small trunk keeps int8 ones
+            names += [c.name for c in convs[: min(int(layer[5:] or 1), len(convs) // 4)]]
     if convs and "last" in layers:
         names.append(convs[-1].name)
     if "depthwise" in layers:

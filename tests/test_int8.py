@@ -123,7 +123,7 @@ def test_export_checks_on_a_second_folder(tiny, folders, tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["onnx", str(model), "--out", str(tmp_path / "x"), "--int8-check", str(folders / "check")])
-    assert "--int8-check needs --int8" in capsys.readouterr().err
+    assert "--int8-check and --int8-setting need --int8" in capsys.readouterr().err
 
 
 def test_cpu_family():
@@ -213,3 +213,14 @@ def test_shape_dependent_trunk_is_quantized_at_a_fixed_size(tiny, folders, tmp_p
     assert int8.predict(folders / "check" / "00.png").features.shape == (32, 16, 16)
     with pytest.raises(npcam.NpcamError):
         int8.predict(folders / "check" / "00.png", keep_aspect=True)
+
+
+def test_int8_setting_option(tiny, folders, tmp_path, capsys):
+    model, _ = tiny
+    args = ["onnx", str(model), "--int8", str(folders / "calibration"), "--int8-setting"]
+    assert main([*args, "u8u8 float=first", "--out", str(tmp_path / "a")]) == 0
+    assert list(json.loads((tmp_path / "a" / "bundle.json").read_text())["int8"]["tried"]) == ["u8u8 float=first"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args, "u8s8 fast", "--out", str(tmp_path / "b")])
+    assert "unknown word 'fast'" in capsys.readouterr().err and not (tmp_path / "b").exists()
