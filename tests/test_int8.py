@@ -224,3 +224,18 @@ def test_int8_setting_option(tiny, folders, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "u8s8 fast", "--out", str(tmp_path / "b")])
     assert "unknown word 'fast'" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_choose_the_fastest_of_the_best_agreeing():
+    def r(top1, ms, fp32=10.0):
+        return {"top1_agreement": top1, "trunk_ms": ms, "fp32_trunk_ms": fp32}
+
+    # 100 images: 0.98 and 0.99 are one image apart (equal), 0.96 is not
+    results = {"a": r(0.99, 6.0), "b": r(0.98, 4.0), "c": r(0.96, 2.0)}
+    assert quantize.choose(results, list(results), 100) == "b"
+    # speed as the ratio to fp32 measured alongside: "a" ran while the machine was twice as slow
+    results = {"a": r(0.99, 6.0, fp32=20.0), "b": r(0.99, 4.0)}
+    assert quantize.choose(results, list(results), 100) == "a"
+    # none faster than fp32: the same rule over all of them
+    results = {"a": r(0.99, 12.0), "b": r(0.90, 11.0)}
+    assert quantize.choose(results, [], 100) == "a"
