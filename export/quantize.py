@@ -15,18 +15,18 @@ A setting is a string of words, which ``bundle.json`` records as given and
 - ``float=first+depthwise+last+add``: layers left in float (the first conv, or
   ``firstN`` the first N, at most a quarter of them; the depthwise convs, the last conv, the residual additions);
 - ``images=N``: calibrate on up to N images (default ``CALIBRATION_IMAGES``);
-- ``fixed``: fix the input's shape to one image at the bundle's input size before quantizing. onnxruntime
-  then folds the shape arithmetic of dynamic "SAME" padding (EfficientNet-Lite's) into constants, and the
-  quantized convolutions run back to back instead of through a float Pad subgraph; the bundle then takes
-  that size only (``fixed_size``).
+- ``fixed``: fix the input's shape to one image at the bundle's input size before quantizing, then fold
+  each zero Pad into the Conv it feeds (:func:`fuse_pads`). onnxruntime then folds the shape arithmetic of
+  dynamic "SAME" padding (EfficientNet-Lite's) into constants, and the int8 convolutions run back to back
+  instead of around float Pads. The bundle then takes that size only (``fixed_size``). The export adds it
+  for trunks that compute from their input's shape (:func:`shape_dependent`).
 
-A bundle travels between machines, so its int8 trunk should compute the same on
-every CPU. 8-bit signed weights (``u8s8``, ``s8s8`` without ``reduce_range``)
-saturate in the ``vpmaddubsw`` kernels of x86 CPUs without VNNI; 7-bit weights
-and ``u8u8`` give the same integers everywhere. ``bundle.json`` says which
-(``int8.portable``) and the CPU family it was measured on; the runtime warns
-when a bundle that is not portable is loaded on another family. The
-measurements behind the default are in docs/export.md ("int8").
+A bundle travels between machines, so its int8 trunk should compute the same on every CPU. Measured
+(docs/export.md, "Portability"): 7-bit weights (``reduce_range``) and ``u8u8`` give the same integers
+everywhere; 8-bit ``u8s8`` the same on x86 with VNNI and on aarch64, but it saturates in the
+``vpmaddubsw`` kernels of x86 CPUs without VNNI; ``s8s8`` differs between x86 and aarch64.
+``bundle.json`` records ``int8.portable``, the CPU family measured on and the families that compute the
+same (``same_on``); the runtime warns once when a bundle is loaded on another.
 """
 
 from __future__ import annotations
