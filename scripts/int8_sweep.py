@@ -42,6 +42,8 @@ DEFAULT = [
     "u8s8 reduce_range float=last",
     "u8s8 reduce_range float=depthwise",
     "u8s8 reduce_range fixed",
+    "u8s8 float=first3",
+    "u8s8 fixed float=first3",
 ]
 
 
