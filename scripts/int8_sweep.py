@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = quantize.network_inputs(held_out, fp32, quantize.CHECK_IMAGES)
     cpu = quantize.cpu_name()
     print(f"# {args.bundle} ({fp32.bundle.arch}); checked on {len(checks)} images: {described}; CPU {cpu}")
-    print("| setting | calibration images | held-out top-1 agreement | CAM Pearson | trunk ms int8 | fp32 | fp32/int8 | portable | quantize s |")
+    columns = ("setting", "calibration images", "held-out top-1 agreement", "CAM Pearson", "trunk ms int8", "fp32",
+               "fp32/int8", "portable", "quantize s")  # fmt: skip
+    print(f"| {' | '.join(columns)} |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -136,11 +136,13 @@ def test_warns_once_for_a_trunk_that_is_not_portable(tiny, tmp_path, capsys, mon
     _, fp32_bundle = tiny
     monkeypatch.setattr(npcam.model, "_warned", set())
     bundles = []
-    for name, family, portable in (("other", "aarch64-elsewhere", False), ("same", None, False), ("ok", "x", True)):
+    kinds = (("other", "aarch64-elsewhere", False), ("same", None, False), ("ok", "x", True))
+    for name, family, portable in kinds:
         path = tmp_path / name
         shutil.copytree(fp32_bundle, path)
         meta = bundle_format.peek_meta(path)
-        q = {"settings": "u8s8", "portable": portable, "cpu_family": family or npcam.model.cpu_family()}  # same_on absent: that family
+        # no same_on: the family measured on is the only one
+        q = {"settings": "u8s8", "portable": portable, "cpu_family": family or npcam.model.cpu_family()}
         bundle_format.seal(path, {**meta, "precision": "int8", "int8": q})
         bundles.append(path)
     for path in bundles[1:]:  # measured on this kind of CPU, or portable: no warning
