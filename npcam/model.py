@@ -317,8 +317,8 @@ def _warn_if_not_portable(bundle: bundle_format.Bundle) -> None:
         _warned.add("int8")
         print(
             f"npcam: warning: {bundle.path}: its int8 trunk ({bundle.meta['int8'].get('settings')}) computes as "
-            f"measured on {', '.join(same_on)}, not necessarily on this CPU ({here}): its answers may differ from those measured "
-            "(docs/export.md, int8)",
+            f"measured on {', '.join(same_on)}, not necessarily on this CPU ({here}): its answers may differ from "
+            "those measured (docs/export.md, int8)",
             file=sys.stderr,
         )
 
