@@ -46,6 +46,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument(
         "--int8", metavar="IMAGES", type=Path, help="also quantize the trunk to int8, calibrated on these images"
     )
+    common.add_argument(
+        "--int8-check",
+        metavar="IMAGES",
+        type=Path,
+        help="measure the int8 trunk's agreement on these images (default: half of --int8's, not calibrated on)",
+    )
+    common.add_argument(
+        "--int8-setting",
+        metavar="WORDS",
+        action="append",
+        help='an int8 setting to try instead of the defaults, e.g. "u8s8 reduce_range float=first3" (repeatable)',
+    )
     preprocessing = argparse.ArgumentParser(add_help=False)
     for name in ("mean", "std"):
         preprocessing.add_argument(
@@ -93,6 +105,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--std values must be positive")
     if not all(math.isfinite(v) for name in ("mean", "std") for v in getattr(args, name, None) or ()):
         parser.error("--mean and --std values must be finite numbers")
+    if args.int8_check is not None or args.int8_setting:
+        if args.int8 is None:
+            parser.error("--int8-check and --int8-setting need --int8 (the images to calibrate on)")
+        from .quantize import Int8, parse_setting
+
+        for setting in args.int8_setting or ():
+            try:
+                parse_setting(setting)
+            except ExportError as e:
+                parser.error(str(e))
+        args.int8 = Int8(args.int8, args.int8_check, tuple(args.int8_setting) if args.int8_setting else None)
     return args
 
 

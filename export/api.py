@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -20,6 +21,9 @@ from .errors import ExportError
 from .sizes import native_size
 from .split import Split, split
 
+if TYPE_CHECKING:
+    from .quantize import Int8
+
 OPSET = 17
 
 
@@ -28,7 +32,7 @@ def run(
     out: Path | None = None,
     weights: Path | None = None,
     opset: int = OPSET,
-    int8: Path | None = None,
+    int8: Path | Int8 | None = None,
     labels: Path | None = None,
 ) -> Path:
     """Export a built-in architecture; returns the bundle directory.
@@ -71,7 +75,7 @@ def run_onnx(
     input_size: int | tuple[int, int] | None = None,
     bgr: bool = False,
     output: str | None = None,
-    int8: Path | None = None,
+    int8: Path | Int8 | None = None,
     layer: str | None = None,
 ) -> Path:
     """Export any ONNX image classifier, torch-free; returns the bundle directory.
@@ -111,7 +115,7 @@ def run_torch(
     std=None,
     input_size: int | tuple[int, int] | None = None,
     opset: int = OPSET,
-    int8: Path | None = None,
+    int8: Path | Int8 | None = None,
     layer: str | None = None,
 ) -> Path:
     """Export the torch module that ``spec`` (``MODULE:CALLABLE``) returns; returns the bundle directory.
@@ -179,13 +183,17 @@ def _split(what: str, model: onnx.ModelProto, input_size, **options) -> Split:
         raise ExportError(f"{what}: {e}; nothing was written") from None
 
 
-def _out(out: Path | None, name: str, digest: str, int8: Path | None) -> Path:
+def _out(out: Path | None, name: str, digest: str, int8: Path | Int8 | None) -> Path:
     """``--out``, else ``~/.cache/npcam/NAME`` (``NAME_int8`` for an int8 bundle)."""
     return out.expanduser() if out is not None else build.default_out(name + ("_int8" if int8 else ""), digest)
 
 
 def _export(parts: Split, out: Path, labels: Path | None, meta: dict, reference, sizes=None, int8=None) -> Path:
     """Write, check and report the bundle; returns its directory."""
+    if int8 is not None and parts.head.layout != "pooled":
+        # Its agreement check and the int8 trunk's measured answers are those of pooled features.
+        raise ExportError(f"--int8 takes heads after a global average pooling; this one starts at a {parts.head.layout} "
+                          f"layer ({meta.get('layer', 'the layer')}): export it in float")  # fmt: skip
     meta = build.export(parts, out, build.read_labels(labels, parts.head.classes), meta, reference, sizes, int8)
     build.report(meta, out)
     return out

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -24,6 +25,9 @@ from npcam.image import as_size
 
 from .errors import ExportError
 from .split import Split
+
+if TYPE_CHECKING:
+    from .quantize import Int8
 
 TOLERANCE = 1e-4  # relative: max |npcam - original| / max |original|
 IMAGENET_LABELS = Path(__file__).with_name("imagenet_classes.txt")
@@ -73,14 +77,15 @@ def export(
     meta: dict,
     reference: Reference,
     reference_sizes: Sequence[tuple[int, int, int]] | None = None,
-    int8: Path | None = None,
+    int8: Path | Int8 | None = None,
 ) -> dict:
     """Write ``split`` as a bundle at ``out`` and check it against ``reference``; returns bundle.json's content.
 
     ``meta`` holds the model's name (``arch``), ``mean``, ``std`` and
     ``source``. The check runs ``reference_sizes`` (batch, height, width),
     default a batch of 2 at the input size and, for a trunk of dynamic size,
-    one non-square input.
+    one non-square input. ``int8``: the images to calibrate an int8 trunk on, or an
+    :class:`export.quantize.Int8` that also names the images to check it on and the settings to try.
     """
     if split.trunk.ByteSize() >= 2**31:
         # One protobuf holds at most 2 GiB; a bundle's trunk is always one self-contained file (no external data).
@@ -115,7 +120,10 @@ def export(
         if int8 is not None:
             from .quantize import quantize_bundle
 
-            meta = quantize_bundle(tmp, meta, int8)
+            from .quantize import Int8
+
+            int8 = int8 if isinstance(int8, Int8) else Int8(int8)
+            meta = quantize_bundle(tmp, meta, int8.images, int8.check, int8.settings)
         meta = bundle_format.seal(tmp, meta)
     return meta
 
@@ -198,8 +206,8 @@ def report(meta: dict, out: Path) -> None:
         q = meta["int8"]
         speed = f"trunk {q['trunk_ms']:.1f} ms vs fp32 {q['fp32_trunk_ms']:.1f} ms"
         print(
-            f"int8 trunk ({q['settings']}) calibrated on {q['images']} images: top-1 agrees with fp32 on "
-            f"{q['top1_agreement']:.1%} of them, CAM correlation {q['cam_pearson']:.3f}, {speed} on {q['cpu']}"
+            f"int8 trunk ({q['settings']}) calibrated on {q['images']} images; on {q['checked_on']}: top-1 agrees "
+            f"with fp32 on {q['top1_agreement']:.1%}, CAM correlation {q['cam_pearson']:.3f}, {speed} on {q['cpu']}"
             + (
                 f"; {q['clipped_biases']} biases clipped to int32 (channels with near-zero weights)"
                 if q.get("clipped_biases")

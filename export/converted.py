@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,6 +24,9 @@ from npcam.bundle import sha256_file
 
 from .archs import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ExportError
+
+if TYPE_CHECKING:
+    from .quantize import Int8
 
 OPSET = 17  # tf2onnx tests opsets 14-18; 17 is what the other routes write
 
@@ -88,7 +92,7 @@ def export_converted(
     mean=None,
     std=None,
     input_size=None,
-    int8: Path | None = None,
+    int8: Path | Int8 | None = None,
     int8_bound: dict | None = None,
 ) -> Path:
     """The ONNX route (split, write, self-check, report) for ``converted``, checked against ``reference``.

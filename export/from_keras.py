@@ -8,11 +8,15 @@ the Keras model's own ``predict``. Needs the ``keras`` extra.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .converted import OPSET, check_file, export_converted, first_line, import_tensorflow, quiet
 from .errors import ExportError
+
+if TYPE_CHECKING:
+    from .quantize import Int8
 
 EXTRA = "keras"
 
@@ -24,7 +28,7 @@ def run_keras(
     mean=None,
     std=None,
     input_size=None,
-    int8: Path | None = None,
+    int8: Path | Int8 | None = None,
 ) -> Path:
     """Export a ``.keras`` or ``.h5`` image classifier; returns the bundle directory."""
     check_file(model, (".keras", ".h5", ".hdf5"), "Keras model")

@@ -8,6 +8,7 @@ LiteRT's interpreter (``ai-edge-litert``) on the same inputs. Needs the ``tflite
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -15,6 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .converted import OPSET, check_file, export_converted, first_line, import_tensorflow, quiet
 from .errors import ExportError
+
+if TYPE_CHECKING:
+    from .quantize import Int8
 
 EXTRA = "tflite"
 # TFLite's quantized input types, as numpy and ONNX types
@@ -30,7 +34,7 @@ def run_tflite(
     mean=None,
     std=None,
     input_size=None,
-    int8: Path | None = None,
+    int8: Path | Int8 | None = None,
 ) -> Path:
     """Export a ``.tflite`` image classifier; returns the bundle directory."""
     check_file(model, (".tflite",), "TensorFlow Lite")

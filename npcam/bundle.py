@@ -112,6 +112,17 @@ class Bundle:
         return self.head.layout
 
     @property
+    def int8_same_on(self) -> tuple[str, ...] | None:
+        """The CPU families (:func:`npcam.model.cpu_family`) on which an int8 trunk that is not portable
+        computes what was measured (``int8.same_on``, else the family it was measured on); None for a
+        portable or float trunk, or one that does not say."""
+        q = self.meta.get("int8")
+        if not isinstance(q, dict) or q.get("portable", True) or not isinstance(q.get("cpu_family"), str):
+            return None
+        same = q.get("same_on")
+        return tuple(same) if isinstance(same, list) and same else (q["cpu_family"],)
+
+    @property
     def multi_label(self) -> bool:
         """The model scores each class on its own (a final sigmoid), not one class out of K."""
         return self.meta.get("output") == "sigmoid"

@@ -7,6 +7,8 @@ trunk in onnxruntime, the head in NumPy.
 from __future__ import annotations
 
 import os
+import platform
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -98,6 +100,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, verify: bool = True):
         self.bundle = bundle_format.read(path, verify)
+        _warn_if_not_portable(self.bundle)
         self.session = _open_session(self.bundle.path / "trunk.onnx", self.bundle.trunk, self.head, threads)
         batch = self.session.get_inputs()[0].shape[0]
         self._batch_limit = batch if isinstance(batch, int) else None
@@ -366,6 +369,44 @@ class Model:
 def load(path: str | os.PathLike | None = None, threads: int | None = None, verify: bool = True) -> Model:
     """Load a model bundle (default: :func:`default_model_dir`)."""
     return Model(default_model_dir() if path is None else path, threads=threads, verify=verify)
+
+
+def cpu_family(cpuinfo: str | None = None, machine: str | None = None) -> str:
+    """The kind of CPU whose onnxruntime int8 kernels compute alike: ``"x86_64 vnni"``, ``"x86_64"`` (no
+    VNNI: ``vpmaddubsw``, which saturates with 8-bit weights) or the architecture (e.g. ``"aarch64"``).
+
+    ``cpuinfo`` is a ``/proc/cpuinfo`` text (default: this machine's), ``machine`` ``platform.machine()``.
+    """
+    machine = machine or platform.machine()
+    if machine not in ("x86_64", "AMD64", "i686"):
+        return machine
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags = next((line.partition(":")[2].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return f"{machine} vnni" if {"avx512_vnni", "avx_vnni"} & set(flags) else machine
+
+
+_warned: set[str] = set()
+
+
+def _warn_if_not_portable(bundle: bundle_format.Bundle) -> None:
+    """One line on stderr, once per process, when an int8 trunk whose answers depend on the CPU's int8
+    kernels is loaded on a kind of CPU where they were not measured to be the same."""
+    same_on = bundle.int8_same_on
+    if same_on is None or "int8" in _warned:
+        return
+    here = cpu_family()
+    if here not in same_on:
+        _warned.add("int8")
+        print(
+            f"npcam: warning: {bundle.path}: its int8 trunk ({bundle.meta['int8'].get('settings')}) computes as "
+            f"measured on {', '.join(same_on)}, not necessarily on this CPU ({here}): its answers may differ from "
+            "those measured (docs/export.md, int8)",
+            file=sys.stderr,
+        )
 
 
 def _layer_shape(head) -> tuple[int | None, ...]:
