@@ -118,9 +118,7 @@ def export(
         )
         meta["check"] = self_check(tmp, reference, split.output, sizes, split.output_step)
         if int8 is not None:
-            from .quantize import quantize_bundle
-
-            from .quantize import Int8
+            from .quantize import Int8, quantize_bundle
 
             int8 = int8 if isinstance(int8, Int8) else Int8(int8)
             meta = quantize_bundle(tmp, meta, int8.images, int8.check, int8.settings)
