@@ -16,6 +16,7 @@ import nets19
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTOS
 
 import npcam
 from export.api import run_onnx, run_torch
@@ -174,3 +175,14 @@ def test_gap_cnns_are_unchanged(tmp_path):
     with torch.no_grad():
         want = net(torch.from_numpy(x)).numpy()
     assert relative(model.scores(x), want) <= PROB_TOLERANCE
+
+
+def test_int8_is_refused_for_a_head_beyond_global_pooling(tmp_path, capsys):
+    """The int8 check compares pooled features; a spatial head is refused in one line, and nothing is written."""
+    from export.__main__ import main
+
+    code = main(["torch", "nets19:vgg_like", "--input-size", str(nets19.SIZE), "--out", str(tmp_path / "b"),
+                 "--int8", str(PHOTOS[0].parent)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "--int8 takes heads after a global average pooling" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "b").exists()
