@@ -244,7 +244,8 @@ class HeadStart:
         if not write:
             self.halt.set()
         for thread in self.threads:
-            thread.join()
+            if thread.ident is not None:  # started (they are not when Ray failed to start)
+                thread.join()
         if write and self.rows:
             self._write(self.rows)
             self.rows = []
@@ -376,13 +377,19 @@ def run(
     head = None
     if threads > 0:
         (work / "claims").mkdir()
-        head = HeadStart(model, items, options, str(work / "claims"), dest, schema, rows_per_file, threads).start()
+        head = HeadStart(model, items, options, str(work / "claims"), dest, schema, rows_per_file, threads)
+        if pool == 0:
+            head.start()
     shown = _show_progress(len(todo), work / "claims", head) if head else None
     ray, ray_up = None, False
     try:
         if pool != 0:
             ray = _start_ray(address, connect_timeout, str(work / "ray"))
             ray_up = True
+            if head:
+                # Only now: ray.init forks its processes, and a fork while another thread is inside OpenBLAS
+                # (its pool busy) hangs both, in the fork and in the BLAS call (seen without OMP_NUM_THREADS=1).
+                head.start()
         rest = items[: head.front()] if head and ray_up else [] if head else items
         if rest:
             import ray.data
