@@ -105,7 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--std values must be positive")
     if not all(math.isfinite(v) for name in ("mean", "std") for v in getattr(args, name, None) or ()):
         parser.error("--mean and --std values must be finite numbers")
-    if args.int8_check is not None or args.int8_setting:
+    # `auto` takes none of the common options
+    if getattr(args, "int8_check", None) is not None or getattr(args, "int8_setting", None):
         if args.int8 is None:
             parser.error("--int8-check and --int8-setting need --int8 (the images to calibrate on)")
         from .quantize import Int8, parse_setting
