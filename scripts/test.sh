@@ -25,7 +25,8 @@ if [[ "${1:-}" == "--fast" ]]; then
     fi
     exec "$venv/bin/python" -m pytest --fast "$@"
 fi
-bash scripts/venv.sh export,test,dataset,serve,tflite,keras
+bash scripts/venv.sh export,test,dataset,serve,tflite,keras,lint
+.venv/bin/ruff check --quiet .
 # NPCAM_ARM64=setup (CI sets it) first sets up the emulated aarch64 Python of tests/test_aarch64.py, which
 # otherwise runs where scripts/arm64_env.sh was run before and skips, saying so, elsewhere.
 if [ "${NPCAM_ARM64:-}" = setup ]; then
