@@ -113,7 +113,7 @@ class Bundle:
 
     @property
     def int8_same_on(self) -> tuple[str, ...] | None:
-        """The CPU families (:func:`npcam.model.cpu_family`) on which an int8 trunk that is not portable
+        """The CPU families (:func:`npcam.cpu.cpu_family`) on which an int8 trunk that is not portable
         computes what was measured (``int8.same_on``, else the family it was measured on); None for a
         portable or float trunk, or one that does not say."""
         q = self.meta.get("int8")
@@ -614,19 +614,10 @@ def write(
         **meta,
         "input_size": list(as_size(meta["input_size"])),
         "head": head.kind,
-        "channels": layer_channels(head),
+        "channels": head.channels,
         "classes": head.classes,
     }
     return seal(directory, meta)
-
-
-def layer_channels(head: AffineHead | GraphHead) -> int:
-    """C of the explained layer: the pooled vector's length, the map's channels, or the tokens' width."""
-    if head.layout == "spatial":
-        return head.input_shape[1]
-    if head.layout == "tokens":
-        return head.input_shape[2]
-    return head.channels
 
 
 def seal(directory: Path, meta: dict) -> dict:

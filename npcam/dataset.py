@@ -267,7 +267,7 @@ class HeadStart:
             return None
 
     def _work(self, thread: int) -> None:
-        from .methods import Cancelled
+        from .cancel import Cancelled
 
         try:
             while (item := self._take(thread)) is not None:

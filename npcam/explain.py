@@ -26,11 +26,12 @@ from PIL import Image
 from . import record as records
 from . import render as rendering
 from .boxes import DEFAULT_THRESHOLD, Box, cam_box
+from .cancel import OnProgress, ShouldStop
 from .errors import NpcamError
 from .files import Job, save_array, save_image
 from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, rgbx_base
 from .labels import class_index
-from .methods import Progress, ShouldStop, default_name, resolve
+from .methods import default_name, resolve
 from .model import Model, Prediction
 from .upsample import upsample
 
@@ -134,7 +135,7 @@ def explain(
     image: ImageLike,
     options: Options = Options(),
     name: str | None = None,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
     pixels: bool = True,
     should_stop: ShouldStop | None = None,
 ) -> Explanation:
@@ -150,7 +151,7 @@ def explain(
     at the smallest DCT scale that keeps both sides at least ``max_side`` (and
     the network's need). Without pixels it changes nothing.
     ``should_stop`` is checked between the batches of multi-pass methods
-    (:class:`npcam.methods.Cancelled` when it returns true).
+    (:class:`npcam.cancel.Cancelled` when it returns true).
     """
     label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
     network = int(np.ceil(REDUCING_GAP * max(as_size(options.size) or model.bundle.input_size)))
@@ -240,7 +241,7 @@ def explain_file(
     options: Options,
     protected: frozenset[Path],
     job: Job,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
     overlays: bool = True,
     should_stop: ShouldStop | None = None,
 ) -> dict:
@@ -259,7 +260,7 @@ def explain_files(
     jobs: Sequence[Job],
     options: Options,
     workers: int | None = None,
-    progress: Progress | None = None,
+    progress: OnProgress | None = None,
     overlays: bool = True,
 ) -> Iterator[Result]:
     """Explain and write every job; yields each with its record or its one-line error, in input order.

@@ -7,8 +7,6 @@ trunk in onnxruntime, the head in NumPy.
 from __future__ import annotations
 
 import os
-import platform
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,11 +19,14 @@ from PIL import Image
 
 from . import bundle as bundle_format
 from . import methods as methods_lib
-from .cam import normalize, pool, probabilities
+from .cam import pool, probabilities
+from .cancel import OnProgress, ShouldStop
+from .cpu import warn_if_not_portable
 from .errors import NpcamError
 from .image import MAX_PIXELS, ImageLike, Size, as_size, format_size, open_image, preprocess
 from .labels import class_index
-from .upsample import upsample
+from .probe import Probe
+from .targets import ClassScores, Target
 
 default_model_dir = bundle_format.default_model_dir
 
@@ -100,14 +101,14 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, verify: bool = True):
         self.bundle = bundle_format.read(path, verify)
-        _warn_if_not_portable(self.bundle)
+        warn_if_not_portable(self.bundle)
         self.session = _open_session(self.bundle.path / "trunk.onnx", self.bundle.trunk, self.head, threads)
         batch = self.session.get_inputs()[0].shape[0]
         self._batch_limit = batch if isinstance(batch, int) else None
 
     @property
     def head(self):
-        """The bundle's head (:mod:`npcam.head`), which :meth:`scores` and the methods run."""
+        """The bundle's head (:mod:`npcam.head`), which :meth:`scores` and the methods' probes run."""
         return self.bundle.head
 
     @property
@@ -131,7 +132,7 @@ class Model:
             sides = {name: np.concatenate([p[1][name] for p in parts]) for name in parts[0][1]}
             return np.concatenate([p[0] for p in parts]), sides
         trunk = self.bundle.path / "trunk.onnx"
-        names = list(getattr(self.head, "sides", {}))
+        names = list(self.head.sides)
         try:
             layer, *sides = self.session.run(["features", *names], {"image": batch})
         except Exception as e:  # onnxruntime's own types (a failed allocation, a shape it cannot take)
@@ -183,9 +184,7 @@ class Model:
 
         ``sides`` are the side inputs ``{name: [N or 1, ...]}`` (a batch of 1 is shared by all N).
         """
-        if self.head.kind == "affine":
-            return self.head.forward(x.reshape(len(x), -1)).astype(np.float32, copy=False)
-        return self.head.forward(x, sides or {})
+        return self.head.forward(x, sides or {}).astype(np.float32, copy=False)
 
     def _head_input(self, layer: np.ndarray) -> np.ndarray:
         """What the head scores, from the trunk's layer: its average for a pooled head, else the layer."""
@@ -195,23 +194,6 @@ class Model:
         """The whole network: float32 ``[N, 3, H, W]`` inputs to float32 ``[N, K]`` class scores."""
         layer, sides = self.trunk(batch)
         return self.head_scores(self._head_input(layer), sides)
-
-    def grid_gradient(self, prediction: Prediction, classes: Sequence[int]) -> np.ndarray:
-        """``d score_c / d A`` on the grid, at ``prediction``'s layer ``A``: float64 ``[k, C, h, w]``.
-
-        Exact reverse mode through the head (:meth:`npcam.head.GraphHead.gradient`), the side inputs constant.
-        Tokens: the prefix tokens' gradient is dropped (as pytorch-grad-cam's reshape_transform does). Pooled
-        heads: the pooled vector's gradient spread evenly, ``G_c / (h w)`` at every position.
-        """
-        head, classes = self.head, list(classes)
-        if head.kind == "affine":
-            g = head.gradient(prediction.head_input, classes)
-        else:
-            g = head.gradient(prediction.head_input, classes, prediction.sides)
-        if head.layout == "pooled":
-            channels, h, w = prediction.features.shape
-            return np.broadcast_to((g / (h * w))[:, :, None, None], (len(classes), channels, h, w)).copy()
-        return self.to_grid(g.reshape(len(classes), *head.input_shape[1:]))
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
         """Class scores ``[..., K]`` to probabilities: softmax, or sigmoids for a multi-label bundle."""
@@ -324,89 +306,68 @@ class Model:
                 )
         return preds
 
-    # features -> maps
+    # features -> target -> weights -> maps
+
+    def target(self, what: int | str | Sequence[int | str] | Target) -> Target:
+        """What to explain as a :class:`~npcam.targets.Target`: a target as it is, or a class (an index or a label,
+        :func:`npcam.labels.class_index`) or a list of them, as :class:`~npcam.targets.ClassScores`."""
+        if isinstance(what, Target):
+            return what
+        wanted = [what] if isinstance(what, (int, str, np.integer)) else list(what)
+        indices = tuple(class_index(self.labels, c) for c in wanted)
+        return ClassScores(indices, self.labels, self.bundle.multi_label)
+
+    def probe(
+        self,
+        prediction: Prediction,
+        what: int | str | Sequence[int | str] | Target,
+        progress: OnProgress | None = None,
+        should_stop: ShouldStop | None = None,
+    ) -> Probe:
+        """What a method sees of ``prediction`` explaining ``what`` (:meth:`target`): the layer ``A``, the
+        targets' gradient with respect to it, and their scores under perturbations (:class:`npcam.probe.Probe`)."""
+        return Probe(self, prediction, self.target(what), progress, should_stop)
 
     def cam(
         self,
         prediction: Prediction | ImageLike,
-        classes: int | str | Sequence[int | str] | None = None,
+        classes: int | str | Sequence[int | str] | Target | None = None,
         size: tuple[int, int] | None = None,
         method: str | None = None,
-        progress: methods_lib.Progress | None = None,
-        should_stop: methods_lib.ShouldStop | None = None,
+        progress: OnProgress | None = None,
+        should_stop: ShouldStop | None = None,
     ) -> np.ndarray:
         """Class activation map(s), in [0, 1].
 
         Parameters
         ----------
         prediction : a :class:`Prediction`, or an image to predict first
-        classes : one class (index or label, :func:`npcam.labels.class_index`),
-            a list of them, or None for the top-1
+        classes : what to explain: one class (index or label, :func:`npcam.labels.class_index`), a list of
+            them, a :class:`~npcam.targets.Target`, or None for the top-1
         size : ``(H, W)`` to upsample to, e.g. ``prediction.image.shape[:2]``;
             None keeps the feature resolution ``(h, w)``
         method : a name from :data:`npcam.methods.METHODS` (default: ``cam``,
             or ``gradcam`` for a head that is not affine)
         progress : called as ``progress(done, total)`` by methods with extra passes
         should_stop : checked between the batches of multi-pass methods; when it
-            returns true, :class:`npcam.methods.Cancelled` is raised
+            returns true, :class:`npcam.cancel.Cancelled` is raised
 
         Returns
         -------
-        float32 ``[h, w]`` (or ``[H, W]``) for one class, ``[k, ...]`` for a list.
+        float32 ``[h, w]`` (or ``[H, W]``) for one class, ``[k, ...]`` for a list or a target.
         """
         if not isinstance(prediction, Prediction):
             prediction = self.predict(prediction)
         single = classes is None or isinstance(classes, (int, str, np.integer))
-        wanted = [prediction.top1] if classes is None else [classes] if single else list(classes)
-        indices = [class_index(self.labels, c) for c in wanted]
+        probe = self.probe(prediction, prediction.top1 if classes is None else classes, progress, should_stop)
         chosen = methods_lib.resolve(method, self.head.kind, self.bundle.path)
-        maps = normalize(chosen.maps(self, prediction, indices, progress, should_stop))
-        if size is not None:
-            maps = upsample(maps, size)
+        maps = methods_lib.maps(chosen, probe, size)
         return maps[0] if single else maps
 
 
 def load(path: str | os.PathLike | None = None, threads: int | None = None, verify: bool = True) -> Model:
     """Load a model bundle (default: :func:`default_model_dir`)."""
     return Model(default_model_dir() if path is None else path, threads=threads, verify=verify)
-
-
-def cpu_family(cpuinfo: str | None = None, machine: str | None = None) -> str:
-    """The kind of CPU whose onnxruntime int8 kernels compute alike: ``"x86_64 vnni"``, ``"x86_64"`` (no
-    VNNI: ``vpmaddubsw``, which saturates with 8-bit weights) or the architecture (e.g. ``"aarch64"``).
-
-    ``cpuinfo`` is a ``/proc/cpuinfo`` text (default: this machine's), ``machine`` ``platform.machine()``.
-    """
-    machine = machine or platform.machine()
-    if machine not in ("x86_64", "AMD64", "i686"):
-        return machine
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags = next((line.partition(":")[2].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
-    return f"{machine} vnni" if {"avx512_vnni", "avx_vnni"} & set(flags) else machine
-
-
-_warned: set[str] = set()
-
-
-def _warn_if_not_portable(bundle: bundle_format.Bundle) -> None:
-    """One line on stderr, once per process, when an int8 trunk whose answers depend on the CPU's int8
-    kernels is loaded on a kind of CPU where they were not measured to be the same."""
-    same_on = bundle.int8_same_on
-    if same_on is None or "int8" in _warned:
-        return
-    here = cpu_family()
-    if here not in same_on:
-        _warned.add("int8")
-        print(
-            f"npcam: warning: {bundle.path}: its int8 trunk ({bundle.meta['int8'].get('settings')}) computes as "
-            f"measured on {', '.join(same_on)}, not necessarily on this CPU ({here}): its answers may differ from "
-            "those measured (docs/export.md, int8)",
-            file=sys.stderr,
-        )
 
 
 def _layer_shape(head) -> tuple[int | None, ...]:
@@ -433,7 +394,7 @@ def _open_session(path: Path, model: bytes, head, threads: int | None) -> ort.In
     if [i.name for i in inputs] != ["image"] or len(inputs[0].shape) != 4:
         raise NpcamError(f"{path}: expected one input 'image' [N,3,H,W]")
     names = [o.name for o in outputs]
-    for name in ["features", *getattr(head, "sides", {})]:
+    for name in ["features", *head.sides]:
         if name not in names:
             raise NpcamError(f"{path}: has no output {name!r}" + ("" if name == "features" else " (a side input)"))
     shape = next(o.shape for o in outputs if o.name == "features")

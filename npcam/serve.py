@@ -275,7 +275,7 @@ def make_app(
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    from .methods import Cancelled
+    from .cancel import Cancelled
 
     usable = allowed_methods(model, None)
     offered = methods or usable

@@ -20,6 +20,9 @@ from conftest import PHOTOS, REPO, default_sigint
 
 import npcam
 from npcam import methods
+from npcam.cancel import Cancelled
+from npcam.methods import ablation
+from npcam.probe import INPUT_BATCH
 
 
 def counting_stop(after: int):
@@ -40,24 +43,24 @@ def test_scorecam_stops_at_the_batch_boundary_it_is_told_to(model):
     assert len(totals) >= 3  # the test bundle needs several batches for this test to say anything
     passes = []
     should_stop, calls = counting_stop(after=2)
-    with pytest.raises(methods.Cancelled):
+    with pytest.raises(Cancelled):
         model.cam(pred, method="scorecam", progress=lambda done, total: passes.append(done), should_stop=should_stop)
     # Two batches ran, the third was refused: the check comes before each batch, none after the stop.
-    assert passes == [methods.SCORECAM_BATCH, 2 * methods.SCORECAM_BATCH] and len(calls) == 3
+    assert passes == [INPUT_BATCH, 2 * INPUT_BATCH] and len(calls) == 3
 
 
 def test_ablation_on_a_graph_head_stops_between_batches_and_is_unchanged_by_batching(tmp_path, monkeypatch):
     from export.api import run_torch
 
-    monkeypatch.setattr(methods, "ABLATION_BATCH", 48)  # 128 channels: batches of 48, 48 and 32
+    monkeypatch.setattr(ablation, "LAYER_BATCH", 48)  # 128 channels: batches of 48, 48 and 32
 
     graph = npcam.load(run_torch("models:mlp_head", tmp_path / "b", input_size=128))
     pred = graph.predict(PHOTOS[0])
     assert graph.head.kind == "graph" and methods.METHODS["ablationcam"].multi_pass(graph.head.kind)
     assert not methods.METHODS["ablationcam"].multi_pass("affine") and methods.METHODS["scorecam"].multi_pass("affine")
     should_stop, calls = counting_stop(after=1)
-    with pytest.raises(methods.Cancelled):
-        methods.ablation_weights(graph, pred, [pred.top1], should_stop)
+    with pytest.raises(Cancelled):
+        ablation.ablation_weights(graph.probe(pred, [pred.top1], should_stop=should_stop))
     assert len(calls) == 2
     # Batching the ablated rows changes nothing: the same as all rows in one head call (the old way).
     pooled = pred.pooled.astype(np.float64)
@@ -67,7 +70,7 @@ def test_ablation_on_a_graph_head_stops_between_batches_and_is_unchanged_by_batc
     want = (y - graph.head.forward(ablated)[:, pred.top1].astype(np.float64)) / y
     # Row i of a batched head call does not depend on the other rows, up to float32 rounding of the scores.
     np.testing.assert_allclose(
-        methods.ablation_weights(graph, pred, [pred.top1])[0], want, rtol=1e-5, atol=1e-6 * np.abs(want).max()
+        ablation.ablation_weights(graph.probe(pred, [pred.top1]))[0], want, rtol=1e-5, atol=1e-6 * np.abs(want).max()
     )
 
 

@@ -3,7 +3,7 @@ each route (a torch module, its TorchScript ONNX export, its dynamo ONNX export)
 
 - probabilities against the torch module;
 - the layer on its grid (Model.features) against a forward hook on the documented default module;
-- Model.grid_gradient against torch autograd of the class score with respect to that hooked output.
+- Model.probe(...).gradient() against torch autograd of the class score with respect to that hooked output.
 
 The nets are tests/nets19.py (tiny, seeded random weights, 32 px).
 """
@@ -93,7 +93,7 @@ def check(model: npcam.Model, net, module: str, nhwc: bool = False, seed: int = 
     want = on_grid(a, "nhwc" if nhwc else "", prefix, grid)[0]
     assert pred.features.shape == want.shape
     assert relative(pred.features, want) <= LAYER_TOLERANCE
-    got = model.grid_gradient(pred, [cls])[0]
+    got = model.probe(pred, [cls]).gradient()[0]
     want = on_grid(grad, "nhwc" if nhwc else "", prefix, grid)[0]
     assert got.shape == want.shape
     assert relative(got, want) <= GRAD_TOLERANCE, relative(got, want)

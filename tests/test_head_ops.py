@@ -29,7 +29,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from npcam.head import MAX_VALUES, GraphHead, Op, _erf, infer_shapes
+from npcam.head import MAX_VALUES, GraphHead, Op, infer_shapes
+from npcam.head.ops.erf import erf
 
 RNG = np.random.default_rng(19)
 FD_RTOL, FD_ATOL = 1e-6, 1e-7  # see the module docstring
@@ -196,7 +197,7 @@ CASES = [
 def case_head(case: Case, output="scores", flatten=False) -> tuple[GraphHead, int]:
     """x -> op -> Reshape to one row (Flatten with flatten=True) -> Gemm to 3 classes (or the op's output
     itself, with output="y"). One row: some cases move the batch axis (Gemm with x as B, a Transpose)."""
-    y_shape = infer_shapes([Op(case.op, case.inputs, "y", case.attrs)], case.consts, (-1, *case.shape[1:]), "x")["y"]
+    y_shape = infer_shapes([Op(case.op, case.inputs, "y", case.attrs)], case.consts, {"x": (-1, *case.shape[1:])})["y"]
     width = math.prod(y_shape)
     arrays = {**case.consts, "w_out": RNG.standard_normal((3, width))}
     ops = [
@@ -239,7 +240,7 @@ def test_max_pool_routes_ties_to_the_first_maximum_in_the_window():
     x[0, 0, 1, 1] = 1.0  # the shared centre is the max of all four overlapping 2x2 windows
     x[0, 0, 0, 0] = x[0, 0, 0, 1] = 0.5  # ties elsewhere do not matter
     head = GraphHead(
-        [Op("MaxPool", ("x",), "scores", {"kernel_shape": [2, 2], "strides": [1, 1]})], {}, (-1, 1, 3, 3), "x"
+        [Op("MaxPool", ("x",), "scores", {"kernel_shape": [2, 2], "strides": [1, 1]})], {}, {"x": (-1, 1, 3, 3)}
     )
     g = head.gradient(x, [0, 1, 2, 3]).reshape(4, 3, 3)
     assert (g[:, 1, 1] == 1).all() and g.sum() == 4
@@ -318,15 +319,15 @@ def test_shapes_over_the_budget_are_refused_before_anything_runs():
                      (-1, 2, 4), "x")  # fmt: skip
     with pytest.raises(ValueError, match="its padded input"):
         infer_shapes([Op("AveragePool", ("x",), "y", {"kernel_shape": [1], "strides": [1], "pads": [0, 10**9],
-                     "count_include_pad": 1})], {}, (-1, 2, 4), "x")  # fmt: skip
+                     "count_include_pad": 1})], {}, {"x": (-1, 2, 4)})  # fmt: skip
     with pytest.raises(ValueError, match="side input 's'"):
-        infer_shapes([], {}, (-1, 4), "x", {"s": (-1, side, side)})
+        infer_shapes([], {}, {"x": (-1, 4)}, {"s": (-1, side, side)})
     with pytest.raises(ValueError, match="empty"):
-        infer_shapes([Op("Slice", ("x",), "y", {"starts": [3], "ends": [1], "axes": [1]})], {}, (-1, 4), "x")
+        infer_shapes([Op("Slice", ("x",), "y", {"starts": [3], "ends": [1], "axes": [1]})], {}, {"x": (-1, 4)})
     with pytest.raises(ValueError, match="op Pad .* pads must be an attribute"):
-        infer_shapes([Op("Pad", ("x", "p"), "y")], {"p": np.zeros(4, np.int64)}, (-1, 4), "x")
+        infer_shapes([Op("Pad", ("x", "p"), "y")], {"p": np.zeros(4, np.int64)}, {"x": (-1, 4)})
     with pytest.raises(ValueError, match="groups"):
-        infer_shapes([Op("Conv", ("x", "w"), "y", {"group": 2})], {"w": np.zeros((3, 2, 1, 1))}, (-1, 4, 3, 3), "x")
+        infer_shapes([Op("Conv", ("x", "w"), "y", {"group": 2})], {"w": np.zeros((3, 2, 1, 1))}, {"x": (-1, 4, 3, 3)})
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -334,7 +335,7 @@ def test_erf_is_accurate_to_a_few_ulps(dtype):
     """Against the C library's erf (correctly rounded to within 1 ulp) on a dense grid over every piece."""
     x = np.concatenate([np.linspace(-7, 7, 200_001), np.geomspace(1e-300, 1, 1000), [0.0, -0.0, 1.0, 3.0, 6.0]])
     want = np.array([math.erf(v) for v in x])
-    got = _erf(x.astype(dtype))
+    got = erf(x.astype(dtype))
     assert got.dtype == dtype
     if dtype == np.float64:
         assert np.abs(got - want).max() <= 2e-15  # ~10 ulp of 1: exp(-x^2)'s rounding in erfc
@@ -342,7 +343,7 @@ def test_erf_is_accurate_to_a_few_ulps(dtype):
         assert (np.abs(got - want)[small] <= 4e-15 * np.abs(want[small])).all()
     else:
         np.testing.assert_allclose(got, want.astype(np.float32), rtol=4e-7, atol=2e-7)  # a few float32 ulps
-    assert np.isnan(_erf(np.array([np.nan])))[0] and _erf(np.array([-np.inf, np.inf])).tolist() == [-1.0, 1.0]
+    assert np.isnan(erf(np.array([np.nan])))[0] and erf(np.array([-np.inf, np.inf])).tolist() == [-1.0, 1.0]
 
 
 # A ViT's last block, cut after its first LayerNorm: the head's input is norm1's output, the side input the
@@ -544,7 +545,7 @@ def test_float32_heads_compute_in_float32(case, monkeypatch):
             assert all(g.dtype == y.dtype == dy.dtype for g in grads if g is not None)
             return grads
 
-        return npcam.head._Rule(rule.forward, backward)
+        return npcam.head.Rule(rule.forward, backward, rule.shape)
 
     for name, rule in list(npcam.head.OPS.items()):
         monkeypatch.setitem(npcam.head.OPS, name, checked(rule))

@@ -105,7 +105,7 @@ def test_export_records_held_out_agreement(tiny, folders, tmp_path, capsys):
     q = json.loads((out / "bundle.json").read_text())["int8"]
     assert q["images"] == 4 and q["check_images"] == 3 and "held-out half" in q["checked_on"]
     assert "held-out half" in lines[1] and q["settings"] in quantize.SETTINGS
-    assert q["portable"] == quantize.portable(q["settings"]) and q["cpu_family"] == npcam.model.cpu_family()
+    assert q["portable"] == quantize.portable(q["settings"]) and q["cpu_family"] == npcam.cpu.cpu_family()
     # the recorded agreement is the runtime's, on the held-out files
     fp32, int8 = npcam.load(fp32_bundle), npcam.load(out)
     held_out = quantize.image_sets(folders / "calibration")[1]
@@ -127,14 +127,14 @@ def test_export_checks_on_a_second_folder(tiny, folders, tmp_path, capsys):
 
 
 def test_cpu_family():
-    assert npcam.model.cpu_family(X86_EPYC, "x86_64") == "x86_64 vnni"
-    assert npcam.model.cpu_family(X86_HASWELL, "x86_64") == "x86_64"
-    assert npcam.model.cpu_family(ARM64_NEOVERSE_N1, "aarch64") == "aarch64"
+    assert npcam.cpu.cpu_family(X86_EPYC, "x86_64") == "x86_64 vnni"
+    assert npcam.cpu.cpu_family(X86_HASWELL, "x86_64") == "x86_64"
+    assert npcam.cpu.cpu_family(ARM64_NEOVERSE_N1, "aarch64") == "aarch64"
 
 
 def test_warns_once_for_a_trunk_that_is_not_portable(tiny, tmp_path, capsys, monkeypatch):
     _, fp32_bundle = tiny
-    monkeypatch.setattr(npcam.model, "_warned", set())
+    monkeypatch.setattr(npcam.cpu, "_warned", set())
     bundles = []
     kinds = (("other", "aarch64-elsewhere", False), ("same", None, False), ("ok", "x", True))
     for name, family, portable in kinds:
@@ -142,7 +142,7 @@ def test_warns_once_for_a_trunk_that_is_not_portable(tiny, tmp_path, capsys, mon
         shutil.copytree(fp32_bundle, path)
         meta = bundle_format.peek_meta(path)
         # no same_on: the family measured on is the only one
-        q = {"settings": "u8s8", "portable": portable, "cpu_family": family or npcam.model.cpu_family()}
+        q = {"settings": "u8s8", "portable": portable, "cpu_family": family or npcam.cpu.cpu_family()}
         bundle_format.seal(path, {**meta, "precision": "int8", "int8": q})
         bundles.append(path)
     for path in bundles[1:]:  # measured on this kind of CPU, or portable: no warning

@@ -111,7 +111,7 @@ def test_spatial_bundle_round_trip_and_scores(spatial):
     np.testing.assert_array_equal(pred.features, features[0])
     assert pred.head_input.shape == (1, 16, 8, 8) and pred.sides == {}
     # The map's gradient is the FC row laid on the map: position dependent, unlike a pooled head's.
-    grad = model.grid_gradient(pred, [1, 3])
+    grad = model.probe(pred, [1, 3]).gradient()
     assert grad.shape == (2, 16, 8, 8) and grad.dtype == np.float64
     np.testing.assert_allclose(grad, weight[[1, 3]].reshape(2, 16, 8, 8), rtol=1e-6)
     np.testing.assert_array_equal(model.from_grid(pred.features[None], pred.head_input), pred.features[None])
@@ -145,7 +145,7 @@ def test_token_bundle_round_trip_and_scores(tokens):
         np.testing.assert_array_equal(pred.sides["resid"], resid[j : j + 1])
         np.testing.assert_array_equal(model.from_grid(pred.features[None], pred.head_input), pred.head_input)
     # Sides constant: d score_c / d token = W_c / 17 at every token; the CLS token's share is dropped.
-    grad = model.grid_gradient(preds[0], [0, 2])
+    grad = model.probe(preds[0], [0, 2]).gradient()
     assert grad.shape == (2, 6, 4, 4) and grad.dtype == np.float64
     np.testing.assert_allclose(grad, np.broadcast_to(weight[[0, 2], :, None, None] / 17, grad.shape), rtol=1e-6)
     # from_grid keeps like's prefix token for every map of a batch, and the head scores them.
@@ -160,7 +160,7 @@ def test_token_bundle_round_trip_and_scores(tokens):
 
 
 def test_pooled_bundles_of_format_3_keep_loading(tmp_path, tiny_model):
-    """A graph head without the format-4 keys is a pooled head; from_grid pools; grid_gradient spreads G / hw."""
+    """A graph head without the format-4 keys is a pooled head; from_grid pools; the probe's gradient spreads G / hw."""
     rng = np.random.default_rng(5)
     weight = rng.normal(0, 0.5, (CLASSES, 512)).astype(np.float32)
     ops = [Op("Flatten", ("p",), "flat", {"axis": 1}), Op("Gemm", ("flat", "w"), "scores", {"transB": 1})]
@@ -181,7 +181,7 @@ def test_pooled_bundles_of_format_3_keep_loading(tmp_path, tiny_model):
     pred = model.predict(synthetic_image(64, 64))
     np.testing.assert_allclose(pred.head_input, pred.features.mean(axis=(1, 2))[None], rtol=1e-6)
     np.testing.assert_allclose(pred.logits, pred.features.mean(axis=(1, 2)) @ weight.T, rtol=1e-5, atol=1e-6)
-    grad = model.grid_gradient(pred, [2])
+    grad = model.probe(pred, [2]).gradient()
     np.testing.assert_allclose(grad[0], np.broadcast_to(weight[2, :, None, None] / 4, (512, 2, 2)), rtol=1e-6)
     np.testing.assert_allclose(model.from_grid(pred.features[None], pred.head_input), pred.head_input, rtol=1e-6)
 

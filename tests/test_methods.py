@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import PHOTOS, record
+from references import torch_eigen_cam
 
 import npcam
 import npcam.metrics
 from export.from_torch import Trunk
 from npcam import methods
 from npcam.cam import normalize, weighted_maps
+from npcam.methods.ablation import ablation_weights
 
 torchcam = pytest.importorskip("torchcam", reason="TorchCAM (in the test extra) is the reference for these tests")
 from torchcam import methods as tc  # noqa: E402
@@ -146,7 +148,7 @@ def test_ablation_weights_equal_brute_force_ablation(model, preds):
         ablated[k] = 0
         score = model.head.forward(ablated.mean(axis=(1, 2))[None].astype(np.float32))[0]
         brute[:, k] = (base[classes] - score[classes]) / base[classes]
-    got = methods.ablation_weights(model, pred, classes)
+    got = ablation_weights(model.probe(pred, classes))
     np.testing.assert_allclose(got, brute, rtol=1e-4, atol=1e-6 * np.abs(brute).max())
 
 
@@ -155,7 +157,7 @@ def test_ablation_on_a_graph_head_equals_brute_force(tmp_path):
 
     graph = npcam.load(run_torch("models:mlp_head", tmp_path / "b", input_size=128))
     pred = graph.predict(PHOTOS[0])
-    got = methods.ablation_weights(graph, pred, [pred.top1])[0]
+    got = ablation_weights(graph.probe(pred, [pred.top1]))[0]
     y = pred.logits[pred.top1]
     for k in (0, 5, 77):
         p = pred.pooled.copy()
@@ -165,13 +167,7 @@ def test_ablation_on_a_graph_head_equals_brute_force(tmp_path):
 
 def test_eigen_cam_is_the_first_principal_component_with_a_positive_sign(model, preds):
     for pred in preds:
-        a = torch.from_numpy(pred.features).double().flatten(1).T  # [hw, C]
-        centred = a - a.mean(dim=0)
-        projection = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[0]
-        mean = a.mean(dim=1)
-        if torch.dot(projection - projection.mean(), mean - mean.mean()) < 0:
-            projection = -projection
-        want = shown(projection.reshape(pred.features.shape[1:]))
+        want = shown(torch_eigen_cam(torch.from_numpy(pred.features)))
         got = model.cam(pred, [1, 2], method="eigencam")
         np.testing.assert_allclose(got[0], want, atol=1e-6)
         np.testing.assert_array_equal(got[0], got[1])  # class-agnostic

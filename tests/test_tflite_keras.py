@@ -332,7 +332,7 @@ def test_a_flatten_head_is_explained_at_its_map_channels_first(route, tmp_path):
     want_a = a.numpy()[0].transpose(2, 0, 1)
     want_g = tape.gradient(score, a).numpy()[0].transpose(2, 0, 1)
     assert record("Keras Flatten head features, abs", np.abs(pred.features - want_a).max()) <= 1e-5
-    got_g = model.grid_gradient(pred, [pred.top1])[0]
+    got_g = model.probe(pred, [pred.top1]).gradient()[0]
     error = np.abs(got_g - want_g).max() / np.abs(want_g).max()
     assert record(f"Keras Flatten head gradient ({route}), relative", error) <= 1e-4
 

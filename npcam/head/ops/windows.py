@@ -1,10 +1,10 @@
-"""Pooling and convolution for :mod:`npcam.head`: the ops whose windows slide over the spatial axes.
+"""Pooling and convolution: the head's ops whose windows slide over the spatial axes.
 
 Forward and vector-Jacobian product of MaxPool, AveragePool, GlobalMaxPool, GlobalAveragePool and Conv, over
 any number of spatial axes (2 onwards), with ONNX's attributes (kernel_shape, strides, pads, dilations,
 ceil_mode, count_include_pad, group, auto_pad). The windows are strided views of the padded input (no copy);
 a convolution is one matrix product per group on them, and every adjoint adds the window cotangents back,
-one kernel offset at a time. The cotangents carry a leading class axis, as everywhere in :mod:`npcam.head`.
+one kernel offset at a time. The cotangents carry a leading target axis, as in every rule (:mod:`.rule`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .rule import Rule, Shape, within_budget
 
 
 @dataclass(frozen=True)
@@ -233,3 +235,62 @@ def conv_backward(a, at, y, dy, v):
     order = (0, 1, 2 + n, *range(2, 2 + n), *range(3 + n, 3 + 2 * n))
     dcols = dcols.transpose(order).reshape(k, batch, channels, *w.out, *w.kernel)
     return [scatter_windows(dcols, x.shape, w)] + [None] * (len(a) - 1)
+
+
+def _within_windows_budget(x: Shape, win: Windows) -> None:
+    """What a pool or a convolution allocates besides its output: the padded input (huge pads with a huge
+    stride give a small output) and the windows' copy (a huge kernel)."""
+    padded = [max(n, b + size + e) for n, b, size, e in zip(win.length, win.pad_begin, x[2:], win.pad_end)]
+    within_budget("its padded input", (x[0], x[1], *padded))
+    within_budget("its windows", (x[0], x[1], *win.out, *win.kernel))
+
+
+def _spatial(x: Shape, what: str) -> None:
+    if len(x) < 3:
+        raise ValueError(f"{what} needs an input [N, C, spatial...], not {list(x)}")
+
+
+def _conv_shape(s: list[Shape], at: dict) -> Shape:
+    x, w = s[0], s[1]
+    if len(x) < 1 or len(w) < 1:
+        raise ValueError("needs an input and a weight")
+    if pointwise(x, w, at):
+        if math.prod(x[1:]) != math.prod(w[1:]):
+            raise ValueError(f"input {list(x)} and weight {list(w)} do not fit a 1x1 convolution")
+        if len(s) > 2 and math.prod(np.broadcast_shapes((x[0], w[0]), s[2])) != x[0] * w[0]:
+            raise ValueError(f"bias {list(s[2])} does not fit {w[0]} channels")
+        return (x[0], w[0], 1, 1)
+    _spatial(x, "a convolution")
+    groups = int(at.get("group", 1))
+    if len(w) != len(x) or groups < 1 or x[1] != w[1] * groups or w[0] % groups:
+        raise ValueError(f"input {list(x)} and weight {list(w)} do not fit a convolution in {groups} groups")
+    if "kernel_shape" in at and tuple(int(k) for k in at["kernel_shape"]) != tuple(w[2:]):
+        raise ValueError(f"kernel_shape {list(at['kernel_shape'])} is not the weight's {list(w[2:])}")
+    if len(s) > 2 and tuple(s[2]) != (w[0],):
+        raise ValueError(f"bias {list(s[2])} does not fit {w[0]} channels")
+    win = conv_windows(x, w, at)
+    _within_windows_budget(x, win)
+    return (x[0], w[0], *win.out)
+
+
+def _pool_shape(s: list[Shape], at: dict) -> Shape:
+    x = s[0]
+    _spatial(x, "a pool")
+    win = pool_windows(x, at)
+    _within_windows_budget(x, win)
+    return (x[0], x[1], *win.out)
+
+
+def _global_shape(s: list[Shape], at: dict) -> Shape:
+    x = s[0]
+    _spatial(x, "a global pool")
+    return (x[0], x[1], *[1] * (len(x) - 2))
+
+
+RULES: dict[str, Rule] = {
+    "Conv": Rule(conv_forward, conv_backward, _conv_shape),
+    "MaxPool": Rule(max_pool_forward, max_pool_backward, _pool_shape),
+    "AveragePool": Rule(average_pool_forward, average_pool_backward, _pool_shape),
+    "GlobalMaxPool": Rule(global_max_forward, global_max_backward, _global_shape),
+    "GlobalAveragePool": Rule(global_average_forward, global_average_backward, _global_shape),
+}

@@ -1,0 +1,156 @@
+"""One image's explained layer and k targets: everything a method may ask of the network.
+
+A method (:mod:`npcam.methods`) is a function of a :class:`Probe`. The probe holds the layer ``A`` on its grid
+and answers the three questions the methods ask:
+
+- the targets' gradient with respect to ``A`` (:meth:`Probe.gradient`; on a globally pooled head, with respect
+  to the pooled vector, :meth:`Probe.pooled_gradient`), by the head's exact vector-Jacobian product;
+- the targets' scores when ``A`` is changed (:meth:`Probe.score_layers`), which runs only the head;
+- the targets' scores when the network's input is changed (:meth:`Probe.score_inputs`), which runs it all.
+
+Multi-pass work goes in batches, reporting progress and checking ``should_stop`` between them
+(:mod:`npcam.cancel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .cancel import OnProgress, ShouldStop, check
+
+if TYPE_CHECKING:
+    from .model import Model, Prediction
+    from .targets import Target
+
+# At most this many layer variants per head pass of a multi-pass method (Ablation-CAM, Recipro-CAM).
+LAYER_BATCH = 256
+# At most this many bytes of head values (every op's output, for the whole batch) per head pass of a
+# multi-pass method on a head that is not pooled: a ViT-S last block holds about 2 M values per image.
+HEAD_PASS_BYTES = 128 * 2**20
+# Network inputs per trunk call of Score-CAM.
+INPUT_BATCH = 32
+
+
+class Probe:
+    """One image's explained layer and k targets (see the module's docstring).
+
+    Attributes
+    ----------
+    features : float32 ``[C, h, w]``, ``A``: the explained layer on its grid
+    input : float32 ``[1, 3, H, W]``, the network input
+    pooled : whether the head starts at ``A``'s spatial mean ``p`` (the closed forms of docs/methods.md hold)
+    affine : whether the head is ``W p + b`` after global pooling (where CAM is defined)
+    target : the :class:`~npcam.targets.Target` explained, of ``k`` scores
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        prediction: Prediction,
+        target: Target,
+        on_progress: OnProgress | None = None,
+        should_stop: ShouldStop | None = None,
+    ):
+        self._model, self._prediction = model, prediction
+        self.target = target
+        self.features = prediction.features
+        self.input = prediction.input
+        self.pooled = model.head.layout == "pooled"
+        self.affine = model.head.kind == "affine"
+        self.on_progress, self.should_stop = on_progress, should_stop
+
+    @property
+    def k(self) -> int:
+        return len(self.target.names)
+
+    @cached_property
+    def scores(self) -> np.ndarray:
+        """The k targets' scores for this image, float64 ``[k]``."""
+        return self.target.scores(self._prediction.logits[None])[0]
+
+    @cached_property
+    def pooled_vector(self) -> np.ndarray:
+        """float32 ``[C]``, ``p``: ``A``'s spatial mean (what a pooled head scores)."""
+        return self._prediction.pooled
+
+    def pooled_gradient(self) -> np.ndarray:
+        """``G = d target / d p`` on a globally pooled head: float64 ``[k, C]`` (the FC rows' combination for an
+        affine head, whose closed forms the methods use)."""
+        if not self.pooled:
+            raise ValueError("pooled_gradient: the head does not start at a globally pooled vector")
+        return self._pooled_gradient
+
+    @cached_property
+    def _pooled_gradient(self) -> np.ndarray:
+        pred = self._prediction
+        seed = self.target.seed(pred.logits[None])
+        return self._model.head.vjp(pred.pooled[None], seed, pred.sides)
+
+    @cached_property
+    def _gradient(self) -> np.ndarray:
+        head, pred = self._model.head, self._prediction
+        if self.pooled:  # the pooled vector's gradient spread evenly: G / (h w) at every position
+            channels, h, w = self.features.shape
+            spread = (self._pooled_gradient / (h * w))[:, :, None, None]
+            return np.broadcast_to(spread, (self.k, channels, h, w)).copy()
+        g = head.vjp(pred.head_input, self.target.seed(pred.logits[None]), pred.sides)
+        return self._model.to_grid(g.reshape(self.k, *head.input_shape[1:]))
+
+    def gradient(self) -> np.ndarray:
+        """``d target / d A`` on the grid: float64 ``[k, C, h, w]`` (computed once).
+
+        Exact reverse mode through the head, its side inputs constant (as a forward hook on the layer makes them
+        in autograd). Tokens: the prefix tokens' gradient is dropped (as pytorch-grad-cam's reshape_transform
+        does).
+        """
+        return self._gradient
+
+    def check(self) -> None:
+        """Raise :class:`~npcam.cancel.Cancelled` if the caller asked to stop."""
+        check(self.should_stop)
+
+    def progress(self, done: int, total: int) -> None:
+        if self.on_progress:
+            self.on_progress(done, total)
+
+    def head_batch(self, limit: int = LAYER_BATCH) -> int:
+        """How many layer variants one head pass takes: at most ``limit``, and at most :data:`HEAD_PASS_BYTES`
+        of values (a graph head keeps every op's output during a pass)."""
+        per_image = self._model.head.bytes_per_input
+        return int(max(1, min(limit, HEAD_PASS_BYTES // max(1, per_image))))
+
+    def score_layers(
+        self, variants: Callable[[int, int], np.ndarray], count: int, probabilities: bool = False
+    ) -> np.ndarray:
+        """The targets' scores of ``count`` variants of ``A``: float64 ``[count, k]`` (probabilities with
+        ``probabilities``).
+
+        ``variants(start, stop)`` makes variants ``start..stop-1`` as float32 ``[n, C, h, w]``; only the head
+        runs, in batches of :meth:`head_batch`, on head inputs made of them (a pooled head takes their spatial
+        mean; a token head's prefix tokens and the side inputs are this image's).
+        """
+        model, pred = self._model, self._prediction
+        batch = self.head_batch()
+        score = self.target.probabilities if probabilities else self.target.scores
+        out = np.empty((count, self.k))
+        for start in range(0, count, batch):
+            self.check()
+            stop = min(start + batch, count)
+            x = model.from_grid(variants(start, stop), pred.head_input)
+            out[start:stop] = score(model.head_scores(x, pred.sides))
+            self.progress(stop, count)
+        return out
+
+    def score_pooled(self, vectors: np.ndarray) -> np.ndarray:
+        """The targets' scores of pooled vectors ``[n, C]`` (a pooled head's variants): float64 ``[n, k]``."""
+        pred = self._prediction
+        return self.target.scores(self._model.head_scores(vectors, pred.sides))
+
+    def score_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        """The targets' scores of network inputs float32 ``[n, 3, H, W]`` (the whole network runs): float64
+        ``[n, k]``."""
+        return self.target.scores(self._model.scores(inputs))
