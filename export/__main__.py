@@ -19,22 +19,28 @@ import math
 import sys
 from pathlib import Path
 
-import onnx
-
 from npcam import NpcamError
 from npcam.arguments import OneLineParser, between
 from npcam.bundle import CACHE_DIR
 
-from .api import OPSET, auto, run, run_onnx, run_torch
 from .archs import ARCHS
 from .errors import ExportError
 from .sizes import input_size_argument
 
-OPSETS = between(7, onnx.defs.onnx_opset_version())  # what onnx knows; torch may support fewer, and says so
 AUTO = "auto"
+# Every route reads or writes ONNX; without the package the exporter says so in one line.
+NEEDS_ONNX = (
+    "npcam-export: the exporter needs the onnx package: pip install 'npcam[onnx]' for the ONNX route, "
+    "'npcam[export]' for the torch routes"
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    import onnx
+
+    from .api import OPSET
+
+    opsets = between(7, onnx.defs.onnx_opset_version())  # what onnx knows; torch may support fewer, and says so
     parser = OneLineParser(
         prog="npcam-export",
         description="Turn a classifier into an npcam model bundle (see the README, 'Your own model').",
@@ -76,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, arch in sorted(ARCHS.items()):
         p = routes.add_parser(name, parents=[common], help=f"built-in {name} ({arch.input_size}px)")
         p.add_argument("--weights", type=Path, help="state-dict .pth (default: the official weights; see the README)")
-        p.add_argument("--opset", type=OPSETS, default=OPSET, help=f"ONNX opset (default {OPSET})")
+        p.add_argument("--opset", type=opsets, default=OPSET, help=f"ONNX opset (default {OPSET})")
     routes.add_parser(AUTO, help="the demo's model: an existing default bundle, else resnet18, else efficientnet_lite0")
     p = routes.add_parser("onnx", parents=[common, preprocessing], help="any ONNX image classifier (no torch needed)")
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
@@ -88,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = routes.add_parser("torch", parents=[common, preprocessing], help="a torch module from MODULE:CALLABLE")
     p.add_argument("spec", metavar="MODULE:CALLABLE", help="e.g. mypkg.models:build (run from where it imports)")
     p.add_argument("--weights", type=Path, help="a state dict to load into the module (strict)")
-    p.add_argument("--opset", type=OPSETS, default=OPSET, help=f"ONNX opset (default {OPSET})")
+    p.add_argument("--opset", type=opsets, default=OPSET, help=f"ONNX opset (default {OPSET})")
     p.add_argument("--layer", metavar="MODULE", help="the module to explain, e.g. blocks.3.norm1 (default: see docs/export.md)")
     p = routes.add_parser("tflite", parents=[common, preprocessing], help="a TensorFlow Lite classifier, float or int8")
     p.add_argument("model", type=Path, metavar="MODEL.tflite")
@@ -121,6 +127,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        print(NEEDS_ONNX, file=sys.stderr)
+        return 2
+    from .api import auto, run, run_onnx, run_torch
+
     args = parse_args(argv)
     try:
         if args.route == AUTO:

@@ -208,7 +208,7 @@ def _torch_versions() -> dict:
 def _grey_normalization(mean, std) -> tuple[list[float], list[float]]:
     """A grey model's mean and std: one value for all three channels, so that the luma of the normalized
     RGB input is the normalized luma. The default is the luma of ImageNet's."""
-    from .split import LUMA
+    from .trunk import LUMA
 
     mean = mean or [float(LUMA @ np.array(IMAGENET_MEAN))] * 3
     std = std or [float(LUMA @ np.array(IMAGENET_STD))] * 3
@@ -219,7 +219,7 @@ def _grey_normalization(mean, std) -> tuple[list[float], list[float]]:
 
 def _fed_by_npcam(reference, channels: int):
     """The reference as npcam's trunk sees it: a grey model gets the luma of the RGB input, as the trunk computes."""
-    from .split import LUMA
+    from .trunk import LUMA
 
     if channels == 3:
         return reference
@@ -228,9 +228,9 @@ def _fed_by_npcam(reference, channels: int):
 
 def _onnx_reference(original: onnx.ModelProto, layout: str, bgr: bool, output: str | None):
     """The original ONNX model in onnxruntime, fed npcam's NCHW RGB inputs converted to its own layout."""
-    from .split import _session
+    from .graph import session as quiet_session
 
-    session = _session(original)
+    session = quiet_session(original)
     name = session.get_inputs()[0].name
     wanted = [output or session.get_outputs()[0].name]
 
@@ -244,9 +244,9 @@ def _onnx_reference(original: onnx.ModelProto, layout: str, bgr: bool, output: s
 
 def _onnx_sizes(original: onnx.ModelProto, parts) -> list[tuple[int, int, int]]:
     """The inputs the self-check feeds both models: what the original model's declared input admits."""
-    from .split import _dims
+    from .graph import dims as declared_dims
 
-    dims = _dims(next(i for i in original.graph.input if i.name not in {x.name for x in original.graph.initializer}))
+    dims = declared_dims(next(i for i in original.graph.input if i.name not in {x.name for x in original.graph.initializer}))
     batch = 2 if not isinstance(dims[0], int) or dims[0] <= 0 else dims[0]
     spatial = dims[2:] if parts.layout == "NCHW" else dims[1:3]
     dynamic = not parts.fixed_size and not any(isinstance(d, int) and d > 0 for d in spatial)

@@ -415,8 +415,8 @@ def quantize_bundle(
             "faster_than_fp32": best in faster,
             "portable": portable(best),
             "cpu": cpu_name(),
-            "cpu_family": npcam.model.cpu_family(),
-            "same_on": same_on(best, npcam.model.cpu_family()),
+            "cpu_family": npcam.cpu.cpu_family(),
+            "same_on": same_on(best, npcam.cpu.cpu_family()),
             "format": "QDQ, onnxruntime quantize_static",
         },
     }

@@ -26,16 +26,14 @@ from npcam.head import AffineHead, GraphHead, recommended_precision
 
 from .errors import ExportError
 from .fold import fold
-from .graph import Values, index, inline_constant_ifs
-from .graph import dims as _dims  # export.api reads it from here
-from .graph import session as _session  # noqa: F401  (and this)
+from .graph import Values, dims, index, inline_constant_ifs
 from .head_finder import image_input, scores
 from .head_ops import head_ops
 from .layer import find_cut
 from .sizes import native_size
-from .trunk import LUMA, check_trunk, input_stride, trunk
+from .trunk import check_trunk, input_stride, trunk
 
-__all__ = ["LUMA", "Split", "split"]
+__all__ = ["Split", "split"]
 
 
 @dataclass
@@ -80,11 +78,11 @@ def split(
     model = inline_constant_ifs(model)
     g = index(model)
     image = image_input(model.graph)
-    layout = "NCHW" if _dims(image)[1] in (1, 3) else "NHWC"
-    channels = _dims(image)[1 if layout == "NCHW" else 3]
+    layout = "NCHW" if dims(image)[1] in (1, 3) else "NHWC"
+    channels = dims(image)[1 if layout == "NCHW" else 3]
     if channels == 1 and bgr:
         raise ExportError("--bgr does not apply: the model takes one (grey) channel")
-    static_hw = _dims(image)[2:] if layout == "NCHW" else _dims(image)[1:3]
+    static_hw = dims(image)[2:] if layout == "NCHW" else dims(image)[1:3]
     size = native_size(static_hw, input_size)  # (height, width)
     scores_name, output_kind, output_step = scores(g, output)
     values = Values(model, image.name, layout, size, channels)

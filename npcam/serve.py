@@ -11,7 +11,7 @@ docs/dataset-and-serve.md has the API table, the status codes and the limits.
 The bundle is loaded once. ``--workers`` requests are explained at once, each
 with ``cores / workers`` onnxruntime threads, so the cores are used and never
 oversubscribed; more requests wait their turn, up to ``--queue``. Multi-pass
-methods (Score-CAM; Ablation-CAM on a graph head) have their own limit and
+methods (Score-CAM; Ablation-CAM and Recipro-CAM on a graph head) have their own limit and
 queue (:class:`Admission`), so they never take the cheap requests' workers; a
 full queue answers 503 at once. ``--timeout`` stops a request between the
 batches of its passes. Ctrl-C or SIGTERM stop the
@@ -591,7 +591,7 @@ def add_admission_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue", type=between(0, 100_000), default=16, help="cheap requests that may wait for a worker; "
                    "beyond that 503 with Retry-After (default 16)")  # fmt: skip
     p.add_argument("--expensive-concurrency", type=between(1, MAX_THREADS), default=1, metavar="N", help="multi-pass requests "
-                   "(Score-CAM; Ablation-CAM on a graph head) explained at once, beside the workers (default 1)")  # fmt: skip
+                   "(Score-CAM; Ablation-CAM, Recipro-CAM on a graph head) explained at once, beside the workers (default 1)")  # fmt: skip
     p.add_argument("--expensive-queue", type=between(0, 100_000), default=2, metavar="N",
                    help="multi-pass requests that may wait; beyond that 503 with Retry-After (default 2)")  # fmt: skip
     p.add_argument("--timeout", type=seconds, default=60.0, help="time limit of a request in seconds; "

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EVAL, SAMPLE, needs_eval, random_resnet, synthetic_image
+from conftest import EVAL, REPO, SAMPLE, needs_eval, random_resnet, synthetic_image
 from PIL import Image
 
 import npcam
@@ -308,3 +308,16 @@ def test_a_file_that_is_not_a_state_dict_is_described_in_npcams_words(name, rout
     assert err.startswith(f"export: error: {tmp_path / name}: {description}") and err.count("\n") == 1, err
     assert "takes a state dict (torch.save(model.state_dict(), FILE)), or a checkpoint holding one" in err
     assert "weights_only" not in err and "Traceback" not in err and not out.exists()
+
+
+def test_the_exporter_without_onnx_says_so_in_one_line(tmp_path):
+    """The runtime alone (no `[onnx]` extra): npcam-export names the package to install, with no traceback."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['onnx'] = None; from export.__main__ import main; sys.exit(main())"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "onnx", str(tmp_path / "m.onnx")], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "pip install 'npcam[onnx]'" in result.stderr

@@ -34,7 +34,8 @@ def static_shapes_are_the_computed_ones(monkeypatch):
 
     def checked(self, *args, **kwargs):
         build(self, *args, **kwargs)
-        computed = {name: value.shape for name, value in self._run(np.zeros((1, self.channels))).items()}
+        zeros = {name: np.zeros((1, *shape[1:])) for name, shape in self.inputs.items()}
+        computed = {name: value.shape for name, value in self._run(zeros).items()}
         assert computed == {name: self.shapes[name] for name in computed}
 
     monkeypatch.setattr(GraphHead, "__init__", checked)

@@ -45,7 +45,8 @@ def static_shapes_are_the_computed_ones(monkeypatch):
     def checked(self, *args, **kwargs):
         build(self, *args, **kwargs)
         sides = {name: np.zeros((1, *shape[1:])) for name, shape in self.sides.items()}
-        computed = {name: value.shape for name, value in self._run(np.zeros((1, self.channels)), sides).items()}
+        zeros = {name: np.zeros((1, *shape[1:])) for name, shape in self.inputs.items()}
+        computed = {name: value.shape for name, value in self._run(zeros, sides).items()}
         assert computed == {name: self.shapes[name] for name in computed}
 
     monkeypatch.setattr(GraphHead, "__init__", checked)
@@ -240,7 +241,7 @@ def test_max_pool_routes_ties_to_the_first_maximum_in_the_window():
     x[0, 0, 1, 1] = 1.0  # the shared centre is the max of all four overlapping 2x2 windows
     x[0, 0, 0, 0] = x[0, 0, 0, 1] = 0.5  # ties elsewhere do not matter
     head = GraphHead(
-        [Op("MaxPool", ("x",), "scores", {"kernel_shape": [2, 2], "strides": [1, 1]})], {}, {"x": (-1, 1, 3, 3)}
+        [Op("MaxPool", ("x",), "scores", {"kernel_shape": [2, 2], "strides": [1, 1]})], {}, (-1, 1, 3, 3), "x"
     )
     g = head.gradient(x, [0, 1, 2, 3]).reshape(4, 3, 3)
     assert (g[:, 1, 1] == 1).all() and g.sum() == 4
@@ -313,10 +314,10 @@ def test_shapes_over_the_budget_are_refused_before_anything_runs():
     side = int(math.isqrt(MAX_VALUES)) + 1
     with pytest.raises(ValueError, match="its windows"):  # the im2col copy of a huge kernel on a huge map
         infer_shapes([Op("Conv", ("x", "w"), "y", {"pads": [60, 60, 60, 60]})], {"w": np.zeros((1, 64, 121, 121))},
-                     (-1, 64, 128, 128), "x")  # fmt: skip
+                     {"x": (-1, 64, 128, 128)})  # fmt: skip
     with pytest.raises(ValueError, match="its padded input"):  # a small output of a huge padded map
         infer_shapes([Op("MaxPool", ("x",), "y", {"kernel_shape": [1], "strides": [10**9], "pads": [0, 10**9]})], {},
-                     (-1, 2, 4), "x")  # fmt: skip
+                     {"x": (-1, 2, 4)})  # fmt: skip
     with pytest.raises(ValueError, match="its padded input"):
         infer_shapes([Op("AveragePool", ("x",), "y", {"kernel_shape": [1], "strides": [1], "pads": [0, 10**9],
                      "count_include_pad": 1})], {}, {"x": (-1, 2, 4)})  # fmt: skip
@@ -557,3 +558,39 @@ def test_float32_heads_compute_in_float32(case, monkeypatch):
     g64, g32 = head64.gradient(x, [0, 2]), head32.gradient(x, [0, 2])
     assert g32.dtype == np.float64
     np.testing.assert_allclose(g32, g64, rtol=0, atol=1e-4 * np.abs(g64).max())
+
+
+def test_a_head_of_several_inputs_has_each_inputs_exact_gradient():
+    """A detector's head takes one map per stride: two maps of different sizes, each through its own 1x1 conv,
+    flattened and joined. Each input's vector-Jacobian product against central differences (FD tolerances as
+    above), and zero where an input does not reach the output."""
+    rng = np.random.default_rng(3)
+    arrays = {"w1": rng.normal(size=(6, 3, 1, 1)), "w2": rng.normal(size=(6, 5, 1, 1)), "w3": rng.normal(size=(1, 2, 1, 1))}
+    ops = [
+        Op("Conv", ("a", "w1"), "ca"),
+        Op("Conv", ("b", "w2"), "cb"),
+        Op("Sigmoid", ("ca",), "sa"),
+        Op("Reshape", ("sa",), "ra", {"shape": [1, 6, -1]}),
+        Op("Reshape", ("cb",), "rb", {"shape": [1, 6, -1]}),
+        Op("Concat", ("ra", "rb"), "out", {"axis": 2}),
+        Op("Conv", ("c", "w3"), "unused"),
+    ]
+    inputs = {"a": (-1, 3, 4, 4), "b": (-1, 5, 2, 2), "c": (-1, 2, 2, 2)}
+    head = GraphHead(ops, arrays, None, output="out", layout="spatial", inputs=inputs)
+    assert (head.input, head.input_shape, head.output_shape, head.classes) == ("a", (-1, 3, 4, 4), (1, 6, 20), 120)
+    x = {name: rng.normal(size=(1, *shape[1:])) for name, shape in inputs.items()}
+    seed = rng.normal(size=(2, 1, 6, 20))
+    got = head.vjp_inputs(x, seed)
+    np.testing.assert_array_equal(got["a"], head.vjp(x, seed))
+    assert not got["c"].any() and got["c"].shape == (2, 8)
+    step = 1e-6
+    for name in ("a", "b"):
+        for i in range(x[name].size):
+            up, down = ({k: v.copy() for k, v in x.items()} for _ in range(2))
+            up[name].flat[i] += step
+            down[name].flat[i] -= step
+            change = head.forward_float64(up) - head.forward_float64(down)
+            want = seed.reshape(2, -1) @ change[0] / (2 * step)
+            np.testing.assert_allclose(got[name][:, i], want, rtol=FD_RTOL, atol=FD_ATOL)
+    with pytest.raises(ValueError, match="takes the inputs"):
+        head.forward(x["a"])

@@ -37,6 +37,10 @@ class GraphHead:
     grid : tokens only: ``(gh, gw)``, the patch tokens' grid (row-major)
     prefix : tokens only: how many tokens come before the patch tokens (1 for a CLS token, 2 with a
         distillation token, 0 for a mean-pooled model); ``L = prefix + gh * gw``
+    inputs : ``{name: shape}`` of every input the gradient flows to, when there are several (a detector's head
+        takes one map per stride, each ``[-1, C_s, h_s, w_s]``, layout "spatial"); ``input`` and ``input_shape``
+        are then its first entry (None: taken from it). ``x`` is then a dict ``{name: array}`` wherever it is
+        taken, and :meth:`vjp_inputs` gives each input's cotangents.
     """
 
     kind = "graph"
@@ -45,7 +49,7 @@ class GraphHead:
         self,
         ops: Sequence[Op],
         arrays: dict[str, np.ndarray],
-        input_shape: Sequence[int],
+        input_shape: Sequence[int] | None,
         input: str = "pooled",
         output: str = "scores",
         sides: dict[str, Sequence[int]] | None = None,
@@ -53,7 +57,12 @@ class GraphHead:
         layout: str = "pooled",
         grid: Sequence[int] | None = None,
         prefix: int = 0,
+        inputs: dict[str, Sequence[int]] | None = None,
     ):
+        if inputs:
+            input, input_shape = next(iter(inputs.items()))
+            if len(inputs) > 1 and (layout != "spatial" or any(len(shape) != 4 for shape in inputs.values())):
+                raise ValueError("a head with several inputs takes spatial maps [-1, C, h, w] only")
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
         self.layout, self.grid, self.prefix = _check_layout(layout, input_shape, grid, prefix)
@@ -64,32 +73,33 @@ class GraphHead:
         self.arrays = {k: np.asarray(v, dtype=self.dtype) if v.dtype.kind == "f" else v for k, v in arrays.items()}
         self.input_shape = tuple(int(d) for d in input_shape)
         self.input = input
+        self.inputs = {name: tuple(int(d) for d in shape) for name, shape in (inputs or {input: input_shape}).items()}
         self.output = output
         self.sides = {name: tuple(int(d) for d in shape) for name, shape in (sides or {}).items()}
         for op in self.ops:
             if op.op not in OPS:
                 raise ValueError(f"unsupported op {op.op} in the head")
-        inputs = {self.input: self.input_shape}
         # Shapes first, statically: a hostile head (an Expand to billions of values) is refused before
         # the zero forward below would allocate it.
-        self.shapes = infer_shapes(self.ops, self.arrays, inputs, self.sides)
+        self.shapes = infer_shapes(self.ops, self.arrays, self.inputs, self.sides)
         rewritten = rewrite.select_token_early(self.ops, self.arrays, self.shapes, self.output)
         if rewritten is not self.ops:
             self.ops = rewritten
-            self.shapes = infer_shapes(self.ops, self.arrays, inputs, self.sides)
-        # What depends on the input: the only tensors the gradient flows through (sides are constants).
-        self._variable = {self.input}
+            self.shapes = infer_shapes(self.ops, self.arrays, self.inputs, self.sides)
+        # What depends on the inputs: the only tensors the gradient flows through (sides are constants).
+        self._variable = set(self.inputs)
         for op in self.ops:
             if any(n in self._variable for n in op.inputs):
                 self._variable.add(op.output)
         zero_sides = {name: np.zeros((1, *shape[1:])) for name, shape in self.sides.items()}
         self.output_shape = self.shapes[self.output]
-        self.classes = int(self.forward(np.zeros((1, self.input_values)), zero_sides).shape[1])
+        zeros = {name: np.zeros((1, *shape[1:])) for name, shape in self.inputs.items()}
+        self.classes = int(self.forward(zeros if len(zeros) > 1 else zeros[self.input], zero_sides).shape[1])
 
     @property
     def input_values(self) -> int:
-        """The number of values of the head's input for one image."""
-        return math.prod(self.input_shape[1:])
+        """The number of values of the head's inputs for one image."""
+        return sum(math.prod(shape[1:]) for shape in self.inputs.values())
 
     @property
     def bytes_per_input(self) -> int:
@@ -107,8 +117,14 @@ class GraphHead:
             return self.input_shape[2]
         return self.input_values
 
-    def _run(self, x: np.ndarray, sides: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        values: dict[str, np.ndarray] = {self.input: x.astype(self.dtype).reshape(-1, *self.input_shape[1:])}
+    def _run(self, x, sides: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        given = x if isinstance(x, dict) else {self.input: x}
+        if set(given) != set(self.inputs):
+            raise ValueError(f"the head takes the inputs {list(self.inputs)}, not {list(given)}")
+        values: dict[str, np.ndarray] = {
+            name: np.asarray(given[name]).astype(self.dtype).reshape(-1, *shape[1:])
+            for name, shape in self.inputs.items()
+        }
         batch = values[self.input].shape[0]
         for name, shape in self.sides.items():
             if sides is None or name not in sides:
@@ -124,22 +140,22 @@ class GraphHead:
             values[op.output] = OPS[op.op].forward(args, op.attrs)
         return values
 
-    def forward(self, x: np.ndarray, sides: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """float ``[N, *input_shape[1:]]`` (or ``[N, prod]``) to float32 ``[N, K]``.
+    def forward(self, x, sides: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """float ``[N, *input_shape[1:]]`` (or ``[N, prod]``; a dict of them for several inputs) to float32 ``[N, K]``.
 
         ``sides`` maps each side input's name to its ``[N, ...]`` array (a batch of 1 is shared by all N).
         """
         return self.forward_float64(x, sides).astype(np.float32)
 
-    def forward_float64(self, x: np.ndarray, sides: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    def forward_float64(self, x, sides: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """As :meth:`forward`, float64 ``[N, K]``: as computed (in float32 for a float32 head)."""
         scores = self._run(x, sides)[self.output]
         return scores.reshape(scores.shape[0], -1).astype(np.float64, copy=False)
 
-    def trace(self, x: np.ndarray, sides: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    def trace(self, x, sides: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """One image's forward, keeping every value for :meth:`gradient` (``trace=``) to reuse, so that a
         transformer block does not run twice. ``trace[head.output]`` is the scores ``[1, K]`` as computed."""
-        return self._run(x.reshape(1, -1), sides)
+        return self._run(x, sides)
 
     def vjp(
         self,
@@ -152,12 +168,25 @@ class GraphHead:
 
         ``seed`` float ``[k, *output]`` holds k cotangents of the head's output (``d target_i / d output``, from
         :mod:`npcam.targets`); row i of the result is ``d target_i / d x``. ``x`` is one image's input (batch 1);
-        with ``trace`` (:meth:`trace` of that same input) its forward is not run again. One backward pass for
-        all k: every cotangent carries a leading axis of k before the forward value's own shape (whose batch
-        is 1), so each op's vector-Jacobian product broadcasts the forward values over it. Callers reshape to
-        ``[k, *input_shape[1:]]``. The side inputs are constants.
+        with ``trace`` (:meth:`trace` of that same input) its forward is not run again. Callers reshape to
+        ``[k, *input_shape[1:]]``. The side inputs are constants. For a head of several inputs, see
+        :meth:`vjp_inputs`; this is the first input's.
         """
-        values = self._run(x.reshape(1, -1), sides) if trace is None else trace
+        return self.vjp_inputs(x, seed, sides, trace)[self.input]
+
+    def vjp_inputs(
+        self,
+        x,
+        seed: np.ndarray,
+        sides: dict[str, np.ndarray] | None = None,
+        trace: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """As :meth:`vjp`, for every input: ``{name: float64 [k, prod(shape[1:])]}``.
+
+        One backward pass for all k: every cotangent carries a leading axis of k before the forward value's own
+        shape (whose batch is 1), so each op's vector-Jacobian product broadcasts the forward values over it.
+        """
+        values = self._run(x, sides) if trace is None else trace
         k = len(seed)
         grads: dict[str, np.ndarray] = {
             self.output: np.asarray(seed, dtype=self.dtype).reshape(k, *values[self.output].shape)
@@ -165,7 +194,7 @@ class GraphHead:
         for op in reversed(self.ops):
             dy = grads.pop(op.output, None)
             if dy is None or op.output not in self._variable:
-                continue  # this op does not reach the output, or does not depend on the input
+                continue  # this op does not reach the output, or does not depend on the inputs
             args = [values[n] if n in values else self.arrays[n] for n in op.inputs]
             variable = [n in self._variable for n in op.inputs]
             for name, is_var, g in zip(
@@ -173,9 +202,12 @@ class GraphHead:
             ):
                 if is_var and g is not None:
                     grads[name] = grads[name] + g if name in grads else g
-        if self.input not in grads:
-            return np.zeros((k, self.input_values))
-        return grads[self.input].reshape(k, -1).astype(np.float64, copy=False)
+        return {
+            name: grads[name].reshape(k, -1).astype(np.float64, copy=False)
+            if name in grads
+            else np.zeros((k, math.prod(shape[1:])))
+            for name, shape in self.inputs.items()
+        }
 
     def gradient(
         self,
