@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, Server
+from conftest import SAMPLE, SAMPLES, Server
 from PIL import Image
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (it is in the test extra)")
@@ -244,6 +244,16 @@ def test_a_map_on_its_way_shows_the_photo_without_the_old_map_or_box(server, bro
     settled(browser)
     assert_map_shown(browser, box=True)
 
+    # Another photo on its way: the last photo's top 5 are gone (clicking one would map the wrong photo's class).
+    browser.execute_script(HOLD)
+    browser.find_element(By.ID, "file").send_keys(str(SAMPLES / "coffee.jpg"))
+    WebDriverWait(browser, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#top5 button"))
+    assert_seen(browser, seen=("status",), unseen=("heat", "box"))
+    browser.execute_script("window.release()")
+    WebDriverWait(browser, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#top5 button")) == 5)
+    settled(browser)
+    assert_map_shown(browser, box=True, size=(600, 400))
+
 
 def test_a_bad_file_shows_the_servers_message_and_no_broken_picture(server, browser, tmp_path):
     bad = tmp_path / "notes.jpg"
@@ -256,6 +266,9 @@ def test_a_bad_file_shows_the_servers_message_and_no_broken_picture(server, brow
     assert "not an image Pillow can read" in status.text and status.get_attribute("class") == "error"
     assert_seen(browser, seen=("status",))
     assert_empty_state(browser)
+    browser.execute_script("document.getElementById('status').textContent = ''")
+    browser.find_element(By.ID, "file").send_keys(str(bad))  # the same file again is a new choice: the error again
+    WebDriverWait(browser, 30).until(lambda d: "not an image" in d.find_element(By.ID, "status").text)
 
     upload(browser, SAMPLE)  # a good one after it: its map, and no trace of the error
     assert_map_shown(browser, box=False)
