@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from .image import ImageLike
 from .labels import class_index
@@ -30,6 +30,8 @@ from .render import overlay
 from .upsample import upsample
 
 if TYPE_CHECKING:
+    from PIL import ImageDraw, ImageFont
+
     from .explain import Explanation
     from .model import Model, Prediction
 
@@ -88,6 +90,8 @@ def fit(image: np.ndarray, max_side: int | None) -> np.ndarray:
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    from PIL import ImageFont  # here, not at the top: `import npcam` (every CLI run) need not load it
+
     try:
         return ImageFont.load_default(size=13)  # Pillow >= 10.1 with FreeType: a scalable font
     except TypeError:  # older Pillow: the built-in bitmap font, one size
@@ -96,6 +100,8 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def _fitted(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     """``text`` cut (ending in "...") to ``width`` pixels; in Latin-1 for a bitmap font, which has no other."""
+    from PIL import ImageFont
+
     if not isinstance(font, ImageFont.FreeTypeFont):
         text = text.encode("latin-1", "replace").decode("latin-1")
     if draw.textlength(text, font=font) <= width:
@@ -112,6 +118,8 @@ def grid(cells: Sequence[Sequence[tuple[str, int, str, np.ndarray]]]) -> Picture
     ``[rows * (strip + h) + (rows - 1) * GAP, cols * w + (cols - 1) * GAP, 3]``
     (``strip``: the caption's height), with ``panels`` saying where each is.
     """
+    from PIL import ImageDraw
+
     font = _font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     _, above, _, below = measure.textbbox((0, 0), "Ag", font=font)  # the text's rows, from where it is drawn
