@@ -8,6 +8,7 @@ The data flows image -> tensor -> features -> CAM -> overlay::
     pred.top(5)                             # [(index, label, probability), ...]
     cam = model.cam(pred, size=pred.image.shape[:2])   # float32 [H, W] in [0, 1]
     picture = npcam.overlay(pred.image, cam, alpha=0.5)  # uint8 [H, W, 3]
+    npcam.compare(model, "photo.jpg", methods=["cam", "layercam"])  # the maps side by side (a notebook shows it)
 
 The pieces are plain functions on arrays and can be used alone: see
 :mod:`npcam.cam`, :mod:`npcam.upsample`, :mod:`npcam.render`, :mod:`npcam.image`.
@@ -30,6 +31,7 @@ from .explain import Explanation, Options, describe, draw, explain  # noqa: E402
 from .image import open_image, preprocess, read_image  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .model import Model, Prediction, default_model_dir, load  # noqa: E402
+from .notebook import Picture, compare  # noqa: E402
 from .render import JET, colorize, overlay  # noqa: E402
 from .upsample import upsample  # noqa: E402
 
@@ -42,10 +44,12 @@ __all__ = [
     "Model",
     "NpcamError",
     "Options",
+    "Picture",
     "cam_box",
     "Prediction",
     "class_activation_maps",
     "colorize",
+    "compare",
     "default_model_dir",
     "describe",
     "draw",

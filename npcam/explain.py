@@ -129,6 +129,18 @@ class Explanation:
             self._boxes[(i, threshold)] = cam_box(self.full(i), threshold)
         return self._boxes[(i, threshold)]
 
+    def _repr_png_(self) -> bytes:
+        """How a notebook shows it: the overlays, captioned with the method and the classes (npcam.notebook)."""
+        from .notebook import explanation_png
+
+        return explanation_png(self)
+
+    def _repr_html_(self) -> str:
+        """How a notebook shows it: the overlays, the method and the top classes (npcam.notebook)."""
+        from .notebook import explanation_html
+
+        return explanation_html(self)
+
 
 def explain(
     model: Model,
