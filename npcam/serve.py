@@ -54,6 +54,7 @@ MAX_BODY = 25 * 2**20  # bytes; a 12 MP JPEG is 3-8 MB
 DRAIN = 64 * 2**20  # an oversized body up to this size is read to its end before the 413 goes out
 log = logging.getLogger("npcam.serve")
 GONE = "npcam.client_gone"  # scope key: a function telling whether the client has closed the connection
+GRACE_MARGIN = 10  # seconds past --timeout that a stopping server waits for its last answers
 CLIENT_CLOSED = 499  # the access log's status for a client that went away before its answer (as nginx logs it)
 
 
@@ -353,7 +354,10 @@ def make_app(
         except NpcamError as e:
             raise BadRequest(400, str(e)) from None
         except Cancelled:
-            raise _timed_out(timeout, f"so its {options.method} passes were stopped") from None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _timed_out(timeout, f"so its {options.method} passes were stopped") from None
+            # Abandoned: the client left, or the server is stopping and could wait no longer.
+            raise BadRequest(503, "the server is stopping; send the request again", {"Retry-After": "1"}) from None
         if fmt == "json":
             return json.dumps(describe(explanation, options)).encode(), "application/json"
         out = io.BytesIO()
@@ -561,7 +565,10 @@ def main(argv: list[str] | None = None) -> int:
         methods=offered,
         token=token,
     )
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="off")
+    # On SIGTERM the requests in flight are answered: with a time limit, each ends within it (so the stop waits
+    # that long and a margin); without one, the stop waits for them all (Ctrl-C twice forces it).
+    grace = None if args.timeout == 0 else args.timeout + GRACE_MARGIN
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace, lifespan="off")
     server = uvicorn.Server(config)
     # On Ctrl-C or SIGTERM uvicorn stops accepting, answers the requests in flight, then raises the
     # signal again: it arrives here, after the graceful part, as KeyboardInterrupt or _Stopped.
