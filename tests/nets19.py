@@ -245,3 +245,13 @@ LAYERS = {
     "vit_meanpool": ("norm", "pooled"),
     "swin_like": ("norm", "pooled"),
 }
+
+
+@_seeded
+def deit_mha():
+    return ViT(prefix=2)
+
+
+@_seeded
+def vit_meanpool_mha():
+    return ViT(prefix=0, pool="mean")
