@@ -234,17 +234,8 @@ def swin_like():
     return SwinLike()
 
 
-# builder -> (the default layer's module, its layout)
-LAYERS = {
-    "vgg_like": ("features", "spatial"),
-    "gmp": ("features", "spatial"),
-    "concat_pool": ("features", "spatial"),
-    "skip": ("stage", "spatial"),
-    "vit_cls": ("blocks.3.norm1", "tokens"),
-    "deit": ("blocks.3.norm1", "tokens"),
-    "vit_meanpool": ("norm", "pooled"),
-    "swin_like": ("norm", "pooled"),
-}
+# DeiT and the mean-pooled ViT on torch's nn.MultiheadAttention (sequence first inside: it moves the batch axis),
+# as vit_cls is: issue 25's files of a fixed batch of 1.
 
 
 @_seeded
@@ -255,3 +246,18 @@ def deit_mha():
 @_seeded
 def vit_meanpool_mha():
     return ViT(prefix=0, pool="mean")
+
+
+# builder -> (the default layer's module, its layout)
+LAYERS = {
+    "vgg_like": ("features", "spatial"),
+    "gmp": ("features", "spatial"),
+    "concat_pool": ("features", "spatial"),
+    "skip": ("stage", "spatial"),
+    "vit_cls": ("blocks.3.norm1", "tokens"),
+    "deit": ("blocks.3.norm1", "tokens"),
+    "vit_meanpool": ("norm", "pooled"),
+    "swin_like": ("norm", "pooled"),
+    "deit_mha": ("blocks.3.norm1", "tokens"),
+    "vit_meanpool_mha": ("norm", "pooled"),
+}
