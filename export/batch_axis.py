@@ -75,23 +75,23 @@ def follow(
 
     Raises :class:`Lost` when no placement of the batch keeps the images apart, or the search gives up.
     """
-    budget = [STEPS_PER_OP * max(len(ops), 1)]
-    deepest: list[tuple[int, str]] = [(-1, "")]
+    budget = STEPS_PER_OP * max(len(ops), 1)
+    furthest, reason = -1, "no op"  # the furthest op a placement reached, and why it failed there
     # Depth-first over the Reshapes' choices: (next op, the batch's place so far, the ops rewritten so far).
     stack: list[tuple[int, dict[str, Where], list[Op]]] = [(0, {name: FIRST for name in starts}, [])]
     while stack:
         index, where, done = stack.pop()
         where, done = dict(where), list(done)
         while index < len(ops):
-            budget[0] -= 1
-            if budget[0] < 0:
-                raise Lost("too many ways to place the batch in the head's Reshapes")
+            budget -= 1
+            if budget < 0:
+                raise Lost(f"too many ways to place the batch in the head's Reshapes; the furthest failed {reason}")
             op = ops[index]
             try:
                 choices = _step(op, arrays, shapes, where, shapes2)
             except Lost as e:
-                if index > deepest[0][0]:
-                    deepest[0] = (index, f"at {op.op} {op.output!r}: {e}")
+                if index > furthest:
+                    furthest, reason = index, f"at {op.op} {op.output!r}: {e}"
                 break
             (rewritten, place), *others = choices
             for other in reversed(others):  # tried if this one fails
@@ -102,9 +102,9 @@ def follow(
         else:
             if where.get(output) == FIRST:
                 return done
-            if len(ops) > deepest[0][0]:
-                deepest[0] = (len(ops), f"the scores {output!r} come out with the batch at {where.get(output)}")
-    raise Lost(deepest[0][1] or "no op")
+            if len(ops) > furthest:
+                furthest, reason = len(ops), f"the scores {output!r} come out with the batch at {where.get(output)}"
+    raise Lost(reason)
 
 
 def _step(op: Op, arrays, shapes, where: dict[str, Where], shapes2) -> list[tuple[Op, Where]]:

@@ -109,3 +109,38 @@ def test_ops_that_mix_the_images_of_a_batch_are_refused_saying_which(op, message
         return
     with pytest.raises(Lost, match=message):
         follow([op], arrays, shapes, ["x"], "scores")
+
+
+def test_a_head_that_mixes_the_batch_is_refused_in_one_line(tmp_path):
+    """Through the ONNX route: scores centred on their mean over the batch (a ReduceMean over axis 0 in the
+    head) give each image a score that depends on the others. Refused in one line, nothing written."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.api import run_onnx
+    from export.errors import ExportError
+
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "conv_w"),
+        numpy_helper.from_array(rng.normal(size=(K, 4)).astype(np.float32), "fc_w"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "conv_w"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["a"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], transB=1),
+        helper.make_node("ReduceMean", ["logits"], ["mean"], axes=[0], keepdims=1),
+        helper.make_node("Sub", ["logits", "mean"], ["scores"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    path = tmp_path / "centred.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString())
+    with pytest.raises(ExportError) as e:
+        run_onnx(path, tmp_path / "b")
+    message = str(e.value)
+    assert "\n" not in message and "cannot keep the images of a batch apart" in message, message
+    assert "ReduceMean" in message and "reduces over the batch's axis" in message and "nothing was written" in message
+    assert not (tmp_path / "b").exists()
