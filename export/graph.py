@@ -301,6 +301,9 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+PROBED_AT_ONCE = 256  # tensors whose shapes one run of the model gives (Values._probe_all): a ViT-L block has ~50
+
+
 class Values:
     """Shapes of the model's tensors at one input size, from shape inference or, failing that, by running it.
 
@@ -352,25 +355,27 @@ class Values:
         return self._shapes[name]
 
     def _probe_all(self) -> None:
-        """The shapes shape inference left unknown, of every tensor whose type it knows, from one run (one
-        onnxruntime session per tensor took seconds on a transformer's hundreds of tensors)."""
+        """The shapes shape inference left unknown, of the tensors whose type it knows, from a few runs: one
+        onnxruntime session per tensor took seconds on a transformer's hundreds of tensors, and all of them in
+        one run would hold every activation of a large model at once."""
         self._probed = True
-        fixed = copy.deepcopy(self.fixed_size_copy())
+        fixed = self.fixed_size_copy()
         try:
             typed = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(fixed).graph.value_info}
         except Exception:  # shape inference is best-effort
             return
         known = {o.name for o in fixed.graph.output} | set(self._shapes)
         names = [o for n in fixed.graph.node for o in n.output if o and o not in known and typed.get(o)]
-        if not names:
-            return
-        fixed.graph.output.extend(helper.make_tensor_value_info(n, typed[n], None) for n in names)
-        try:
-            values = session(fixed).run(names, {self.image: self.input_array(1)})
-        except Exception:  # a type shape inference got wrong, or a model that fails: ask tensor by tensor
-            return
-        for name, value in zip(names, values):
-            self._shapes[name] = list(np.shape(value))
+        for start in range(0, len(names), PROBED_AT_ONCE):
+            chunk = names[start : start + PROBED_AT_ONCE]
+            probe = copy.deepcopy(fixed)
+            probe.graph.output.extend(helper.make_tensor_value_info(n, typed[n], None) for n in chunk)
+            try:
+                values = session(probe).run(chunk, {self.image: self.input_array(1)})
+            except Exception:  # a type shape inference got wrong, or a model that fails: ask tensor by tensor
+                continue
+            for name, value in zip(chunk, values):
+                self._shapes[name] = list(np.shape(value))
 
     def fixed_size_copy(self) -> onnx.ModelProto:
         """The model with its image input fixed to batch 1 at ``size`` (made once)."""
