@@ -18,7 +18,6 @@ from npcam.bundle import default_model_dir, is_bundle, sha256_file
 from . import build
 from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from .errors import ExportError
-from .sizes import native_size
 from .split import Split, split
 
 if TYPE_CHECKING:
@@ -133,7 +132,7 @@ def run_torch(
         if not weights.is_file():
             raise ExportError(f"{weights}: no such weights file")
         from_torch.load_weights(net, load_state_dict(weights), weights, spec)
-    size = native_size([], input_size)  # (height, width)
+    size = from_torch.input_size(net, input_size, spec)  # (height, width)
     digest = sha256_file(weights) if weights else hashlib.sha256(spec.encode()).hexdigest()
     meta = {
         "arch": f"torch:{spec}",

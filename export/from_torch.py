@@ -12,6 +12,7 @@ import copy
 import importlib
 import io
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,11 @@ import onnx
 import torch
 from torch import nn
 
+from npcam.image import as_size
+
 from .errors import ExportError
+from .graph import first_line
+from .sizes import DEFAULT, SMALLEST
 
 
 def load_callable(spec: str) -> nn.Module:
@@ -64,6 +69,68 @@ def load_weights(net: nn.Module, state: dict, source: Path, name: str) -> None:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise ExportError(f"{source}: not {name} weights ({'; '.join(problems[:3])}{more})")
     net.load_state_dict(state, strict=True)
+
+
+# Square sides tried, in this order, for a module that runs neither at the size it declares nor at 224 px: larger
+# ones first, up to 512, then smaller ones, nearest first (every 8th, then every side below 64), then up to 1024.
+# Larger first: a model whose learned position embedding is added to its tokens also runs, by broadcasting, at
+# a size of a single patch. Where one runs, the smallest side of its band is taken (a stride-s model runs at
+# s*h to s*h+s-1, and was made for s*h).
+SEARCHED = [*range(232, 513, 8), *range(216, 63, -8), *range(63, SMALLEST - 1, -1), *range(520, 1025, 8)]
+SEARCH_SECONDS = 60.0  # a module that runs at no square size stops the search (each try runs it)
+
+
+def input_size(net: nn.Module, requested: int | tuple[int, int] | None, spec: str) -> tuple[int, int]:
+    """The ``(H, W)`` to export ``net`` at: ``requested`` (``--input-size``), else the module's own size.
+
+    The module's own size is the one it declares (timm's ``pretrained_cfg`` or ``default_cfg``
+    ``input_size``), else 224x224 where it runs there, else the first square it runs at in the order of
+    :data:`SEARCHED` (a ViT's learned position embedding, a VGG-style Flatten over a map of one size: a module
+    made for one size). Refuses in one line when none runs.
+    """
+    wanted = as_size(requested)
+    if wanted is not None:
+        return wanted
+    for name in ("pretrained_cfg", "default_cfg"):
+        config = getattr(net, name, None)
+        declared = config.get("input_size") if isinstance(config, dict) else None
+        if isinstance(declared, (tuple, list)) and len(declared) == 3 and all(isinstance(d, int) for d in declared):
+            return int(declared[1]), int(declared[2])
+    problem = _runs(net, DEFAULT)
+    if problem is None:
+        return DEFAULT
+    started, tried = time.monotonic(), []
+    for side in SEARCHED:
+        if time.monotonic() - started > SEARCH_SECONDS:
+            break
+        tried.append(side)
+        if _runs(net, (side, side)) is None:
+            while side > SMALLEST and _runs(net, (side - 1, side - 1)) is None:
+                side -= 1
+            return side, side
+    searched = (
+        f"any square image from {SMALLEST} to {max(SEARCHED)} px"
+        if len(tried) == len(SEARCHED)
+        else f"the {len(tried)} square sizes it was tried at in {SEARCH_SECONDS:.0f} s"
+    )
+    raise ExportError(
+        f"{spec}: the module does not run on a 224x224 image ({problem}), nor on {searched}; "
+        "give its input size with --input-size S or HxW"
+    )
+
+
+def _runs(net: nn.Module, size: tuple[int, int]) -> str | None:
+    """None when the module runs on a ``size`` image (RGB or grey), else what went wrong (one line)."""
+    problem = None
+    for channels in (3, 1):
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                net.eval()(torch.zeros(1, channels, *size))
+            return None
+        except Exception as e:  # the module says no in its own way
+            problem = problem or f"{type(e).__name__}: {first_line(e)}"
+    return problem
 
 
 def to_onnx(net: nn.Module, input_size: tuple[int, int], opset: int) -> onnx.ModelProto:

@@ -301,6 +301,9 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+PROBED_AT_ONCE = 256  # tensors whose shapes one run of the model gives (Values._probe_all): a ViT-L block has ~50
+
+
 class Values:
     """Shapes of the model's tensors at one input size, from shape inference or, failing that, by running it.
 
@@ -312,6 +315,7 @@ class Values:
         self.model, self.image, self.layout, self.size, self.channels = model, image, layout, size, channels
         self._shapes: dict[str, list[int]] | None = None
         self._fixed: onnx.ModelProto | None = None
+        self._probed = False
         input_dims = dims(next(i for i in model.graph.input if i.name == image))
         self.one_image = input_dims[0] == 1  # made for batch 1: its shape constants may say 1 for the batch
 
@@ -338,7 +342,9 @@ class Values:
 
     def shape(self, name: str) -> list[int] | None:
         """One tensor's shape at batch 1: from shape inference, else by running the model in onnxruntime."""
-        if name not in self.shapes():
+        if name not in self.shapes() and not self._probed:
+            self._probe_all()
+        if name not in self._shapes:
             fixed = copy.deepcopy(self.fixed_size_copy())
             fixed.graph.output.append(float_output(name))
             try:
@@ -347,6 +353,29 @@ class Values:
                 return None
             self._shapes[name] = list(value.shape)
         return self._shapes[name]
+
+    def _probe_all(self) -> None:
+        """The shapes shape inference left unknown, of the tensors whose type it knows, from a few runs: one
+        onnxruntime session per tensor took seconds on a transformer's hundreds of tensors, and all of them in
+        one run would hold every activation of a large model at once."""
+        self._probed = True
+        fixed = self.fixed_size_copy()
+        try:
+            typed = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(fixed).graph.value_info}
+        except Exception:  # shape inference is best-effort
+            return
+        known = {o.name for o in fixed.graph.output} | set(self._shapes)
+        names = [o for n in fixed.graph.node for o in n.output if o and o not in known and typed.get(o)]
+        for start in range(0, len(names), PROBED_AT_ONCE):
+            chunk = names[start : start + PROBED_AT_ONCE]
+            probe = copy.deepcopy(fixed)
+            probe.graph.output.extend(helper.make_tensor_value_info(n, typed[n], None) for n in chunk)
+            try:
+                values = session(probe).run(chunk, {self.image: self.input_array(1)})
+            except Exception:  # a type shape inference got wrong, or a model that fails: ask tensor by tensor
+                continue
+            for name, value in zip(chunk, values):
+                self._shapes[name] = list(np.shape(value))
 
     def fixed_size_copy(self) -> onnx.ModelProto:
         """The model with its image input fixed to batch 1 at ``size`` (made once)."""

@@ -1,10 +1,13 @@
 """From the head's ONNX nodes to npcam's head ops (:class:`npcam.head.Op`), constants and shapes folded.
 
 The head runs in onnx's reference evaluator on random pooled vectors of batch
-1 and 2: what does not depend on the pooled values becomes a constant array,
-and attributes that newer opsets give as inputs become attributes. The
-reference evaluator gets QuantizeLinear and DequantizeLinear of every opset
-(:class:`QuantizeLinear`), computed as npcam's head computes them.
+1 and 2 (batch 1 only for a model of batch 1): what does not depend on the
+pooled values becomes a constant array, and attributes that newer opsets give
+as inputs become attributes. The ops first compute one image, with the shapes
+it has; :mod:`export.batch_axis` then follows the batch through them and
+rewrites those shapes to run at any batch. The reference evaluator gets
+QuantizeLinear and DequantizeLinear of every opset (:class:`QuantizeLinear`),
+computed as npcam's head computes them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from onnx.reference.op_run import OpRun
 
 from npcam.head import OPS, Op, dequantize, quantize
 
-from . import head_finder
+from . import batch_axis, head_finder
 from .errors import ExportError
 from .graph import GraphIndex, Values, attr, first_line, is_noop
 
@@ -41,7 +44,8 @@ def head_ops(
     The head runs in onnx's reference evaluator on random pooled vectors of
     batch 1 and 2: what does not depend on the pooled values is folded into
     constant arrays (a shape that follows the batch size may only be a
-    Reshape's target). ``start`` is the head's input (the pooled tensor, or the layer cut at) of shape
+    Reshape's or an Expand's), and the batch is followed through the ops
+    (:func:`export.batch_axis.follow`). ``start`` is the head's input (the pooled tensor, or the layer cut at) of shape
     ``start_shape`` (-1 for the batch), ``sides`` the trunk tensors it also reads, with their shapes. Returns
     the ops, their arrays, the input's shape and the name of the scores.
     """
@@ -74,19 +78,22 @@ def head_ops(
             raise ExportError(f"the head does not run on a batch of {batch} pooled vectors ({first_line(e)})") from None
     if values.one_image:
         runs.append(runs[0])  # nothing to tell apart: a batch-sized 1 in a shape is taken as the batch
-    ops, arrays, alias = [], {}, {}
+    arrays, alias, names = {}, {}, {}
 
     def ref(name: str) -> str:
-        """The name an op reads: a computed tensor, or a new array holding a folded constant."""
+        """The name an op reads: a computed tensor, or an array holding a folded constant (one per tensor)."""
         name = alias.get(name, name)
         if kinds.get(name) == "data":
             return name
-        value = np.asarray(runs[0][name])
-        if not np.array_equal(value, np.asarray(runs[1][name])):
-            raise ExportError(f"the head uses {name!r}, a value that changes with the batch size, as a constant")
-        arrays[f"c{len(arrays)}"] = value
-        return f"c{len(arrays) - 1}"
+        if name not in names:
+            value = np.asarray(runs[0][name])
+            if not np.array_equal(value, np.asarray(runs[1][name])):
+                raise ExportError(f"the head uses {name!r}, a value that changes with the batch size, as a constant")
+            names[name] = f"c{len(arrays)}"
+            arrays[names[name]] = value
+        return names[name]
 
+    ops = []
     for node in nodes:
         if kinds.get(node.output[0]) != "data":
             continue  # folded: constants and shape arithmetic
@@ -96,6 +103,10 @@ def head_ops(
         converted = convert(node, ref, runs)
         ops += converted if isinstance(converted, list) else [converted]
     scores = alias.get(scores, scores)
+    try:  # the shapes as one image has them, rewritten where the batch is
+        ops = _batched(ops, arrays, runs, [pooled_name, *sides], scores, values.one_image)
+    except batch_axis.Lost as e:
+        raise ExportError(f"npcam cannot keep the images of a batch apart in the head ({e})") from None
     if not ops:  # the classes are the pooled channels (a conv classifier before the pooling, as in SqueezeNet)
         ops, scores = [Op("Flatten", (pooled_name,), "scores", {"axis": 1})], "scores"
     return ops, arrays, pooled_shape, scores
@@ -133,9 +144,15 @@ def subgraph(model, nodes, pooled_name, pooled_shape, scores, outer) -> onnx.Mod
 
 
 def convert(node: onnx.NodeProto, ref, runs) -> Op:
-    """One head node as an npcam Op; attributes given as inputs in newer opsets become attributes."""
+    """One head node as an npcam Op, as it computes one image; attributes given as inputs in newer opsets become
+    attributes. Shapes are as at batch 1 (a Reshape's target is its output's shape), for
+    :func:`export.batch_axis.follow` to rewrite where the batch is."""
     op, out = node.op_type, node.output[0]
     inputs = [i for i in node.input]
+    if op == "Reshape":
+        return Op(op, (ref(inputs[0]),), out, {"shape": list(np.asarray(runs[0][out]).shape)})
+    if op == "Expand":
+        return Op(op, (ref(inputs[0]),), out, {"shape": np.asarray(runs[0][inputs[1]]).astype(int).tolist()})
 
     def constant(i: int):
         return np.asarray(runs[0][inputs[i]]) if i < len(inputs) and inputs[i] else None
@@ -143,37 +160,8 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
     if op == "Gemm":
         attrs = {k: attr(node, k, d) for k, d in (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0))}
         return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
-    if op == "Reshape":
-        target = np.asarray(runs[0][inputs[1]]).astype(int).tolist()
-        batch2 = np.asarray(runs[1][inputs[1]]).astype(int).tolist()
-        in_shape = np.asarray(runs[0][inputs[0]]).shape
-        moved = [i for i, (a, b) in enumerate(zip(target, batch2)) if a != b]
-        batch_first = moved == [0] and target[0] == in_shape[0] == 1 and np.prod(target[1:]) == np.prod(in_shape[1:])
-        if len(moved) == 1 and not batch_first and -1 not in target and batch2[moved[0]] == 2 * target[moved[0]]:
-            # The batch inside another axis (attention's [L, N * heads, d] and back): inferred at any batch.
-            target[moved[0]] = -1
-            return Op(op, (ref(inputs[0]),), out, {"shape": target})
-        if not moved and -1 in target[1:] and target[0] not in (0, -1, 1):
-            # The same target at every batch, its -1 taking the batch where it is (attention's [L, -1, 3, C]).
-            return Op(op, (ref(inputs[0]),), out, {"shape": target})
-        if target[1:] != batch2[1:] or target[0] not in (0, -1, 1) or batch2[0] not in (0, -1, 1, 2):
-            raise ExportError(
-                f"the head's Reshape {node.name!r} does not keep the batch dimension ({target})"
-                + ("; export the model with a dynamic batch axis" if runs[0] is runs[1] else "")
-            )
-        rest = target[1:]
-        if -1 not in rest and int(np.prod(rest)) != int(np.prod(in_shape[1:])):
-            if (target[0] == -1 and not moved) or (target[0] in (1, -1) and runs[0] is runs[1]):
-                # The batch merged with the next axis and split back (attention's [N * heads, L, d]), by the
-                # model's own -1 or in a model of batch 1: batch-major, so the first axis is inferred.
-                # split.check_batch verifies it.
-                return Op(op, (ref(inputs[0]),), out, {"shape": [-1, *rest]})
-            raise ExportError(f"the head's Reshape {node.name!r} mixes samples of a batch")
-        return Op(op, (ref(inputs[0]),), out, {"shape": [0, *rest]})
     if op == "Flatten":
-        if attr(node, "axis", 1) != 1:
-            raise ExportError(f"the head's Flatten {node.name!r} does not keep the batch dimension")
-        return Op(op, (ref(inputs[0]),), out, {"axis": 1})
+        return Op(op, (ref(inputs[0]),), out, {"axis": int(attr(node, "axis", 1))})
     if op in ("Squeeze", "Unsqueeze"):
         axes = attr(node, "axes")
         if axes is None:
@@ -213,17 +201,7 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
         if not axes and not attr(node, "noop_with_empty_axes", 0):
             axes = list(range(rank))
         axes = [a % rank for a in axes]
-        if 0 in axes:
-            raise ExportError(f"the head's {op} {node.name!r} reduces over the batch")
         return Op(op, (ref(inputs[0]),), out, {"axes": axes, "keepdims": int(attr(node, "keepdims", 1))})
-    if op == "Expand":
-        shape = np.asarray(runs[0][inputs[1]]).astype(int).tolist()
-        batch2 = np.asarray(runs[1][inputs[1]]).astype(int).tolist()
-        if len(shape) < np.asarray(runs[0][out]).ndim:  # broadcast over trailing axes only
-            return Op(op, (ref(inputs[0]),), out, {"shape": shape})
-        if shape[1:] != batch2[1:] or (shape[0] != batch2[0] and (shape[0], batch2[0]) != (1, 2)):
-            raise ExportError(f"the head's Expand {node.name!r} does not keep the batch dimension ({shape})")
-        return Op(op, (ref(inputs[0]),), out, {"shape": [1, *shape[1:]]})  # 1: the input's own batch
     if op == "Conv":
         weight = constant(1)
         x_shape = np.asarray(runs[0][inputs[0]]).shape
@@ -244,6 +222,14 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
     if op == "LayerNormalization":
         attrs = {"axis": attrs.get("axis", -1), "epsilon": attrs.get("epsilon", 1e-5)}
     return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
+
+
+def _batched(ops: list[Op], arrays, runs, starts: list[str], scores: str, one_image: bool) -> list[Op]:
+    """The ops of one image rewritten to run at any batch (:func:`export.batch_axis.follow`), from the tensors'
+    shapes at batch 1 and, for a model of dynamic batch, at batch 2. Raises :class:`export.batch_axis.Lost`."""
+    shapes = {name: np.asarray(value).shape for name, value in runs[0].items()}
+    shapes2 = None if one_image else {name: np.asarray(value).shape for name, value in runs[1].items()}
+    return batch_axis.follow(ops, arrays, shapes, starts, scores, shapes2)
 
 
 def _split_as_slices(node: onnx.NodeProto, inputs: list[str], runs, ref) -> list[Op]:

@@ -33,7 +33,7 @@ def native_size(declared: list[int | str], requested: int | Size | None) -> Size
     fixed = [d if isinstance(d, int) and d > 0 else None for d in declared]
     wanted = as_size(requested)
     if wanted is None:
-        if all(fixed):
+        if len(fixed) == 2 and all(fixed):
             return fixed[0], fixed[1]
         side = next((d for d in fixed if d), None)
         return (side, side) if side else DEFAULT

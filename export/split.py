@@ -131,8 +131,8 @@ def _graph_head(ops, arrays, cut, scores_name: str) -> GraphHead:
 
 
 def check_batch(head: GraphHead) -> None:
-    """Refuse a head whose rows of a batch are not each image's own scores (an axis taken for the batch that is
-    not, where attention moves the batch axis), whatever batch the original model was exported with."""
+    """Refuse a head whose rows of a batch are not each image's own scores, whatever batch the original model was
+    exported with: the check of where :mod:`export.batch_axis` put the batch."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((3, *head.input_shape[1:]))
     sides = {name: rng.standard_normal((3, *shape[1:])) for name, shape in head.sides.items()}

@@ -149,6 +149,53 @@ def model(bundle):
     return npcam.load(bundle)
 
 
+# How torch writes a tests/nets19.py net to ONNX, per route of the torch_onnx fixture.
+ONNX_ROUTES = {
+    "torchscript": "the TorchScript exporter with a dynamic batch axis",
+    "torchscript1": "the TorchScript exporter with no dynamic axes: a fixed batch of 1, how most people export",
+    "dynamo": "the dynamo exporter's default: batch 1, static",
+    "dynamo_n": "the dynamo exporter with a dynamic batch axis (traced at batch 2)",
+}
+
+
+@pytest.fixture(scope="session")
+def torch_onnx(tmp_path_factory):
+    """``torch_onnx(name, route)``: the ONNX file of tests/nets19.py's net ``name`` written by torch on
+    ``route`` (:data:`ONNX_ROUTES`), made once per session: the dynamo exporter takes many seconds a model."""
+    import warnings
+
+    import nets19
+    import torch
+
+    files: dict[tuple[str, str], Path] = {}
+
+    def export(name: str, route: str) -> Path:
+        if (name, route) in files:
+            return files[name, route]
+        net = getattr(nets19, name)()
+        path = tmp_path_factory.mktemp(f"{name}_{route}") / f"{name}_{route}.onnx"
+        x = torch.zeros(2 if route == "dynamo_n" else 1, 3, nets19.SIZE, nets19.SIZE)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.backends.mha.set_fastpath_enabled(False)  # its fused op does not export
+            try:
+                if route.startswith("torchscript"):
+                    axes = {"input": {0: "N"}} if route == "torchscript" else None
+                    torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                                      dynamic_axes=axes)  # fmt: skip
+                elif route == "dynamo":
+                    torch.onnx.export(net, (x,), str(path), dynamo=True, verbose=False)
+                else:
+                    batch = {0: torch.export.Dim("N")}
+                    torch.onnx.export(net, (x,), str(path), dynamo=True, verbose=False, dynamic_shapes=(batch,))
+            finally:
+                torch.backends.mha.set_fastpath_enabled(True)
+        files[name, route] = path
+        return path
+
+    return export
+
+
 def tiny_trunk(widths=(16, 32, 64, 128, 512), seed: int = 0) -> bytes:
     """A small CNN trunk as ONNX bytes, made with ``onnx.helper``: no torch, no export.
 

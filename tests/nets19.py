@@ -234,6 +234,20 @@ def swin_like():
     return SwinLike()
 
 
+# DeiT and the mean-pooled ViT on torch's nn.MultiheadAttention (sequence first inside: it moves the batch axis),
+# as vit_cls is: issue 25's files of a fixed batch of 1.
+
+
+@_seeded
+def deit_mha():
+    return ViT(prefix=2)
+
+
+@_seeded
+def vit_meanpool_mha():
+    return ViT(prefix=0, pool="mean")
+
+
 # builder -> (the default layer's module, its layout)
 LAYERS = {
     "vgg_like": ("features", "spatial"),
@@ -244,4 +258,6 @@ LAYERS = {
     "deit": ("blocks.3.norm1", "tokens"),
     "vit_meanpool": ("norm", "pooled"),
     "swin_like": ("norm", "pooled"),
+    "deit_mha": ("blocks.3.norm1", "tokens"),
+    "vit_meanpool_mha": ("norm", "pooled"),
 }

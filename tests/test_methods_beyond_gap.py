@@ -432,37 +432,21 @@ def test_cam_is_refused_or_is_gradcam(net_name, tmp_path_factory):
     assert "\n" not in str(e.value) and "method cam needs a head" in str(e.value)
 
 
-def exported_onnx(name: str, route: str, tmp_path_factory) -> npcam.Model:
-    """``name`` exported to ONNX by torch (the TorchScript or the dynamo exporter), then by npcam's ONNX route."""
-    import warnings
-
+def exported_onnx(name: str, route: str, tmp_path_factory, torch_onnx) -> npcam.Model:
+    """``name`` exported to ONNX by torch on ``route`` (conftest.ONNX_ROUTES), then by npcam's ONNX route."""
     from export.api import run_onnx
 
     key = f"{name} {route}"
     if key not in _BUNDLES:
-        directory = tmp_path_factory.mktemp(f"{name}_{route}")
-        net, x, path = getattr(nets19, name)(), torch.zeros(1, 3, SIZE, SIZE), directory / "m.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.backends.mha.set_fastpath_enabled(False)  # its fused op does not export
-            try:
-                if route == "torchscript":  # a dynamic batch axis: nn.MultiheadAttention's reshapes need it
-                    torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
-                                      dynamic_axes={"input": {0: "N"}})  # fmt: skip
-                else:  # dynamo's default: batch 1, static
-                    torch.onnx.export(net, (x,), str(path), dynamo=True, verbose=False)
-            finally:
-                torch.backends.mha.set_fastpath_enabled(True)
-        _BUNDLES[key] = npcam.Model(run_onnx(path, directory / "b"))
+        _BUNDLES[key] = npcam.Model(run_onnx(torch_onnx(name, route), tmp_path_factory.mktemp(key) / "b"))
     return _BUNDLES[key]
 
 
-# vit_cls (nn.MultiheadAttention) from a batch-1 dynamo file is refused by the exporter (test_export_beyond_gap).
 @pytest.mark.parametrize(
     "net_name, route",
     [("vgg_like", "torchscript"), ("vgg_like", "dynamo"), ("vit_cls", "torchscript"), ("deit", "dynamo")],
 )
-def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, tmp_path_factory):
+def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, tmp_path_factory, torch_onnx):
     """The head that npcam read from the ONNX file, against autograd on the torch net, from the same layer value.
 
     The trunk is onnxruntime's, whose float32 rounding differs from torch's by a few units in the last place; the
@@ -472,7 +456,7 @@ def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, tmp_pa
     from torch's own layer value, 2.6e-6 from the same one), which is the method's conditioning, not an error
     of the head.
     """
-    model = exported_onnx(net_name, route, tmp_path_factory)
+    model = exported_onnx(net_name, route, tmp_path_factory, torch_onnx)
     net = getattr(nets19, net_name)()
     layer, layout = nets19.LAYERS[net_name]
     assert model.head.layout == layout
@@ -492,6 +476,25 @@ def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, tmp_pa
         got = model.cam(pred, classes, size=(SIZE, SIZE), method=name)
         for j in range(len(classes)):
             assert record(f"{net_name} {route} {name} vs torch", np.abs(got[j] - shown(want[j])).max()) <= TOLERANCE
+
+
+# nn.MultiheadAttention in files of a fixed batch of 1 (issue 25): the head is rewritten to run at any batch
+# (export/batch_axis.py), so that the multi-pass methods run it on many variants of the layer at once.
+@pytest.mark.parametrize("net_name, route", [("vit_cls", "torchscript1"), ("deit_mha", "dynamo")])
+@pytest.mark.parametrize("name", [*GRADIENT_METHODS, "ablationcam", "reciprocam"])
+def test_methods_match_torch_on_attention_files_of_batch_one(net_name, route, name, tmp_path_factory, torch_onnx):
+    model = exported_onnx(net_name, route, tmp_path_factory, torch_onnx)
+    net = getattr(nets19, net_name)()
+    layer, _ = nets19.LAYERS[net_name]
+    pred = model.predict(synthetic_image(SIZE, SIZE, seed=4))
+    classes = [pred.top1, (pred.top1 + 2) % len(model.labels)]
+    x = torch.from_numpy(pred.input)
+    # The gradient methods from npcam's layer value, as on the other ONNX routes (XGrad-CAM's conditioning).
+    value = torch.from_numpy(pred.head_input) if name in GRADIENT_METHODS else None
+    want = torch_maps(net, layer, x, classes, pred.features.shape[1:], name, lambda s: torch.softmax(s, dim=1), value)
+    got = model.cam(pred, classes, size=(SIZE, SIZE), method=name)
+    for j in range(len(classes)):
+        assert record(f"{net_name} {route} {name} vs torch", np.abs(got[j] - shown(want[j])).max()) <= TOLERANCE
 
 
 # 4. The head takes the CLS token before the token-wise ops (npcam.head.rewrite.select_token_early): the same function

@@ -464,3 +464,71 @@ def test_native_size_from_the_declared_input_and_the_option():
             ExportError, match=f"input is {shown} \\(height x width\\); --input-size {given} does not fit"
         ):
             native_size(declared, wanted)
+
+
+def test_native_size_of_a_model_that_declares_no_input():
+    from export.sizes import native_size
+
+    assert native_size([], None) == (224, 224) and native_size([], 48) == (48, 48)  # a torch module: no declaration
+
+
+class _LeNet(nn.Module):
+    """MNIST's LeNet on one grey channel: conv 5 -> pool 2 -> conv 5 -> pool 2 -> Linear(16*4*4), so 28 to 31 px."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 6, 5), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.MaxPool2d(2))
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x).flatten(1))
+
+
+class _Only384(nn.Module):
+    """A model made for 384 px with a stride of 16 (as a ViT-B/16 at 384 asserts its grid): 384 to 399 px."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 5)
+
+    def forward(self, x):
+        if x.shape[2] // 16 != 24 or x.shape[3] // 16 != 24:
+            raise ValueError(f"expected a 24x24 grid, not {x.shape[2] // 16}x{x.shape[3] // 16}")
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class _Declared(nn.Module):
+    """A module that says its input size as timm's models do; it would also run at 224."""
+
+    pretrained_cfg = {"input_size": (3, 48, 192)}
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+class _Broken(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("this module runs on nothing\nsecond line")
+
+
+def test_the_torch_route_finds_the_modules_own_size():
+    """Without --input-size: the size a module declares, else 224 where it runs, else the smallest side of the
+    first band of sizes it runs at (searched above 224 first, then below: see export.from_torch.SEARCHED)."""
+    from export.from_torch import input_size
+
+    assert input_size(_Declared(), None, "m:declared") == (48, 192)
+    assert input_size(_Declared(), 64, "m:declared") == (64, 64)  # --input-size wins
+    assert input_size(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1)), None, "m:gap") == (224, 224)
+    assert input_size(_LeNet(), None, "m:lenet") == (28, 28)
+    assert input_size(_Only384(), None, "m:vit384") == (384, 384)
+
+
+def test_a_module_that_runs_at_no_size_asks_for_input_size_in_one_line():
+    from export.errors import ExportError
+    from export.from_torch import input_size
+
+    with pytest.raises(ExportError) as e:
+        input_size(_Broken(), None, "m:broken")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("m:broken: the module does not run on a 224x224 image")
+    assert "RuntimeError: this module runs on nothing" in message and "--input-size" in message
