@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .converted import OPSET, check_file, export_converted, first_line, import_tensorflow, quiet
 from .errors import ExportError
+from .unsigned import unsigned_int8
 
 if TYPE_CHECKING:
     from .quantize import Int8
@@ -62,6 +63,9 @@ def run_tflite(
             "export the float model, or a full-integer one (converted with a representative dataset)"
         )
     converted = _float_io(converted, inp, outp)
+    # int8 activations and weights as uint8 (+128, the same integers): onnxruntime's u8u8 kernels accumulate
+    # exactly on every CPU, its u8s8 ones saturate on x86 without VNNI (export/unsigned.py)
+    converted, _ = unsigned_int8(converted, str(model))
     bound = _int8_bound(converted)  # int8 I/O, or float I/O around int8 ops: TFLite's converter writes both
     versions = {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "ai-edge-litert": _litert_version()}
     return export_converted(
