@@ -12,11 +12,12 @@ Its hybrid kernels quantize each op's float input on the fly, then multiply inte
 
 tf2onnx keeps the int8 weights (DequantizeLinear) but runs the convolutions in float on the float input. This
 module rewrites each hybrid convolution into the same integer arithmetic in ONNX ops: the per-image range
-(ReduceMin, ReduceMax), the scale and zero point in double as TFLite computes them, rounding half away from
-zero, and ``ConvInteger`` on uint8 values and uint8 weights (int8 + 128, zero point 128), whose ``u8u8``
-kernels sum exactly on every CPU (export/unsigned.py says why not ``u8s8``). The padding is applied to the
-float input first, where a zero quantizes to the zero point exactly, so the integer convolution needs none,
-and the zero point's share of the sum is subtracted per image.
+(ReduceMin, ReduceMax), the scale and zero point in double as TFLite computes them, the values in float32,
+rounding half away from zero; then the integer sums, exact on every CPU: a float32 Conv of the integers where
+they stay below 2**24 (fast, and exact whatever the summation order), else ``ConvInteger`` on uint8 values and
+uint8 weights (int8 + 128, zero point 128), whose ``u8u8`` kernels sum exactly in int32 (export/unsigned.py
+says why not ``u8s8``). For ConvInteger the padding is applied to the float input first, where a zero
+quantizes to the zero point exactly, and the zero point's share of the sum is subtracted per image.
 
 The fully connected layer is the head's, which npcam computes in NumPy and differentiates for Grad-CAM. Its
 input gets TFLite's quantization one row at a time (tf2onnx's DynamicQuantizeLinear quantizes the whole batch
@@ -168,8 +169,18 @@ class _Index:
         return name
 
 
+# float32 holds every integer below 2**24 exactly: a convolution whose sums of integer products stay below
+# it is computed exactly by any float32 kernel, in any order, with or without FMA.
+EXACT_IN_FLOAT32 = 2**24
+
+
 def _hybrid_conv(conv: onnx.NodeProto, index: _Index, source: str) -> list[onnx.NodeProto]:
-    """The nodes that compute ``conv`` as TFLite's hybrid kernel does, ending in ``conv``'s output."""
+    """The nodes that compute ``conv`` as TFLite's hybrid kernel does, ending in ``conv``'s output.
+
+    The quantized input minus its zero point is an integer in ``[-255, 255]``. Where ``255 * sum |w|`` of every
+    output channel stays below 2**24, onnxruntime's float32 Conv sums those integers exactly (every partial sum
+    is an integer below 2**24) and fast, depthwise included; otherwise ConvInteger sums them in int32.
+    """
     values, scale, zero, axis = index.int8_weight(conv.input[1])
     what = f"{source}: the hybrid convolution {conv.name or conv.output[0]!r}"
     if np.any(zero != 0) or (np.size(scale) > 1 and axis != 0):
@@ -195,14 +206,19 @@ def _hybrid_conv(conv: onnx.NodeProto, index: _Index, source: str) -> list[onnx.
     def c(value, dtype) -> str:
         return index.const(np.asarray(value, dtype), f"{p}_hybrid_const")
 
-    def round_away(x: str) -> str:  # TfLiteRound: half away from zero (ONNX Round is half to even); in double
-        return op("Mul", [op("Sign", [x]), op("Floor", [op("Add", [op("Abs", [x]), c(0.5, np.float64)])])])
+    def round_away(x: str, dtype) -> str:
+        """TfLiteRound, half away from zero: ONNX's Round (half to even), and ``x + sign(x) / 2`` on exact ties."""
+        nearest = op("Round", [x])
+        tie = op("Equal", [op("Abs", [op("Sub", [x, nearest])]), c(0.5, dtype)])
+        return op("Where", [tie, op("Add", [x, op("Mul", [op("Sign", [x]), c(0.5, dtype)])]), nearest])
 
     x = conv.input[0]
     low = op("ReduceMin", [x], axes=[1, 2, 3], keepdims=1)  # [N,1,1,1]: one range per image
     high = op("ReduceMax", [x], axes=[1, 2, 3], keepdims=1)
+    in_float = 255 * float(np.abs(values.astype(np.int64)).reshape(channels, -1).sum(1).max()) < EXACT_IN_FLOAT32
     pads = list(attr(conv, "pads", [0, 0, 0, 0]))
-    padded = op("Pad", [x, c([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]], np.int64), c(0, np.float32)])
+    if not in_float:  # the padding on the float input, where 0 quantizes to the zero point exactly
+        x = op("Pad", [x, c([0, 0, pads[0], pads[1], 0, 0, pads[2], pads[3]], np.int64), c(0, np.float32)])
     if per_channel:
         # AsymmetricQuantizeFloats: the range, step and zero point in double, the values in float32
         rmin = op("Cast", [op("Min", [low, c(0, np.float32)])], to=TensorProto.DOUBLE)
@@ -211,10 +227,10 @@ def _hybrid_conv(conv: onnx.NodeProto, index: _Index, source: str) -> list[onnx.
         empty = op("Equal", [span, c(0, np.float64)])  # an all-zero input: TFLite's scale 1, offset 0
         step = op("Where", [empty, c(1, np.float64), op("Div", [span, c(255, np.float64)])])
         zero_point = op("Where", [empty, c(0, np.float64), op("Sub", [c(-128, np.float64), op("Div", [rmin, step])])])
-        zero_point = op("Clip", [round_away(zero_point), c(-128, np.float64), c(127, np.float64)])
+        zero_point = op("Cast", [op("Clip", [round_away(zero_point, np.float64), c(-128, np.float64), c(127, np.float64)])], to=TensorProto.FLOAT)
         step32 = op("Cast", [step], to=TensorProto.FLOAT)
         inverse = op("Div", [c(1, np.float32), step32])
-        value = op("Add", [op("Cast", [zero_point], to=TensorProto.FLOAT), op("Mul", [padded, inverse])])
+        value = op("Add", [zero_point, op("Mul", [x, inverse])])
         low_q, high_q = -128, 127
     else:
         # SymmetricQuantizeFloats: max |x| in 127 steps, in float32
@@ -222,23 +238,26 @@ def _hybrid_conv(conv: onnx.NodeProto, index: _Index, source: str) -> list[onnx.
         empty = op("Equal", [span, c(0, np.float32)])
         step32 = op("Where", [empty, c(1, np.float32), op("Div", [span, c(127, np.float32)])])
         inverse = op("Where", [empty, c(1, np.float32), op("Div", [c(127, np.float32), span])])
-        value = op("Mul", [inverse, padded])
-        zero_point = c(0, np.float64)
+        value = op("Mul", [inverse, x])
+        zero_point = c(0, np.float32)
         low_q, high_q = -127, 127
-    quantized = op("Clip", [round_away(op("Cast", [value], to=TensorProto.DOUBLE)), c(low_q, np.float64), c(high_q, np.float64)])
-    as_uint8 = op("Cast", [op("Add", [quantized, c(128, np.float64)])], to=TensorProto.UINT8)
-    weights = c((values.astype(np.int16) + 128).astype(np.uint8), np.uint8)
-    sums = op(
-        "ConvInteger", [as_uint8, weights, "", c(128, np.uint8)],
-        strides=list(attr(conv, "strides", [1, 1])), dilations=list(attr(conv, "dilations", [1, 1])),
-        group=int(attr(conv, "group", 1)), kernel_shape=list(values.shape[2:]),
-    )  # fmt: skip
-    # sum (q + 128) w counts the zero point plus 128 once per weight: subtract it, per image and channel
-    offset = op("Cast", [op("Add", [zero_point, c(128, np.float64)])], to=TensorProto.INT32)
-    weight_sums = c(values.astype(np.int32).sum(axis=(1, 2, 3)).reshape(1, channels, 1, 1), np.int32)
-    sums = op("Sub", [sums, op("Mul", [offset, weight_sums])])
+    quantized = op("Clip", [round_away(value, np.float32), c(low_q, np.float32), c(high_q, np.float32)])
+    geometry = {
+        "strides": list(attr(conv, "strides", [1, 1])), "dilations": list(attr(conv, "dilations", [1, 1])),
+        "group": int(attr(conv, "group", 1)), "kernel_shape": list(values.shape[2:]),
+    }  # fmt: skip
+    if in_float:  # integers (q - zero point) times integer weights, summed exactly in float32; padding adds 0
+        sums = op("Conv", [op("Sub", [quantized, zero_point]), c(values.astype(np.float32), np.float32)], pads=pads, **geometry)
+    else:  # uint8 (q + 128) and weights + 128, zero point 128: onnxruntime's u8u8 kernels, exact in int32
+        as_uint8 = op("Cast", [op("Add", [quantized, c(128, np.float32)])], to=TensorProto.UINT8)
+        weights = c((values.astype(np.int16) + 128).astype(np.uint8), np.uint8)
+        sums = op("ConvInteger", [as_uint8, weights, "", c(128, np.uint8)], **geometry)
+        # sum (q + 128) w counts the zero point plus 128 once per weight: subtract it, per image and channel
+        offset = op("Cast", [op("Add", [zero_point, c(128, np.float32)])], to=TensorProto.INT32)
+        weight_sums = c(values.astype(np.int32).sum(axis=(1, 2, 3)).reshape(1, channels, 1, 1), np.int32)
+        sums = op("Cast", [op("Sub", [sums, op("Mul", [offset, weight_sums])])], to=TensorProto.FLOAT)
     scales = op("Mul", [step32, c(scale.reshape(1, -1, 1, 1), np.float32)])  # input scale * weight scale
-    result = op("Mul", [op("Cast", [sums], to=TensorProto.FLOAT), scales])
+    result = op("Mul", [sums, scales])
     if bias is not None:
         result = op("Add", [result, c(np.asarray(bias, np.float32).reshape(1, channels, 1, 1), np.float32)])
     nodes.append(helper.make_node("Identity", [result], [conv.output[0]], name=index.name(f"{p}_hybrid")))

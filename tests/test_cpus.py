@@ -40,6 +40,7 @@ from test_aarch64 import CACHE, _ready
 from test_tflite_keras import Hybrid, TFLite, classifier, inputs, mobile, to_tflite
 
 import npcam
+from export import hybrid as export_hybrid
 from export.__main__ import main as export_main
 
 # name: (qemu binary, -cpu model)
@@ -51,7 +52,7 @@ CPUS = {
 # The TFLite models of tests/test_tflite_keras.py that this machine's AVX2 kernels got wrong before the uint8
 # graph: full-integer ``rgb`` (softmax output, any batch) and ``batch1`` (logits, one image at a time); and a
 # dynamic-range one, whose hybrid convolutions run in ConvInteger (export/hybrid.py).
-MODELS = ("rgb", "batch1", "mobile")
+MODELS = ("rgb", "batch1", "mobile", "mobile_int32")  # mobile_int32: ConvInteger for every hybrid convolution
 
 # Loads each bundle (argv: the inputs' .npz, the output .npz, then the bundles) and saves, for every input,
 # the last conv's features and the output (probabilities or logits, as the model's), computed by npcam's runtime on this (emulated) CPU.
@@ -77,13 +78,17 @@ def int8_bundles(tmp_path_factory) -> dict:
     bundles, want = [], []
     for kind in MODELS:
         path = root / f"{kind}.tflite"
-        path.write_bytes(to_tflite(mobile(), "dynamic") if kind == "mobile" else to_tflite(classifier(kind), "int8"))
-        assert export_main(["tflite", str(path), "--out", str(root / kind)]) == 0
+        dynamic = kind.startswith("mobile")
+        path.write_bytes(to_tflite(mobile(), "dynamic") if dynamic else to_tflite(classifier(kind), "int8"))
+        with pytest.MonkeyPatch.context() as patch:
+            if kind == "mobile_int32":
+                patch.setattr(export_hybrid, "EXACT_IN_FLOAT32", 0)
+            assert export_main(["tflite", str(path), "--out", str(root / kind)]) == 0
         bundles.append(root / kind)
     x = np.concatenate(inputs(npcam.load(bundles[0])))  # npcam's photos and random images, [N, 3, H, W]
     np.savez(root / "inputs.npz", x=x)
     for kind, bundle in zip(MODELS, bundles):
-        if kind == "mobile":  # each input's own limits (tests/test_tflite_keras.py, Hybrid)
+        if kind.startswith("mobile"):  # each input's own limits (tests/test_tflite_keras.py, Hybrid)
             runs = [Hybrid(root / f"{kind}.tflite").limits(xi[None]) for xi in x]
         else:  # one feature step, and the int8 bound of bundle.json
             reference = TFLite(root / f"{kind}.tflite")
@@ -134,7 +139,7 @@ def test_int8_tflite_bundles_compute_the_same_on_other_cpus(cpu, int8_bundles):
         features = got[f"features{b}"].transpose(0, 2, 3, 1).astype(np.float64)  # as LiteRT's, [N, h, w, C]
         outputs = got[f"outputs{b}"].astype(np.float64)
         assert features.shape == want_features.shape and features.max() > 0  # a real map, not an empty one
-        if kind == "mobile":
+        if kind.startswith("mobile"):
             error = (np.abs(features - want_features) / feature_limits[:, None, None, :]).max()
         else:
             error = (np.abs(features - want_features) / feature_limits[:, None, None, None]).max()  # in steps
@@ -142,7 +147,7 @@ def test_int8_tflite_bundles_compute_the_same_on_other_cpus(cpu, int8_bundles):
         error = (np.abs(outputs - want_outputs).max(axis=1) / output_limits).max()
         assert record(f"{cpu}, TFLite {kind}: output vs LiteRT, of the limit", error) <= 1 + 1e-5
         differ = np.abs(got[f"features{b}"] - here[f"features{b}"]).max()
-        if kind != "mobile":  # int8: the same integers; dynamic range: float ops between the integer ones too
+        if not kind.startswith("mobile"):  # int8: the same integers; dynamic range: float ops between them too
             assert record(f"{cpu}, TFLite int8 {kind}: features vs this CPU's, abs", differ) == 0
         else:
             record(f"{cpu}, TFLite dynamic {kind}: features vs this CPU's, abs", differ)

@@ -40,7 +40,10 @@ except ImportError as e:
         allow_module_level=True,
     )
 
+import onnx
+
 import npcam
+from export import hybrid as export_hybrid
 from export.__main__ import main as export_main
 
 SIZE = 32
@@ -272,6 +275,9 @@ def mobile(depthwise: bool = True) -> keras.Model:
 DYNAMIC = {
     "rgb": (lambda: classifier("rgb"), "dynamic"),  # the last conv (the first and the Dense are too small)
     "mobile": (mobile, "dynamic"),  # conv, depthwise, 1x1 conv, Dense: the converter's default, per channel
+    # the same with every hybrid convolution in ConvInteger, as for convolutions whose integer sums can pass
+    # 2**24 (a 3x3 conv over hundreds of channels): these small ones would be summed in float32 otherwise
+    "mobile_int32": (mobile, "dynamic"),
     "per_tensor": (lambda: mobile(depthwise=False), "dynamic_per_tensor"),  # symmetric hybrid convolutions
 }
 
@@ -317,7 +323,7 @@ class Hybrid(TFLite):
 
 
 @pytest.mark.parametrize("kind", list(DYNAMIC))
-def test_dynamic_range_tflite_computes_as_the_hybrid_kernels(kind, tmp_path, capfd):
+def test_dynamic_range_tflite_computes_as_the_hybrid_kernels(kind, tmp_path, capfd, monkeypatch):
     """A dynamic-range model (int8 weights, float activations; TFLite's converter's default without a
     representative dataset) within the limits of :class:`Hybrid` of LiteRT's built-in hybrid kernels, whose
     integer arithmetic the bundle reproduces (export.hybrid), and of LiteRT's default (XNNPACK) where it
@@ -326,7 +332,12 @@ def test_dynamic_range_tflite_computes_as_the_hybrid_kernels(kind, tmp_path, cap
     make, mode = DYNAMIC[kind]
     path = tmp_path / f"{kind}_dynamic.tflite"
     path.write_bytes(to_tflite(make(), mode))
+    if kind == "mobile_int32":
+        monkeypatch.setattr(export_hybrid, "EXACT_IN_FLOAT32", 0)
     model = export(path, tmp_path / "b", capfd)
+    trunk_ops = {n.op_type for n in onnx.load(model.bundle.path / "trunk.onnx").graph.node}
+    if kind.startswith("mobile"):  # every conv hybrid: summed in float32 (exactly), or all in ConvInteger
+        assert trunk_ops & {"Conv", "ConvInteger"} == {"ConvInteger" if kind == "mobile_int32" else "Conv"}
     reference = Hybrid(path, per_tensor=mode == "dynamic_per_tensor")
     default = Interpreter(model_path=str(path))  # XNNPACK, LiteRT's default
     default.allocate_tensors()
