@@ -227,7 +227,11 @@ def _hybrid_conv(conv: onnx.NodeProto, index: _Index, source: str) -> list[onnx.
         empty = op("Equal", [span, c(0, np.float64)])  # an all-zero input: TFLite's scale 1, offset 0
         step = op("Where", [empty, c(1, np.float64), op("Div", [span, c(255, np.float64)])])
         zero_point = op("Where", [empty, c(0, np.float64), op("Sub", [c(-128, np.float64), op("Div", [rmin, step])])])
-        zero_point = op("Cast", [op("Clip", [round_away(zero_point, np.float64), c(-128, np.float64), c(127, np.float64)])], to=TensorProto.FLOAT)
+        zero_point = op(
+            "Cast",
+            [op("Clip", [round_away(zero_point, np.float64), c(-128, np.float64), c(127, np.float64)])],
+            to=TensorProto.FLOAT,
+        )
         step32 = op("Cast", [step], to=TensorProto.FLOAT)
         inverse = op("Div", [c(1, np.float32), step32])
         value = op("Add", [zero_point, op("Mul", [x, inverse])])
@@ -247,7 +251,12 @@ def _hybrid_conv(conv: onnx.NodeProto, index: _Index, source: str) -> list[onnx.
         "group": int(attr(conv, "group", 1)), "kernel_shape": list(values.shape[2:]),
     }  # fmt: skip
     if in_float:  # integers (q - zero point) times integer weights, summed exactly in float32; padding adds 0
-        sums = op("Conv", [op("Sub", [quantized, zero_point]), c(values.astype(np.float32), np.float32)], pads=pads, **geometry)
+        sums = op(
+            "Conv",
+            [op("Sub", [quantized, zero_point]), c(values.astype(np.float32), np.float32)],
+            pads=pads,
+            **geometry,
+        )
     else:  # uint8 (q + 128) and weights + 128, zero point 128: onnxruntime's u8u8 kernels, exact in int32
         as_uint8 = op("Cast", [op("Add", [quantized, c(128, np.float32)])], to=TensorProto.UINT8)
         weights = c((values.astype(np.int16) + 128).astype(np.uint8), np.uint8)
@@ -287,7 +296,9 @@ def _dense(index: _Index, source: str) -> DenseBound | None:
     if asymmetric:  # tf2onnx's pair: DynamicQuantizeLinear(x) -> DequantizeLinear
         dynamic = index.producers[pair.input[0]]
         if list(pair.input) != list(dynamic.output) or len(index.consumers.get(pair.output[0], [])) != 1:
-            raise ExportError(f"{source}: a DynamicQuantizeLinear that tf2onnx did not write for a fully connected layer")
+            raise ExportError(
+                f"{source}: a DynamicQuantizeLinear that tf2onnx did not write for a fully connected layer"
+            )
         rows = dynamic.input[0]
     if any(n.op_type == "DynamicQuantizeLinear" and not (asymmetric and n is dynamic) for n in graph.node):
         raise ExportError(f"{source}: a DynamicQuantizeLinear that is not the fully connected layer's input")
@@ -341,7 +352,12 @@ def _quantized_rows(rows: str, asymmetric: bool, index: _Index) -> tuple[list[on
         step = op("Max", [op("Div", [op("Sub", [high, low]), c(255, np.float32)]), tiny])
         zero = op("QuantizeLinear", [op("Div", [op("Neg", [low]), step]), c(1, np.float32), c(0, np.uint8)])
     else:
-        step = op("Max", [op("Div", [op("ReduceMax", [op("Abs", [rows])], axes=[-1], keepdims=0), c(127, np.float32)]), tiny])
-        zero = op("QuantizeLinear", [op("Add", [op("Mul", [step, c(0, np.float32)]), c(128, np.float32)]), c(1, np.float32), c(0, np.uint8)])
+        step = op(
+            "Max", [op("Div", [op("ReduceMax", [op("Abs", [rows])], axes=[-1], keepdims=0), c(127, np.float32)]), tiny]
+        )
+        zero = op(
+            "QuantizeLinear",
+            [op("Add", [op("Mul", [step, c(0, np.float32)]), c(128, np.float32)]), c(1, np.float32), c(0, np.uint8)],
+        )
     quantized = op("QuantizeLinear", [rows, step, zero], axis=0)
     return nodes, op("DequantizeLinear", [quantized, step, zero], axis=0)

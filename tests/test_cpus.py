@@ -55,7 +55,8 @@ CPUS = {
 MODELS = ("rgb", "batch1", "mobile", "mobile_int32")  # mobile_int32: ConvInteger for every hybrid convolution
 
 # Loads each bundle (argv: the inputs' .npz, the output .npz, then the bundles) and saves, for every input,
-# the last conv's features and the output (probabilities or logits, as the model's), computed by npcam's runtime on this (emulated) CPU.
+# the last conv's features and the output (probabilities or logits, as the model's), computed by npcam's
+# runtime on this (emulated) CPU.
 RUN = """
 import sys, numpy as np, npcam
 x = np.load(sys.argv[1])["x"]
