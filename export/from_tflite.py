@@ -1,8 +1,10 @@
-"""``npcam-export tflite MODEL.tflite``: a TensorFlow Lite classifier, float or int8, as an npcam bundle.
+"""``npcam-export tflite MODEL.tflite``: a TensorFlow Lite classifier, float, int8 or dynamic-range, as a bundle.
 
 tf2onnx converts the flatbuffer to ONNX (QuantizeLinear/DequantizeLinear pairs for an int8 model, per-channel
-weights kept), and the ONNX route splits, writes and checks it. The self-check runs the ``.tflite`` file in
-LiteRT's interpreter (``ai-edge-litert``) on the same inputs. Needs the ``tflite`` extra.
+weights kept), and the ONNX route splits, writes and checks it. An int8 graph is written with uint8 values
+(export/unsigned.py: exact kernels on every CPU); a dynamic-range model's hybrid ops as TFLite computes them
+(export/hybrid.py). The self-check runs the ``.tflite`` file in LiteRT's interpreter (``ai-edge-litert``) on
+the same inputs. Needs the ``tflite`` extra.
 """
 
 from __future__ import annotations
