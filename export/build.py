@@ -134,13 +134,19 @@ def check_sizes(size: int | tuple[int, int], dynamic: bool, batch: int = 2) -> l
 
 
 def self_check(
-    bundle: Path, reference: Reference, output: str, sizes: Sequence[tuple[int, int, int]], step: float = 0.0
+    bundle: Path,
+    reference: Reference,
+    output: str,
+    sizes: Sequence[tuple[int, int, int]],
+    step: float | Callable[[npcam.Model, np.ndarray], np.ndarray] = 0.0,
 ) -> dict:
     """Compare the bundle (onnxruntime trunk + NumPy head) with the original model on random inputs.
 
     Raises above ``TOLERANCE`` (relative to the largest output), or, for an
     original whose probabilities are quantized with ``step``, above one step
     (its rounding, plus a value that lands on the other side of a rounding boundary).
+    A callable ``step(model, x)`` gives each input's own absolute limit (float ``[N]``, an original that
+    quantizes on the fly: export.hybrid), to which the float tolerance is added; its ``rule`` says what it is.
     """
     try:
         model = npcam.load(bundle)
@@ -148,6 +154,8 @@ def self_check(
         raise ExportError(f"the written bundle does not load: {e}") from None
     rng = np.random.default_rng(0)
     worst, worst_abs, checked = 0.0, 0.0, []
+    per_input = callable(step)
+    worst_ratio = 0.0  # per_input: the largest |npcam - original| / limit
     for n, h, w in sizes:
         x = rng.standard_normal((n, 3, h, w), dtype=np.float32)
         try:
@@ -166,9 +174,21 @@ def self_check(
             got = np.log(softmax(got, axis=1))
         worst = max(worst, relative_error(got, want))
         worst_abs = max(worst_abs, float(np.abs(got - want).max()) if got.shape == want.shape else np.inf)
+        if per_input and got.shape == want.shape:
+            limit = np.asarray(step(model, x), np.float64).reshape(n, 1) + TOLERANCE * np.abs(want).max()
+            worst_ratio = max(worst_ratio, float((np.abs(got - want) / limit).max()))
+        elif per_input:
+            worst_ratio = np.inf
+    if per_input:
+        if not worst_ratio <= 1:
+            raise ExportError(
+                f"self-check failed: the bundle's {output} differ from the original model's by {worst_ratio:.2f} "
+                f"times the limit ({step.rule}, plus {TOLERANCE:g} of the largest)"
+            )
+        return {"scores_relative_error": worst, "inputs": checked, "of_limit": worst_ratio}
     if not (worst <= TOLERANCE or worst_abs <= step):
         by = (
-            f"{worst_abs:.2e} (limit: one quantization step, {step:.1e})"
+            f"{worst_abs:.2e} (limit, from the original's quantization steps: {step:.1e})"
             if step
             else f"{worst:.2e} (relative, limit {TOLERANCE})"
         )
@@ -192,6 +212,9 @@ def report(meta: dict, out: Path) -> None:
         if check.get("output_step")
         else f"within {check['scores_relative_error']:.1e} of the original"
     )
+    if "of_limit" in check:  # a dynamic-range TFLite model's per-input bound
+        rule = meta.get("source", {}).get("dynamic_range", {}).get("bound", "its bound")  # export.hybrid
+        match = f"within {check['of_limit']:.1e} of the limit ({rule}) of the original's"
     bound = meta.get("source", {}).get("int8_bound")  # an int8 TFLite model's, from its quantization steps
     if bound and check.get("output_step"):
         match = f"within {check['output_step']:.1e} ({bound['rule']}) of the original's int8 ones"

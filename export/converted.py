@@ -9,6 +9,7 @@ Keras' ``predict``), not the converted graph.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from .archs import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ExportError
 
 if TYPE_CHECKING:
+    from .hybrid import Hybrid
     from .quantize import Int8
 
 OPSET = 17  # tf2onnx tests opsets 14-18; 17 is what the other routes write
@@ -94,11 +96,14 @@ def export_converted(
     input_size=None,
     int8: Path | Int8 | None = None,
     int8_bound: dict | None = None,
+    hybrid: Hybrid | None = None,
 ) -> Path:
     """The ONNX route (split, write, self-check, report) for ``converted``, checked against ``reference``.
 
     ``int8_bound`` (an int8 original's): ``bound``, the self-check's absolute limit, replaces the split's
     one output step; the whole dict goes into bundle.json's ``source`` (see docs: the int8 TFLite bound).
+    ``hybrid`` (a dynamic-range original's, :func:`export.hybrid.reproduce`): its fully connected layer's
+    bound, if it has one, is the self-check's limit for each input; it goes into ``source.dynamic_range``.
     """
     from . import api as route  # the ONNX route's helpers (default directory, grey normalization)
 
@@ -109,6 +114,8 @@ def export_converted(
     parts = route._split(str(source), converted, input_size)
     if int8_bound is not None:
         parts.output_step = int8_bound["bound"]
+    if hybrid is not None and hybrid.dense is not None:
+        parts.output_step = _pooled_limit(hybrid, parts, source)
     digest = sha256_file(source)
     meta = {
         "arch": f"{kind}:{source.stem}",
@@ -120,6 +127,7 @@ def export_converted(
             "sha256": digest,
             "channels": parts.channels,
             **({"int8_bound": int8_bound} if int8_bound else {}),
+            **({"dynamic_range": hybrid.meta()} if hybrid else {}),
         },
         "versions": versions,
     }
@@ -132,6 +140,22 @@ def export_converted(
     checked = route._fed_by_npcam(own_layout, parts.channels)
     sizes = route._onnx_sizes(converted, parts)
     return route._export(parts, route._out(out, source.stem, digest, int8), labels, meta, checked, sizes, int8)
+
+
+def _pooled_limit(hybrid: Hybrid, parts, source: Path):
+    """``limit(model, x)``: the hybrid dense layer's bound for each input, from the bundle's pooled features."""
+    from .hybrid import OUTPUT_FACTOR
+
+    if parts.head.layout != "pooled" or parts.output not in OUTPUT_FACTOR:
+        raise ExportError(f"{source}: its int8 fully connected layer is not a classifier on pooled features")
+    dense = dataclasses.replace(hybrid.dense, factor=OUTPUT_FACTOR[parts.output])
+
+    def limit(model, x: np.ndarray) -> np.ndarray:
+        layer, _ = model.trunk(x)
+        return dense(layer.mean(axis=(2, 3)))
+
+    limit.rule = dense.rule
+    return limit
 
 
 def check_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:

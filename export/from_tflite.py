@@ -1,8 +1,10 @@
-"""``npcam-export tflite MODEL.tflite``: a TensorFlow Lite classifier, float or int8, as an npcam bundle.
+"""``npcam-export tflite MODEL.tflite``: a TensorFlow Lite classifier, float, int8 or dynamic-range, as a bundle.
 
 tf2onnx converts the flatbuffer to ONNX (QuantizeLinear/DequantizeLinear pairs for an int8 model, per-channel
-weights kept), and the ONNX route splits, writes and checks it. The self-check runs the ``.tflite`` file in
-LiteRT's interpreter (``ai-edge-litert``) on the same inputs. Needs the ``tflite`` extra.
+weights kept), and the ONNX route splits, writes and checks it. An int8 graph is written with uint8 values
+(export/unsigned.py: exact kernels on every CPU); a dynamic-range model's hybrid ops as TFLite computes them
+(export/hybrid.py). The self-check runs the ``.tflite`` file in LiteRT's interpreter (``ai-edge-litert``) on
+the same inputs. Needs the ``tflite`` extra.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .converted import OPSET, check_file, export_converted, first_line, import_tensorflow, quiet
 from .errors import ExportError
+from .hybrid import reproduce as reproduce_hybrid
+from .unsigned import unsigned_int8
 
 if TYPE_CHECKING:
     from .quantize import Int8
@@ -55,18 +59,19 @@ def run_tflite(
     except Exception as e:  # tf2onnx raises many types for ops it cannot map
         raise ExportError(f"{model}: tf2onnx cannot convert it ({first_line(e)}); nothing was written") from None
     types = {n.op_type for n in converted.graph.node}
+    hybrid = None
     if "DequantizeLinear" in types and "QuantizeLinear" not in types:
-        raise ExportError(
-            f"{model}: only its weights are int8 (dynamic-range quantization): TFLite's hybrid kernels quantize "
-            "activations on the fly, which the ONNX graph does not, so the bundle would not match the interpreter; "
-            "export the float model, or a full-integer one (converted with a representative dataset)"
-        )
+        # only its weights are int8 (dynamic-range): TFLite's hybrid kernels quantize activations on the fly
+        converted, hybrid = reproduce_hybrid(converted, str(model))
     converted = _float_io(converted, inp, outp)
+    # int8 activations and weights as uint8 (+128, the same integers): onnxruntime's u8u8 kernels accumulate
+    # exactly on every CPU, its u8s8 ones saturate on x86 without VNNI (export/unsigned.py)
+    converted, _ = unsigned_int8(converted, str(model))
     bound = _int8_bound(converted)  # int8 I/O, or float I/O around int8 ops: TFLite's converter writes both
     versions = {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "ai-edge-litert": _litert_version()}
     return export_converted(
-        model, "tflite", converted, _reference(model, inp, outp), versions,
-        out, labels, mean, std, input_size, int8, bound,
+        model, "tflite", converted, _reference(model, inp, outp, builtin=hybrid is not None), versions,
+        out, labels, mean, std, input_size, int8, bound, hybrid,
     )  # fmt: skip
 
 
@@ -192,14 +197,19 @@ def _int8_bound(converted: onnx.ModelProto) -> dict | None:
     }
 
 
-def _reference(model: Path, inp: dict, outp: dict):
+def _reference(model: Path, inp: dict, outp: dict, builtin: bool = False):
     """The ``.tflite`` file in LiteRT's interpreter, fed float NHWC images (quantized as the model's input
-    says for an int8 model), its output dequantized. A fixed-batch model runs one image at a time."""
-    from ai_edge_litert.interpreter import Interpreter
+    says for an int8 model), its output dequantized. A fixed-batch model runs one image at a time.
+
+    ``builtin``: LiteRT's built-in kernels, without its default delegate (XNNPACK). For a dynamic-range model:
+    the built-in hybrid kernels are what export.hybrid reproduces; XNNPACK computes per-tensor hybrid
+    convolutions otherwise (docs/tflite-keras.md)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     signature = [int(d) for d in inp["shape_signature"]]
+    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if builtin else OpResolverType.AUTO
     with quiet():
-        interpreter = Interpreter(model_path=str(model))
+        interpreter = Interpreter(model_path=str(model), experimental_op_resolver_type=resolver)
     index, out_index = inp["index"], outp["index"]
     shape: list[int] = []
 

@@ -4,6 +4,8 @@
 #   bash scripts/arm64_env.sh [PYTHON]
 #
 # Everything goes into ${NPCAM_ARM64_CACHE:-~/.cache/npcam/arm64}, outside the repo:
+#   qemu-x86_64    from the same package, for tests/test_cpus.py: this machine's Python on an emulated x86 CPU model
+#                  (Haswell: AVX2 without VNNI or AVX-512, whatever the host has)
 #   qemu-aarch64   Debian trixie's static qemu-user (>= 8.1: bookworm's 7.2 shows onnxruntime the host's
 #                  x86 /proc/cpuinfo and it crashes), unless one >= 8.1 is already on PATH
 #   root/          Debian bookworm's arm64 python3.11 and the libraries it needs, unpacked with dpkg -x
@@ -28,6 +30,7 @@ EOF
 wanted="wheels: $versions"
 ready() {
     [ -f "$CACHE/ready" ] && grep -qxF "$wanted" "$CACHE/ready" && [ -x "$CACHE/qemu-aarch64" ] \
+        && [ -x "$CACHE/qemu-x86_64" ] \
         && [ -x "$CACHE/root/usr/bin/python3.11" ] && [ -d "$CACHE/site" ]
 }
 if ready; then
@@ -82,32 +85,38 @@ log="$CACHE/setup.log"
 : >"$log"
 step() { "$@" >>"$log" 2>&1 || die "'$*' failed (details in $log)"; }
 
-qemu_ok() {  # a qemu-aarch64 of version 8.1 or later
+qemu_ok() {  # a qemu-user of version 8.1 or later
     local v
     v=$("$1" --version 2>/dev/null | sed -n '1s/.*version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
     [ -n "$v" ] || return 1
     set -- $v
     [ "$1" -gt 8 ] || { [ "$1" -eq 8 ] && [ "$2" -ge 1 ]; }
 }
-if [ ! -x "$CACHE/qemu-aarch64" ] || ! qemu_ok "$CACHE/qemu-aarch64"; then
-    rm -f "$CACHE/qemu-aarch64"
-    for q in qemu-aarch64-static qemu-aarch64; do
-        if command -v "$q" >/dev/null && qemu_ok "$(command -v "$q")"; then
-            ln -s "$(command -v "$q")" "$CACHE/qemu-aarch64"
-            break
-        fi
-    done
-fi
-if [ ! -e "$CACHE/qemu-aarch64" ]; then
+missing=()
+for arch in aarch64 x86_64; do
+    if [ ! -x "$CACHE/qemu-$arch" ] || ! qemu_ok "$CACHE/qemu-$arch"; then
+        rm -f "$CACHE/qemu-$arch"
+        for q in "qemu-$arch-static" "qemu-$arch"; do
+            if command -v "$q" >/dev/null && qemu_ok "$(command -v "$q")"; then
+                ln -s "$(command -v "$q")" "$CACHE/qemu-$arch"
+                break
+            fi
+        done
+    fi
+    [ -e "$CACHE/qemu-$arch" ] || missing+=("$arch")
+done
+if [ ${#missing[@]} -gt 0 ]; then
     step apt_private trixie amd64 update --error-on=any
     rm -rf "$CACHE/qemu-deb" && mkdir -p "$CACHE/qemu-deb"
     # trixie's qemu-user is statically linked (qemu-user-static is only a transitional package there).
     (cd "$CACHE/qemu-deb" && step apt_private trixie amd64 download qemu-user)
-    dpkg-deb --fsys-tarfile "$CACHE"/qemu-deb/qemu-user_*.deb | tar -x -O ./usr/bin/qemu-aarch64 >"$CACHE/qemu-aarch64.part" \
-        || die "no usr/bin/qemu-aarch64 in trixie's qemu-user"
-    chmod +x "$CACHE/qemu-aarch64.part" && mv "$CACHE/qemu-aarch64.part" "$CACHE/qemu-aarch64"
+    for arch in "${missing[@]}"; do
+        dpkg-deb --fsys-tarfile "$CACHE"/qemu-deb/qemu-user_*.deb | tar -x -O "./usr/bin/qemu-$arch" \
+            >"$CACHE/qemu-$arch.part" || die "no usr/bin/qemu-$arch in trixie's qemu-user"
+        chmod +x "$CACHE/qemu-$arch.part" && mv "$CACHE/qemu-$arch.part" "$CACHE/qemu-$arch"
+        qemu_ok "$CACHE/qemu-$arch" || die "trixie's qemu-$arch does not run here, or is older than 8.1"
+    done
     rm -rf "$CACHE/qemu-deb"
-    qemu_ok "$CACHE/qemu-aarch64" || die "trixie's qemu-aarch64 does not run here, or is older than 8.1"
 fi
 
 if [ ! -x "$CACHE/root/usr/bin/python3.11" ]; then
@@ -137,6 +146,7 @@ check=$(QEMU_LD_PREFIX="$CACHE/root" QEMU_CPU=cortex-a72 PYTHONPATH="$CACHE/site
     echo "$wanted"
     echo "python: $check"
     echo "qemu: $("$CACHE/qemu-aarch64" --version | head -n1)"
+    echo "qemu-x86_64: $("$CACHE/qemu-x86_64" --version | head -n1)"
 } >"$CACHE/ready"
 rm -rf "$CACHE/apt"  # the package lists are needed again only to set up anew
 echo "$CACHE"

@@ -40,7 +40,10 @@ except ImportError as e:
         allow_module_level=True,
     )
 
+import onnx
+
 import npcam
+from export import hybrid as export_hybrid
 from export.__main__ import main as export_main
 
 SIZE = 32
@@ -88,10 +91,13 @@ def calibration(channels: int):
 
 def to_tflite(net: keras.Model, mode: str) -> bytes:
     """TFLite's converter: ``float``; ``int8`` full-integer (int8 input and output); ``int8_float_io`` int8 ops
-    between float input and output (the converter's default I/O); ``dynamic``: int8 weights only."""
+    between float input and output (the converter's default I/O); ``dynamic``: int8 weights only (per channel,
+    the converter's default); ``dynamic_per_tensor``: one scale per weight tensor."""
     converter = tf.lite.TFLiteConverter.from_keras_model(net)
     if mode != "float":  # int8 kernels; per-channel weights are the converter's default
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "dynamic_per_tensor":
+        converter._experimental_disable_per_channel = True
     if mode.startswith("int8"):
         converter.representative_dataset = lambda: calibration(net.inputs[0].shape[-1])
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -245,6 +251,127 @@ def test_int8_tflite_within_its_quantization_bound(kind, models, tmp_path, capfd
             record(f"TFLite int8 {kind}: map, abs", np.abs(model.cam(pred, k) - want_map).max())
 
 
+def mobile(depthwise: bool = True) -> keras.Model:
+    """Every weight tensor large enough for dynamic-range quantization (1024 values or more), so that the conv,
+    the depthwise conv, the 1x1 conv and the Dense layer are all hybrid in TFLite; logits out."""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(128, 3, padding="same")(inp)))
+    if depthwise:
+        x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same", activation="relu")(x)
+    else:  # LiteRT's own per-tensor hybrid depthwise kernel gives values of order 1e30 (ai-edge-litert 2.3.0)
+        x = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
+    x = keras.layers.Conv2D(32, 1, activation="relu", name="last_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    net = keras.Model(inp, keras.layers.Dense(40, name="fc")(x))
+    bn = next(layer for layer in net.layers if isinstance(layer, keras.layers.BatchNormalization))
+    rng = np.random.default_rng(8)
+    bn.set_weights([rng.uniform(0.5, 1.5, 128), rng.uniform(-0.2, 0.2, 128), rng.uniform(-0.2, 0.2, 128),
+                    rng.uniform(0.5, 2, 128)])  # fmt: skip
+    return net
+
+
+# name: (model, converter mode); what is hybrid in TFLite
+DYNAMIC = {
+    "rgb": (lambda: classifier("rgb"), "dynamic"),  # the last conv (the first and the Dense are too small)
+    "mobile": (mobile, "dynamic"),  # conv, depthwise, 1x1 conv, Dense: the converter's default, per channel
+    # the same with every hybrid convolution in ConvInteger, as for convolutions whose integer sums can pass
+    # 2**24 (a 3x3 conv over hundreds of channels): these small ones would be summed in float32 otherwise
+    "mobile_int32": (mobile, "dynamic"),
+    "per_tensor": (lambda: mobile(depthwise=False), "dynamic_per_tensor"),  # symmetric hybrid convolutions
+}
+
+
+class Hybrid(TFLite):
+    """A dynamic-range ``.tflite`` file in LiteRT's built-in kernels, with the limits its hybrid kernels set
+    for the bundle (derived in export/hybrid.py, DenseBound):
+
+    - the output: the bundle and TFLite each round the hybrid Dense layer's input ``p`` (the pooled features,
+      equal to float32 rounding) to the nearest step ``s`` of its per-row int8 range, so the quantized inputs
+      are at most one step apart and the logits at most ``s * max_k sum_c |W[k, c]|`` (times 1/2 through the
+      softmax), plus the float tolerance 1e-4 of the largest output; a model without a hybrid Dense layer has
+      the float tolerance alone. The step and the weights are LiteRT's own tensors.
+    - the last conv's features, the same way: its input (equal to float32 rounding) quantized by both sides
+      to steps ``s_u`` at most one step apart, so output channel ``o`` moves by at most ``s_u * sum |W_o|``,
+      plus 1e-5 of the largest feature for float32 rounding.
+    """
+
+    def __init__(self, path, per_tensor: bool = False):
+        super().__init__(path)
+        self.per_tensor = per_tensor
+        fc = self.ops["FULLY_CONNECTED"]
+        self.hybrid_fc = self.details[fc["inputs"][1]]["dtype"] == np.int8
+        self.weight = self.tensor(fc["inputs"][1])  # [K, C], dequantized per output channel
+        self.softmax = "SOFTMAX" in self.ops
+        self.last = next(op for op in self.all_ops if op["outputs"][0] == self.ops["MEAN"]["inputs"][0])
+        assert self.details[self.last["inputs"][1]]["dtype"] == np.int8  # the last conv is hybrid
+        self.last_l1 = np.abs(self.tensor(self.last["inputs"][1])).sum(axis=(1, 2, 3))  # [O]; weights [O,kh,kw,C]
+
+    def limits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+        """npcam's input ``[1,3,H,W]`` -> (output ``[K]``, last conv features ``[h,w,C]``, the output's limit,
+        the features' limit ``[C]``)."""
+        want, features = self.run(x, grey=False)
+        bound = 0.0
+        if self.hybrid_fc:
+            p = self.tensor(self.ops["FULLY_CONNECTED"]["inputs"][0])[0]
+            step = (max(p.max(), 0) - min(p.min(), 0)) / 255  # asymmetric_quantize_inputs (the converter's)
+            bound = step * np.abs(self.weight).sum(axis=1).max() * (0.5 if self.softmax else 1)
+        u = self.tensor(self.last["inputs"][0])[0]
+        step_u = np.abs(u).max() / 127 if self.per_tensor else (max(u.max(), 0) - min(u.min(), 0)) / 255
+        feature_limit = step_u * self.last_l1 + 1e-5 * np.abs(features).max()
+        return want, features, bound + 1e-4 * np.abs(want).max(), feature_limit
+
+
+@pytest.mark.parametrize("kind", list(DYNAMIC))
+def test_dynamic_range_tflite_computes_as_the_hybrid_kernels(kind, tmp_path, capfd, monkeypatch):
+    """A dynamic-range model (int8 weights, float activations; TFLite's converter's default without a
+    representative dataset) within the limits of :class:`Hybrid` of LiteRT's built-in hybrid kernels, whose
+    integer arithmetic the bundle reproduces (export.hybrid). Grad-CAM's gradient through the Dense layer's
+    quantization is the straight-through one: the dequantized weights, to float32 rounding of the weights."""
+    make, mode = DYNAMIC[kind]
+    path = tmp_path / f"{kind}_dynamic.tflite"
+    path.write_bytes(to_tflite(make(), mode))
+    if kind == "mobile_int32":
+        monkeypatch.setattr(export_hybrid, "EXACT_IN_FLOAT32", 0)
+    model = export(path, tmp_path / "b", capfd)
+    trunk_ops = {n.op_type for n in onnx.load(model.bundle.path / "trunk.onnx").graph.node}
+    if kind.startswith("mobile"):  # every conv hybrid: summed in float32 (exactly), or all in ConvInteger
+        assert trunk_ops & {"Conv", "ConvInteger"} == {"ConvInteger" if kind == "mobile_int32" else "Conv"}
+    reference = Hybrid(path, per_tensor=mode == "dynamic_per_tensor")
+    default = Interpreter(model_path=str(path))  # XNNPACK, LiteRT's default
+    default.allocate_tensors()
+    source = model.bundle.meta["source"]["dynamic_range"]
+    assert source["fully_connected"] == ("asymmetric" if reference.hybrid_fc else None)
+    assert source["hybrid_convolutions"] == sum(
+        reference.details[op["inputs"][1]]["dtype"] == np.int8
+        for op in reference.all_ops if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")
+    )  # fmt: skip
+    for x in inputs(model):
+        want, features, limit, feature_limit = reference.limits(x)
+        scores = model.scores(x)[0].astype(np.float64)
+        got = model.probabilities(scores) if reference.softmax else scores
+        error = np.abs(got - want).max() / limit
+        assert record(f"TFLite dynamic {kind}: output vs built-in kernels, of the limit", error) <= 1
+        # Measured, not bounded: XNNPACK quantizes a hybrid 1x1 conv's input per pixel, not per image, and
+        # per-tensor hybrid convs otherwise too (docs/tflite-keras.md); the bound above is the built-in kernels'.
+        (i,), (o,) = default.get_input_details(), default.get_output_details()
+        default.set_tensor(i["index"], x.transpose(0, 2, 3, 1).astype(np.float32))
+        default.invoke()
+        error = np.abs(got - default.get_tensor(o["index"])[0]).max() / limit
+        record(f"TFLite dynamic {kind}: output vs default (XNNPACK), of the limit", error)
+        pred = model.classify([np.zeros((SIZE, SIZE, 3), np.uint8)], [x])[0]
+        ours = pred.features.transpose(1, 2, 0).astype(np.float64)
+        error = (np.abs(ours - features) / feature_limit).max()
+        assert record(f"TFLite dynamic {kind}: features, of the limit", error) <= 1
+        weight = reference.weight
+        if model.head.kind == "graph":
+            classes = list(range(len(scores)))
+            gradient = model.grid_gradient(pred, classes).sum(axis=(2, 3))  # [K, C]: the pooled vector's gradient
+            assert np.abs(gradient - weight).max() <= 1e-6 * np.abs(weight).max()
+        else:
+            assert np.abs(model.head.weight - weight).max() <= 1e-6 * np.abs(weight).max()
+
+
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_keras_against_predict_and_its_own_features(kind, suffix, models, tmp_path, capfd):
@@ -337,18 +464,19 @@ def test_a_flatten_head_is_explained_at_its_map_channels_first(route, tmp_path):
     assert record(f"Keras Flatten head gradient ({route}), relative", error) <= 1e-4
 
 
-def dense_head() -> keras.Model:
-    """Large enough for the converter's dynamic-range quantization, which leaves small tensors float."""
+def two_dense() -> keras.Model:
+    """Two Dense layers after the pooling, each large enough for the converter's dynamic-range quantization
+    (it leaves tensors of fewer than 1024 values float): npcam reproduces one hybrid Dense layer, the last."""
     inp = keras.Input((16, 16, 3))
-    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(256, 3, activation="relu")(inp))
-    return keras.Model(inp, keras.layers.Dense(1000)(x))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(64, 3, activation="relu")(inp))
+    return keras.Model(inp, keras.layers.Dense(40)(keras.layers.Dense(64, activation="relu")(x)))
 
 
 REFUSED = {
     "not a flatbuffer": ("tflite", "junk.tflite", lambda p: p.write_bytes(b"\x00 not a model " * 8), "not a TensorFlow Lite model"),
     "missing": ("tflite", "none.tflite", lambda p: None, "no such file"),
     "wrong suffix": ("tflite", "m.onnx", lambda p: p.write_bytes(b"x"), "expected a TensorFlow Lite file"),
-    "int8 weights only": ("tflite", "dyn.tflite", lambda p: p.write_bytes(to_tflite(dense_head(), "dynamic")), "dynamic-range"),
+    "two int8 dense layers": ("tflite", "mlp.tflite", lambda p: p.write_bytes(to_tflite(two_dense(), "dynamic")), "2 fully connected layers with int8 weights"),
     "not a zip": ("keras", "junk.keras", lambda p: p.write_bytes(b"nope" * 8), "not a .keras file"),
     "not HDF5": ("keras", "junk.h5", lambda p: p.write_bytes(b"nope" * 8), "Keras cannot load it"),
     "no map before the scores": ("keras", "mlp.keras", lambda p: mlp_on_pixels().save(p), "no trunk before it"),
