@@ -366,7 +366,7 @@ def test_dynamic_range_tflite_computes_as_the_hybrid_kernels(kind, tmp_path, cap
         weight = reference.weight
         if model.head.kind == "graph":
             classes = list(range(len(scores)))
-            gradient = model.grid_gradient(pred, classes).sum(axis=(2, 3))  # [K, C]: the pooled vector's gradient
+            gradient = model.probe(pred, classes).gradient().sum(axis=(2, 3))  # [K, C]: the pooled vector's gradient
             assert np.abs(gradient - weight).max() <= 1e-6 * np.abs(weight).max()
         else:
             assert np.abs(model.head.weight - weight).max() <= 1e-6 * np.abs(weight).max()
