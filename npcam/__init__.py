@@ -34,8 +34,7 @@ from .model import Model, Prediction, default_model_dir, load  # noqa: E402
 from .notebook import Picture, compare  # noqa: E402
 from .render import JET, colorize, overlay  # noqa: E402
 from .upsample import upsample  # noqa: E402
-
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402, F401  (npcam.__version__)
 
 __all__ = [
     "Explanation",

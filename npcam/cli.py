@@ -15,7 +15,6 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
-from . import __version__
 from .arguments import (
     MAX_THREADS,
     OneLineParser,
@@ -33,6 +32,7 @@ from .methods import METHODS
 from .model import Model, default_model_dir
 from .progress import Progress
 from .record import error as error_record
+from .version import __version__
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 SUBCOMMANDS = ("serve", "dataset")

@@ -43,13 +43,13 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__
 from . import bundle as bundle_format
 from . import record as records
 from .errors import NpcamError
 from .explain import Options
 from .files import IMAGE_SUFFIXES, find_images, plan_outputs
 from .progress import Progress
+from .version import __version__
 
 META_KEY = b"npcam"
 ACTOR_CPUS = 0.5

@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import NpcamError
+from .image import rgbx_base
+from .version import __version__
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 SAVE_OPTIONS = {"JPEG": {"quality": 90}, "PNG": {"compress_level": 1}, "WEBP": {"quality": 90}}
@@ -163,9 +165,6 @@ def image_format(path: Path) -> str:
 
 def encode_image(picture: np.ndarray, fmt: str, file: BinaryIO) -> None:
     """Encode uint8 ``[H, W, 3]`` (JPEG quality 90, fast PNG), marked as npcam's where the format has EXIF."""
-    from . import __version__
-    from .image import rgbx_base
-
     rgbx = rgbx_base(picture)
     if rgbx is None:
         image = Image.fromarray(picture)

@@ -40,7 +40,6 @@ from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
-from . import __version__
 from .boxes import parse_threshold
 from .errors import NpcamError
 from .explain import Options, describe, draw, explain
@@ -49,6 +48,7 @@ from .image import MAX_PIXELS, parse_size
 from .methods import METHODS, allowed, default_name
 from .methods import names as method_names
 from .methods import resolve as resolve_method
+from .version import __version__
 
 MAX_BODY = 25 * 2**20  # bytes; a 12 MP JPEG is 3-8 MB
 DRAIN = 64 * 2**20  # an oversized body up to this size is read to its end before the 413 goes out
