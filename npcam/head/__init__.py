@@ -32,12 +32,14 @@ from .affine import AffineHead, one_hot
 from .graph import FLOAT32_WORK, LAYOUTS, PRECISIONS, GraphHead, recommended_precision
 from .op import Op
 from .ops import MAX_VALUES, OPS, Rule
+from .ops.indexing import BIG
 from .ops.quantize import dequantize, quantize
 from .shapes import infer_shapes
 
 Head = Union[AffineHead, GraphHead]
 
 __all__ = [
+    "BIG",
     "FLOAT32_WORK",
     "LAYOUTS",
     "MAX_VALUES",

@@ -25,6 +25,9 @@ def _gather_backward(a, at, y, dy, v):
     return [dx, None]
 
 
+BIG = 2**62  # a Slice end at or past this is "to the end", as exporters write INT64_MAX
+
+
 def _slices(shape: Sequence[int], at: dict) -> tuple[slice, ...]:
     """ONNX Slice's starts/ends/axes/steps as Python slices: negative values count from the end, then starts
     and ends clamp to [0, dim] (step > 0) or [0, dim-1] and [-1, dim-1] (step < 0), -1 being before the start."""
