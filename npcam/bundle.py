@@ -41,8 +41,11 @@ OUTPUTS = ("logits", "probabilities", "log_probabilities", "sigmoid")
 # 3: input_size is [height, width] (it was one int, the side of a square, in 1 and 2).
 # 4: graph heads may start at a spatial map or tokens (head.json's layout, grid, prefix, sides, precision) and
 #    bundle.json names the explained layer; a version 3 bundle is a version 4 one without these keys.
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# 5: detectors: bundle.json's task, detect (the decode) and layers, head.json's inputs (one map per stride, the
+#    trunk's outputs of those names), decode.npz; a version 4 bundle is a version 5 classifier.
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+TASKS = ("classify", "detect")
 HEAD_FILES = {"affine": ("fc_weight.npy", "fc_bias.npy"), "graph": ("head.json", "head.npz")}
 CACHE_DIR = Path("~/.cache/npcam")
 # Looked for in this order when no model is named: ResNet-18 is the default,
@@ -72,6 +75,7 @@ class Bundle:
     trunk: bytes
     head: AffineHead | GraphHead
     labels: tuple[str, ...]
+    _decoder: object = None
 
     @property
     def arch(self) -> str:
@@ -124,6 +128,23 @@ class Bundle:
         return tuple(same) if isinstance(same, list) and same else (q["cpu_family"],)
 
     @property
+    def task(self) -> str:
+        """``"classify"`` or ``"detect"``."""
+        return self.meta.get("task", "classify")
+
+    @property
+    def decoder(self):
+        """A detector's :class:`~npcam.detect.Decoder` (None for a classifier)."""
+        return self._decoder
+
+    @property
+    def letterbox(self) -> tuple[int, int, int] | None:
+        """The letterbox's pad colour (R, G, B levels) when the input is letterboxed, as the YOLO tools feed it;
+        None when the photo is stretched to the input."""
+        pad = self.meta.get("letterbox")
+        return None if pad is None else tuple(int(v) for v in pad)
+
+    @property
     def multi_label(self) -> bool:
         """The model scores each class on its own (a final sigmoid), not one class out of K."""
         return self.meta.get("output") == "sigmoid"
@@ -134,9 +155,10 @@ def digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta["files"], sort_keys=True).encode()).hexdigest()
 
 
-def files_for(head_kind: str) -> tuple[str, ...]:
-    """The files a bundle with this kind of head holds, besides bundle.json."""
-    return ("trunk.onnx", *HEAD_FILES[head_kind], "labels.json")
+def files_for(meta: dict) -> tuple[str, ...]:
+    """The files a bundle holds besides bundle.json, from its metadata (its kind of head; a decode's arrays)."""
+    decode = ("decode.npz",) if meta.get("detect", {}).get("arrays") else ()
+    return ("trunk.onnx", *HEAD_FILES[meta["head"]], "labels.json", *decode)
 
 
 # Reading
@@ -149,7 +171,7 @@ def read(path: str | os.PathLike, verify: bool = True) -> Bundle:
     """
     path = Path(path).expanduser()
     meta = _read_meta(path)
-    names = files_for(meta["head"])
+    names = files_for(meta)
     blobs = {name: _read_file(path / name) for name in names}
     if verify:
         _check_hashes(path, meta, blobs)
@@ -166,8 +188,32 @@ def read(path: str | os.PathLike, verify: bool = True) -> Bundle:
         head: AffineHead | GraphHead = AffineHead(weight, bias)
     else:
         head = _load_graph_head(path, blobs["head.json"], blobs["head.npz"])
-    labels = _load_labels(path / "labels.json", blobs["labels.json"], head.classes)
-    return Bundle(path, meta, blobs["trunk.onnx"], head, labels)
+    decoder = None
+    if meta.get("task", "classify") == "detect":
+        decoder = _load_decoder(path, meta, blobs.get("decode.npz"), head)
+    classes = head.classes if decoder is None else decoder.classes
+    labels = _load_labels(path / "labels.json", blobs["labels.json"], classes)
+    return Bundle(path, meta, blobs["trunk.onnx"], head, labels, decoder)
+
+
+def _load_decoder(path: Path, meta: dict, arrays_bytes: bytes | None, head: AffineHead | GraphHead):
+    """A detector's decode (:class:`npcam.detect.Decoder`), checked against its head's output."""
+    from .detect import Decoder
+
+    arrays = {}
+    if arrays_bytes is not None:
+        _check_npz_sizes(path / "decode.npz", arrays_bytes)
+        try:
+            with np.load(io.BytesIO(arrays_bytes), allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except (ValueError, OSError, EOFError) as e:
+            raise NpcamError(f"{path / 'decode.npz'}: not a plain .npz of arrays ({e})") from None
+    decoder = Decoder(meta["detect"], arrays, tuple(meta["input_size"]), path / "bundle.json")
+    if decoder.size != head.classes:
+        raise NpcamError(
+            f"{path / 'bundle.json'}: 'detect.outputs' hold {decoder.size:,} values, the head gives {head.classes:,}"
+        )
+    return decoder
 
 
 def _read_meta(path: Path) -> dict:
@@ -227,6 +273,15 @@ def _read_meta(path: Path) -> dict:
         raise NpcamError(f"{meta_file}: key 'files' must map file names to sha256 digests")
     if not isinstance(meta.get("layer", ""), str):
         raise NpcamError(f"{meta_file}: key 'layer' must be a string (the explained layer's name)")
+    if meta.get("task", "classify") not in TASKS:
+        raise NpcamError(f"{meta_file}: key 'task' must be one of {', '.join(TASKS)}, not {meta['task']!r}")
+    if meta.get("task") == "detect" and not isinstance(meta.get("detect"), dict):
+        raise NpcamError(f"{meta_file}: a detector's bundle needs the key 'detect' (its decode)")
+    pad = meta.get("letterbox")
+    if pad is not None and not (
+        isinstance(pad, list) and len(pad) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in pad)
+    ):
+        raise NpcamError(f"{meta_file}: key 'letterbox' must be the pad's [R, G, B] levels (0 to 255)")
     return meta
 
 
@@ -279,6 +334,8 @@ def _load_graph_head(path: Path, spec_bytes: bytes, arrays_bytes: bytes) -> Grap
         ops = [Op(o["op"], tuple(o["inputs"]), o["output"], dict(o.get("attrs", {}))) for o in spec["ops"]]
         input_shape = [int(d) for d in spec["input_shape"]]
         names = (spec["input"], spec["output"])
+        # Format 5: several inputs (a detector's maps, one per stride); the first is "input".
+        inputs = {str(k): [int(d) for d in v] for k, v in dict(spec.get("inputs", {})).items()} or None
         # Format 4; absent: a pooled head of format 3.
         sides = {str(k): [int(d) for d in v] for k, v in dict(spec.get("sides", {})).items()}
         layer = {
@@ -290,7 +347,7 @@ def _load_graph_head(path: Path, spec_bytes: bytes, arrays_bytes: bytes) -> Grap
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise NpcamError(f"{spec_file}: not a head description ({type(e).__name__}: {e})") from None
     for name in sides:
-        if name in ("image", "features", names[0]):
+        if name in ("image", "features", names[0], *(inputs or {})):
             raise NpcamError(f"{spec_file}: side input {name!r} has the name of the head's input or a trunk tensor")
     _check_npz_sizes(arrays_file, arrays_bytes)
     try:
@@ -298,7 +355,7 @@ def _load_graph_head(path: Path, spec_bytes: bytes, arrays_bytes: bytes) -> Grap
             arrays = {name: npz[name] for name in npz.files}
     except (ValueError, OSError, EOFError) as e:
         raise NpcamError(f"{arrays_file}: not a plain .npz of arrays ({e})") from None
-    known = set(arrays) | {names[0]} | set(sides) | {op.output for op in ops}
+    known = set(arrays) | {names[0]} | set(inputs or {}) | set(sides) | {op.output for op in ops}
     for op in ops:
         unknown = [n for n in op.inputs if n not in known]
         if unknown:
@@ -306,7 +363,7 @@ def _load_graph_head(path: Path, spec_bytes: bytes, arrays_bytes: bytes) -> Grap
     if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
         raise NpcamError(f"{arrays_file}: contains NaN or infinite values")
     try:
-        return GraphHead(ops, arrays, input_shape, *names, sides=sides, **layer)
+        return GraphHead(ops, arrays, input_shape, *names, sides=sides, inputs=inputs, **layer)
     except (ValueError, KeyError, IndexError, TypeError) as e:
         raise NpcamError(f"{spec_file}: the head cannot run ({e})") from None
 
@@ -374,16 +431,20 @@ def write(
     head: AffineHead | GraphHead,
     labels: Sequence[str],
     meta: dict,
+    decode_arrays: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Write a bundle's files into ``directory`` (existing, empty), then ``bundle.json``; returns the metadata.
 
     ``meta`` must hold ``arch``, ``input_size`` (``(height, width)``, or one
     side for a square), ``mean`` and ``std``, and may hold ``layer`` (the explained layer's name); the format
     keys, the head kind, the channel and class counts and the hashes are added here. ``channels`` is the
-    layer's C (the pooled vector's length for a pooled head).
+    layer's C (the pooled vector's length for a pooled head). A detector's ``meta`` holds ``task`` ("detect")
+    and ``detect`` (its decode, :mod:`npcam.detect`), whose arrays (``anchors``) are ``decode_arrays``.
     """
-    if len(labels) != head.classes:
-        raise NpcamError(f"{len(labels)} labels for a head with {head.classes} classes")
+    detector = meta.get("task") == "detect"
+    classes = int(meta["detect"]["classes"]) if detector else head.classes
+    if len(labels) != classes:
+        raise NpcamError(f"{len(labels)} labels for a {'detector' if detector else 'head'} with {classes} classes")
     (directory / "trunk.onnx").write_bytes(trunk)
     if isinstance(head, AffineHead):
         np.save(directory / "fc_weight.npy", head.weight.astype(np.float32), allow_pickle=False)
@@ -401,9 +462,14 @@ def write(
             spec.update(grid=list(head.grid), prefix=head.prefix)
         if head.sides:
             spec["sides"] = {name: list(shape) for name, shape in head.sides.items()}
+        if len(head.inputs) > 1:
+            spec["inputs"] = {name: list(shape) for name, shape in head.inputs.items()}
         (directory / "head.json").write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
         np.savez(directory / "head.npz", **head.arrays)
     (directory / "labels.json").write_text(json.dumps(list(labels), indent=0, ensure_ascii=False) + "\n", "utf-8")
+    if decode_arrays:
+        np.savez(directory / "decode.npz", **decode_arrays)
+        meta = {**meta, "detect": {**meta["detect"], "arrays": sorted(decode_arrays)}}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -411,14 +477,14 @@ def write(
         "input_size": list(as_size(meta["input_size"])),
         "head": head.kind,
         "channels": head.channels,
-        "classes": head.classes,
+        "classes": classes,
     }
     return seal(directory, meta)
 
 
 def seal(directory: Path, meta: dict) -> dict:
     """Hash the bundle's files and (re)write ``bundle.json``; call after changing a file."""
-    meta = {**meta, "files": {name: sha256_file(directory / name) for name in files_for(meta["head"])}}
+    meta = {**meta, "files": {name: sha256_file(directory / name) for name in files_for(meta)}}
     text = (json.dumps(meta, indent=2) + "\n").encode("utf-8")
     atomic_write(directory / "bundle.json", lambda f: f.write(text))
     return meta

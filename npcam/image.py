@@ -12,6 +12,7 @@ import re
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -346,6 +347,43 @@ def input_size(height: int, width: int, size: int | Size, keep_aspect: bool) -> 
     return h, w
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a photo of ``(H, W)`` lies in the network input: input pixel ``x_in = x * scale_x + left`` (and
+    ``y_in = y * scale_y + top``), the photo covering ``size`` ``(h, w)`` pixels of the input. A stretch fills
+    the input; a letterbox keeps the aspect and pads (:func:`letterbox_placement`)."""
+
+    scale_y: float
+    scale_x: float
+    top: int
+    left: int
+    size: tuple[int, int]
+
+    def to_photo(self, boxes: np.ndarray, photo: tuple[int, int]) -> np.ndarray:
+        """Boxes ``[n, 4]`` ``x0, y0, x1, y1`` in input pixels to the photo's ``(H, W)`` pixels, clipped to it."""
+        out = np.asarray(boxes, dtype=np.float64).copy()
+        out[:, 0::2] = (out[:, 0::2] - self.left) / self.scale_x
+        out[:, 1::2] = (out[:, 1::2] - self.top) / self.scale_y
+        out[:, 0::2] = out[:, 0::2].clip(0, photo[1])
+        out[:, 1::2] = out[:, 1::2].clip(0, photo[0])
+        return out
+
+
+def letterbox_placement(height: int, width: int, size: Size) -> Placement:
+    """A letterbox as the YOLO tools make it: the photo scaled to fit ``size`` ``(h, w)``, aspect kept, and
+    centred, the pads split with the odd pixel at the bottom and right (ultralytics' ``round(d - 0.1)``)."""
+    rows, cols = size
+    scale = min(rows / height, cols / width)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    top, left = round((rows - h) / 2 - 0.1), round((cols - w) / 2 - 0.1)
+    return Placement(h / height, w / width, top, left, (h, w))
+
+
+def stretch_placement(height: int, width: int, size: Size) -> Placement:
+    """The photo squashed to fill ``size`` ``(h, w)``."""
+    return Placement(size[0] / height, size[1] / width, 0, 0, tuple(size))
+
+
 def preprocess(
     image: np.ndarray | Image.Image,
     size: int | Size,
@@ -353,6 +391,7 @@ def preprocess(
     std: tuple[float, float, float],
     keep_aspect: bool = False,
     reducing_gap: float | None = REDUCING_GAP,
+    pad: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Resize with Pillow bilinear, scale to [0, 1], normalize per channel.
 
@@ -367,14 +406,26 @@ def preprocess(
     reducing_gap : float or None
         Pillow's ``reducing_gap`` (see :data:`REDUCING_GAP`); None resizes
         exactly as torchvision's ``Resize`` does, at any size.
+    pad : the R, G, B levels (0..255) of a letterbox: the image keeps its aspect inside ``size``, centred,
+        and the rest is this colour (:func:`letterbox_placement`; the YOLO tools pad with 114). None: no
+        letterbox.
 
     Returns
     -------
     float32 ``[1, 3, h, w]``: ``(pixel / 255 - mean) / std``.
     """
     pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    h, w = input_size(pil.height, pil.width, size, keep_aspect)
-    resized = np.asarray(pil.resize((w, h), Image.BILINEAR, reducing_gap=reducing_gap))
+    if pad is not None:
+        placed = letterbox_placement(pil.height, pil.width, as_size(size))
+        (h, w), (rows, cols) = placed.size, as_size(size)
+        resized = np.empty((rows, cols, 3), dtype=np.uint8)
+        resized[:] = np.asarray(pad, dtype=np.uint8)
+        photo = pil.resize((w, h), Image.BILINEAR, reducing_gap=reducing_gap)
+        resized[placed.top : placed.top + h, placed.left : placed.left + w] = np.asarray(photo)
+        h, w = rows, cols
+    else:
+        h, w = input_size(pil.height, pil.width, size, keep_aspect)
+        resized = np.asarray(pil.resize((w, h), Image.BILINEAR, reducing_gap=reducing_gap))
     # A uint8 channel normalizes to only 256 values: a table, made with the same float32
     # operations in the same order as torchvision's ToTensor + Normalize (bit-identical).
     levels = np.arange(256, dtype=np.float32)[None, :] / np.float32(255)

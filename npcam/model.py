@@ -22,11 +22,24 @@ from . import methods as methods_lib
 from .cam import pool, probabilities
 from .cancel import OnProgress, ShouldStop
 from .cpu import warn_if_not_portable
+from .detect import DEFAULT_THRESHOLDS, Candidates, Detection, Thresholds, select
 from .errors import NpcamError
-from .image import MAX_PIXELS, ImageLike, Size, as_size, format_size, open_image, preprocess
+from .image import (
+    MAX_PIXELS,
+    ImageLike,
+    Placement,
+    Size,
+    as_size,
+    format_size,
+    letterbox_placement,
+    open_image,
+    preprocess,
+    stretch_placement,
+)
 from .labels import class_index
 from .probe import Probe
-from .targets import ClassScores, Target
+from .targets import ClassScores, DetectionScores, Target
+from .upsample import upsample
 
 default_model_dir = bundle_format.default_model_dir
 
@@ -50,6 +63,14 @@ class Prediction:
         pooled head (the default, made from ``features``), the map ``[1, C, h, w]`` or the tokens ``[1, L, C]``
     sides : ``{name: [1, ...]}``, the head's side inputs (tensors from before the layer, such as a
         transformer's residual stream); ``{}`` when it has none
+    layers : a model explained at several layers (a detector's maps, one per stride): each float32 ``[C_s, h_s,
+        w_s]``, ``features`` the first; ``head_input`` is then ``{name: [1, C_s, h_s, w_s]}``. None: ``(features,)``
+    detections : a detector's detections (:class:`npcam.detect.Detection`), best first; None for a classifier,
+        whose ``logits`` are its class scores (a detector's are its raw output, flat, and ``probs`` is empty)
+    candidates : a detector's decoded candidates (:class:`npcam.detect.Candidates`), which the detections are
+        some of
+    placement : where the photo lies in the network input (:class:`npcam.image.Placement`): a detector's boxes
+        and maps are brought back to the photo through it
     """
 
     image: np.ndarray
@@ -59,8 +80,12 @@ class Prediction:
     probs: np.ndarray
     labels: Sequence[str]
     photo_size: tuple[int, int] | None = None
-    head_input: np.ndarray | None = None
+    head_input: np.ndarray | dict[str, np.ndarray] | None = None
     sides: dict[str, np.ndarray] = field(default_factory=dict)
+    layers: tuple[np.ndarray, ...] | None = None
+    detections: list[Detection] | None = None
+    candidates: Candidates | None = None
+    placement: Placement | None = None
 
     def __post_init__(self):
         if self.head_input is None:
@@ -70,6 +95,11 @@ class Prediction:
     def size(self) -> tuple[int, int]:
         """``(H, W)``: the photo's own upright size, in which maps, boxes and records are given."""
         return self.photo_size or self.image.shape[:2]
+
+    @property
+    def grids(self) -> tuple[np.ndarray, ...]:
+        """Every explained layer on its grid, float32 ``[C_s, h_s, w_s]`` each (one for a classifier)."""
+        return self.layers if self.layers is not None else (self.features,)
 
     def top(self, k: int = 5) -> list[tuple[int, str, float]]:
         """The ``k`` most probable classes as ``(index, label, probability)``."""
@@ -124,25 +154,34 @@ class Model:
 
     # image -> layer -> scores
 
-    def trunk(self, batch: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    @property
+    def layer_names(self) -> list[str]:
+        """The trunk's outputs that are explained layers: ``["features"]``, or a detector's maps (the head's inputs)."""
+        return list(self.head.inputs) if len(self.head.inputs) > 1 else ["features"]
+
+    def trunk(self, batch: np.ndarray) -> tuple[np.ndarray | dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Run the trunk: float32 ``[N, 3, H, W]`` to the layer (float32 ``[N, C, h, w]``, or ``[N, L, C]`` for
-        tokens) and the head's side inputs ``{name: [N, ...]}``, as the trunk outputs them."""
+        tokens; ``{name: [N, C_s, h_s, w_s]}`` for a model of several layers) and the head's side inputs
+        ``{name: [N, ...]}``, as the trunk outputs them."""
         if self._batch_limit is not None and len(batch) != self._batch_limit:
             parts = [self.trunk(batch[i : i + 1]) for i in range(len(batch))]
             sides = {name: np.concatenate([p[1][name] for p in parts]) for name in parts[0][1]}
+            if isinstance(parts[0][0], dict):
+                return {name: np.concatenate([p[0][name] for p in parts]) for name in parts[0][0]}, sides
             return np.concatenate([p[0] for p in parts]), sides
         trunk = self.bundle.path / "trunk.onnx"
-        names = list(self.head.sides)
+        names, layer_names = list(self.head.sides), self.layer_names
         try:
-            layer, *sides = self.session.run(["features", *names], {"image": batch})
+            outputs = self.session.run([*layer_names, *names], {"image": batch})
         except Exception as e:  # onnxruntime's own types (a failed allocation, a shape it cannot take)
             raise NpcamError(f"{trunk}: onnxruntime cannot run it on this input ({_first_line(e)})") from None
-        expected = _layer_shape(self.head)
-        if layer.ndim != len(expected) or any(e not in (None, d) for e, d in zip(expected[1:], layer.shape[1:])):
-            shown = ", ".join(str(d) if d else "hw"[i % 2] for i, d in enumerate(expected[1:], 1))
-            raise NpcamError(
-                f"{trunk}: gives features of shape {list(layer.shape)}, the head expects [N, {shown}]"
-            )
+        layers, sides = outputs[: len(layer_names)], outputs[len(layer_names) :]
+        for name, layer in zip(layer_names, layers):
+            expected = _layer_shape(self.head, name)
+            if layer.ndim != len(expected) or any(e not in (None, d) for e, d in zip(expected[1:], layer.shape[1:])):
+                shown = ", ".join(str(d) if d else "hw"[i % 2] for i, d in enumerate(expected[1:], 1))
+                raise NpcamError(f"{trunk}: gives {name} of shape {list(layer.shape)}, the head expects [N, {shown}]")
+        layer = layers[0] if len(layers) == 1 else dict(zip(layer_names, layers))
         return layer, dict(zip(names, sides))
 
     def features(self, batch: np.ndarray) -> np.ndarray:
@@ -156,7 +195,7 @@ class Model:
         distillation) and their patch tokens are laid row-major on the ``(gh, gw)`` grid, channels first.
         """
         if self.head.layout != "tokens":
-            return layer
+            return layer  # spatial or pooled (a model of several layers is spatial: a dict of maps)
         (gh, gw), prefix = self.head.grid, self.head.prefix
         patches = layer[:, prefix:]
         return np.ascontiguousarray(patches.reshape(len(layer), gh, gw, patches.shape[2]).transpose(0, 3, 1, 2))
@@ -179,19 +218,20 @@ class Model:
         prefix = np.broadcast_to(like[:1, : self.head.prefix], (n, self.head.prefix, channels))
         return np.concatenate([prefix.astype(patches.dtype, copy=False), patches], axis=1)
 
-    def head_scores(self, x: np.ndarray, sides: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """The head: float ``[N, *input_shape[1:]]`` head inputs to float32 ``[N, K]`` scores.
+    def head_scores(self, x, sides: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """The head: float ``[N, *input_shape[1:]]`` head inputs (``{name: ...}`` for several layers) to float32
+        ``[N, K]`` outputs: a classifier's class scores, a detector's raw output, flat.
 
         ``sides`` are the side inputs ``{name: [N or 1, ...]}`` (a batch of 1 is shared by all N).
         """
         return self.head.forward(x, sides or {}).astype(np.float32, copy=False)
 
-    def _head_input(self, layer: np.ndarray) -> np.ndarray:
+    def _head_input(self, layer):
         """What the head scores, from the trunk's layer: its average for a pooled head, else the layer."""
         return pool(layer) if self.head.layout == "pooled" else layer
 
     def scores(self, batch: np.ndarray) -> np.ndarray:
-        """The whole network: float32 ``[N, 3, H, W]`` inputs to float32 ``[N, K]`` class scores."""
+        """The whole network: float32 ``[N, 3, H, W]`` inputs to float32 ``[N, K]`` outputs (:meth:`head_scores`)."""
         layer, sides = self.trunk(batch)
         return self.head_scores(self._head_input(layer), sides)
 
@@ -212,7 +252,13 @@ class Model:
 
     def _input(self, pil: Image.Image, keep_aspect: bool, size: Size | None) -> np.ndarray:
         b = self.bundle
-        return preprocess(pil, size or b.input_size, b.mean, b.std, keep_aspect)
+        return preprocess(pil, size or b.input_size, b.mean, b.std, keep_aspect, pad=b.letterbox)
+
+    def placement(self, photo: tuple[int, int], input_size: tuple[int, int]) -> Placement:
+        """Where a photo of ``(H, W)`` lies in an input of ``input_size``: letterboxed or stretched, as the bundle
+        feeds its model (:func:`npcam.image.letterbox_placement`)."""
+        place = letterbox_placement if self.bundle.letterbox is not None else stretch_placement
+        return place(photo[0], photo[1], input_size)
 
     def check_input_options(self, keep_aspect: bool = False, size: int | Size | None = None) -> Size | None:
         """Refuse ``size``/``keep_aspect`` that this trunk cannot take, in one line; returns ``size`` as ``(H, W)``.
@@ -223,6 +269,8 @@ class Model:
         """
         size = as_size(size)
         native = self.bundle.input_size
+        if self.bundle.letterbox is not None and keep_aspect:
+            raise NpcamError(f"{self.bundle.path}: this model letterboxes its input, so it always keeps the aspect")
         if self.bundle.fixed_size and (keep_aspect or (size and size != native)):
             option = "keep_aspect" if keep_aspect else f"size={format_size(size)}"
             raise NpcamError(
@@ -255,7 +303,7 @@ class Model:
         max_pixels: int = ...,
     ) -> list[Prediction]: ...
 
-    def predict(self, images, *, keep_aspect=False, size=None, max_pixels=MAX_PIXELS):
+    def predict(self, images, *, keep_aspect=False, size=None, max_pixels=MAX_PIXELS, thresholds=DEFAULT_THRESHOLDS):
         """Read, preprocess and classify one image, or a list (or tuple) of them.
 
         An image is a path, bytes, a file object, a PIL image or a uint8 array
@@ -264,13 +312,14 @@ class Model:
         ``(H, W)``, or ``S`` for ``S x S``, overrides the bundle's input size
         (the trunk is fully convolutional, unless the bundle says it takes one
         size only). ``keep_aspect``: see :func:`npcam.image.input_size`.
-        ``max_pixels``: larger images are refused before decoding.
+        ``max_pixels``: larger images are refused before decoding. ``thresholds``: which of a detector's
+        candidates are kept (:class:`npcam.detect.Thresholds`; the YOLO tools' defaults).
         """
         many = isinstance(images, (list, tuple))
         size = self.check_input_options(keep_aspect, size)
         pils = [open_image(image, max_pixels) for image in (images if many else [images])]
         inputs = [self._input(pil, keep_aspect, size) for pil in pils]
-        predictions = self.classify([np.asarray(pil) for pil in pils], inputs)
+        predictions = self.classify([np.asarray(pil) for pil in pils], inputs, thresholds=thresholds)
         return predictions if many else predictions[0]
 
     def classify(
@@ -278,14 +327,15 @@ class Model:
         images: Sequence[np.ndarray],
         inputs: Sequence[np.ndarray],
         sizes: Sequence[tuple[int, int] | None] | None = None,
+        thresholds: Thresholds = DEFAULT_THRESHOLDS,
     ) -> list[Prediction]:
-        """Classify RGB uint8 images whose network inputs (from :meth:`preprocess`) are already made.
+        """Classify (or detect in) RGB uint8 images whose network inputs (from :meth:`preprocess`) are already made.
 
         For callers that read and preprocess themselves (:func:`npcam.explain`
         decodes JPEGs at reduced scale); :meth:`predict` does both for you.
         Inputs of equal shape share one trunk call. ``sizes`` gives each
         photo's own ``(H, W)`` where its image was decoded smaller
-        (:attr:`Prediction.photo_size`).
+        (:attr:`Prediction.photo_size`). ``thresholds``: see :meth:`predict`.
         """
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(inputs):
@@ -299,34 +349,99 @@ class Model:
             grid = self.to_grid(layer)
             for j, i in enumerate(members):
                 size = sizes[i] if sizes is not None and sizes[i] != images[i].shape[:2] else None
-                probs = self.probabilities(logits[j])
                 own = {name: side[j : j + 1] for name, side in sides.items()}
+                if isinstance(grid, dict):
+                    layers = tuple(g[j] for g in grid.values())
+                    head_input = {name: v[j : j + 1] for name, v in x.items()}
+                    first = layers[0]
+                else:
+                    layers, head_input, first = None, x[j : j + 1], grid[j]
+                if self.bundle.task == "detect":
+                    photo = size or images[i].shape[:2]
+                    placement = self.placement(photo, batch.shape[2:])
+                    candidates = self.bundle.decoder.decode(logits[j][None])[0]
+                    detections = self._detections(candidates, placement, photo, thresholds)
+                    probs = np.zeros(0, dtype=np.float32)
+                else:
+                    placement = candidates = detections = None
+                    probs = self.probabilities(logits[j])
                 preds[i] = Prediction(
-                    images[i], batch[j : j + 1], grid[j], logits[j], probs, self.labels, size, x[j : j + 1], own
-                )
+                    images[i], batch[j : j + 1], first, logits[j], probs, self.labels, size, head_input, own,
+                    layers, detections, candidates, placement,
+                )  # fmt: skip
         return preds
+
+    def _detections(
+        self, candidates: Candidates, placement: Placement, photo: tuple[int, int], thresholds: Thresholds
+    ) -> list[Detection]:
+        """The candidates NMS keeps, their boxes in the photo's pixels; a box that clipping to the photo leaves
+        empty (it lay in the letterbox's pad) is dropped."""
+        kept = select(candidates, thresholds.conf, thresholds.iou, thresholds.max_det)
+        if not kept:
+            return []
+        boxes = placement.to_photo(candidates.boxes[[a for a, _, _ in kept]], photo)
+        return [
+            Detection(tuple(float(v) for v in box), c, self.labels[c], score, a)
+            for (a, c, score), box in zip(kept, boxes)
+            if box[2] > box[0] and box[3] > box[1]
+        ]
 
     # features -> target -> weights -> maps
 
-    def target(self, what: int | str | Sequence[int | str] | Target) -> Target:
-        """What to explain as a :class:`~npcam.targets.Target`: a target as it is, or a class (an index or a label,
-        :func:`npcam.labels.class_index`) or a list of them, as :class:`~npcam.targets.ClassScores`."""
+    def target(self, what, prediction: Prediction | None = None) -> Target:
+        """What to explain as a :class:`~npcam.targets.Target`: a target as it is; for a classifier, a class (an index
+        or a label, :func:`npcam.labels.class_index`) or a list of them (:class:`~npcam.targets.ClassScores`);
+        for a detector, a detection of ``prediction`` (its index in ``prediction.detections``) or a list of them
+        (:class:`~npcam.targets.DetectionScores`)."""
         if isinstance(what, Target):
             return what
         wanted = [what] if isinstance(what, (int, str, np.integer)) else list(what)
-        indices = tuple(class_index(self.labels, c) for c in wanted)
-        return ClassScores(indices, self.labels, self.bundle.multi_label)
+        if self.bundle.task != "detect":
+            indices = tuple(class_index(self.labels, c) for c in wanted)
+            return ClassScores(indices, self.labels, self.bundle.multi_label)
+        detections = prediction.detections if prediction is not None else None
+        if not detections:
+            raise NpcamError("there is no detection to explain" + ("" if detections is not None else " (no prediction)"))
+        for i in wanted:
+            if not isinstance(i, (int, np.integer)) or not 0 <= i < len(detections):
+                raise NpcamError(f"no detection {i!r}: this image has {len(detections)} (0 to {len(detections) - 1})")
+        chosen = [detections[int(i)] for i in wanted]
+        candidates = prediction.candidates
+        rows = [d.candidate for d in chosen]
+        return DetectionScores(
+            self.bundle.decoder,
+            tuple(rows),
+            tuple(d.class_index for d in chosen),
+            candidates.boxes[rows],
+            candidates.scores[rows],
+            self.labels,
+        )
+
+    def probes(
+        self,
+        prediction: Prediction,
+        what,
+        progress: OnProgress | None = None,
+        should_stop: ShouldStop | None = None,
+    ) -> list[Probe]:
+        """What a method sees of ``prediction`` explaining ``what`` (:meth:`target`) at each explained layer (one
+        for a classifier, one per stride for a detector): the layer ``A``, the targets' gradient with respect to
+        it, and their scores under perturbations (:class:`npcam.probe.Probe`)."""
+        target, shared = self.target(what, prediction), {}
+        return [
+            Probe(self, prediction, target, progress, should_stop, layer, shared)
+            for layer in range(len(prediction.grids))
+        ]
 
     def probe(
         self,
         prediction: Prediction,
-        what: int | str | Sequence[int | str] | Target,
+        what,
         progress: OnProgress | None = None,
         should_stop: ShouldStop | None = None,
     ) -> Probe:
-        """What a method sees of ``prediction`` explaining ``what`` (:meth:`target`): the layer ``A``, the
-        targets' gradient with respect to it, and their scores under perturbations (:class:`npcam.probe.Probe`)."""
-        return Probe(self, prediction, self.target(what), progress, should_stop)
+        """:meth:`probes`' first layer: the one layer of a classifier."""
+        return self.probes(prediction, what, progress, should_stop)[0]
 
     def cam(
         self,
@@ -336,6 +451,7 @@ class Model:
         method: str | None = None,
         progress: OnProgress | None = None,
         should_stop: ShouldStop | None = None,
+        detection: int | Sequence[int] | None = None,
     ) -> np.ndarray:
         """Class activation map(s), in [0, 1].
 
@@ -345,23 +461,37 @@ class Model:
         classes : what to explain: one class (index or label, :func:`npcam.labels.class_index`), a list of
             them, a :class:`~npcam.targets.Target`, or None for the top-1
         size : ``(H, W)`` to upsample to, e.g. ``prediction.image.shape[:2]``;
-            None keeps the feature resolution ``(h, w)``
+            None keeps the feature resolution ``(h, w)`` (a detector's: the network input's, cropped to the photo)
         method : a name from :data:`npcam.methods.METHODS` (default: ``cam``,
             or ``gradcam`` for a head that is not affine)
         progress : called as ``progress(done, total)`` by methods with extra passes
         should_stop : checked between the batches of multi-pass methods; when it
             returns true, :class:`npcam.cancel.Cancelled` is raised
+        detection : a detector's detection to explain, an index in ``prediction.detections`` (0, the best, by
+            default), or a list of them
 
         Returns
         -------
-        float32 ``[h, w]`` (or ``[H, W]``) for one class, ``[k, ...]`` for a list or a target.
+        float32 ``[h, w]`` (or ``[H, W]``) for one class or detection, ``[k, ...]`` for a list or a target.
         """
         if not isinstance(prediction, Prediction):
             prediction = self.predict(prediction)
-        single = classes is None or isinstance(classes, (int, str, np.integer))
-        probe = self.probe(prediction, prediction.top1 if classes is None else classes, progress, should_stop)
+        detector = self.bundle.task == "detect"
+        if detector:
+            what = classes if classes is not None else 0 if detection is None else detection
+        else:
+            what = prediction.top1 if classes is None else classes
+        single = isinstance(what, (int, str, np.integer))
+        probes = self.probes(prediction, what, progress, should_stop)
         chosen = methods_lib.resolve(method, self.head.kind, self.bundle.path)
-        maps = methods_lib.maps(chosen, probe, size)
+        if not detector:
+            maps = methods_lib.maps(chosen, probes, size)
+        else:  # at the network input, then the photo's part of it (a letterbox's pad cut away)
+            maps = methods_lib.maps(chosen, probes, tuple(prediction.input.shape[2:]))
+            place = prediction.placement
+            maps = maps[:, place.top : place.top + place.size[0], place.left : place.left + place.size[1]]
+            if size is not None:
+                maps = upsample(maps, size)
         return maps[0] if single else maps
 
 
@@ -370,11 +500,13 @@ def load(path: str | os.PathLike | None = None, threads: int | None = None, veri
     return Model(default_model_dir() if path is None else path, threads=threads, verify=verify)
 
 
-def _layer_shape(head) -> tuple[int | None, ...]:
-    """The trunk's ``features`` as the head needs it, None where any size goes (the batch, a pooled map's h, w)."""
+def _layer_shape(head, name: str = "features") -> tuple[int | None, ...]:
+    """The trunk's output ``name`` as the head needs it, None where any size goes (the batch, a pooled map's h, w).
+    ``features`` is the one layer of a classifier; a model of several layers names each after the head's input."""
     if head.layout == "pooled":
         return (None, head.channels, None, None)
-    return (None, *head.input_shape[1:])
+    shape = head.inputs[name] if len(head.inputs) > 1 else head.input_shape
+    return (None, *shape[1:])
 
 
 def _open_session(path: Path, model: bytes, head, threads: int | None) -> ort.InferenceSession:
@@ -394,18 +526,20 @@ def _open_session(path: Path, model: bytes, head, threads: int | None) -> ort.In
     if [i.name for i in inputs] != ["image"] or len(inputs[0].shape) != 4:
         raise NpcamError(f"{path}: expected one input 'image' [N,3,H,W]")
     names = [o.name for o in outputs]
-    for name in ["features", *head.sides]:
+    layers = list(head.inputs) if len(head.inputs) > 1 else ["features"]
+    for name in [*layers, *head.sides]:
         if name not in names:
-            raise NpcamError(f"{path}: has no output {name!r}" + ("" if name == "features" else " (a side input)"))
-    shape = next(o.shape for o in outputs if o.name == "features")
-    expected = _layer_shape(head)
-    if len(shape) != len(expected):
-        wanted = "[N,L,C]" if head.layout == "tokens" else "[N,C,h,w]"
-        raise NpcamError(f"{path}: output 'features' must be {wanted}, not {shape}")
-    channel_axis = 2 if head.layout == "tokens" else 1
-    channels = expected[channel_axis]
-    if isinstance(shape[channel_axis], int) and shape[channel_axis] != channels:
-        raise NpcamError(f"{path}: gives {shape[channel_axis]} channels, the head expects {channels}")
+            raise NpcamError(f"{path}: has no output {name!r}" + ("" if name in layers else " (a side input)"))
+    for name in layers:
+        shape = next(o.shape for o in outputs if o.name == name)
+        expected = _layer_shape(head, name)
+        if len(shape) != len(expected):
+            wanted = "[N,L,C]" if head.layout == "tokens" else "[N,C,h,w]"
+            raise NpcamError(f"{path}: output {name!r} must be {wanted}, not {shape}")
+        channel_axis = 2 if head.layout == "tokens" else 1
+        channels = expected[channel_axis]
+        if isinstance(shape[channel_axis], int) and shape[channel_axis] != channels:
+            raise NpcamError(f"{path}: {name!r} gives {shape[channel_axis]} channels, the head expects {channels}")
     return session
 
 

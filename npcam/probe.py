@@ -40,7 +40,7 @@ class Probe:
 
     Attributes
     ----------
-    features : float32 ``[C, h, w]``, ``A``: the explained layer on its grid
+    features : float32 ``[C, h, w]``, ``A``: the explained layer on its grid (one of a detector's maps: ``layer``)
     input : float32 ``[1, 3, H, W]``, the network input
     pooled : whether the head starts at ``A``'s spatial mean ``p`` (the closed forms of docs/methods.md hold)
     affine : whether the head is ``W p + b`` after global pooling (where CAM is defined)
@@ -54,10 +54,15 @@ class Probe:
         target: Target,
         on_progress: OnProgress | None = None,
         should_stop: ShouldStop | None = None,
+        layer: int = 0,
+        shared: dict | None = None,
     ):
         self._model, self._prediction = model, prediction
         self.target = target
-        self.features = prediction.features
+        self.layer = layer
+        # The head's backward pass gives every layer's gradient at once: the probes of one image's layers share it.
+        self._shared = {} if shared is None else shared
+        self.features = prediction.grids[layer]
         self.input = prediction.input
         self.pooled = model.head.layout == "pooled"
         self.affine = model.head.kind == "affine"
@@ -97,6 +102,12 @@ class Probe:
             channels, h, w = self.features.shape
             spread = (self._pooled_gradient / (h * w))[:, :, None, None]
             return np.broadcast_to(spread, (self.k, channels, h, w)).copy()
+        if len(head.inputs) > 1:  # one backward pass for every layer, shared by their probes
+            if "gradients" not in self._shared:
+                seed = self.target.seed(pred.logits[None])
+                self._shared["gradients"] = head.vjp_inputs(pred.head_input, seed, pred.sides)
+            name, shape = list(head.inputs.items())[self.layer]
+            return self._shared["gradients"][name].reshape(self.k, *shape[1:])
         g = head.vjp(pred.head_input, self.target.seed(pred.logits[None]), pred.sides)
         return self._model.to_grid(g.reshape(self.k, *head.input_shape[1:]))
 
@@ -140,10 +151,22 @@ class Probe:
         for start in range(0, count, batch):
             self.check()
             stop = min(start + batch, count)
-            x = model.from_grid(variants(start, stop), pred.head_input)
+            x = self._head_inputs(variants(start, stop))
             out[start:stop] = score(model.head_scores(x, pred.sides))
             self.progress(stop, count)
         return out
+
+    def _head_inputs(self, grids: np.ndarray):
+        """Head inputs of ``grids`` ``[n, C, h, w]`` in place of this layer, the others this image's."""
+        model, pred = self._model, self._prediction
+        if not isinstance(pred.head_input, dict):
+            return model.from_grid(grids, pred.head_input)
+        name = list(model.head.inputs)[self.layer]
+        n = len(grids)
+        return {
+            other: grids if other == name else np.broadcast_to(value, (n, *value.shape[1:]))
+            for other, value in pred.head_input.items()
+        }
 
     def score_pooled(self, vectors: np.ndarray) -> np.ndarray:
         """The targets' scores of pooled vectors ``[n, C]`` (a pooled head's variants): float64 ``[n, k]``."""

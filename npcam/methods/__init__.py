@@ -16,7 +16,7 @@ score per position). To add a method: write ``fn(probe) -> weights`` in a module
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,12 +57,27 @@ class Method:
         return out if self.gives_maps else weighted_maps(probe.features, out)
 
 
-def maps(method: Method, probe: Probe, size: tuple[int, int] | None = None) -> np.ndarray:
+def maps(method: Method, probes: Probe | Sequence[Probe], size: tuple[int, int] | None = None) -> np.ndarray:
     """The one step every method ends in: its raw maps' positive parts, each scaled to [0, 1] by its max, and
     upsampled to ``size`` ``(H, W)`` (None: the layer's ``(h, w)``). Returns float32 ``[k, h, w]`` or
-    ``[k, H, W]``."""
-    out = normalize(method.raw_maps(probe))
-    return out if size is None else upsample(out, size)
+    ``[k, H, W]``.
+
+    Explained at several layers (a detector's maps, one per stride), each layer's map is made so and upsampled to
+    ``size`` (which is then needed), and the maps are averaged and scaled to [0, 1] again, as pytorch-grad-cam
+    combines layers: each layer counts alike, whatever the scale of its activations (docs/methods.md).
+    """
+    probes = [probes] if isinstance(probes, Probe) else list(probes)
+    if len(probes) == 1:
+        out = normalize(method.raw_maps(probes[0]))
+        return out if size is None else upsample(out, size)
+    if size is None:
+        raise ValueError("maps at several layers need a size to be combined at")
+    return normalize(np.mean(per_layer(method, probes, size), axis=0))
+
+
+def per_layer(method: Method, probes: Sequence[Probe], size: tuple[int, int]) -> list[np.ndarray]:
+    """Each layer's maps on its own, scaled to [0, 1] and upsampled to ``size``: float32 ``[k, H, W]`` each."""
+    return [upsample(normalize(method.raw_maps(probe)), size) for probe in probes]
 
 
 METHODS: dict[str, Method] = {

@@ -11,8 +11,9 @@ A method never sees class indices or a model's kind of output; it sees a :class:
 - ``linear``: whether the scores are linear in the output (then closed forms on an affine head hold);
 - ``names``: one short name per score, for records.
 
-A classifier's class scores are :class:`ClassScores` (:mod:`.classes`). A new kind of target (a detection's
-score, a region's summed score) is one new module here with these five members; no method changes.
+A classifier's class scores are :class:`ClassScores` (:mod:`.classes`), a detector's detections
+:class:`DetectionScores` (:mod:`.detection`). A new kind of target (a region's summed score) is one new module
+here with these five members; no method changes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .classes import ClassScores
+from .detection import DetectionScores
 
 
 @runtime_checkable
@@ -39,4 +41,4 @@ class Target(Protocol):
     def seed(self, outputs: np.ndarray) -> np.ndarray: ...
 
 
-__all__ = ["ClassScores", "Target"]
+__all__ = ["ClassScores", "DetectionScores", "Target"]

@@ -1,0 +1,73 @@
+"""A detection's score: what a detector's maps explain, one target per detection.
+
+The score is the model's own output for the detection's candidate and class, before NMS, as the model's package
+ranks detections: the class score, times the objectness where the model has one (YOLOv5-style). Its cotangent
+with respect to the head's output is nonzero only at the entries it reads (:meth:`npcam.detect.Decoder.
+score_cotangents`), and the head's VJP carries it back to the explained layers.
+
+Its probability, for the methods that perturb the input or the layers and for the metrics, is D-RISE's
+similarity (Petsiuk et al., CVPR 2021): a perturbed output's candidates may move, so the detection counts as
+still there to the degree that some candidate matches it, ``max_j IoU(box, box_j) * cos(p, p_j) * o_j`` with
+``p`` the class scores and ``o_j`` the objectness (1 for a model without).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..detect import Decoder, pairwise_iou
+
+
+@dataclass(frozen=True)
+class DetectionScores:
+    """The scores of k detections of one image.
+
+    Parameters
+    ----------
+    decoder : the bundle's :class:`~npcam.detect.Decoder`
+    candidates, classes : each detection's candidate index and class, ``[k]``
+    boxes : float64 ``[k, 4]``, each detection's box in input pixels (x0, y0, x1, y1), for the similarity
+    vectors : float64 ``[k, C]``, each detection's class scores, for the similarity
+    labels : the C class names (for :attr:`names`)
+    """
+
+    decoder: Decoder
+    candidates: tuple[int, ...]
+    classes: tuple[int, ...]
+    boxes: np.ndarray
+    vectors: np.ndarray
+    labels: Sequence[str]
+    linear = False
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.labels[c]} (candidate {a})" for a, c in zip(self.candidates, self.classes)]
+
+    def scores(self, outputs: np.ndarray) -> np.ndarray:
+        """float ``[n, T]`` flat outputs to float64 ``[n, k]``: each detection's candidate's score in its class."""
+        return self.decoder.scores_of(outputs, np.asarray(self.candidates), np.asarray(self.classes))
+
+    def seed(self, outputs: np.ndarray) -> np.ndarray:
+        """``d score / d output`` at one image's flat output: float64 ``[k, T]``."""
+        return self.decoder.score_cotangents(outputs, np.asarray(self.candidates), np.asarray(self.classes))
+
+    def probabilities(self, outputs: np.ndarray) -> np.ndarray:
+        """D-RISE's similarity of each detection to its best match among each output's candidates: float64
+        ``[n, k]`` in [0, 1]."""
+        found = self.decoder.decode(outputs)
+        out = np.zeros((len(found), len(self.candidates)))
+        norms = np.linalg.norm(self.vectors, axis=1)
+        for i, candidates in enumerate(found):
+            boxes, vectors = candidates.boxes, candidates.scores  # [N, 4], [N, C]
+            iou = pairwise_iou(self.boxes, boxes)  # [k, N]
+            length = np.linalg.norm(vectors, axis=1)[None, :] * norms[:, None]
+            cosine = np.divide(self.vectors @ vectors.T, length, out=np.zeros_like(iou), where=length > 0)
+            similarity = iou * cosine
+            if candidates.objectness is not None:
+                similarity = similarity * candidates.objectness[None, :]
+            similarity = np.where(np.isfinite(similarity), similarity, 0.0)
+            out[i] = similarity.max(axis=1) if similarity.size else 0.0
+        return out
