@@ -19,6 +19,7 @@ from PIL import Image
 
 from . import bundle as bundle_format
 from . import methods as methods_lib
+from . import targets
 from .cam import pool, probabilities
 from .cancel import OnProgress, ShouldStop
 from .cpu import warn_if_not_portable
@@ -36,9 +37,8 @@ from .image import (
     preprocess,
     stretch_placement,
 )
-from .labels import class_index
 from .probe import Probe
-from .targets import ClassScores, DetectionScores, Target
+from .targets import Target
 from .upsample import upsample
 
 default_model_dir = bundle_format.default_model_dir
@@ -392,30 +392,8 @@ class Model:
         """What to explain as a :class:`~npcam.targets.Target`: a target as it is; for a classifier, a class (an index
         or a label, :func:`npcam.labels.class_index`) or a list of them (:class:`~npcam.targets.ClassScores`);
         for a detector, a detection of ``prediction`` (its index in ``prediction.detections``) or a list of them
-        (:class:`~npcam.targets.DetectionScores`)."""
-        if isinstance(what, Target):
-            return what
-        wanted = [what] if isinstance(what, (int, str, np.integer)) else list(what)
-        if self.bundle.task != "detect":
-            indices = tuple(class_index(self.labels, c) for c in wanted)
-            return ClassScores(indices, self.labels, self.bundle.multi_label)
-        detections = prediction.detections if prediction is not None else None
-        if not detections:
-            raise NpcamError("there is no detection to explain" + ("" if detections is not None else " (no prediction)"))
-        for i in wanted:
-            if not isinstance(i, (int, np.integer)) or not 0 <= i < len(detections):
-                raise NpcamError(f"no detection {i!r}: this image has {len(detections)} (0 to {len(detections) - 1})")
-        chosen = [detections[int(i)] for i in wanted]
-        candidates = prediction.candidates
-        rows = [d.candidate for d in chosen]
-        return DetectionScores(
-            self.bundle.decoder,
-            tuple(rows),
-            tuple(d.class_index for d in chosen),
-            candidates.boxes[rows],
-            candidates.scores[rows],
-            self.labels,
-        )
+        (:class:`~npcam.targets.DetectionScores`). The bundle's task decides (:data:`npcam.targets.REQUESTS`)."""
+        return targets.make(self, prediction, what)
 
     def probes(
         self,

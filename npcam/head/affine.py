@@ -48,6 +48,13 @@ class AffineHead:
     def input_shape(self) -> tuple[int, int]:
         return (-1, self.weight.shape[1])
 
+    input = "pooled"
+
+    @property
+    def inputs(self) -> dict[str, tuple[int, int]]:
+        """Its one input, the pooled vector (as :attr:`GraphHead.inputs` names a graph head's)."""
+        return {self.input: self.input_shape}
+
     @property
     def classes(self) -> int:
         return self.weight.shape[0]

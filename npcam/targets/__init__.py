@@ -13,7 +13,8 @@ A method never sees class indices or a model's kind of output; it sees a :class:
 
 A classifier's class scores are :class:`ClassScores` (:mod:`.classes`), a detector's detections
 :class:`DetectionScores` (:mod:`.detection`). A new kind of target (a region's summed score) is one new module
-here with these five members; no method changes.
+here with these five members and a ``request(model, prediction, what)`` that makes one, registered in
+:data:`REQUESTS` under its task; no method changes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from . import classes, detection
 from .classes import ClassScores
 from .detection import DetectionScores
 
@@ -41,4 +43,16 @@ class Target(Protocol):
     def seed(self, outputs: np.ndarray) -> np.ndarray: ...
 
 
-__all__ = ["ClassScores", "DetectionScores", "Target"]
+# How a request of each task (a class, a detection) becomes that task's target: ``fn(model, prediction, what)``.
+REQUESTS = {"classify": classes.request, "detect": detection.request}
+
+
+def make(model, prediction, what) -> Target:
+    """What ``model`` explains for ``what`` on ``prediction``: a :class:`Target` as it is, else the target that its
+    task (``model.bundle.task``) makes of the request (:data:`REQUESTS`)."""
+    if isinstance(what, Target):
+        return what
+    return REQUESTS[model.bundle.task](model, prediction, what)
+
+
+__all__ = ["REQUESTS", "ClassScores", "DetectionScores", "Target", "make"]

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..cam import probabilities
 from ..head import one_hot
+from ..labels import class_index
 
 
 @dataclass(frozen=True)
@@ -44,3 +45,11 @@ class ClassScores:
     def seed(self, outputs: np.ndarray) -> np.ndarray:
         """One-hot rows, float64 ``[k, K]``: each score is one output."""
         return one_hot(self.classes, outputs.size)
+
+
+def request(model, prediction, what) -> ClassScores:
+    """The class scores that ``what`` asks for: a class (an index or a label, :func:`npcam.labels.class_index`) or a
+    list of them, of ``model``'s classes (``prediction`` is not needed)."""
+    wanted = [what] if isinstance(what, (int, str, np.integer)) else list(what)
+    indices = tuple(class_index(model.labels, c) for c in wanted)
+    return ClassScores(indices, model.labels, model.bundle.multi_label)

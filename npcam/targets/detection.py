@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..detect import Decoder, pairwise_iou
+from ..errors import NpcamError
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,26 @@ class DetectionScores:
             similarity = np.where(np.isfinite(similarity), similarity, 0.0)
             out[i] = similarity.max(axis=1) if similarity.size else 0.0
         return out
+
+
+def request(model, prediction, what) -> DetectionScores:
+    """The scores of the detections that ``what`` asks for: an index in ``prediction.detections`` (0 is the best) or a
+    list of them. One-line errors when there is none, or no such index."""
+    detections = prediction.detections if prediction is not None else None
+    if not detections:
+        raise NpcamError("there is no detection to explain" + ("" if detections is not None else " (no prediction)"))
+    wanted = [what] if isinstance(what, (int, np.integer)) else list(what)
+    for i in wanted:
+        if not isinstance(i, (int, np.integer)) or not 0 <= i < len(detections):
+            raise NpcamError(f"no detection {i!r}: this image has {len(detections)} (0 to {len(detections) - 1})")
+    chosen = [detections[int(i)] for i in wanted]
+    rows = [d.candidate for d in chosen]
+    candidates = prediction.candidates
+    return DetectionScores(
+        model.bundle.decoder,
+        tuple(rows),
+        tuple(d.class_index for d in chosen),
+        candidates.boxes[rows],
+        candidates.scores[rows],
+        model.labels,
+    )
