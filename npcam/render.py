@@ -273,31 +273,32 @@ def draw_detections_into(
 
 def _label_into(image: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, int], size: int) -> None:
     """``text`` on a patch of ``colour`` whose bottom-left is the box corner ``(x, y)``, moved to stay in the image."""
-    mask = _text_mask(text, size)  # float32 [h, w] in [0, 1]
+    mask = _text_mask(text, size)  # uint8 [h, w], the text's coverage
     pad = max(1, size // 6)
     h, w = mask.shape[0] + 2 * pad, mask.shape[1] + 2 * pad
     height, width = image.shape[:2]
     top = y - h if y - h >= 0 else y  # above the box, or inside it at the image's top
     left = min(x, max(0, width - w))
     patch = image[top : top + h, left : left + w, :3]
-    ink = (0, 0, 0) if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else (255, 255, 255)
-    alpha = np.zeros((h, w), np.float32)
-    alpha[pad : pad + mask.shape[0], pad : pad + mask.shape[1]] = mask
-    alpha = alpha[: patch.shape[0], : patch.shape[1], None]
-    mixed = alpha * np.array(ink, np.float32) + (1 - alpha) * np.array(colour, np.float32)
-    patch[...] = (mixed + 0.5).astype(np.uint8)
+    patch[...] = np.array(colour, np.uint8)  # an array: numpy casts a tuple element by element
+    text_part = patch[pad : pad + mask.shape[0], pad : pad + mask.shape[1]]
+    coverage = mask[: text_part.shape[0], : text_part.shape[1], None].astype(np.uint16)
+    ink = 0 if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else 255
+    # colour * (1 - m) + ink * m, m = coverage / 255, in integers (rounded)
+    blend = np.array(colour, np.uint16) * (255 - coverage) + np.uint16(ink) * coverage + np.uint16(127)
+    text_part[...] = blend // np.uint16(255)
 
 
-@functools.lru_cache(maxsize=4096)  # labels repeat (a class and a score to two places)
+@functools.lru_cache(maxsize=512)  # labels repeat (a class and a score to two places); each at most size x 40 size
 def _text_mask(text: str, size: int) -> np.ndarray:
-    """``text`` in Pillow's default font of about ``size`` pixels, as coverage float32 ``[h, w]`` in [0, 1]."""
+    """``text`` in Pillow's default font of about ``size`` pixels, as its coverage: uint8 ``[h, w]``."""
     from PIL import Image, ImageDraw
 
     font = _font(size)
     left, top, right, bottom = font.getbbox(text)
     canvas = Image.new("L", (max(1, right - left), max(1, bottom - top)))
     ImageDraw.Draw(canvas).text((-left, -top), text, fill=255, font=font)
-    return np.asarray(canvas, dtype=np.float32) / 255
+    return np.asarray(canvas)
 
 
 @functools.lru_cache(maxsize=64)
