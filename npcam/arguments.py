@@ -212,7 +212,8 @@ def methods_help() -> str:
 
 # A library message names an option as its Options field: ``max_pixels``, or ``size=100x100``.
 _FIELD = re.compile(
-    r"\b(keep_aspect|max_pixels|max_side|save_cam|max_det)\b|\b(size|method|alpha|top|threshold|detection|conf|iou)=(\S+)"
+    r"\b(keep_aspect|max_pixels|max_side|save_cam|max_det)\b"
+    r"|\b(size|method|alpha|top|threshold|detection|conf|iou)=(\S+)"
 )
 
 

@@ -36,6 +36,7 @@ from .record import error as error_record
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 SUBCOMMANDS = ("serve", "dataset")
+MAX_LISTED = 20  # a detector's detections listed in the summary of one image (--json has them all)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -192,9 +193,6 @@ def _describe_detections(record: dict, verbose: bool) -> str:
         for m in record["maps"]
     ]
     return "\n".join(lines)
-
-
-MAX_LISTED = 20  # detections listed in the summary of one image
 
 
 def _error(message: str) -> None:

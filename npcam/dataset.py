@@ -441,8 +441,8 @@ def run(
     if missing:  # claimed by an actor's attempt that died (Ray retried it and the claim stood): done here
         HeadStart(model, missing, options, None, dest, schema, rows_per_file, max(1, threads)).start().finish()
         found = _count(dest, set(todo), model.bundle.task)
-    summary.update(explained=found["explained"], errors=found["errors"], seconds=time.monotonic() - started, actors=pool or 0,
-                   driver=head.explained if head else 0, recovered=len(missing))  # fmt: skip
+    summary.update(explained=found["explained"], errors=found["errors"], seconds=time.monotonic() - started,
+                   actors=pool or 0, driver=head.explained if head else 0, recovered=len(missing))  # fmt: skip
     return summary
 
 
@@ -602,8 +602,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = OneLineParser(
         prog="npcam dataset",
-        description="Explain a whole dataset into Parquet, one row per image, on Ray Data "
-        "(embedded by default, a cluster with --address).",
+        description="Explain a whole dataset into Parquet, one row per image (a detector's: one per detection), "
+        "on Ray Data (embedded by default, a cluster with --address).",
         epilog=methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

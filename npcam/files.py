@@ -2,9 +2,10 @@
 
 Output names: ``<stem>_cam.jpg`` for each input, in the output directory
 (mirroring subdirectories of a directory input); ``<stem>_cam_<class>.jpg``
-per class with ``--top`` (a detector's: ``<stem>_cam_det<i>.jpg`` per detection). When two inputs would get the same output (``a.jpg``
-and ``a.png``), or an output would be an input, each such input's extension
-joins its name: ``a_jpg_cam.jpg``, ``a_png_cam.jpg``.
+per class with ``--top`` (a detector's: ``<stem>_cam_det<i>.jpg`` per detection).
+When two inputs would get the same output (``a.jpg`` and ``a.png``), or an
+output would be an input, each such input's extension joins its name:
+``a_jpg_cam.jpg``, ``a_png_cam.jpg``.
 
 npcam marks every image it writes (EXIF ``Software`` = ``npcam``), so a later
 run over the same folder recognizes its own outputs and skips them, instead

@@ -33,7 +33,8 @@ def map_entry(prediction: Prediction, index: int, **extra: Any) -> dict[str, Any
 
 
 def detection_entry(detection: Detection) -> dict[str, Any]:
-    """One detection: ``box`` ``[x0, y0, x1, y1]`` in the photo's pixels (to 0.01 px), ``class``, ``label``, ``score``."""
+    """One detection: ``box`` ``[x0, y0, x1, y1]`` in the photo's pixels (to 0.01 px), ``class``, ``label``,
+    ``score``."""
     box = [round(float(v), 2) for v in detection.box]
     return {"box": box, "class": detection.class_index, "label": detection.label, "score": float(detection.score)}
 
