@@ -12,8 +12,9 @@ import argparse
 import re
 
 from .boxes import DEFAULT_THRESHOLD, PAPER_THRESHOLD, parse_threshold
+from .detect import CONF, IOU, MAX_DET
 from .errors import NpcamError
-from .explain import ALPHA, MAX_TOP, Options
+from .explain import ALPHA, MAX_DETECTIONS, MAX_TOP, Options
 from .image import MAX_PIXELS, parse_size
 from .methods import METHODS, names, resolve
 
@@ -89,6 +90,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def unit(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a detector's score or IoU threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, not {text!r}")
+    return value
+
+
 def _threshold(text: str) -> float | str:
     try:
         return parse_threshold(text)
@@ -114,7 +126,13 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
         type=count(1, MAX_TOP),
         default=1,
         metavar="K",
-        help=f"explain each of the top K classes (K <= {MAX_TOP})",
+        help=f"explain each of the top K classes, or a detector's K best detections (K <= {MAX_TOP})",
+    )
+    which.add_argument(
+        "--detection",
+        type=between(0),
+        metavar="K",
+        help="a detector: explain its detection K (0, the best, by default; they are listed best first)",
     )
     p.add_argument(
         "--method", type=_method, help="explanation method (default: cam, or gradcam for a non-affine head; see below)"
@@ -140,6 +158,23 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
         help=f"box threshold: 'mean' (the map's mean, default) or a fraction of its max (the paper's is {PAPER_THRESHOLD})",
     )
     p.add_argument(
+        "--conf", type=unit, default=CONF, help=f"a detector: keep detections scoring at least this (default {CONF})"
+    )
+    p.add_argument(
+        "--iou",
+        type=unit,
+        default=IOU,
+        help=f"a detector: a detection overlapping a better one of its class by more than this IoU is dropped "
+        f"(default {IOU})",
+    )
+    p.add_argument(
+        "--max-det",
+        type=between(1, MAX_DETECTIONS),
+        default=MAX_DET,
+        metavar="N",
+        help=f"a detector: keep at most N detections an image (default {MAX_DET})",
+    )
+    p.add_argument(
         "--max-pixels", type=between(1), default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
     )
     p.add_argument(
@@ -162,6 +197,10 @@ def options_from(args: argparse.Namespace, **extra) -> Options:
         size=args.size,
         max_pixels=args.max_pixels,
         max_side=args.max_side,
+        detection=args.detection,
+        conf=args.conf,
+        iou=args.iou,
+        max_det=args.max_det,
         **extra,
     )
 
@@ -172,7 +211,10 @@ def methods_help() -> str:
 
 
 # A library message names an option as its Options field: ``max_pixels``, or ``size=100x100``.
-_FIELD = re.compile(r"\b(keep_aspect|max_pixels|max_side|save_cam)\b|\b(size|method|alpha|top|threshold)=(\S+)")
+_FIELD = re.compile(
+    r"\b(keep_aspect|max_pixels|max_side|save_cam|max_det)\b"
+    r"|\b(size|method|alpha|top|threshold|detection|conf|iou)=(\S+)"
+)
 
 
 def flag_words(message: str) -> str:
@@ -181,6 +223,6 @@ def flag_words(message: str) -> str:
     def flag(m: re.Match) -> str:
         if m.group(1):
             return "--" + m.group(1).replace("_", "-")
-        return f"--{m.group(2)} {m.group(3)}"
+        return f"--{m.group(2).replace('_', '-')} {m.group(3)}"
 
     return _FIELD.sub(flag, message)

@@ -36,13 +36,15 @@ from .version import __version__
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 SUBCOMMANDS = ("serve", "dataset")
+MAX_LISTED = 20  # a detector's detections listed in the summary of one image (--json has them all)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(
         prog="npcam",
-        description="Class Activation Maps for CNN classifiers, without PyTorch. Writes the jet-coloured map "
-        "of the top class blended over each image. Subcommands: `npcam serve` (HTTP service), "
+        description="Class Activation Maps for CNN classifiers and detectors, without PyTorch. Writes the "
+        "jet-coloured map of the top class (a detector's: of its best detection, with every detection's box) "
+        "blended over each image. Subcommands: `npcam serve` (HTTP service), "
         "`npcam dataset` (Parquet at scale, on Ray).",
         epilog=methods_help() + "\n\nexit codes: 0 all done, 1 some images failed, 2 bad arguments or model, "
         "130 interrupted, 141 output closed",
@@ -151,6 +153,8 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def _describe(record: dict, verbose: bool) -> str:
+    if "detections" in record:
+        return _describe_detections(record, verbose)
     written = [m["output"] for m in record["maps"] if m.get("output")]
     if not verbose:
         outputs = f" -> {', '.join(written)}" if written else ""
@@ -160,6 +164,32 @@ def _describe(record: dict, verbose: bool) -> str:
     name = "CAM" if record["method"] == "cam" else record["method"]
     lines += [
         f"{name} of {m['class']} ({m['label']})" + (f" -> {m['output']}" if m.get("output") else "")
+        for m in record["maps"]
+    ]
+    return "\n".join(lines)
+
+
+def _describe_detections(record: dict, verbose: bool) -> str:
+    found = record["detections"]
+    written = [m["output"] for m in record["maps"] if m.get("output")] or (
+        [record["output"]] if record.get("output") else []
+    )
+    outputs = f" -> {', '.join(written)}" if written else ""
+    count = f"{len(found)} detection{'s' if len(found) != 1 else ''}"
+    if not verbose:
+        best = f", best {found[0]['label']} ({found[0]['score']:.1%})" if found else ""
+        return f"{record['image']}: {count}{best}{outputs}"
+    lines = [f"{record['image']} ({record['width']}x{record['height']}), {count}" + (":" if found else outputs)]
+    shown = found[:MAX_LISTED]
+    lines += [
+        f"  {i:>3}  {d['score']:6.1%}  {d['class']:>4}  {d['label']}  [{', '.join(f'{v:.0f}' for v in d['box'])}]"
+        for i, d in enumerate(shown)
+    ]
+    if len(found) > len(shown):
+        lines.append(f"  ... {len(found) - len(shown)} more (--json lists them all)")
+    lines += [
+        f"{record['method']} of detection {m['detection']} ({m['label']})"
+        + (f" -> {m['output']}" if m.get("output") else "")
         for m in record["maps"]
     ]
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 Each image becomes one row of Parquet in ``DEST``: the same record that
 ``npcam --json`` prints (:mod:`npcam.record`), or ``{image, error}`` for an
-image that failed. With no ``--address``, the work runs on this machine's
+image that failed. A detector's image becomes a row per detection
+(:func:`npcam.record.rows`), all written in the same file, so that the image
+is the unit that resumes. With no ``--address``, the work runs on this machine's
 cores (the driver's threads, and Ray started inside this process when actors
 are asked for); ``--address auto|HOST:PORT`` (or ``RAY_ADDRESS``) runs the
 same job on an existing cluster with Ray Data.
@@ -46,7 +48,7 @@ from pathlib import Path
 from . import bundle as bundle_format
 from . import record as records
 from .errors import NpcamError
-from .explain import Options
+from .explain import DETECTOR_DEFAULTS, Options
 from .files import IMAGE_SUFFIXES, find_images, plan_outputs
 from .progress import Progress
 from .version import __version__
@@ -181,7 +183,7 @@ def explainer_class(model_dir: str, options: Options, claims: str | None = None)
             from .model import Model
 
             self.model = Model(model_dir, threads=1)  # one core per actor; Ray runs one actor per half CPU
-            self.schema = records.arrow_schema()
+            self.schema = records.arrow_schema(self.model.bundle.task)
 
         def __call__(self, batch: dict):
             import pyarrow as pa
@@ -189,7 +191,7 @@ def explainer_class(model_dir: str, options: Options, claims: str | None = None)
             rows = []
             for image, overlay, index in zip(batch["image"], batch["overlay"], batch["index"]):
                 if claim(claims, int(index)):
-                    rows.append(explain_row(self.model, str(image), str(overlay), options))
+                    rows += records.rows(explain_row(self.model, str(image), str(overlay), options))
             return pa.Table.from_pylist(rows, schema=self.schema)
 
     return Explainer
@@ -276,7 +278,7 @@ class HeadStart:
                 except Cancelled:
                     return  # interrupted: the next run does this image
                 with self.lock:
-                    self.rows.append(row)
+                    self.rows += records.rows(row)  # a detector's image: all its rows, in the same file
                     self.explained += 1
                     full = len(self.rows) >= self.rows_per_file
                     rows, self.rows = (self.rows, []) if full else ([], self.rows)
@@ -335,13 +337,19 @@ def run(
     started = time.monotonic()
     model = Model(model_dir, threads=1)
     options = options.checked(model)
+    detector = model.bundle.task == "detect"
     stamp = json.loads(
         json.dumps(
             {
                 "bundle": bundle_format.digest(model.bundle.meta),
                 "arch": model.bundle.arch,
-                # max_side sets only the overlays' size, as --overlays sets whether there are any
-                "options": {k: v for k, v in asdict(options).items() if k not in ("max_pixels", "max_side")},
+                # max_side (and boxes) set only how the overlays look, as --overlays sets whether there are any;
+                # a classifier's options are as before detectors came (so its earlier runs resume)
+                "options": {
+                    k: v
+                    for k, v in asdict(options).items()
+                    if k not in ("max_pixels", "max_side", "boxes") and (detector or k not in DETECTOR_DEFAULTS)
+                },
                 "npcam": __version__.split(".")[0],
             }
         )
@@ -360,7 +368,7 @@ def run(
     else:
         outputs = [""] * len(todo)
     items = [{"image": i, "overlay": o, "index": n} for n, (i, o) in enumerate(zip(todo, outputs))]
-    schema = records.arrow_schema().with_metadata({META_KEY: json.dumps(stamp).encode()})
+    schema = records.arrow_schema(model.bundle.task).with_metadata({META_KEY: json.dumps(stamp).encode()})
     embedded = address is None and not os.environ.get("RAY_ADDRESS")
     cores = os.cpu_count() or 1
     threads = (cores if driver_threads is None else driver_threads) if embedded else 0
@@ -428,13 +436,13 @@ def run(
             if ray is not None and ray_up and address is None:
                 ray.shutdown()
             shutil.rmtree(work, ignore_errors=True)
-    found = _count(dest, set(todo))
+    found = _count(dest, set(todo), model.bundle.task)
     missing = [item for item in items if item["image"] not in found["images"]]
     if missing:  # claimed by an actor's attempt that died (Ray retried it and the claim stood): done here
         HeadStart(model, missing, options, None, dest, schema, rows_per_file, max(1, threads)).start().finish()
-        found = _count(dest, set(todo))
-    summary.update(explained=found["rows"], errors=found["errors"], seconds=time.monotonic() - started, actors=pool or 0,
-                   driver=head.explained if head else 0, recovered=len(missing))  # fmt: skip
+        found = _count(dest, set(todo), model.bundle.task)
+    summary.update(explained=found["explained"], errors=found["errors"], seconds=time.monotonic() - started,
+                   actors=pool or 0, driver=head.explained if head else 0, recovered=len(missing))  # fmt: skip
     return summary
 
 
@@ -464,15 +472,16 @@ def _input(image: str, root: str | None):
     return Input(Path(image), Path(root) if root else None)
 
 
-def _count(dest: str, wanted: set[str]) -> dict:
+def _count(dest: str, wanted: set[str], task: str = "classify") -> dict:
+    """The images of ``wanted`` that ``dest`` has rows for, and how many (a detector's image counts once)."""
     import pyarrow.dataset as pds
 
     filesystem, root = _filesystem(dest)
     # The records' schema, not one inferred from whichever file comes first (Ray's and the driver's files)
-    files = pds.dataset(root, filesystem=filesystem, format="parquet", schema=records.arrow_schema())
+    files = pds.dataset(root, filesystem=filesystem, format="parquet", schema=records.arrow_schema(task))
     table = files.to_table(columns=["image", "error"])
-    mine = [(i, e) for i, e in zip(table.column("image").to_pylist(), table.column("error").to_pylist()) if i in wanted]
-    return {"rows": len(mine), "errors": sum(e is not None for _, e in mine), "images": {i for i, _ in mine}}
+    mine = {i: e for i, e in zip(table.column("image").to_pylist(), table.column("error").to_pylist()) if i in wanted}
+    return {"explained": len(mine), "errors": sum(e is not None for e in mine.values()), "images": set(mine)}
 
 
 NEEDS_EXTRA = "npcam dataset needs pyarrow: pip install 'npcam[dataset]'"
@@ -593,8 +602,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = OneLineParser(
         prog="npcam dataset",
-        description="Explain a whole dataset into Parquet, one row per image, on Ray Data "
-        "(embedded by default, a cluster with --address).",
+        description="Explain a whole dataset into Parquet, one row per image (a detector's: one per detection), "
+        "on Ray Data (embedded by default, a cluster with --address).",
         epilog=methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -314,8 +314,8 @@ def select(
     best first.
 
     Each candidate keeps its best class (one label a box); those whose score is at least ``conf`` (and finite,
-    with a finite box) are taken best first, at most ``max_nms`` of them, and each suppresses the later ones of
-    its class that overlap it by an IoU above ``iou``; at most ``max_det`` are kept.
+    with a finite box of some area) are taken best first, at most ``max_nms`` of them, and each suppresses the
+    later ones of its class that overlap it by an IoU above ``iou``; at most ``max_det`` are kept.
     """
     ranked = candidates.ranked()
     if ranked.size == 0:
@@ -324,6 +324,9 @@ def select(
     score = ranked[np.arange(len(ranked)), best]
     boxes = candidates.boxes
     usable = np.isfinite(score) & np.isfinite(boxes).all(axis=1) & (score >= conf)
+    # A box of no area (x1 <= x0 or y1 <= y0) is no detection: it would overlap nothing, so suppress nothing, and
+    # take one of the max_det places.
+    usable &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     order = np.flatnonzero(usable)
     order = order[np.argsort(-score[order], kind="stable")][:max_nms]
     kept: list[int] = []

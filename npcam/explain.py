@@ -7,6 +7,9 @@ The CLI, the scripts, the exporter's calibration, ``npcam.dataset`` and
     explanation = explain(model, "photo.jpg", options)
     picture = draw(explanation, 0, options)             # uint8 [H, W, 3]
     record = describe(explanation, options)             # the JSON record (npcam.record)
+
+For a detector (``model.bundle.task == "detect"``) the same calls explain detections instead of classes: the
+top one, ``Options(detection=i)``, or the top ``top``; ``draw`` adds every detection's box and label.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from . import record as records
 from . import render as rendering
 from .boxes import DEFAULT_THRESHOLD, Box, cam_box
 from .cancel import OnProgress, ShouldStop
+from .detect import CONF, IOU, MAX_DET, MAX_NMS, Thresholds
 from .errors import NpcamError
 from .files import Job, save_array, save_image
 from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, rgbx_base
@@ -38,6 +42,9 @@ from .upsample import upsample
 # The limits of Options, the same in every front-end (the CLI, serve, dataset take them from here).
 MAX_TOP = 1000  # classes explained per image: each is one map and one overlay
 ALPHA = (0.0, 1.0)  # overlay opacity: the photo alone .. the heat map alone
+MAX_DETECTIONS = MAX_NMS  # max_det: no more candidates than this go into the suppression anyway
+# The fields only a detector reads (a classifier refuses other values than these defaults).
+DETECTOR_DEFAULTS = {"detection": None, "conf": CONF, "iou": IOU, "max_det": MAX_DET}
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class Options:
     Attributes
     ----------
     classes : explain these classes (indices or labels); empty: the top ``top``
-    top : how many of the most probable classes to explain
+    top : how many of the most probable classes to explain (a detector's: of its best detections)
     method : a name from :data:`npcam.methods.METHODS`; None: the model's default
     alpha : heat-map opacity in [0, 1]
     bbox : find each map's box (and draw it)
@@ -59,6 +66,11 @@ class Options:
         records, boxes and ``.npy`` maps stay in the photo's own pixels
     save_cam : write each full-resolution map as ``.npy`` beside its overlay
     lowres : put each map at feature resolution into the record
+    detection : a detector's detection to explain, its index among the image's detections (0: the best);
+        None: the top ``top``
+    conf, iou, max_det : which of a detector's candidates are kept (:class:`npcam.detect.Thresholds`; the YOLO
+        tools' defaults)
+    boxes : draw a detector's boxes and labels on its overlays
     """
 
     classes: tuple[int | str, ...] = ()
@@ -73,6 +85,11 @@ class Options:
     max_side: int | None = None
     save_cam: bool = False
     lowres: bool = False
+    detection: int | None = None
+    conf: float = CONF
+    iou: float = IOU
+    max_det: int = MAX_DET
+    boxes: bool = True
 
     def checked(self, model: Model) -> Options:
         """These options made concrete for ``model`` (class indices, method name); one-line errors otherwise.
@@ -91,6 +108,7 @@ class Options:
         if self.max_side is not None and self.max_side < 1:
             raise NpcamError(f"max_side must be at least 1, not {self.max_side}")
         size = model.check_input_options(self.keep_aspect, self.size)
+        self._check_detection_fields(model.bundle.task == "detect")
         return replace(
             self,
             size=size,
@@ -98,14 +116,46 @@ class Options:
             method=resolve(self.method, model.head.kind, model.bundle.path).name,
         )
 
+    def _check_detection_fields(self, detector: bool) -> None:
+        if not detector:
+            given = [
+                f"{k}={getattr(self, k)}" for k, default in DETECTOR_DEFAULTS.items() if getattr(self, k) != default
+            ]
+            if given:
+                raise NpcamError(f"{', '.join(given)}: this model is a classifier; only a detector has detections")
+            return
+        if self.classes:
+            raise NpcamError("this model is a detector: it explains detections (detection=K, top=K), not classes")
+        if self.detection is not None and (self.detection < 0 or self.top != 1):
+            raise NpcamError(
+                f"detection must be at least 0, not {self.detection}"
+                if self.detection < 0
+                else "detection and top cannot both be given: one detection, or the top K"
+            )
+        for name in ("conf", "iou"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:  # also refuses NaN
+                raise NpcamError(f"{name} must be between 0 and 1, not {value}")
+        if not 1 <= self.max_det <= MAX_DETECTIONS:
+            raise NpcamError(f"max_det must be between 1 and {MAX_DETECTIONS}, not {self.max_det}")
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """Which of a detector's candidates are kept (``conf``, ``iou``, ``max_det``)."""
+        return Thresholds(self.conf, self.iou, self.max_det)
+
 
 @dataclass
 class Explanation:
-    """One image explained: its prediction and one map per explained class.
+    """One image explained: its prediction and one map per explained class (or detection).
 
-    ``maps`` is float32 ``[k, h, w]`` in [0, 1] at feature resolution;
+    ``maps`` is float32 ``[k, h, w]`` in [0, 1] at feature resolution (a
+    detector's: the network input's, cropped to the photo's part);
     :meth:`full` upsamples one to the image's size (once). ``layer`` names the
-    explained layer (:attr:`npcam.bundle.Bundle.layer`).
+    explained layer (:attr:`npcam.bundle.Bundle.layer`). ``detections``: for a
+    detector, which of ``prediction.detections`` the maps explain (indices;
+    empty when there is none, and ``maps`` is then ``[0, h, w]``); ``classes``
+    are then their classes. None for a classifier.
     """
 
     name: str
@@ -114,6 +164,7 @@ class Explanation:
     classes: list[int]
     maps: np.ndarray
     layer: str | None = None
+    detections: list[int] | None = None
     _full: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _boxes: dict[tuple[int, float | str], Box | None] = field(default_factory=dict, repr=False)
 
@@ -176,11 +227,32 @@ def explain(
         scale = max_side / max(pil.size)
         fit = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
         rgb = read_photo(pil.resize(fit, Image.BILINEAR, reducing_gap=REDUCING_GAP))[1]
-    prediction = model.classify([rgb], [x], [size])[0]
+    prediction = model.classify([rgb], [x], [size], thresholds=options.thresholds)[0]
+    method = options.method or default_name(model.head.kind)
+    if prediction.detections is not None:
+        chosen = _chosen_detections(prediction, options, label)
+        if chosen:
+            maps = model.cam(prediction, detection=chosen, method=options.method, progress=progress,
+                             should_stop=should_stop)  # fmt: skip
+        else:  # nothing detected: nothing to explain, and the overlay is the photo
+            maps = np.zeros((0, *prediction.placement.size), np.float32)
+        classes = [prediction.detections[i].class_index for i in chosen]
+        return Explanation(label, prediction, method, classes, maps, model.bundle.layer, chosen)
     classes = list(options.classes) or [c for c, _, _ in prediction.top(options.top)]
     maps = model.cam(prediction, classes, method=options.method, progress=progress, should_stop=should_stop)
-    method = options.method or default_name(model.head.kind)
     return Explanation(label, prediction, method, classes, maps, model.bundle.layer)
+
+
+def _chosen_detections(prediction: Prediction, options: Options, label: str) -> list[int]:
+    """The detections to explain: ``options.detection`` (an error naming the image if it has no such one), or the
+    best ``options.top`` of those there are (none when there are none)."""
+    found = len(prediction.detections)
+    if options.detection is None:
+        return list(range(min(options.top, found)))
+    if options.detection >= found:
+        has = "none" if not found else f"{found} (0 to {found - 1})"
+        raise NpcamError(f"{label}: no detection {options.detection}: this image has {has}")
+    return [options.detection]
 
 
 def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:
@@ -188,18 +260,28 @@ def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:
 
     Drawn at the size of ``prediction.image``. When the image came from
     :func:`~npcam.image.read_photo`, the result is a view of an RGBX buffer
-    that :func:`npcam.files.encode_image` encodes without a copy.
+    that :func:`npcam.files.encode_image` encodes without a copy. A detector's
+    overlay also has every detection's box and label (``options.boxes``), map
+    ``i``'s detection emphasized; with no detection it is the photo as it is.
     """
     image = explanation.prediction.image
     rgbx = rgbx_base(image)
-    picture = rendering.overlay_map(image if rgbx is None else rgbx, explanation.maps[i], options.alpha)
+    source = image if rgbx is None else rgbx
+    if explanation.detections is not None and not explanation.detections:
+        return source.copy()[:, :, :3]  # nothing detected: no map, no box
+    picture = rendering.overlay_map(source, explanation.maps[i], options.alpha)
+    (height, width), (h, w) = explanation.prediction.size, image.shape[:2]
     box = explanation.box(i, options.threshold) if options.bbox else None
     if box:
-        (height, width), (h, w) = explanation.prediction.size, image.shape[:2]
         if (h, w) != (height, width):  # the box is in the photo's pixels, the picture smaller
             x0, y0, x1, y1 = box
             box = (x0 * w // width, y0 * h // height, x1 * w // width, y1 * h // height)
         rendering.draw_box_into(picture, box)
+    if explanation.detections is not None and options.boxes:
+        found = explanation.prediction.detections
+        boxes = np.array([d.box for d in found], dtype=np.float64).reshape(-1, 4) * ([w / width, h / height] * 2)
+        texts = [f"{d.label} {d.score:.2f}" for d in found]
+        rendering.draw_detections_into(picture, boxes, [d.class_index for d in found], texts, explanation.detections[i])
     return picture[:, :, :3]
 
 
@@ -210,6 +292,7 @@ def describe(
     cams: Sequence[Path] | None = None,
 ) -> dict:
     """The explanation's record (:mod:`npcam.record`), naming the files written for it, if any."""
+    prediction, detections = explanation.prediction, explanation.detections
     maps = []
     for i, c in enumerate(explanation.classes):
         extra: dict = {}
@@ -221,29 +304,48 @@ def describe(
         if cams is not None:
             extra["cam"] = str(cams[i])
         if options.lowres:
-            extra["lowres"] = records.lowres(explanation.maps[i])
-        maps.append(records.map_entry(explanation.prediction, c, **extra))
-    return records.make(explanation.name, explanation.prediction, explanation.method, maps, explanation.layer)
+            extra["lowres"] = records.lowres(explanation.maps[i] if detections is None else _coarse(explanation, i))
+        if detections is None:
+            maps.append(records.map_entry(prediction, c, **extra))
+        else:
+            maps.append(records.detection_map_entry(prediction, detections[i], **extra))
+    # A detector's photo with nothing detected still has its overlay (the photo): the record names it.
+    nothing = outputs[0] if outputs and not maps and outputs[0] is not None else None
+    return records.make(explanation.name, prediction, explanation.method, maps, explanation.layer,
+                        None if nothing is None else str(nothing))  # fmt: skip
+
+
+def _coarse(explanation: Explanation, i: int) -> np.ndarray:
+    """A detector's map ``i`` (at the network input) on its finest layer's grid, over the photo's part: what
+    ``lowres`` stores (the map was upsampled from those grids, so little is lost, and rows stay small)."""
+    prediction = explanation.prediction
+    stride = prediction.input.shape[2] / max(grid.shape[1] for grid in prediction.grids)
+    h, w = explanation.maps[i].shape
+    return upsample(explanation.maps[i], (max(1, round(h / stride)), max(1, round(w / stride))))
 
 
 def write(
     explanation: Explanation, job: Job, options: Options, protected: Iterable[Path] = (), overlays: bool = True
 ) -> dict:
-    """Write the overlay (and ``.npy`` map with ``save_cam``) of each explained class; returns the record.
+    """Write the overlay (and ``.npy`` map with ``save_cam``) of each explained class or detection; returns the
+    record.
 
     ``protected`` paths (the run's inputs) are never written over: such a job
     fails before writing anything. ``overlays=False`` writes only the ``.npy``
     maps, if any, and the record names no overlay.
     """
-    outputs = [job.output_for(c) for c in explanation.classes]
+    if explanation.detections is None:
+        outputs = [job.output_for(c) for c in explanation.classes]
+    else:  # a detector's photo with nothing detected gets one overlay, the photo without boxes
+        outputs = [job.output_for_detection(i) for i in explanation.detections] or [job.output]
     for output in outputs:
         if output.resolve() in protected:
             raise NpcamError(f"{output}: is one of the input images; not writing over it (choose another -o)")
-    cams = [output.with_suffix(".npy") for output in outputs] if options.save_cam else None
+    cams = [output.with_suffix(".npy") for output in outputs[: len(explanation.maps)]] if options.save_cam else None
     for i, output in enumerate(outputs):
         if overlays:
             save_image(output, draw(explanation, i, options))
-        if cams:
+        if cams and i < len(cams):
             save_array(cams[i], explanation.full(i))
     return describe(explanation, options, outputs if overlays else None, cams)
 

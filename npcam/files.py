@@ -2,9 +2,10 @@
 
 Output names: ``<stem>_cam.jpg`` for each input, in the output directory
 (mirroring subdirectories of a directory input); ``<stem>_cam_<class>.jpg``
-per class with ``--top``. When two inputs would get the same output (``a.jpg``
-and ``a.png``), or an output would be an input, each such input's extension
-joins its name: ``a_jpg_cam.jpg``, ``a_png_cam.jpg``.
+per class with ``--top`` (a detector's: ``<stem>_cam_det<i>.jpg`` per detection).
+When two inputs would get the same output (``a.jpg`` and ``a.png``), or an
+output would be an input, each such input's extension joins its name:
+``a_jpg_cam.jpg``, ``a_png_cam.jpg``.
 
 npcam marks every image it writes (EXIF ``Software`` = ``npcam``), so a later
 run over the same folder recognizes its own outputs and skips them, instead
@@ -33,7 +34,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 SAVE_OPTIONS = {"JPEG": {"quality": 90}, "PNG": {"compress_level": 1}, "WEBP": {"quality": 90}}
 MARK = "npcam"
 _SOFTWARE = 0x0131  # EXIF tag
-_OUTPUT_NAME = re.compile(r".+_cam(_\d+)?\.[^.]+")
+_OUTPUT_NAME = re.compile(r".+_cam(_\d+|_det\d+)?\.[^.]+")
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -96,7 +97,8 @@ def _walk(directory: Path) -> list[Path]:
 
 
 def is_npcam_output(path: Path) -> bool:
-    """True for an image npcam wrote: its name ends in ``_cam`` (or ``_cam_<class>``) and it carries npcam's mark."""
+    """True for an image npcam wrote: its name ends in ``_cam`` (or ``_cam_<class>``, ``_cam_det<i>``) and it carries
+    npcam's mark."""
     if not _OUTPUT_NAME.fullmatch(path.name) or not path.is_file():
         return False
     try:
@@ -110,7 +112,8 @@ def is_npcam_output(path: Path) -> bool:
 class Job:
     """One input image and where its overlay goes.
 
-    With ``per_class`` (``--top K`` > 1) each class gets ``<output stem>_<class><suffix>``.
+    With ``per_class`` (``--top K`` > 1) each class gets ``<output stem>_<class><suffix>``, and each of a
+    detector's detections ``<output stem>_det<i><suffix>``.
     """
 
     image: Path
@@ -121,6 +124,11 @@ class Job:
         if not self.per_class:
             return self.output
         return self.output.with_name(f"{self.output.stem}_{class_index}{self.output.suffix}")
+
+    def output_for_detection(self, index: int) -> Path:
+        if not self.per_class:
+            return self.output
+        return self.output.with_name(f"{self.output.stem}_det{index}{self.output.suffix}")
 
 
 def plan_outputs(images: list[Input], output: str | None, per_class: bool = False) -> list[Job]:

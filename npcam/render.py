@@ -7,6 +7,7 @@ The test suite checks it entry by entry against ``cv2.applyColorMap``.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -196,11 +197,14 @@ def draw_box(image: np.ndarray, box: tuple[int, int, int, int], color=(255, 255,
     return draw_box_into(image.copy(), box, color)
 
 
-def draw_box_into(image: np.ndarray, box: tuple[int, int, int, int], color=(255, 255, 255)) -> np.ndarray:
-    """:func:`draw_box` on ``image`` itself (uint8 ``[H, W, 3]`` or RGBX ``[H, W, 4]``, whose 4th channel is kept)."""
+def draw_box_into(
+    image: np.ndarray, box: tuple[int, int, int, int], color=(255, 255, 255), thickness: int | None = None
+) -> np.ndarray:
+    """:func:`draw_box` on ``image`` itself (uint8 ``[H, W, 3]`` or RGBX ``[H, W, 4]``, whose 4th channel is kept);
+    ``thickness`` in pixels (default: about 1/150 of the short side), the black edge one more."""
     out = image[:, :, :3]
     x0, y0, x1, y1 = box
-    thick = max(1, min(image.shape[:2]) // 150)
+    thick = thickness or max(1, min(image.shape[:2]) // 150)
     for width, c in ((thick + 1, (0, 0, 0)), (thick, color)):
         for ys, xs in (
             (slice(y0, y0 + width), slice(x0, x1 + 1)),
@@ -210,3 +214,99 @@ def draw_box_into(image: np.ndarray, box: tuple[int, int, int, int], color=(255,
         ):
             out[ys, xs] = c
     return image
+
+
+# A detector's overlay: every detection's box in its class's colour, with its label; the explained one emphasized.
+
+GOLDEN = 0.6180339887498949  # hues a golden-ratio turn apart: any run of classes gets well-separated colours
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """The colour of class ``index`` on a detector's overlay: RGB levels, bright and saturated."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((0.83 + index * GOLDEN) % 1.0, 0.8, 1.0)
+    return round(255 * r), round(255 * g), round(255 * b)
+
+
+def draw_detections_into(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    classes: list[int],
+    texts: list[str],
+    emphasized: int | None = None,
+) -> np.ndarray:
+    """Boxes and their labels on ``image`` itself, as the YOLO tools draw detections.
+
+    Parameters
+    ----------
+    image : uint8 ``[H, W, 3]``, or RGBX ``[H, W, 4]`` (the 4th channel is kept)
+    boxes : float ``[n, 4]``, ``x0, y0, x1, y1`` in the image's pixels (edges: a box from 0 to W covers the image)
+    classes : n class indices, which pick each box's colour (:func:`class_colour`)
+    texts : n labels, written above each box (inside it at the image's top edge)
+    emphasized : the index of the box drawn thicker and last (the explained detection); None: all alike
+
+    Returns
+    -------
+    ``image``. Lines are in the class's colour with a black edge, so that they show on every jet colour; the
+    emphasized one is over twice as thick as the others. The font is Pillow's default, scaled to the image.
+    """
+    height, width = image.shape[:2]
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not len(boxes):
+        return image
+    thin = max(2, round(min(height, width) / 300))
+    # Inclusive pixels: a box's last column is the one its right edge ends in.
+    x0 = np.clip(np.floor(boxes[:, 0]), 0, width - 1).astype(int)
+    y0 = np.clip(np.floor(boxes[:, 1]), 0, height - 1).astype(int)
+    x1 = np.maximum(np.clip(np.ceil(boxes[:, 2]) - 1, 0, width - 1).astype(int), x0)
+    y1 = np.maximum(np.clip(np.ceil(boxes[:, 3]) - 1, 0, height - 1).astype(int), y0)
+    order = [j for j in range(len(boxes)) if j != emphasized] + ([emphasized] if emphasized is not None else [])
+    size = max(12, round(min(height, width) / 30))
+    for j in order:
+        colour = class_colour(classes[j])
+        thick = 2 * thin + 1 if j == emphasized else thin
+        draw_box_into(image, (x0[j], y0[j], x1[j], y1[j]), colour, thick)
+        _label_into(image, texts[j], x0[j], y0[j], colour, size)
+    return image
+
+
+def _label_into(image: np.ndarray, text: str, x: int, y: int, colour: tuple[int, int, int], size: int) -> None:
+    """``text`` on a patch of ``colour`` whose bottom-left is the box corner ``(x, y)``, moved to stay in the image."""
+    mask = _text_mask(text, size)  # uint8 [h, w], the text's coverage
+    pad = max(1, size // 6)
+    h, w = mask.shape[0] + 2 * pad, mask.shape[1] + 2 * pad
+    height, width = image.shape[:2]
+    top = y - h if y - h >= 0 else y  # above the box, or inside it at the image's top
+    left = min(x, max(0, width - w))
+    patch = image[top : top + h, left : left + w, :3]
+    patch[...] = np.array(colour, np.uint8)  # an array: numpy casts a tuple element by element
+    text_part = patch[pad : pad + mask.shape[0], pad : pad + mask.shape[1]]
+    coverage = mask[: text_part.shape[0], : text_part.shape[1], None].astype(np.uint16)
+    ink = 0 if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else 255
+    # colour * (1 - m) + ink * m, m = coverage / 255, in integers (rounded)
+    blend = np.array(colour, np.uint16) * (255 - coverage) + np.uint16(ink) * coverage + np.uint16(127)
+    text_part[...] = blend // np.uint16(255)
+
+
+@functools.lru_cache(maxsize=512)  # labels repeat (a class and a score to two places); each at most size x 40 size
+def _text_mask(text: str, size: int) -> np.ndarray:
+    """``text`` in Pillow's default font of about ``size`` pixels, as its coverage: uint8 ``[h, w]``."""
+    from PIL import Image, ImageDraw
+
+    font = _font(size)
+    left, top, right, bottom = font.getbbox(text)
+    canvas = Image.new("L", (max(1, right - left), max(1, bottom - top)))
+    ImageDraw.Draw(canvas).text((-left, -top), text, fill=255, font=font)
+    return np.asarray(canvas)
+
+
+@functools.lru_cache(maxsize=64)
+def _font(size: int):
+    """Pillow's default font at ``size`` pixels (its scalable one from Pillow 10.1; the bitmap one before)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one size only
+        return ImageFont.load_default()

@@ -41,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 
 from .boxes import parse_threshold
+from .detect import CONF, IOU, MAX_DET
 from .errors import NpcamError
 from .explain import Options, describe, draw, explain
 from .files import encode_image
@@ -93,9 +94,11 @@ def options_from_query(query, max_pixels: int, max_side: int | None = None) -> t
             raise BadRequest(422, f"size {e}") from None
         return size
 
-    def flag(name):
+    def flag(name, default=False):
         value = query.get(name)
-        return value is not None and value.lower() in ("", "1", "true", "yes", "on")
+        if value is None:
+            return default
+        return value.lower() in ("", "1", "true", "yes", "on")
 
     fmt = query.get("format", "json").lower()
     if fmt not in ("json", "jpeg", "jpg", "png"):
@@ -123,6 +126,11 @@ def options_from_query(query, max_pixels: int, max_side: int | None = None) -> t
         size=input_size(),
         max_pixels=max_pixels,
         max_side=_smaller(number("max_side", int, None), max_side),
+        detection=number("detection", int, None),
+        conf=number("conf", float, CONF),
+        iou=number("iou", float, IOU),
+        max_det=number("max_det", int, MAX_DET),
+        boxes=flag("boxes", default=True),
     )
     return options, {"jpg": "jpeg"}.get(fmt, fmt)
 
@@ -296,6 +304,9 @@ def make_app(
     about = {
         "npcam": __version__,
         "arch": model.bundle.arch,
+        "task": model.bundle.task,
+        # a detector's defaults of which detections are kept (a request's conf, iou and max_det)
+        "detect": {"conf": CONF, "iou": IOU, "max_det": MAX_DET} if model.bundle.task == "detect" else None,
         "head": model.head.kind,
         "default_method": default_method,
         "methods": {name: METHODS[name].summary for name in offered},
