@@ -510,10 +510,18 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     from .arguments import flag_words
 
     args = parse_args(argv)
+    # SIGTERM (a batch system's stop, `kill`) ends the run as Ctrl-C does: the photos finished are written.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args)
     except NpcamError as e:
