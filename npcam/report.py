@@ -37,7 +37,7 @@ table.metrics { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 table.metrics th, table.metrics td { border: 1px solid #ddd; padding: 4px 8px; text-align: right; white-space: nowrap; }
 table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
 table.metrics td.best { font-weight: 700; background: #eef6ee; }
-.ci { color: #777; font-size: 12px; }
+.ci { display: block; color: #777; font-size: 11px; }
 .plots { display: flex; flex-wrap: wrap; gap: 16px; }
 svg.plot { width: 340px; height: 240px; background: #fff; border: 1px solid #eee; }
 svg.plot text { font: 11px system-ui, sans-serif; fill: #333; }
@@ -149,7 +149,7 @@ def _plot(name: str, title: str, xlabel: str, ylabel: str, series: dict, colors:
     """A line plot as SVG: x in [0, 1], y from 0 to the largest value (rounded up), one polyline per method."""
     width, height, left, right, top, bottom = 340, 240, 44, 10, 24, 36
     top_value = max((max(ys) for _, ys in series.values() if len(ys)), default=1.0)
-    y_max = max(0.1, float(np.ceil(top_value * 10) / 10))
+    y_max = max(0.2, float(np.ceil(top_value * 5 - 1e-9) / 5))  # a multiple of 0.2: ticks at multiples of 0.05
     sx = lambda v: left + v * (width - left - right)  # noqa: E731
     sy = lambda v: height - bottom - v / y_max * (height - top - bottom)  # noqa: E731
     out = [f"<svg class='plot' id='plot-{name}' viewBox='0 0 {width} {height}' role='img' "
