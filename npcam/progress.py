@@ -28,7 +28,8 @@ class Progress:
         elapsed = now - self.start
         rate = n / elapsed if elapsed > 0 else 0.0
         left = (total - n) / rate if rate > 0 else 0.0
-        line = f"[{n}/{total}] {rate:.2g} {unit}/s, {_clock(left)} left  {label}"
+        shown_rate = f"{rate:.1f}" if rate >= 0.1 else f"{rate:.2g}"  # slow work (npcam evaluate): 0.0083 photos/s
+        line = f"[{n}/{total}] {shown_rate} {unit}/s, {_clock(left)} left  {label}"
         if not terminal:
             self.stream.write(line + "\n")
             self.stream.flush()

@@ -300,3 +300,19 @@ def test_limit_spreads_and_nests():
     small, large = spread(items, 40), spread(items, 80)
     assert len(small) == 40 and set(small) <= set(large) and small == sorted(small)
     assert max(np.diff(small)) <= 16  # spread over the whole list, not its start
+
+
+def test_ray_actors_make_the_same_rows(csv_run, photos, bundle, tmp_path, monkeypatch):
+    """With --driver-threads 0, Ray's actors alone evaluate (the engine of npcam dataset): the same rows."""
+    pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '.[dataset]'")
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    _, _, _, out = csv_run
+    args = [str(photos / "*.png"), "-m", str(bundle), "--out", str(tmp_path / "ray"), *FAST, "--driver-threads", "0",
+            "--actors", "1"]  # fmt: skip
+    assert evaluate_main(args) == 0
+    straight = {r["method"]: r for r in rows(out / "rows") if r["image"] == str(photos / "five.png")}
+    found = rows(tmp_path / "ray")
+    assert sorted((r["image"], r["method"]) for r in found) == [(str(photos / "five.png"), m) for m in sorted(straight)]
+    for row in found:
+        for column in ("drop", "deletion", "insertion", "road_morf", "road_lerf"):
+            np.testing.assert_allclose(row[column], straight[row["method"]][column], atol=1e-6)
