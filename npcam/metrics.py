@@ -339,21 +339,29 @@ class _System:
 
     @staticmethod
     def _galerkin(fine: dict) -> dict:
-        """The coarse operator ``R A P``, a 9-point stencil, read off by probing with the 9 colours mod 3."""
+        """The coarse operator ``R A P`` (``R = P^T``), a 9-point stencil, term by term.
+
+        With ``p(d)`` the bilinear weights (1 at 0, 1/2 at +-1 on each axis), the coefficient
+        of coarse offset ``O`` at coarse cell ``I`` is ``sum p(a) p(a + o - 2 O) c_o(2 I + a)``
+        over the fine offsets ``a`` and the fine stencil's offsets ``o``.
+        """
         h, w = fine[(0, 0)].shape
         hc, wc = (h + 1) // 2, (w + 1) // 2
-        rows, cols = np.arange(hc)[:, None], np.arange(wc)[None, :]
-        probes = np.empty((3, 3, hc, wc))
-        for a in range(3):
-            for b in range(3):
-                delta = ((rows % 3 == a) & (cols % 3 == b)).astype(np.float64)
-                probes[a, b] = _restrict(_apply(fine, _prolong(delta)))
-        return {
-            (dy, dx): probes[(rows + dy) % 3, (cols + dx) % 3, rows, cols]
-            * ((rows + dy >= 0) & (rows + dy < hc) & (cols + dx >= 0) & (cols + dx < wc))
-            for dy in (-1, 0, 1)
-            for dx in (-1, 0, 1)
-        }
+        weight = {-1: 0.5, 0: 1.0, 1: 0.5}
+        padded = {o: np.pad(c, 1) for o, c in fine.items()}  # fine points outside the grid contribute 0
+        coarse = {}
+        for oy in (-1, 0, 1):
+            for ox in (-1, 0, 1):
+                total = np.zeros((hc, wc))
+                for ay in (-1, 0, 1):
+                    for ax in (-1, 0, 1):
+                        at = (slice(1 + ay, 1 + ay + 2 * hc, 2), slice(1 + ax, 1 + ax + 2 * wc, 2))
+                        for (dy, dx), c in padded.items():
+                            ty, tx = ay + dy - 2 * oy, ax + dx - 2 * ox
+                            if abs(ty) <= 1 and abs(tx) <= 1:
+                                total += weight[ay] * weight[ax] * weight[ty] * weight[tx] * c[at]
+                coarse[(oy, ox)] = total
+        return coarse
 
     def _cycle(self, level: int, r: np.ndarray) -> np.ndarray:
         """One symmetric V-cycle for ``A e = r`` from ``e = 0`` (the preconditioner)."""
