@@ -479,7 +479,7 @@ def parse_args(argv: list[str] | None):
     p = OneLineParser(
         prog=PROG,
         description="Measure every explanation method on a folder of photos: localization against annotated boxes, "
-        "faithfulness for every photo. Rows go to Parquet in DEST (re-runs resume), a table with 95%% intervals "
+        "faithfulness for every photo. Rows go to Parquet in DEST (re-runs resume), a table with 95% intervals "
         "to stdout, an HTML report beside DEST. Needs the dataset extra (pyarrow; Ray for --address).",
         epilog=methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
