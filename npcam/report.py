@@ -45,7 +45,9 @@ svg.plot text { font: 11px system-ui, sans-serif; fill: #333; }
 .legend span.swatch { display: inline-block; width: 18px; height: 4px; vertical-align: middle; margin-right: 4px; }
 table.grid { border-collapse: collapse; }
 table.grid th { font-weight: 600; padding: 4px; vertical-align: bottom; }
-table.grid th.photo { text-align: left; font-weight: 400; font-size: 12px; max-width: 140px; word-break: break-all; }
+.scroll { overflow-x: auto; max-width: 100%; }
+table.grid th.photo { text-align: left; font-weight: 400; font-size: 12px; min-width: 130px; max-width: 160px;
+  word-break: break-all; }
 .cell { position: relative; display: inline-block; line-height: 0; }
 .cell img { display: block; }
 .cell svg { position: absolute; left: 0; top: 0; width: 100%; height: 100%; }
@@ -76,7 +78,7 @@ def render_page(summary, rows: list[dict], context: dict, samples: int) -> str:
         f"{e(context['date'])}, {e(context['cpu'])}, npcam {e(context['npcam'])}, box rule: "
         f"threshold {e(context['threshold'])}.<br>Command: <code>{e(context['command'])}</code></p>",
         "<h2>Methods by metrics</h2>",
-        _table(summary, METRICS, cell),
+        f"<div class='scroll'>{_table(summary, METRICS, cell)}</div>",
         "<p class='context'>Definitions and papers: docs/methods.md, \"The metrics\". Intervals: 95% percentile "
         "bootstrap over photos.</p>",
         "<h2>Curves</h2>",
@@ -106,7 +108,7 @@ def render_page(summary, rows: list[dict], context: dict, samples: int) -> str:
     parts += ["<h2>Sample photos by methods</h2>",
               "<p class='key'>Annotated boxes<span style='border-color:#00e000'></span> the map's box at the box "
               "rule<span style='border-color:#999;border-top-style:dashed'></span> (white on the picture)</p>",
-              _grid(summary, rows, samples, spread)]  # fmt: skip
+              f"<div class='scroll'>{_grid(summary, rows, samples, spread)}</div>"]  # fmt: skip
     parts.append("</body></html>")
     return "\n".join(parts)
 
