@@ -1,4 +1,4 @@
-"""The argparse pieces that ``npcam``, ``npcam serve`` and ``npcam dataset`` share; none imports another.
+"""The argparse pieces that ``npcam``, ``npcam serve``, ``npcam dataset`` and ``npcam evaluate`` share.
 
 A one-line-error parser, range types, the explanation options and the
 builder that turns them into :class:`npcam.explain.Options`. The ranges come
@@ -137,26 +137,9 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method", type=_method, help="explanation method (default: cam, or gradcam for a non-affine head; see below)"
     )
-    p.add_argument(
-        "--keep-aspect",
-        action="store_true",
-        help="keep the photo's aspect instead of squashing it to the input size: scale it to the smallest size "
-        "that covers the input (a square model's: the short side to S; a 48x192 model's: the height to 48 for "
-        "photos wider than 4:1), each side at most 4x the input's",
-    )
-    p.add_argument(
-        "--size",
-        type=input_size,
-        metavar="S|HxW",
-        help="network input size, S (S x S) or height x width, e.g. 48x192 (default: the bundle's)",
-    )
+    add_input_options(p)
     p.add_argument("--bbox", action="store_true", help="find each map's bounding box (drawn, and in the record)")
-    p.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=DEFAULT_THRESHOLD,
-        help=f"box threshold: 'mean' (the map's mean, default) or a fraction of its max (the paper's is {PAPER_THRESHOLD})",
-    )
+    add_threshold_option(p)
     p.add_argument(
         "--conf", type=unit, default=CONF, help=f"a detector: keep detections scoring at least this (default {CONF})"
     )
@@ -182,6 +165,61 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
         type=between(1),
         metavar="N",
         help="write overlays at most N pixels on their long side (records, boxes and .npy maps keep the photo's size)",
+    )
+
+
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """``--keep-aspect`` and ``--size``: how a photo becomes the network input (every front-end that reads photos)."""
+    p.add_argument(
+        "--keep-aspect",
+        action="store_true",
+        help="keep the photo's aspect instead of squashing it to the input size: scale it to the smallest size "
+        "that covers the input (a square model's: the short side to S; a 48x192 model's: the height to 48 for "
+        "photos wider than 4:1), each side at most 4x the input's",
+    )
+    p.add_argument(
+        "--size",
+        type=input_size,
+        metavar="S|HxW",
+        help="network input size, S (S x S) or height x width, e.g. 48x192 (default: the bundle's)",
+    )
+
+
+def add_threshold_option(p: argparse.ArgumentParser) -> None:
+    """``--threshold``: the box rule (:func:`npcam.boxes.cam_box`)."""
+    p.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=DEFAULT_THRESHOLD,
+        help=f"box threshold: 'mean' (the map's mean, default) or a fraction of its max (the paper's is {PAPER_THRESHOLD})",
+    )
+
+
+def add_ray_options(p: argparse.ArgumentParser, connect_timeout: float, batch_size: int, rows_per_file: int) -> None:
+    """Where a Parquet run (``npcam dataset``, ``npcam evaluate``) runs: Ray's cluster, actors, driver threads."""
+    p.add_argument("--address", help="a Ray cluster: auto or HOST:PORT (default: $RAY_ADDRESS, else Ray in-process)")
+    p.add_argument(
+        "--connect-timeout",
+        type=seconds,
+        default=connect_timeout,
+        metavar="SECONDS",
+        help=f"give up on a cluster that does not answer within this time (default {connect_timeout:g})",
+    )
+    p.add_argument("--actors", type=between(1), help="model actors (default: one per CPU of the cluster)")
+    p.add_argument(
+        "--driver-threads",
+        type=between(0, MAX_THREADS),
+        metavar="N",
+        help="embedded Ray: threads of this process that work while Ray starts and beside its actors "
+        "(default: one per core; 0: Ray's actors alone)",
+    )
+    p.add_argument("--batch-size", type=between(1), default=batch_size,
+                   help=f"images per actor call (default {batch_size})")  # fmt: skip
+    p.add_argument(
+        "--rows-per-file",
+        type=between(1),
+        default=rows_per_file,
+        help=f"rows per Parquet file at least (default {rows_per_file})",
     )
 
 

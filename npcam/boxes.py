@@ -53,9 +53,23 @@ def cam_box(cam: np.ndarray, threshold: float | str = DEFAULT_THRESHOLD) -> Box 
 
 def largest_component_box(mask: np.ndarray) -> Box | None:
     """Box ``(x0, y0, x1, y1)`` (inclusive) of the largest 8-connected region of a bool ``[H, W]`` mask."""
+    boxes, sizes = component_boxes(mask)
+    if not boxes:
+        return None
+    return boxes[int(np.argmax(sizes))]  # ties: the region met first in raster order
+
+
+def component_boxes(mask: np.ndarray) -> tuple[list[Box], np.ndarray]:
+    """The box of every 8-connected region of a bool ``[H, W]`` mask, and each region's pixel count.
+
+    Returns
+    -------
+    boxes : ``(x0, y0, x1, y1)`` inclusive, one per region, in the raster order of each region's first pixel
+    sizes : int64 ``[len(boxes)]``
+    """
     rows, starts, ends = _runs(mask)
     if rows.size == 0:
-        return None
+        return [], np.zeros(0, dtype=np.int64)
     parent = np.arange(rows.size)
 
     def find(i: int) -> int:
@@ -69,14 +83,18 @@ def largest_component_box(mask: np.ndarray) -> Box | None:
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     roots = np.array([find(i) for i in range(rows.size)])
-    sizes = np.bincount(roots, weights=ends - starts)
-    members = roots == np.argmax(sizes)
-    return (
-        int(starts[members].min()),
-        int(rows[members].min()),
-        int(ends[members].max() - 1),
-        int(rows[members].max()),
-    )
+    # Each region's root is its first run (the smallest index), so unique() keeps raster order.
+    labels, region = np.unique(roots, return_inverse=True)
+    count = labels.size
+    sizes = np.bincount(region, weights=ends - starts, minlength=count).astype(np.int64)
+    x0 = np.full(count, mask.shape[1]), np.full(count, mask.shape[0])
+    x1 = np.full(count, -1), np.full(count, -1)
+    np.minimum.at(x0[0], region, starts)
+    np.minimum.at(x0[1], region, rows)
+    np.maximum.at(x1[0], region, ends - 1)
+    np.maximum.at(x1[1], region, rows)
+    boxes = [(int(a), int(b), int(c), int(d)) for a, b, c, d in zip(x0[0], x0[1], x1[0], x1[1])]
+    return boxes, sizes
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ from .record import error as error_record
 from .version import __version__
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
-SUBCOMMANDS = ("serve", "dataset")
+SUBCOMMANDS = ("serve", "dataset", "evaluate")
 MAX_LISTED = 20  # a detector's detections listed in the summary of one image (--json has them all)
 
 
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Class Activation Maps for CNN classifiers and detectors, without PyTorch. Writes the "
         "jet-coloured map of the top class (a detector's: of its best detection, with every detection's box) "
         "blended over each image. Subcommands: `npcam serve` (HTTP service), "
-        "`npcam dataset` (Parquet at scale, on Ray).",
+        "`npcam dataset` (Parquet at scale, on Ray), `npcam evaluate` (every method on every metric, with a report).",
         epilog=methods_help() + "\n\nexit codes: 0 all done, 1 some images failed, 2 bad arguments or model, "
         "130 interrupted, 141 output closed",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SUBCOMMANDS:  # `npcam serve …`, `npcam dataset …`: their own modules and options
+    if argv and argv[0] in SUBCOMMANDS:  # `npcam serve …`, `npcam dataset …`, `npcam evaluate …`: their own modules
         return importlib.import_module(f"{__package__}.{argv[0]}").main(argv[1:])
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a file name that is not valid UTF-8 must not crash a print

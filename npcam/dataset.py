@@ -43,19 +43,23 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
+from . import __version__
 from . import bundle as bundle_format
 from . import record as records
 from .errors import NpcamError
 from .explain import DETECTOR_DEFAULTS, Options
 from .files import IMAGE_SUFFIXES, find_images, plan_outputs
 from .progress import Progress
-from .version import __version__
 
+# The engine's work: an item's rows, from the model, the item and a should_stop to check between passes.
+RowsOf = Callable[..., list]
 META_KEY = b"npcam"
 ACTOR_CPUS = 0.5
 CONNECT_TIMEOUT = 30.0  # seconds to reach a cluster (--connect-timeout); Ray alone would retry for minutes
+LOG_EVERY = 60.0  # seconds between progress lines when stderr is not a terminal
 DRIVER_PREFIX = "driver-"  # the driver's own Parquet files; written as ".driver-….tmp", then renamed
 
 
@@ -139,7 +143,7 @@ def done_images(dest: str, stamp: dict) -> set[str]:
 def explain_row(model, image: str, overlay: str, options: Options, should_stop: Callable[[], bool] | None = None) -> dict:
     """One image's row: its record (its overlays written when ``overlay`` names a file), or ``{image, error}``.
 
-    The actors and the driver both explain through here. :class:`npcam.cancel.Cancelled`
+    The actors and the driver both explain through here. :class:`npcam.methods.Cancelled`
     (``should_stop``) passes through: the image gets no row.
     """
     from .explain import describe, explain, write
@@ -157,6 +161,12 @@ def explain_row(model, image: str, overlay: str, options: Options, should_stop: 
         return records.error(image, f"{image}: {type(e).__name__}: {e}")
 
 
+def explain_rows(options: Options, model, item: dict, should_stop: Callable[[], bool] | None = None) -> list[dict]:
+    """The engine's work for ``npcam dataset``: one item ``{image, overlay, index}`` to its rows (one, or a
+    detector's one per detection, :func:`npcam.record.rows`)."""
+    return records.rows(explain_row(model, item["image"], item["overlay"], options, should_stop))
+
+
 def claim(claims: str | None, index: int) -> bool:
     """Take image ``index`` of this run: False if the driver or an actor has it already (always True without claims).
 
@@ -172,29 +182,43 @@ def claim(claims: str | None, index: int) -> bool:
     return True
 
 
-def explainer_class(model_dir: str, options: Options, claims: str | None = None):
-    """The actor class: one model per actor, explaining a batch of ``{image, overlay, index}`` rows into records.
+def explainer_class(model_dir: str, options: Options, claims: str | None = None, task: str = "classify"):
+    """``npcam dataset``'s actor class (:func:`worker_class` explaining ``{image, overlay, index}`` items), for a
+    bundle of ``task``."""
+    return worker_class(model_dir, partial(explain_rows, options), partial(records.arrow_schema, task), claims)
 
-    With ``claims`` (an embedded run), an image the driver has claimed is skipped: it gets no row here.
+
+def worker_class(model_dir: str, rows_of: RowsOf, schema: Callable, claims: str | None = None):
+    """The actor class: one model per actor, turning a batch of items into rows with ``rows_of``.
+
+    ``rows_of(model, item, should_stop)`` gives an item's rows (any number); ``schema()`` is the
+    rows' Arrow schema. With ``claims`` (an embedded run), an item the driver has claimed is skipped.
     """
 
-    class Explainer:
+    class Worker:
         def __init__(self):
             from .model import Model
 
             self.model = Model(model_dir, threads=1)  # one core per actor; Ray runs one actor per half CPU
-            self.schema = records.arrow_schema(self.model.bundle.task)
+            self.schema = schema()
 
         def __call__(self, batch: dict):
             import pyarrow as pa
 
             rows = []
-            for image, overlay, index in zip(batch["image"], batch["overlay"], batch["index"]):
-                if claim(claims, int(index)):
-                    rows += records.rows(explain_row(self.model, str(image), str(overlay), options))
+            keys = list(batch)
+            for values in zip(*(batch[k] for k in keys)):
+                item = {k: _plain(v) for k, v in zip(keys, values)}
+                if claim(claims, int(item["index"])):
+                    rows.extend(rows_of(self.model, item, None))
             return pa.Table.from_pylist(rows, schema=self.schema)
 
-    return Explainer
+    return Worker
+
+
+def _plain(value):
+    """A value of a Ray Data batch (NumPy scalars and strings) as plain Python."""
+    return value.item() if hasattr(value, "item") else value
 
 
 class HeadStart:
@@ -207,12 +231,13 @@ class HeadStart:
     are written every ``rows_per_file`` rows and at :meth:`finish` to
     ``DEST/driver-<run>-<n>.parquet``, each first under a hidden name and then
     renamed, so a kill leaves no partial file in sight (the next run deletes
-    the hidden one). ``items`` are ``{image, overlay, index}`` dicts.
+    the hidden one). ``items`` are dicts with at least ``image`` and ``index``; ``rows_of(model, item,
+    should_stop)`` makes an item's rows (:func:`worker_class`).
     """
 
-    def __init__(self, model, items: list[dict], options: Options, claims: str | None, dest: str, schema,
+    def __init__(self, model, items: list[dict], rows_of: RowsOf, claims: str | None, dest: str, schema,
                  rows_per_file: int, threads: int):  # fmt: skip
-        self.model, self.items, self.options, self.claims = model, items, options, claims
+        self.model, self.items, self.rows_of, self.claims = model, items, rows_of, claims
         self.schema, self.rows_per_file = schema, rows_per_file
         self.filesystem, self.root = _filesystem(dest)
         self.run = uuid.uuid4().hex[:12]
@@ -240,6 +265,12 @@ class HeadStart:
     def set_threads(self, n: int) -> None:
         """Keep only ``n`` threads working (the rest stop after their image)."""
         self.allowed = n
+
+    def wait(self) -> None:
+        """Until every thread has stopped (interruptible: Ctrl-C reaches the caller, which stops them)."""
+        for thread in self.threads:
+            while thread.is_alive():
+                thread.join(0.5)
 
     def finish(self, write: bool = True) -> None:
         """Wait for the threads, then write the remaining rows (none with ``write=False``); re-raise a thread's bug."""
@@ -269,16 +300,16 @@ class HeadStart:
             return None
 
     def _work(self, thread: int) -> None:
-        from .cancel import Cancelled
+        from .methods import Cancelled
 
         try:
             while (item := self._take(thread)) is not None:
                 try:
-                    row = explain_row(self.model, item["image"], item["overlay"], self.options, self.halt.is_set)
+                    rows = self.rows_of(self.model, item, self.halt.is_set)
                 except Cancelled:
                     return  # interrupted: the next run does this image
                 with self.lock:
-                    self.rows += records.rows(row)  # a detector's image: all its rows, in the same file
+                    self.rows.extend(rows)
                     self.explained += 1
                     full = len(self.rows) >= self.rows_per_file
                     rows, self.rows = (self.rows, []) if full else ([], self.rows)
@@ -333,42 +364,70 @@ def run(
     """
     from .model import Model
 
-    _require_extra()
+    require_extra("npcam dataset")
     started = time.monotonic()
     model = Model(model_dir, threads=1)
     options = options.checked(model)
+    # max_side (and boxes) set only how the overlays look, as --overlays sets whether there are any; a classifier's
+    # options are as before detectors came (so that its earlier runs resume)
     detector = model.bundle.task == "detect"
-    stamp = json.loads(
-        json.dumps(
-            {
-                "bundle": bundle_format.digest(model.bundle.meta),
-                "arch": model.bundle.arch,
-                # max_side (and boxes) set only how the overlays look, as --overlays sets whether there are any;
-                # a classifier's options are as before detectors came (so its earlier runs resume)
-                "options": {
-                    k: v
-                    for k, v in asdict(options).items()
-                    if k not in ("max_pixels", "max_side", "boxes") and (detector or k not in DETECTOR_DEFAULTS)
-                },
-                "npcam": __version__.split(".")[0],
-            }
-        )
-    )  # as it reads back from the files' metadata
+    chosen = {
+        k: v
+        for k, v in asdict(options).items()
+        if k not in ("max_pixels", "max_side", "boxes") and (detector or k not in DETECTOR_DEFAULTS)
+    }
+    stamp = make_stamp(model, chosen)
     images = list_images(src)
     done = done_images(dest, stamp)
     todo = [i for i in images if i not in done]
-    summary = {"images": len(images), "already_done": len(images) - len(todo), "explained": 0, "errors": 0}
-    if not todo:
-        summary["seconds"] = time.monotonic() - started
-        return summary
-    if overlays:
+    if overlays and todo:
         root = src if Path(src).is_dir() else None
         jobs = plan_outputs([_input(i, root) for i in todo], overlays.rstrip("/") + "/", per_class=options.top > 1)
         outputs = [str(j.output) for j in jobs]
     else:
         outputs = [""] * len(todo)
     items = [{"image": i, "overlay": o, "index": n} for n, (i, o) in enumerate(zip(todo, outputs))]
-    schema = records.arrow_schema(model.bundle.task).with_metadata({META_KEY: json.dumps(stamp).encode()})
+    schema = partial(records.arrow_schema, model.bundle.task)
+    summary = run_items(model, items, dest, stamp, partial(explain_rows, options), schema, address, actors,
+                        batch_size, rows_per_file, connect_timeout, driver_threads)  # fmt: skip
+    summary.update(images=len(images), already_done=len(images) - len(todo), seconds=time.monotonic() - started)
+    return summary
+
+
+def make_stamp(model, options: dict) -> dict:
+    """What every Parquet file of a run records, and what a resumed run must match: bundle, options, version."""
+    stamp = {"bundle": bundle_format.digest(model.bundle.meta), "arch": model.bundle.arch, "options": options,
+             "npcam": __version__.split(".")[0]}  # fmt: skip
+    return json.loads(json.dumps(stamp))  # as it reads back from the files' metadata
+
+
+def run_items(
+    model,
+    items: list[dict],
+    dest: str,
+    stamp: dict,
+    rows_of: RowsOf,
+    schema: Callable,
+    address: str | None = None,
+    actors: int | None = None,
+    batch_size: int = 16,
+    rows_per_file: int = 1000,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    driver_threads: int | None = None,
+    prog: str = "npcam dataset",
+    unit: str = "img",
+) -> dict:
+    """The engine: turn every item (``{image, index, …}``, ``index`` its position) into rows in ``dest``.
+
+    ``rows_of(model, item, should_stop)`` makes an item's rows (picklable, for Ray's actors);
+    ``schema()`` is their Arrow schema, stored with ``stamp`` in every file. The driver's
+    threads and Ray's actors share the items as :func:`run` describes. Returns the counts:
+    ``explained`` (items with rows), ``errors`` (items with an error row), ``driver``, ``actors``, ``recovered``.
+    """
+    summary = {"explained": 0, "errors": 0, "driver": 0, "actors": 0, "recovered": 0}
+    if not items:
+        return summary
+    schema_with_stamp = schema().with_metadata({META_KEY: json.dumps(stamp).encode()})
     embedded = address is None and not os.environ.get("RAY_ADDRESS")
     cores = os.cpu_count() or 1
     threads = (cores if driver_threads is None else driver_threads) if embedded else 0
@@ -379,20 +438,20 @@ def run(
     if threads == 0 and pool == 0:
         raise NpcamError("no driver threads and no actors: nothing would explain the images")
     if pool != 0 and importlib.util.find_spec("ray") is None:
-        raise NpcamError(NEEDS_RAY)
+        raise NpcamError(needs_ray(prog))
     # The run's own folder on this machine: Ray's session files and the claims, removed at the end.
     work = Path(tempfile.mkdtemp(prefix="npcam-run-", dir="/tmp" if Path("/tmp").is_dir() else None))
     head = None
     if threads > 0:
         (work / "claims").mkdir()
-        head = HeadStart(model, items, options, str(work / "claims"), dest, schema, rows_per_file, threads)
+        head = HeadStart(model, items, rows_of, str(work / "claims"), dest, schema_with_stamp, rows_per_file, threads)
         if pool == 0:
             head.start()
-    shown = _show_progress(len(todo), work / "claims", head) if head else None
+    shown = _show_progress(len(items), work / "claims", head, unit) if head else None
     ray, ray_up = None, False
     try:
         if pool != 0:
-            ray = _start_ray(address, connect_timeout, str(work / "ray"))
+            ray = _start_ray(address, connect_timeout, str(work / "ray"), prog)
             ray_up = True
             if head:
                 # Only now: ray.init forks its processes, and a fork while another thread is inside OpenBLAS
@@ -408,7 +467,7 @@ def run(
             blocks = min(len(rest), max(pool, min(len(rest) // batch_size, 10_000)))
             dataset = ray.data.from_items(rest, override_num_blocks=blocks)
             dataset = dataset.map_batches(
-                explainer_class(str(model.bundle.path), options, head.claims if head else None),
+                worker_class(str(model.bundle.path), rows_of, schema, head.claims if head else None),
                 batch_size=batch_size,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=pool),
@@ -418,8 +477,10 @@ def run(
                 dest,
                 min_rows_per_file=rows_per_file,
                 ray_remote_args={"num_cpus": 0.25},
-                schema=schema,
+                schema=schema_with_stamp,
             )
+        if head:
+            head.wait()  # here, not in finish(): Ctrl-C while waiting stops the threads and keeps their rows
     except BaseException:
         if head:
             head.stop()  # an interrupt or a failed job: finish the images in hand, take no more
@@ -436,21 +497,21 @@ def run(
             if ray is not None and ray_up and address is None:
                 ray.shutdown()
             shutil.rmtree(work, ignore_errors=True)
-    found = _count(dest, set(todo), model.bundle.task)
+    wanted = {item["image"] for item in items}
+    found = _count(dest, wanted, schema)
     missing = [item for item in items if item["image"] not in found["images"]]
     if missing:  # claimed by an actor's attempt that died (Ray retried it and the claim stood): done here
-        HeadStart(model, missing, options, None, dest, schema, rows_per_file, max(1, threads)).start().finish()
-        found = _count(dest, set(todo), model.bundle.task)
-    summary.update(explained=found["explained"], errors=found["errors"], seconds=time.monotonic() - started,
-                   actors=pool or 0, driver=head.explained if head else 0, recovered=len(missing))  # fmt: skip
+        HeadStart(model, missing, rows_of, None, dest, schema_with_stamp, rows_per_file, max(1, threads)).start().finish()
+        found = _count(dest, wanted, schema)
+    summary.update(explained=len(found["images"]), errors=found["errors"], actors=pool or 0,
+                   driver=head.explained if head else 0, recovered=len(missing))  # fmt: skip
     return summary
 
 
-def _show_progress(total: int, claims: Path, head: HeadStart) -> threading.Event | None:
-    """On a terminal, a progress line counting the images taken (by the driver and the actors); set to stop."""
-    progress = Progress()
-    if not progress.stream.isatty():
-        return None
+def _show_progress(total: int, claims: Path, head: HeadStart, unit: str = "img") -> threading.Event | None:
+    """A progress line counting the items taken (by the driver and the actors): on a terminal, updated in
+    place; in a log, a line a minute. Set the event to stop it."""
+    progress = Progress(every=LOG_EVERY)
     stop = threading.Event()
 
     def show():
@@ -459,7 +520,7 @@ def _show_progress(total: int, claims: Path, head: HeadStart) -> threading.Event
                 taken = len(os.listdir(claims))
             except OSError:
                 break
-            progress.show(taken, total, f"({head.explained} in this process)")
+            progress.show(taken, total, f"({head.explained} in this process)", unit=unit)
         progress.clear()
 
     threading.Thread(target=show, daemon=True).start()
@@ -472,31 +533,32 @@ def _input(image: str, root: str | None):
     return Input(Path(image), Path(root) if root else None)
 
 
-def _count(dest: str, wanted: set[str], task: str = "classify") -> dict:
-    """The images of ``wanted`` that ``dest`` has rows for, and how many (a detector's image counts once)."""
+def _count(dest: str, wanted: set[str], schema: Callable = records.arrow_schema) -> dict:
+    """The rows of ``wanted`` images in ``dest``: how many, the images with rows, and those with an error."""
     import pyarrow.dataset as pds
 
     filesystem, root = _filesystem(dest)
-    # The records' schema, not one inferred from whichever file comes first (Ray's and the driver's files)
-    files = pds.dataset(root, filesystem=filesystem, format="parquet", schema=records.arrow_schema(task))
+    # The rows' schema, not one inferred from whichever file comes first (Ray's and the driver's files)
+    files = pds.dataset(root, filesystem=filesystem, format="parquet", schema=schema())
     table = files.to_table(columns=["image", "error"])
-    mine = {i: e for i, e in zip(table.column("image").to_pylist(), table.column("error").to_pylist()) if i in wanted}
-    return {"explained": len(mine), "errors": sum(e is not None for e in mine.values()), "images": set(mine)}
+    mine = [(i, e) for i, e in zip(table.column("image").to_pylist(), table.column("error").to_pylist()) if i in wanted]
+    return {"rows": len(mine), "errors": len({i for i, e in mine if e is not None}), "images": {i for i, _ in mine}}
 
 
-NEEDS_EXTRA = "npcam dataset needs pyarrow: pip install 'npcam[dataset]'"
-NEEDS_RAY = "npcam dataset needs Ray Data and pyarrow: pip install 'npcam[dataset]'"
+def needs_ray(prog: str) -> str:
+    return f"{prog} needs Ray Data and pyarrow: pip install 'npcam[dataset]'"
 
 
-def _require_extra() -> None:
+def require_extra(prog: str) -> None:
     """Refuse at once where pyarrow is not installed (Ray, when a run needs it, is imported while the driver works)."""
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        raise NpcamError(NEEDS_EXTRA) from None
+        raise NpcamError(f"{prog} needs pyarrow: pip install 'npcam[dataset]'") from None
 
 
-def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT, temp: str | None = None):
+def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT, temp: str | None = None,
+               prog: str = "npcam dataset"):
     """Ray in this process (temp dir ``temp`` or a new one, this machine's cores, quiet), or connected to ``address``."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-user local instance: no token warning
     embedded = address is None and not os.environ.get("RAY_ADDRESS")
@@ -509,7 +571,7 @@ def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT, te
         import ray
         import ray.data
     except ImportError:
-        raise NpcamError(NEEDS_RAY) from None
+        raise NpcamError(needs_ray(prog)) from None
 
     if embedded:
         from ray._private import ray_constants
@@ -534,11 +596,11 @@ def _start_ray(address: str | None, connect_timeout: float = CONNECT_TIMEOUT, te
             _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False},
         )
     else:
-        _connect(ray, address or os.environ["RAY_ADDRESS"], connect_timeout)
+        _connect(ray, address or os.environ["RAY_ADDRESS"], connect_timeout, prog)
     return ray
 
 
-def _connect(ray, address: str, timeout: float) -> None:
+def _connect(ray, address: str, timeout: float, prog: str = "npcam dataset") -> None:
     """``ray.init(address)``, bounded: one NpcamError line, or exit 2 once ``timeout`` seconds have passed.
 
     Ray retries an unreachable cluster for minutes, printing its own warnings; a plain TCP connection
@@ -551,7 +613,7 @@ def _connect(ray, address: str, timeout: float) -> None:
     stderr = os.dup(2)
 
     def give_up():
-        os.write(stderr, f"npcam dataset: error: no Ray cluster answered at {address} within {timeout:g} s "
+        os.write(stderr, f"{prog}: error: no Ray cluster answered at {address} within {timeout:g} s "
                  f"(--connect-timeout)\n".encode())  # fmt: skip
         os._exit(2)
 
@@ -589,21 +651,19 @@ def _probe(address: str, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .arguments import (
-        MAX_THREADS,
         OneLineParser,
         add_explanation_options,
-        between,
+        add_ray_options,
         flag_words,
         fraction,
         methods_help,
         options_from,
-        seconds,
     )
 
     p = OneLineParser(
         prog="npcam dataset",
-        description="Explain a whole dataset into Parquet, one row per image (a detector's: one per detection), "
-        "on Ray Data (embedded by default, a cluster with --address).",
+        description="Explain a whole dataset into Parquet, one row per image, on Ray Data "
+        "(embedded by default, a cluster with --address).",
         epilog=methods_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -614,26 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-cam", action="store_true", help="store each map at feature resolution (float16) in its row")
     p.add_argument("--overlays", metavar="DIR", help="also write overlay JPEGs here (off by default at this scale)")
     p.add_argument("--alpha", type=fraction, default=0.5, help="overlay opacity from 0 to 1 (with --overlays)")
-    p.add_argument("--address", help="a Ray cluster: auto or HOST:PORT (default: $RAY_ADDRESS, else Ray in-process)")
-    p.add_argument(
-        "--connect-timeout",
-        type=seconds,
-        default=CONNECT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"give up on a cluster that does not answer within this time (default {CONNECT_TIMEOUT:g})",
-    )
-    p.add_argument("--actors", type=between(1), help="model actors (default: one per CPU of the cluster)")
-    p.add_argument(
-        "--driver-threads",
-        type=between(0, MAX_THREADS),
-        metavar="N",
-        help="embedded Ray: threads of this process that explain images while Ray starts and beside its actors "
-        "(default: one per core; 0: Ray's actors alone)",
-    )
-    p.add_argument("--batch-size", type=between(1), default=16, help="images per actor call (default 16)")
-    p.add_argument(
-        "--rows-per-file", type=between(1), default=1000, help="rows per Parquet file at least (default 1000)"
-    )
+    add_ray_options(p, CONNECT_TIMEOUT, batch_size=16, rows_per_file=1000)
     args = p.parse_args(argv)
     options = options_from(args, alpha=args.alpha, lowres=args.save_cam)
     try:

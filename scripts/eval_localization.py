@@ -1,4 +1,8 @@
-"""Weakly supervised localization with CAM boxes, as in Zhou et al. (2016).
+"""Weakly supervised localization with CAM boxes, as in Zhou et al. (2016), at several box thresholds.
+
+`npcam evaluate` measures every method on every metric; this script sweeps the box rule's threshold
+(docs/methods.md, "Localization on the dev set, and the box threshold"), with npcam evaluate's CSV
+reader and GT-known rule.
 
     python scripts/eval_localization.py MANIFEST ROOT --model DIR [--method NAME] [--threshold T]
         [--keep-aspect] [--size S] [--sweep 0.1,0.2,...] [--subset K/N] [--json FILE]
@@ -20,27 +24,21 @@ The last line is ``n=… top1_cls=… gt_known_loc=… top1_loc=…`` for --thre
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import npcam
-from npcam.boxes import DEFAULT_THRESHOLD, cam_box, iou, parse_threshold
+from npcam import annotations
+from npcam.boxes import DEFAULT_THRESHOLD, cam_box, parse_threshold
+from npcam.localization import IOU, best_iou
 
-IOU = 0.5
 
-
-def read_manifest(manifest: Path, root: Path) -> list[tuple[Path, int, list[tuple[int, int, int, int]]]]:
-    """Rows with boxes, as (image path, label, boxes)."""
-    rows = []
-    with open(manifest, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            boxes = [tuple(int(float(v)) for v in b.split(",")) for b in row["bboxes_xyxy"].split(";") if b.strip()]
-            if boxes:
-                rows.append((root / row["file"], int(row["imagenet_index"].split("|")[0]), boxes))
-    return rows
+def read_manifest(manifest: Path, root: Path, labels) -> list[tuple[Path, int, list[tuple[int, int, int, int]]]]:
+    """Rows with a class and boxes, as (image path, label, boxes), read by npcam evaluate's CSV reader."""
+    found = annotations.read(manifest, labels)
+    return [(root / key, a.label, list(a.boxes)) for key, a in found.by_path.items() if a.label is not None and a.boxes]
 
 
 def evaluate(
@@ -58,8 +56,7 @@ def evaluate(
                 top1 += correct
                 cam = model.cam(pred, label, size=pred.image.shape[:2], method=method)
                 for t in thresholds:
-                    box = cam_box(cam, t)
-                    found = box is not None and max(iou(box, g) for g in gt_boxes) >= IOU
+                    found = best_iou(cam_box(cam, t), gt_boxes) >= IOU
                     hits[t]["gt_known_loc"] += found
                     hits[t]["top1_loc"] += found and correct  # the top-1 CAM is the label's CAM
             if sys.stderr.isatty():
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         model = npcam.load(args.model)
-        rows = read_manifest(args.manifest, args.root)
+        rows = read_manifest(args.manifest, args.root, model.labels)
         if args.subset:
             k, n = (int(v) for v in args.subset.split("/"))
             rows = rows[k::n]

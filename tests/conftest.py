@@ -367,3 +367,31 @@ def http(url: str, body: bytes | None = None, headers: dict | None = None, metho
             return response.status, response.headers.get("content-type", ""), response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.headers.get("content-type", ""), e.read()
+
+
+def chromium_here() -> bool:
+    """Whether Debian's Chromium and its ChromeDriver are installed (the browser tests skip without them)."""
+    import shutil
+
+    return bool((shutil.which("chromium") or shutil.which("chromium-browser")) and shutil.which("chromedriver"))
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven by Selenium (for the serve page and the evaluate report)."""
+    import shutil
+
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads")})
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()

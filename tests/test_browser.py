@@ -17,19 +17,16 @@ example, fails them. Skips with a message where no browser can be had.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE, SAMPLES, Server
+from conftest import SAMPLE, SAMPLES, Server, chromium_here
 from PIL import Image
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (it is in the test extra)")
+pytest.importorskip("selenium.webdriver", reason="selenium is not installed (it is in the test extra)")
 pytest.importorskip("starlette", reason="npcam serve needs the serve extra: pip install '.[serve]'")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-if not (CHROMIUM and CHROMEDRIVER):
+if not chromium_here():
     pytest.skip("no Chromium and ChromeDriver here (apt-get install chromium chromium-driver)", allow_module_level=True)
 
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -44,21 +41,6 @@ def server(bundle):
     running = Server(bundle)
     yield running
     running.stop()
-
-
-@pytest.fixture
-def browser(tmp_path):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
-        options.add_argument(flag)
-    options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads")})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
 
 
 # The heat map's pixels as the page shows them, summed per channel: changes when the picture does.

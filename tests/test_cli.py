@@ -327,6 +327,20 @@ def test_progress_line_shows_count_rate_and_time_left():
     assert screen.getvalue().endswith("\r\x1b[K")
 
 
+def test_progress_in_a_log_is_a_plain_line_at_most_every_so_often():
+    """Where stderr is a file (a run in the background), lines instead of a redrawn line, spaced in time."""
+    log = io.StringIO()
+    progress = Progress(log, every=60.0)
+    progress.start -= 120.0
+    progress.logged -= 61.0
+    progress.show(3, 300, "(3 in this process)", unit="photos")
+    progress.show(4, 300, "(4 in this process)", unit="photos")  # within the minute: not written
+    assert log.getvalue() == "[3/300] 0.025 photos/s, 3:18:00 left  (3 in this process)\n"
+    quiet = io.StringIO()
+    Progress(quiet).show(3, 300, "x")  # the CLI's: nothing at all where stderr is not a terminal
+    assert quiet.getvalue() == ""
+
+
 def test_runs_with_torch_unimportable(bundle, tmp_path):
     """The runtime must work where torch is not installed: make `import torch` fail."""
     blocker = tmp_path / "block"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 from conftest import PHOTOS, REPO, synthetic_image
@@ -197,7 +198,8 @@ def test_the_driver_and_the_actors_share_the_list_without_overlap(bundle, tmp_pa
     options = Options(bbox=True).checked(model)
     dest = tmp_path / "rows"
     schema = record.arrow_schema().with_metadata({b"npcam": b"{}"})
-    head = dataset.HeadStart(model, items, options, str(claims), str(dest), schema, rows_per_file=7, threads=2)
+    head = dataset.HeadStart(model, items, partial(dataset.explain_rows, options), str(claims), str(dest), schema,
+                             rows_per_file=7, threads=2)
     actor = dataset.explainer_class(str(bundle), options, str(claims))()
     head.start()
     actor_rows = []

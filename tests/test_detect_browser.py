@@ -21,7 +21,7 @@ import tiny_detector as td
 from conftest import SAMPLE, Server, http
 from PIL import Image
 
-browser, settled, PIXELS = test_browser.browser, test_browser.settled, test_browser.PIXELS  # browser: the fixture
+settled, PIXELS = test_browser.settled, test_browser.PIXELS  # the browser fixture is conftest's
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402

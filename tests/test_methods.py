@@ -1,4 +1,4 @@
-"""The explanation methods and faithfulness metrics, against TorchCAM and independent torch references.
+"""The explanation methods, against TorchCAM and independent torch references (the metrics: test_metrics_parity.py).
 
 Maps are compared as npcam shows them: ReLU, then divided by the max (TorchCAM
 min-max normalizes, and its CAM skips the ReLU, so its raw maps are taken with
@@ -9,7 +9,6 @@ maps computed from the same features; 1e-4 where torch computes the features.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from functools import partial
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from conftest import PHOTOS, record
 from references import torch_eigen_cam
 
 import npcam
-import npcam.metrics
 from export.from_torch import Trunk
 from npcam import methods
 from npcam.cam import normalize, weighted_maps
@@ -26,7 +24,6 @@ from npcam.methods.ablation import ablation_weights
 
 torchcam = pytest.importorskip("torchcam", reason="TorchCAM (in the test extra) is the reference for these tests")
 from torchcam import methods as tc  # noqa: E402
-from torchcam.metrics import ClassificationMetric, DeletionInsertionMetric  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -190,53 +187,6 @@ def test_method_names_and_aliases(model, preds):
     assert methods.resolve("gradcam++", kind).name == "gradcampp" and methods.resolve("GradCAM", kind).name == "gradcam"
     with pytest.raises(npcam.NpcamError, match="unknown method 'nope'; choose one of cam, gradcam"):
         methods.resolve("nope", kind)
-
-
-# Metrics, against TorchCAM's implementations fed the same maps
-
-
-class Given:
-    """A stand-in TorchCAM extractor that returns given maps, so only the metrics' arithmetic is compared."""
-
-    def __init__(self, model, maps):
-        self.model, self.maps = model, maps
-
-    def __call__(self, class_idx=None, scores=None, normalized=True, **kwargs):
-        return [self.maps]
-
-    def fuse_cams(self, cams):
-        return cams[0]
-
-    def _hooks_off(self):
-        return nullcontext()
-
-
-@pytest.mark.parametrize("method, photo", [("cam", 0), ("layercam", 1), ("eigencam", 2)])
-def test_metrics_match_torchcam(method, photo, model, classifier):
-    for pred in [model.predict(PHOTOS[photo], size=128)]:
-        cam = model.cam(pred, pred.top1, method=method)
-        x = torch.from_numpy(pred.input)
-        given = Given(classifier, torch.from_numpy(cam)[None])
-        theirs = ClassificationMetric(given, partial(torch.softmax, dim=-1))
-        with torch.no_grad():
-            theirs.update(x, class_idx=pred.top1)
-        drop, increase = npcam.metrics.confidence_change(model, pred, cam, pred.top1)
-        assert drop == pytest.approx(theirs.summary()["avg_drop"], abs=1e-4)
-        assert float(increase) == theirs.summary()["conf_increase"]
-        curves = DeletionInsertionMetric(given, partial(torch.softmax, dim=-1), steps=20)
-        with torch.no_grad():
-            curves.update(x, class_idx=pred.top1)
-        deletion, insertion = npcam.metrics.deletion_insertion(model, pred, cam, pred.top1)
-        assert record("deletion AUC vs TorchCAM, abs", abs(deletion - curves.summary()["deletion_auc"])) <= 1e-4
-        assert record("insertion AUC vs TorchCAM, abs", abs(insertion - curves.summary()["insertion_auc"])) <= 1e-4
-
-
-def test_deletion_ranks_ties_in_raster_order():
-    """Ties are broken in raster order, as torch's stable descending argsort does."""
-    full = np.zeros((4, 5), np.float32)
-    full[2, 3] = 1.0
-    want = torch.argsort(torch.argsort(torch.from_numpy(full).flatten(), descending=True, stable=True))
-    np.testing.assert_array_equal(npcam.metrics._ranks(full), want.numpy())
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,11 @@ def lite0(tmp_path_factory):
     return npcam.load(run("efficientnet_lite0", tmp_path_factory.mktemp("lite") / "efficientnet_lite0"))
 
 
-def manifest_rows():
+def manifest_rows(labels):
     sys.path.insert(0, str(REPO / "scripts"))
     from eval_localization import read_manifest
 
-    return read_manifest(EVAL / "manifest.csv", EVAL)
+    return read_manifest(EVAL / "manifest.csv", EVAL, labels)
 
 
 def test_cat_is_a_cat(lite0):
@@ -50,7 +50,7 @@ def test_coffee_is_espresso_or_a_cup(lite0):
 @needs_eval
 def test_cam_peak_lies_in_the_object_box(lite0):
     """Over the annotated dev images the model gets right, the top-1 CAM peaks inside a box."""
-    rows = manifest_rows()
+    rows = manifest_rows(lite0.labels)
     preds = lite0.predict([p for p, _, _ in rows])
     inside = []
     for (_, label, boxes), pred in zip(rows, preds):

@@ -1,0 +1,537 @@
+"""``npcam evaluate``: which method suits this model and these photos? Every method on every metric, with a report.
+
+    npcam evaluate PHOTOS --model DIR --out DEST [--annotations FILE|DIR] [--methods all|a,b,…]
+
+Each photo is explained once per method through the one pipeline
+(:func:`npcam.explain`, then :meth:`npcam.Model.cam` for each method) and
+scored by the plain metric functions of :mod:`npcam.localization` (against
+the photo's annotated class and boxes, :mod:`npcam.annotations`) and
+:mod:`npcam.metrics` (on the top-1 class, every photo). The rows, one per
+photo and method, go to Parquet in DEST through the engine of
+:mod:`npcam.dataset` (resumable, Ray with ``--address``); then a Markdown table
+with bootstrap confidence intervals goes to stdout and a self-contained HTML
+report (:mod:`npcam.report`) beside DEST. The metrics' definitions are in
+docs/methods.md, the command in docs/dataset-and-serve.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, metrics
+from . import localization as loc
+from .annotations import Annotation, Annotations
+from .errors import NpcamError
+from .explain import Explanation, Options, explain
+from .methods import METHODS, Cancelled, allows, default_name, resolve
+from .upsample import upsample
+
+PROG = "npcam evaluate"
+BOOTSTRAP = 1000  # resamples of the photos for the 95% intervals
+SAMPLES = 8  # photos in the report's grid
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run computes (all of it is in the Parquet files' stamp: a resumed run must match it).
+
+    ``options`` come from :meth:`Options.checked` (the box ``threshold``, the input ``size`` and
+    ``keep_aspect``, ``max_pixels``); ``methods`` are method names.
+    """
+
+    options: Options
+    methods: tuple[str, ...]
+    steps: int = metrics.STEPS
+    road_percents: tuple[int, ...] = metrics.ROAD_PERCENTS
+    road_noise: float = metrics.ROAD_NOISE
+    seed: int = 0
+
+
+def arrow_schema():
+    """The rows' schema: one row per photo and method, or ``{image, error}`` for a photo that failed."""
+    import pyarrow as pa
+
+    floats = pa.list_(pa.float32())
+    return pa.schema(
+        [
+            ("image", pa.string()),
+            ("method", pa.string()),
+            ("error", pa.string()),
+            ("width", pa.int64()),
+            ("height", pa.int64()),
+            ("label", pa.int64()),  # the annotated class (None: not annotated)
+            ("top1", pa.int64()),
+            ("top1_score", pa.float64()),
+            ("correct", pa.bool_()),  # top-1 == label
+            ("boxes", pa.list_(pa.list_(pa.int64()))),  # the annotated boxes of the label
+            ("box", pa.list_(pa.int64())),  # the label's map's box at the box rule in use
+            ("gt_known", pa.bool_()),
+            ("top1_loc", pa.bool_()),
+            ("box_ious", floats),  # MaxBoxAccV2's term at each threshold
+            ("pointing", pa.bool_()),
+            ("energy", pa.float64()),
+            ("drop", pa.float64()),
+            ("increase", pa.bool_()),
+            ("deletion", pa.float64()),
+            ("insertion", pa.float64()),
+            ("deletion_curve", floats),
+            ("insertion_curve", floats),
+            ("road_morf", floats),
+            ("road_lerf", floats),
+            ("ms", pa.float64()),  # the method's time for its maps of this photo
+            ("lowres", pa.struct([("shape", pa.list_(pa.int64())), ("values", pa.list_(pa.float16()))])),
+        ]
+    )
+
+
+def photo_rows(settings: Settings, model, item: dict, should_stop=None) -> list[dict]:
+    """One photo's rows, one per method, or its one error row. The engine's work (:func:`npcam.dataset.run_items`).
+
+    ``item`` is ``{image, index, label, boxes, error}``: ``label`` -1 for none, ``boxes`` JSON, ``error``
+    an annotation's error or "". :class:`npcam.methods.Cancelled` passes through (``should_stop``).
+    """
+    from .dataset import read_bytes
+    from .record import error
+
+    photo = item["image"]
+    if item.get("error"):
+        return [error(photo, item["error"])]
+    label = int(item["label"]) if int(item["label"]) >= 0 else None
+    truth = [tuple(b) for b in json.loads(item["boxes"] or "[]")]
+    try:
+        first = explain(model, read_bytes(photo), replace(settings.options, method=default_name(model.head.kind)),
+                        name=photo, pixels=False, should_stop=should_stop)  # fmt: skip
+        return _score_photo(settings, model, photo, first, label, truth, should_stop)
+    except NpcamError as e:
+        return [error(photo, str(e))]
+    except (OSError, MemoryError) as e:
+        return [error(photo, f"{photo}: {type(e).__name__}: {e}")]
+
+
+def _score_photo(settings, model, photo, first: Explanation, label, truth, should_stop) -> list[dict]:
+    from .record import lowres
+
+    prediction = first.prediction
+    top1 = prediction.top1
+    classes = [label, top1] if label is not None and label != top1 else [top1]
+    x = prediction.input[0]
+    height, width = prediction.size
+    original = float(model.probabilities(prediction.logits.astype(np.float64))[top1])
+    score = _stoppable(metrics.probability(model, top1), should_stop)
+    rows, faithful = [], {}  # faithful: the top-1 maps' digests -> their methods (equal maps, measured once)
+    for method in settings.methods:
+        started = time.perf_counter()
+        maps = model.cam(prediction, classes, method=method, should_stop=should_stop)
+        ms = (time.perf_counter() - started) * 1000
+        explanation = Explanation(photo, prediction, method, classes, maps, first.layer)
+        row = {"image": photo, "method": method, "error": None, "width": width, "height": height, "label": label,
+               "top1": top1, "top1_score": float(prediction.probs[top1]), "ms": ms,
+               "lowres": lowres(maps[0])}  # fmt: skip
+        if label is not None:
+            row["correct"] = top1 == label
+        if label is not None and truth:
+            row.update(_localize(explanation, truth, settings.options.threshold, top1 == label))
+        top_map = maps[classes.index(top1)]
+        faithful.setdefault(hashlib.blake2b(top_map.tobytes(), digest_size=16).digest(), (top_map, []))[1].append(row)
+        rows.append(row)
+    unique = [m for m, _ in faithful.values()]
+    full = np.stack([upsample(m, x.shape[1:]) for m in unique])
+    drop, increase = metrics.confidence_change(x, full, score, original)
+    curves = metrics.deletion_insertion(x, full, score, settings.steps, original)
+    deletion, insertion = curves.areas()
+    for i, (lowmap, members) in enumerate(faithful.values()):
+        # The ROAD noise and tie order are drawn from the input and the map, so a resumed run draws the same.
+        seed = int.from_bytes(hashlib.blake2b(x.tobytes() + lowmap.tobytes(), digest_size=8).digest(), "little")
+        rng = np.random.default_rng([settings.seed, seed])
+        morf, lerf = metrics.road(x, full[i : i + 1], score, settings.road_percents, settings.road_noise, rng)
+        for row in members:
+            row.update(drop=float(drop[i]), increase=bool(increase[i]), deletion=float(deletion[i]),
+                       insertion=float(insertion[i]), deletion_curve=curves.deletion[i].tolist(),
+                       insertion_curve=curves.insertion[i].tolist(), road_morf=morf[0].tolist(),
+                       road_lerf=lerf[0].tolist())  # fmt: skip
+    return rows
+
+
+def _localize(explanation: Explanation, truth: list, threshold, correct: bool) -> dict:
+    """The localization terms of the label's map (map 0) against its boxes, at the photo's size."""
+    full = explanation.full(0)
+    box = explanation.box(0, threshold)
+    gt_known = loc.best_iou(box, truth) >= loc.IOU
+    return {
+        "boxes": [list(b) for b in truth],
+        "box": list(box) if box else None,
+        "gt_known": gt_known,
+        "top1_loc": gt_known and correct,
+        "box_ious": loc.box_ious(full, truth).astype(np.float32).tolist(),
+        "pointing": loc.pointing_hit(full, truth),
+        "energy": loc.energy_in_boxes(full, truth),
+    }
+
+
+def _stoppable(score: metrics.Score, should_stop) -> metrics.Score:
+    """``score``, checking ``should_stop`` before each batch: Ctrl-C reaches a photo between its passes."""
+
+    def checked(inputs: np.ndarray) -> np.ndarray:
+        if should_stop is not None and should_stop():
+            raise Cancelled
+        return score(inputs)
+
+    return checked
+
+
+# The summary: per method and metric, the estimate over the photos and a bootstrap interval.
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    name: str
+    better: str  # "higher" or "lower"
+    percent: bool = False
+    localization: bool = False  # over the photos with boxes (else: every photo)
+
+
+METRICS = (
+    Metric("top1_loc", "Top-1 Loc", "higher", True, True),
+    Metric("gt_known", "GT-known Loc", "higher", True, True),
+    Metric("maxboxacc", "MaxBoxAccV2", "higher", True, True),
+    Metric("pointing", "Pointing game", "higher", True, True),
+    Metric("energy", "Energy pointing", "higher", False, True),
+    Metric("drop", "Average Drop", "lower", True),
+    Metric("increase", "Increase in Confidence", "higher", True),
+    Metric("deletion", "Deletion AUC", "lower"),
+    Metric("insertion", "Insertion AUC", "higher"),
+    Metric("road_morf", "ROAD MoRF", "lower"),
+    Metric("road_lerf", "ROAD LeRF", "higher"),
+    Metric("road", "ROAD", "higher"),
+)
+
+
+@dataclass
+class Summary:
+    """What the table and the report show. ``values[method][key] = (estimate, low, high)`` (None: no photos)."""
+
+    methods: list[str]
+    photos: int
+    located: int  # photos with boxes
+    top1: float | None  # classification accuracy on the labelled photos
+    values: dict[str, dict[str, tuple[float, float, float] | None]]
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # mean curves per method
+    fractions: list[float] = field(default_factory=list)  # the deletion and insertion curves' x
+    errors: list[str] = field(default_factory=list)
+    ms: dict[str, float] = field(default_factory=dict)  # median ms per photo of each method
+
+
+def summarize(rows: list[dict], methods: list[str], photos: list[str], resamples: int = BOOTSTRAP,
+              seed: int = 0) -> Summary:  # fmt: skip
+    """The summary of the rows of ``photos``: estimates and 95% percentile-bootstrap intervals over photos.
+
+    Every method is scored on the same photos: those with a row for every method. A bootstrap
+    resample draws photos with replacement (the same draws for every method); a localization
+    metric takes the drawn photos that have boxes.
+    """
+    by_photo: dict[str, dict[str, dict]] = {}
+    errors = []
+    for row in rows:
+        if row.get("error"):
+            errors.append(row["error"])
+        elif row["method"] in methods:
+            by_photo.setdefault(row["image"], {})[row["method"]] = row
+    kept = [p for p in photos if len(by_photo.get(p, {})) == len(methods)]
+    n = len(kept)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(np.float64) if n else np.zeros((0, 0))
+    located = np.array([by_photo[p][methods[0]].get("box_ious") is not None for p in kept], dtype=bool)
+    labelled = [by_photo[p][methods[0]] for p in kept if by_photo[p][methods[0]].get("label") is not None]
+    summary = Summary(list(methods), n, int(located.sum()),
+                      float(np.mean([r["correct"] for r in labelled])) if labelled else None, {}, errors=errors)  # fmt: skip
+    for method in methods:
+        mine = [by_photo[p][method] for p in kept]
+        summary.values[method] = values = {}
+
+        def per_photo(key, mine=mine):
+            return np.array([np.nan if r.get(key) is None else float(r[key]) for r in mine])
+
+        road_morf = np.array([np.mean(r["road_morf"]) for r in mine]) if n else np.zeros(0)
+        road_lerf = np.array([np.mean(r["road_lerf"]) for r in mine]) if n else np.zeros(0)
+        columns = {key: per_photo(key) for key in ("top1_loc", "gt_known", "pointing", "energy", "drop", "increase",
+                                                    "deletion", "insertion")}  # fmt: skip
+        columns.update(road_morf=road_morf, road_lerf=road_lerf, road=(road_lerf - road_morf) / 2)
+        for key, v in columns.items():
+            values[key] = _mean_interval(v, weights)
+        ious = np.array([r["box_ious"] for r, ok in zip(mine, located) if ok], dtype=np.float64)
+        values["maxboxacc"] = _maxboxacc_interval(ious, weights[:, located]) if located.any() else None
+        summary.ms[method] = float(np.median([r["ms"] for r in mine])) if n else float("nan")
+        if n:
+            summary.fractions = list(np.linspace(0, 1, len(mine[0]["deletion_curve"])))
+            summary.curves[method] = {
+                "deletion": np.mean([r["deletion_curve"] for r in mine], axis=0).tolist(),
+                "insertion": np.mean([r["insertion_curve"] for r in mine], axis=0).tolist(),
+                "road_morf": np.mean([r["road_morf"] for r in mine], axis=0).tolist(),
+                "road_lerf": np.mean([r["road_lerf"] for r in mine], axis=0).tolist(),
+            }
+            if located.any():
+                summary.curves[method]["boxacc"] = loc.box_accuracy(ious).tolist()
+    return summary
+
+
+def _mean_interval(v: np.ndarray, weights: np.ndarray) -> tuple[float, float, float] | None:
+    """The mean of the defined values, and the 2.5 and 97.5 percentiles of its bootstrap resamples."""
+    ok = ~np.isnan(v)
+    if not ok.any():
+        return None
+    w = weights[:, ok]
+    drawn = w.sum(axis=1)
+    means = (w @ v[ok])[drawn > 0] / drawn[drawn > 0]
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(v[ok].mean()), float(low), float(high)
+
+
+def _maxboxacc_interval(ious: np.ndarray, weights: np.ndarray) -> tuple[float, float, float]:
+    """MaxBoxAccV2 and its bootstrap interval: each resample takes its own best threshold per IoU level."""
+    drawn = weights.sum(axis=1)
+    weights = weights[drawn > 0] / drawn[drawn > 0, None]
+    accuracy = np.stack([weights @ (ious >= level) for level in loc.MAXBOXACC_IOUS])  # [levels, B, T]
+    resampled = accuracy.max(axis=2).mean(axis=0)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return loc.max_box_acc_v2(ious), float(low), float(high)
+
+
+def cell(metric: Metric, value: tuple[float, float, float] | None) -> str:
+    """A table cell: the estimate and its 95% interval (percent points for rates)."""
+    if value is None:
+        return "–"
+    scale, digits = (100, 1) if metric.percent else (1, 3)
+    estimate, low, high = (v * scale for v in value)
+    return f"{estimate:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def markdown(summary: Summary) -> str:
+    """The summary as a Markdown table: methods as rows, metrics as columns, best of each column in bold."""
+    shown = [m for m in METRICS if any(summary.values[x].get(m.key) for x in summary.methods)]
+    best = {}
+    for m in shown:
+        estimates = [summary.values[x][m.key][0] for x in summary.methods if summary.values[x].get(m.key)]
+        best[m.key] = (max if m.better == "higher" else min)(estimates)
+    head = "| method | " + " | ".join(f"{m.name} {'↑' if m.better == 'higher' else '↓'}" for m in shown) + " |"
+    lines = [head, "|---" * (len(shown) + 1) + "|"]
+    for method in summary.methods:
+        cells = []
+        for m in shown:
+            value = summary.values[method].get(m.key)
+            text = cell(m, value)
+            cells.append(f"**{text}**" if value and value[0] == best[m.key] else text)
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe_run(summary: Summary, arch: str) -> str:
+    top1 = f", top-1 classification {summary.top1:.1%}" if summary.top1 is not None else ""
+    return (
+        f"{arch}: {summary.photos} photos ({summary.located} with boxes{top1}); localization on the annotated "
+        "class, faithfulness on the top-1 class; 95% bootstrap intervals over photos; ↑ higher is better, ↓ lower"
+    )
+
+
+# The command line
+
+
+def spread(items: list, limit: int | None) -> list:
+    """``limit`` items spread over the list, in list order; all of them without a limit.
+
+    They are the first ``limit`` positions in bit-reversed order (0, 1/2, 1/4, 3/4, 1/8, …
+    of the list), so a larger limit keeps the items of a smaller one: a run resumed with
+    a larger ``--limit`` adds photos to those it has.
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    bits = max(1, (len(items) - 1).bit_length())
+    order = sorted(range(len(items)), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+    return [items[i] for i in sorted(order[:limit])]
+
+
+def method_names(text: str, head_kind: str) -> tuple[str, ...]:
+    """``all`` (every method this head takes), or comma-separated names, resolved and checked."""
+    if text.strip().lower() == "all":
+        return tuple(name for name, m in METHODS.items() if allows(m, head_kind))
+    names = [resolve(name.strip(), head_kind).name for name in text.split(",") if name.strip()]
+    if not names:
+        raise NpcamError("methods: name at least one method, or 'all'")
+    return tuple(dict.fromkeys(names))
+
+
+def cpu_name() -> str:
+    """This machine's CPU model, for the report (``platform`` where /proc/cpuinfo says nothing)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def read_rows(dest: str, photos: list[str]) -> list[dict]:
+    """The rows of ``photos`` that ``dest`` holds."""
+    import pyarrow.dataset as pds
+
+    from .dataset import _filesystem
+
+    filesystem, root = _filesystem(dest)
+    table = pds.dataset(root, filesystem=filesystem, format="parquet", schema=arrow_schema()).to_table()
+    wanted = set(photos)
+    return [row for row in table.to_pylist() if row["image"] in wanted]
+
+
+def default_report(dest: str) -> str:
+    """The report's default path: ``DEST.html`` beside a local DEST; for a URI, its last part in this folder."""
+    return dest.rstrip("/") + ".html" if "://" not in dest else dest.rstrip("/").rsplit("/", 1)[-1] + ".html"
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import annotations as annotation_files
+    from .dataset import done_images, list_images, make_stamp, require_extra, run_items
+    from .model import Model
+    from .report import write_report
+
+    require_extra(PROG)
+    model = Model(args.model, threads=1)
+    options = Options(threshold=args.threshold, keep_aspect=args.keep_aspect, size=args.size,
+                      max_pixels=args.max_pixels).checked(model)  # fmt: skip
+    settings = Settings(options, method_names(args.methods, model.head.kind), seed=args.seed)
+    photos = spread(list_images(args.src), args.limit)
+    if not photos:
+        raise NpcamError(f"{args.src}: no photos")
+    root = args.src if os.path.isdir(args.src) else None
+    found: list[Annotation | None] = [None] * len(photos)
+    digest = None
+    if args.annotations:
+        annotations: Annotations = annotation_files.read(args.annotations, model.labels, args.classes)
+        for warning in annotations.warnings:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        found, unmatched = annotations.match(photos, root)
+        if unmatched and args.limit is None:
+            print(f"{PROG}: {len(unmatched)} annotated photo(s) are not among the photos (e.g. {unmatched[0]})",
+                  file=sys.stderr)  # fmt: skip
+        digest = hashlib.sha256(json.dumps([sorted(annotations.by_path.items()), sorted(annotations.by_stem.items())],
+                                           default=asdict).encode()).hexdigest()[:16]  # fmt: skip
+    settings_stamp = {**asdict(settings), "options": {k: v for k, v in asdict(options).items() if k != "max_pixels"},
+                      "annotations": digest}  # fmt: skip
+    stamp = make_stamp(model, settings_stamp)
+    done = done_images(args.out, stamp)
+    items = []
+    for photo, entry in zip(photos, found):
+        if photo in done:
+            continue
+        entry = entry or Annotation()
+        items.append({"image": photo, "index": len(items), "label": -1 if entry.label is None else entry.label,
+                      "boxes": json.dumps([list(b) for b in entry.boxes]), "error": entry.error or ""})  # fmt: skip
+    started = time.monotonic()
+    outcome = run_items(model, items, args.out, stamp, partial(photo_rows, settings), arrow_schema, args.address,
+                        args.actors, args.batch_size, args.rows_per_file, args.connect_timeout, args.driver_threads,
+                        PROG, "photos")  # fmt: skip
+    print(f"{len(photos)} photos: {len(photos) - len(items)} already in {args.out}, {outcome['explained']} evaluated "
+          f"now ({outcome['errors']} failed) in {time.monotonic() - started:.1f} s", file=sys.stderr)  # fmt: skip
+    rows = read_rows(args.out, photos)
+    summary = summarize(rows, list(settings.methods), photos, args.bootstrap, args.seed)
+    for message in summary.errors:
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+    if not summary.photos:
+        raise NpcamError("no photo could be evaluated")
+    print(describe_run(summary, model.bundle.arch))
+    print()
+    print(markdown(summary))
+    report = args.report or default_report(args.out)
+    context = {"command": shlex.join(["npcam", "evaluate", *args.argv]),
+               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_name(),
+               "npcam": __version__, "arch": model.bundle.arch, "threshold": str(options.threshold)}  # fmt: skip
+    write_report(report, summary, rows, context, args.samples)
+    print(f"{PROG}: report -> {report}", file=sys.stderr)
+    return 0
+
+
+def parse_args(argv: list[str] | None):
+    from .arguments import (
+        OneLineParser,
+        add_input_options,
+        add_ray_options,
+        add_threshold_option,
+        between,
+        methods_help,
+    )
+    from .dataset import CONNECT_TIMEOUT
+    from .image import MAX_PIXELS
+
+    p = OneLineParser(
+        prog=PROG,
+        description="Measure every explanation method on a folder of photos: localization against annotated boxes, "
+        "faithfulness for every photo. Rows go to Parquet in DEST (re-runs resume), a table with 95% intervals "
+        "to stdout, an HTML report beside DEST. Needs the dataset extra (pyarrow; Ray for --address).",
+        epilog=methods_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="PHOTOS", help="a folder of photos (searched recursively), a glob or a list file")
+    p.add_argument("--model", "-m", required=True, help="model bundle directory")
+    p.add_argument("--out", required=True, metavar="DEST", help="Parquet directory (local or URI); re-runs resume")
+    p.add_argument("--annotations", metavar="FILE|DIR",
+                   help="boxes and classes: a CSV (file, class, bboxes_xyxy), a COCO JSON, or VOC/ILSVRC XML "
+                   "(a folder or one file); paths in a CSV or COCO file are relative to PHOTOS")  # fmt: skip
+    p.add_argument("--classes", metavar="MAP", help="annotated class names to the model's classes: a JSON object, "
+                   "or a text file whose line i names class i (e.g. LOC_synset_mapping.txt)")  # fmt: skip
+    p.add_argument("--methods", default="all", help="comma-separated method names, or all (default)")
+    add_threshold_option(p)
+    add_input_options(p)
+    p.add_argument("--max-pixels", type=between(1), default=MAX_PIXELS,
+                   help=f"refuse larger images (default {MAX_PIXELS:,})")  # fmt: skip
+    p.add_argument("--limit", type=between(1), metavar="N", help="only N photos, spread evenly over the list")
+    p.add_argument("--bootstrap", type=between(10), default=BOOTSTRAP, metavar="B",
+                   help=f"bootstrap resamples for the intervals (default {BOOTSTRAP})")  # fmt: skip
+    p.add_argument("--seed", type=between(0), default=0, help="seed of ROAD's noise and of the bootstrap (default 0)")
+    p.add_argument("--samples", type=between(0), default=SAMPLES, metavar="K",
+                   help=f"photos in the report's grid of photos x methods (default {SAMPLES})")  # fmt: skip
+    p.add_argument("--report", metavar="HTML", help="the report's path (default: DEST.html)")
+    add_ray_options(p, CONNECT_TIMEOUT, batch_size=1, rows_per_file=100)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the report
+    return args
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    from .arguments import flag_words
+
+    args = parse_args(argv)
+    # SIGTERM (a batch system's stop, `kill`) ends the run as Ctrl-C does: the photos finished are written.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run(args)
+    except NpcamError as e:
+        print(f"{PROG}: error: {flag_words(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the photos finished are saved: run the same command again to finish",
+              file=sys.stderr)  # fmt: skip
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
