@@ -30,13 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, metrics
 from . import localization as loc
+from . import metrics
 from .annotations import Annotation, Annotations
+from .cancel import Cancelled
 from .errors import NpcamError
 from .explain import Explanation, Options, explain
-from .methods import METHODS, Cancelled, allows, default_name, resolve
+from .methods import METHODS, allows, resolve
 from .upsample import upsample
+from .version import __version__
 
 PROG = "npcam evaluate"
 BOOTSTRAP = 1000  # resamples of the photos for the 95% intervals
@@ -111,7 +113,7 @@ def photo_rows(settings: Settings, model, item: dict, should_stop=None) -> list[
     label = int(item["label"]) if int(item["label"]) >= 0 else None
     truth = [tuple(b) for b in json.loads(item["boxes"] or "[]")]
     try:
-        first = explain(model, read_bytes(photo), replace(settings.options, method=default_name(model.head.kind)),
+        first = explain(model, read_bytes(photo), replace(settings.options, method=model.default_method),
                         name=photo, pixels=False, should_stop=should_stop)  # fmt: skip
         return _score_photo(settings, model, photo, first, label, truth, should_stop)
     except NpcamError as e:

@@ -35,7 +35,6 @@ from .errors import NpcamError
 from .files import Job, save_array, save_image
 from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, rgbx_base
 from .labels import class_index
-from .methods import default_name, resolve
 from .model import Model, Prediction
 from .upsample import upsample
 
@@ -113,7 +112,7 @@ class Options:
             self,
             size=size,
             classes=tuple(class_index(model.labels, c) for c in self.classes),
-            method=resolve(self.method, model.head.kind, model.bundle.path).name,
+            method=model.method(self.method).name,
         )
 
     def _check_detection_fields(self, detector: bool) -> None:
@@ -228,7 +227,7 @@ def explain(
         fit = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
         rgb = read_photo(pil.resize(fit, Image.BILINEAR, reducing_gap=REDUCING_GAP))[1]
     prediction = model.classify([rgb], [x], [size], thresholds=options.thresholds)[0]
-    method = options.method or default_name(model.head.kind)
+    method = options.method or model.default_method
     if prediction.detections is not None:
         chosen = _chosen_detections(prediction, options, label)
         if chosen:

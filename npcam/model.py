@@ -388,6 +388,16 @@ class Model:
 
     # features -> target -> weights -> maps
 
+    @property
+    def default_method(self) -> str:
+        """The method used when none is named: ``cam`` on an affine head, ``gradcam`` on any other, ``hirescam`` for
+        a detector (:func:`npcam.methods.default_name`)."""
+        return methods_lib.default_name(self.head.kind, self.bundle.task)
+
+    def method(self, name: str | None) -> methods_lib.Method:
+        """The method called ``name`` (None: :attr:`default_method`), refused in one line if this head cannot take it."""
+        return methods_lib.resolve(name, self.head.kind, self.bundle.path, self.bundle.task)
+
     def target(self, what, prediction: Prediction | None = None) -> Target:
         """What to explain as a :class:`~npcam.targets.Target`: a target as it is; for a classifier, a class (an index
         or a label, :func:`npcam.labels.class_index`) or a list of them (:class:`~npcam.targets.ClassScores`);
@@ -461,7 +471,7 @@ class Model:
             what = prediction.top1 if classes is None else classes
         single = isinstance(what, (int, str, np.integer))
         probes = self.probes(prediction, what, progress, should_stop)
-        chosen = methods_lib.resolve(method, self.head.kind, self.bundle.path)
+        chosen = self.method(method)
         if not detector:
             maps = methods_lib.maps(chosen, probes, size)
         else:  # at the network input, then the photo's part of it (a letterbox's pad cut away)

@@ -46,7 +46,7 @@ from .errors import NpcamError
 from .explain import Options, describe, draw, explain
 from .files import encode_image
 from .image import MAX_PIXELS, parse_size
-from .methods import METHODS, allowed, default_name
+from .methods import METHODS, allowed
 from .methods import names as method_names
 from .methods import resolve as resolve_method
 from .version import __version__
@@ -288,7 +288,7 @@ def make_app(
 
     usable = allowed_methods(model, None)
     offered = methods or usable
-    default_method = default_name(model.head.kind)
+    default_method = model.default_method
     default_method = default_method if default_method in offered else offered[0]
     expensive = [name for name in offered if METHODS[name].multi_pass(model.head.kind)]
     cheap_slots = Admission("cheap", workers, queue, f"--workers {workers}, --queue {queue}")

@@ -138,19 +138,19 @@ def names() -> str:
     return f"{', '.join(METHODS)} (or {', '.join(ALIASES)})"
 
 
-def resolve(name: str | None, head_kind: str | None = None, source: object = None) -> Method:
+def resolve(name: str | None, head_kind: str | None = None, source: object = None, task: str = "classify") -> Method:
     """The method called ``name`` (case-insensitive, or an alias), checked against a head of ``head_kind``.
 
     The one place that turns a name into a method: every front-end goes
     through it. One-line errors name the valid methods, or say why this head
     cannot take the method. ``head_kind`` None skips the head check; ``name``
-    None is that head's :func:`default_name`. ``source`` (a bundle's path)
+    None is that head's (and task's) :func:`default_name`. ``source`` (a bundle's path)
     opens the head-check's error: the bundle, not the name, is at fault there.
     """
     if name is None:
         if head_kind is None:
             raise ValueError("resolve(None) needs the head_kind whose default it is")
-        name = default_name(head_kind)
+        name = default_name(head_kind, task)
     key = ALIASES.get(name.lower(), name.lower())
     if key not in METHODS:
         raise NpcamError(f"unknown method {name!r}; choose one of {names()}")
@@ -164,8 +164,14 @@ def resolve(name: str | None, head_kind: str | None = None, source: object = Non
     return method
 
 
-def default_name(head_kind: str) -> str:
-    """``cam`` for an affine head (where CAM is defined), ``gradcam`` for any other."""
+def default_name(head_kind: str, task: str = "classify") -> str:
+    """``cam`` for an affine head (where CAM is defined), ``gradcam`` for any other; ``hirescam`` for a detector.
+
+    A detection is one candidate at one place: Grad-CAM averages the gradient over the positions, so detections of
+    one class on one map get nearly the same map, while HiResCAM keeps it where it is (ODAM's element-wise
+    product, Zhao et al., ICLR 2023)."""
+    if task == "detect":
+        return "hirescam"
     return "cam" if head_kind == "affine" else "gradcam"
 
 
