@@ -46,13 +46,13 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
-from . import __version__
 from . import bundle as bundle_format
 from . import record as records
 from .errors import NpcamError
 from .explain import DETECTOR_DEFAULTS, Options
 from .files import IMAGE_SUFFIXES, find_images, plan_outputs
 from .progress import Progress
+from .version import __version__
 
 # The engine's work: an item's rows, from the model, the item and a should_stop to check between passes.
 RowsOf = Callable[..., list]

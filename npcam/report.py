@@ -22,6 +22,7 @@ from PIL import Image
 from .image import open_image
 from .localization import MAXBOXACC_IOUS, MAXBOXACC_THRESHOLDS
 from .render import overlay
+from .summary import METRICS, cell, describe_run, spread
 from .upsample import upsample
 
 THUMB = 200  # the grid's pictures: at most this many pixels on their long side
@@ -58,7 +59,7 @@ rect.found { fill: none; stroke: #fff; stroke-width: 2; stroke-dasharray: 5 3; v
 
 
 def write_report(path: str | Path, summary, rows: list[dict], context: dict, samples: int) -> None:
-    """Write the page for ``summary`` (:class:`npcam.evaluate.Summary`) and its ``rows`` to ``path``, atomically."""
+    """Write the page for ``summary`` (:class:`npcam.summary.Summary`) and its ``rows`` to ``path``, atomically."""
     from .files import atomic_write
 
     page = render_page(summary, rows, context, samples)
@@ -66,7 +67,6 @@ def write_report(path: str | Path, summary, rows: list[dict], context: dict, sam
 
 
 def render_page(summary, rows: list[dict], context: dict, samples: int) -> str:
-    from .evaluate import METRICS, cell, describe_run, spread
 
     colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(summary.methods)}
     e = html.escape

@@ -293,7 +293,7 @@ def test_a_resumed_run_with_other_settings_is_refused(csv_run, photos, bundle, c
 
 
 def test_limit_spreads_and_nests():
-    from npcam.evaluate import spread
+    from npcam.summary import spread
 
     items = list(range(353))
     assert spread(items, None) == items and spread(items, 400) == items
