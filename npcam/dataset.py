@@ -143,7 +143,7 @@ def done_images(dest: str, stamp: dict) -> set[str]:
 def explain_row(model, image: str, overlay: str, options: Options, should_stop: Callable[[], bool] | None = None) -> dict:
     """One image's row: its record (its overlays written when ``overlay`` names a file), or ``{image, error}``.
 
-    The actors and the driver both explain through here. :class:`npcam.methods.Cancelled`
+    The actors and the driver both explain through here. :class:`npcam.cancel.Cancelled`
     (``should_stop``) passes through: the image gets no row.
     """
     from .explain import describe, explain, write
@@ -300,7 +300,7 @@ class HeadStart:
             return None
 
     def _work(self, thread: int) -> None:
-        from .methods import Cancelled
+        from .cancel import Cancelled
 
         try:
             while (item := self._take(thread)) is not None:

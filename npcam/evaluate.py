@@ -102,7 +102,7 @@ def photo_rows(settings: Settings, model, item: dict, should_stop=None) -> list[
     """One photo's rows, one per method, or its one error row. The engine's work (:func:`npcam.dataset.run_items`).
 
     ``item`` is ``{image, index, label, boxes, error}``: ``label`` -1 for none, ``boxes`` JSON, ``error``
-    an annotation's error or "". :class:`npcam.methods.Cancelled` passes through (``should_stop``).
+    an annotation's error or "". :class:`npcam.cancel.Cancelled` passes through (``should_stop``).
     """
     from .dataset import read_bytes
     from .record import error

@@ -58,7 +58,7 @@ def test_model_says_it_is_a_detector_with_its_thresholds(server, detector):
     status, _, body = http(f"{server.url}/model")
     about = json.loads(body)
     assert status == 200 and about["task"] == "detect" and about["labels"] == td.LABELS
-    assert about["detect"] == {"conf": 0.25, "iou": 0.7, "max_det": 300} and about["default_method"] == "gradcam"
+    assert about["detect"] == {"conf": 0.25, "iou": 0.7, "max_det": 300} and about["default_method"] == "hirescam"
 
 
 def test_json_answers_list_the_detections_as_the_library_does(server, detector, photo):
