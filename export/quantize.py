@@ -54,7 +54,7 @@ import npcam
 from npcam import bundle as bundle_format
 from npcam.files import find_images
 
-from . import cpuinfo
+from . import cpuinfo, gptq
 from .errors import ExportError
 
 CALIBRATION_IMAGES = 128
@@ -100,6 +100,7 @@ def parse_setting(setting: str) -> dict:
         "float": (),
         "images": CALIBRATION_IMAGES,
         "fixed": False,
+        "gptq": False,
     }
     for word in words[1:]:
         key, _, value = word.partition("=")
@@ -109,6 +110,8 @@ def parse_setting(setting: str) -> dict:
             options["per_channel"] = False
         elif word == "fixed":
             options["fixed"] = True
+        elif word == "gptq":
+            options["gptq"] = True
         elif word == "symmetric":
             options["symmetric"] = True
         elif word in METHODS:
@@ -358,6 +361,10 @@ def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, setting: st
             extra_options={"ActivationSymmetric": options["symmetric"], "CalibStridedMinMax": _stride(len(inputs))},
             calibration_cache_path=cache,
         )
+        if options["gptq"]:
+            quantized = onnx.load(out)
+            gptq.round_weights(quantized, model, inputs, options["reduce_range"])
+            onnx.save(quantized, out)
     return len(quiet.clipped_biases)
 
 
