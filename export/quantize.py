@@ -8,12 +8,16 @@ A setting is a string of words, which ``bundle.json`` records as given and
 :func:`parse_setting` reads:
 
 - the kernels: ``u8s8`` (uint8 activations, int8 weights), ``u8u8``, ``s8s8``;
+- ``unsigned`` (with ``u8s8``): the int8 weights stored as uint8 around a zero point of 128
+  (:func:`unsigned_weights`), which every CPU multiplies without saturating;
 - ``reduce_range``: 7-bit weights;
 - the calibration: ``minmax`` (default), ``entropy``, ``percentile``;
 - ``per_tensor`` weights (default: per channel);
 - ``symmetric`` activations;
 - ``float=first+depthwise+last+add``: layers left in float (the first conv, or
   ``firstN`` the first N, at most a quarter of them; the depthwise convs, the last conv, the residual additions);
+- ``gptq``: round the conv weights by GPTQ (:mod:`export.gptq`) instead of to nearest, from the second
+  moments of their inputs on up to ``GPTQ_IMAGES`` of the calibration images;
 - ``images=N``: calibrate on up to N images (default ``CALIBRATION_IMAGES``);
 - ``fixed``: fix the input's shape to one image at the bundle's input size before quantizing, then fold
   each zero Pad into the Conv it feeds (:func:`fuse_pads`). onnxruntime then folds the shape arithmetic of
@@ -41,6 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -54,14 +59,18 @@ import npcam
 from npcam import bundle as bundle_format
 from npcam.files import find_images
 
-from . import cpuinfo
+from . import cpuinfo, gptq
 from .errors import ExportError
 
 CALIBRATION_IMAGES = 128
+GPTQ_IMAGES = 32  # GPTQ's second moments: 22 photos and 176 crops and flips of them did as well (docs/performance.md)
 CHECK_IMAGES = 512
 MIN_AGREEMENT = 0.8
-# Tried in turn; the fastest of the best-agreeing ones is kept (:func:`choose`; measurements in docs/performance.md).
-SETTINGS = ("u8s8", "u8s8 float=first3", "u8s8 reduce_range float=first3")
+# The settings tried (the fastest of the best-agreeing ones is kept, :func:`choose`). One by default: chosen on
+# dev photos that neither calibrate nor check (docs/performance.md), it computes the same integers on every CPU,
+# and the export's own check (a few photos) then only measures it; a choice among candidates on so few photos
+# would keep the fastest, whatever its error.
+SETTINGS = ("u8s8 unsigned gptq float=first3",)
 KERNELS = {
     "u8s8": (QuantType.QUInt8, QuantType.QInt8),
     "u8u8": (QuantType.QUInt8, QuantType.QUInt8),
@@ -100,6 +109,8 @@ def parse_setting(setting: str) -> dict:
         "float": (),
         "images": CALIBRATION_IMAGES,
         "fixed": False,
+        "gptq": False,
+        "unsigned": False,
     }
     for word in words[1:]:
         key, _, value = word.partition("=")
@@ -109,6 +120,10 @@ def parse_setting(setting: str) -> dict:
             options["per_channel"] = False
         elif word == "fixed":
             options["fixed"] = True
+        elif word == "gptq":
+            options["gptq"] = True
+        elif word == "unsigned" and words[0] == "u8s8":
+            options["unsigned"] = True
         elif word == "symmetric":
             options["symmetric"] = True
         elif word in METHODS:
@@ -125,11 +140,11 @@ def parse_setting(setting: str) -> dict:
 def portable(setting: str) -> bool:
     """Whether the setting's integers are the same on every CPU: no 8-bit signed weights meeting ``vpmaddubsw``.
 
-    ``u8u8`` and 7-bit weights are; measured bit-identical on x86 with and without VNNI and on aarch64
+    ``u8u8``, ``unsigned`` and 7-bit weights are; measured bit-identical on x86 with and without VNNI and on aarch64
     (docs/export.md).
     """
     options = parse_setting(setting)
-    return options["reduce_range"] or options["weight_type"] == QuantType.QUInt8
+    return options["reduce_range"] or options["unsigned"] or options["weight_type"] == QuantType.QUInt8
 
 
 # CPU families whose int8 kernels gave bit-identical integers for every setting measured (x86 VNNI, and
@@ -326,6 +341,7 @@ def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, setting: st
     range (a channel whose weights are all near zero has a weight scale too small for its bias).
     """
     options = parse_setting(setting)
+    unsigned = options["unsigned"]
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer() as quiet:
         prepared = Path(tmp) / "prepared.onnx"
         if options["fixed"]:
@@ -358,7 +374,40 @@ def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, setting: st
             extra_options={"ActivationSymmetric": options["symmetric"], "CalibStridedMinMax": _stride(len(inputs))},
             calibration_cache_path=cache,
         )
+        if options["gptq"] or unsigned:
+            quantized = onnx.load(out)
+            if options["gptq"]:
+                step = max(1, len(inputs) // GPTQ_IMAGES)
+                gptq.round_weights(quantized, model, inputs[::step][:GPTQ_IMAGES], options["reduce_range"])
+            if unsigned:
+                unsigned_weights(quantized)
+            onnx.save(quantized, out)
     return len(quiet.clipped_biases)
+
+
+def unsigned_weights(model: onnx.ModelProto) -> int:
+    """Store, in place, every int8 weight that a DequantizeLinear feeds to a Conv as uint8 ``q + 128`` with its
+    zero point moved by 128 too: the same values, which onnxruntime then multiplies in its u8u8 kernels. x86
+    CPUs without VNNI saturate in the u8s8 ones when 8-bit weights meet large activations (``vpmaddubsw``
+    adds two products in int16); the u8u8 ones do not, and neither does any other CPU. This is what
+    onnxruntime's ``session.x64quantprecision`` does at load time, made part of the trunk. Returns how many
+    weights were converted.
+    """
+    initializers = {i.name: i for i in model.graph.initializer}
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    converted = 0
+    for conv in (n for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1):
+        dq = made_by.get(conv.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        stored, zero = initializers.get(dq.input[0]), initializers.get(dq.input[2])
+        if stored is None or zero is None or {stored.data_type, zero.data_type} != {onnx.TensorProto.INT8}:
+            continue
+        for tensor in (stored, zero):
+            values = onnx.numpy_helper.to_array(tensor).astype(np.int16) + 128
+            tensor.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.uint8), tensor.name))
+        converted += 1
+    return converted
 
 
 def quantize_bundle(

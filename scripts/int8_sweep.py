@@ -28,6 +28,10 @@ from export import quantize  # noqa: E402
 from npcam import bundle as bundle_format  # noqa: E402
 
 DEFAULT = [
+    "u8s8 unsigned gptq float=first3",
+    "u8s8 unsigned float=first3",
+    "u8s8 reduce_range gptq float=first3",
+    "u8s8 unsigned gptq",
     "u8s8",
     "u8s8 reduce_range",
     "u8u8",

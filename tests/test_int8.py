@@ -67,7 +67,8 @@ def test_setting_words():
     assert options["calibrate_method"].name == "Entropy" and options["float"] == ("first", "last")
     assert options["images"] == 32
     assert quantize.parse_setting("u8u8")["weight_type"].name == "QUInt8"
-    for bad in ("u8s8 fast", "int8", "u8s8 float=middle", "u8s8 images=0"):
+    assert quantize.parse_setting("u8s8 unsigned gptq")["unsigned"] and quantize.parse_setting("u8s8 gptq")["gptq"]
+    for bad in ("u8s8 fast", "int8", "u8s8 float=middle", "u8s8 images=0", "s8s8 unsigned"):
         with pytest.raises(ExportError, match="int8 setting"):
             quantize.parse_setting(bad)
     # 8-bit signed weights saturate in x86's vpmaddubsw kernels (no VNNI); 7-bit or unsigned ones do not.
@@ -241,3 +242,108 @@ def test_choose_the_fastest_of_the_best_agreeing():
     # none faster than fp32: the same rule over all of them
     results = {"a": r(0.99, 12.0), "b": r(0.90, 11.0)}
     assert quantize.choose(results, [], 100) == "a"
+
+
+def test_windows_are_what_a_conv_multiplies():
+    """export.gptq's input windows, times the weights, give onnxruntime's Conv output: strides, asymmetric pads,
+    dilations, groups and depthwise. float64 windows against float32 onnxruntime sums of up to 36 products
+    of values within 1: within 1e-4."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export import gptq
+
+    rng = np.random.default_rng(1)
+    cases = [  # channels in, out, kernel, attributes
+        (4, 6, (3, 3), {"strides": [2, 2], "pads": [1, 0, 2, 1]}),
+        (4, 6, (3, 2), {"dilations": [2, 1], "pads": [2, 1, 2, 1]}),
+        (4, 6, (3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
+        (4, 4, (5, 5), {"group": 4, "pads": [2, 2, 2, 2], "strides": [2, 2]}),
+        (3, 5, (1, 1), {}),
+    ]
+    for cin, cout, (kh, kw), attributes in cases:
+        groups = attributes.get("group", 1)
+        w = rng.uniform(-1, 1, (cout, cin // groups, kh, kw)).astype(np.float32)
+        x = rng.uniform(-1, 1, (1, cin, 9, 11)).astype(np.float32)
+        node = helper.make_node("Conv", ["x", "w"], ["y"], **attributes)
+        graph = helper.make_graph([node], "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        patches = gptq.windows(x[0].astype(np.float64), node, (kh, kw))  # C, kh*kw, P
+        grouped = patches.reshape(groups, -1, patches.shape[2])
+        rows = w.reshape(groups, cout // groups, -1).astype(np.float64)
+        got = np.matmul(rows, grouped).reshape(cout, -1)
+        np.testing.assert_allclose(got, want[0].reshape(cout, -1), atol=1e-4)
+
+
+def test_gptq_rounding_lowers_the_output_error_on_other_inputs():
+    """GPTQ's integers, chosen from the second moments of one sample of inputs, give a smaller output error
+    ``(w - q) . x`` than rounding to nearest on another sample, and stay in the range given. Correlated,
+    positive inputs (as after a ReLU) are the case GPTQ is for; rounding to nearest is the reference."""
+    from export import gptq
+
+    rng = np.random.default_rng(2)
+    mixing = rng.standard_normal((48, 48)) / 4 + np.eye(48)
+    samples = [np.maximum(rng.standard_normal((4000, 48)) @ mixing + 0.5, 0) for _ in range(2)]
+    weights = rng.standard_normal((2, 16, 48))  # 2 groups of 16 rows
+    scale = np.abs(weights).max(axis=2, keepdims=True) / 64  # 7-bit, symmetric
+    moments = np.stack([samples[0].T @ samples[0] / len(samples[0])] * 2)
+    rounded = gptq.gptq(weights / scale, moments, -64, 64)
+    nearest = np.round(weights / scale)
+    assert rounded.min() >= -64 and rounded.max() <= 64 and not np.array_equal(rounded, nearest)
+
+    def error(q):
+        return np.mean((np.einsum("gmk,nk->gmn", weights - q * scale, samples[1])) ** 2)
+
+    assert error(rounded) < 0.8 * error(nearest), (error(rounded), error(nearest))
+
+
+def test_unsigned_weights_compute_as_the_signed_ones_without_saturating(tiny, tmp_path):
+    """'unsigned' stores the int8 weights as uint8 + 128: the same values, so the trunk's features are
+    bit-identical to those of the int8 trunk run with onnxruntime's own conversion (session.x64quantprecision,
+    which x86 CPUs without VNNI need to avoid saturation and other CPUs ignore)."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    _, fp32_bundle = tiny
+    model = tmp_path / "trunk.onnx"
+    model.write_bytes(npcam.load(fp32_bundle).bundle.trunk)
+    inputs = [np.asarray(synthetic_image(64, 64, seed=i), np.float32).transpose(2, 0, 1)[None] / 255 for i in range(4)]
+    quantize.quantize_trunk(model, inputs, tmp_path / "s8.onnx", "u8s8")
+    quantize.quantize_trunk(model, inputs, tmp_path / "u8.onnx", "u8s8 unsigned")
+    signed, unsigned = (onnx.load(tmp_path / f"{n}.onnx") for n in ("s8", "u8"))
+    values = [{i.name: numpy_helper.to_array(i) for i in m.graph.initializer} for m in (signed, unsigned)]
+    weights = [n for n, v in values[1].items() if v.dtype == np.uint8 and v.ndim == 4]
+    assert len(weights) == 4  # the four convs
+    for name in weights:
+        np.testing.assert_array_equal(values[1][name].astype(int), values[0][name].astype(int) + 128)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")
+    sessions = [ort.InferenceSession((tmp_path / "s8.onnx").read_bytes(), options, providers=["CPUExecutionProvider"]),
+                ort.InferenceSession((tmp_path / "u8.onnx").read_bytes(), providers=["CPUExecutionProvider"])]
+    for x in inputs:
+        a, b = (s.run(["features"], {"image": x})[0] for s in sessions)
+        np.testing.assert_array_equal(a, b)
+    assert quantize.portable("u8s8 unsigned") and not quantize.portable("u8s8")
+
+
+def test_gptq_trunk_follows_fp32_more_closely(tiny, folders, tmp_path):
+    """On the tiny model, 7-bit weights rounded by GPTQ give features closer to fp32's than rounded to nearest,
+    on images not calibrated on (7-bit: the same integers on every CPU)."""
+    import onnxruntime as ort
+
+    _, fp32_bundle = tiny
+    fp32 = npcam.load(fp32_bundle)
+    model = tmp_path / "trunk.onnx"
+    model.write_bytes(fp32.bundle.trunk)
+    calibration = [fp32.preprocess(p) for p in sorted((folders / "calibration").iterdir())]
+    held_out = [fp32.preprocess(p) for p in sorted((folders / "check").iterdir())]
+    errors = []
+    for setting in ("u8s8 reduce_range", "u8s8 reduce_range gptq"):
+        quantize.quantize_trunk(model, calibration, tmp_path / "q.onnx", setting)
+        session = ort.InferenceSession((tmp_path / "q.onnx").read_bytes(), providers=["CPUExecutionProvider"])
+        errors.append(np.mean([(session.run(["features"], {"image": x})[0] - fp32.features(x)) ** 2 for x in held_out]))
+    assert errors[1] < errors[0], errors
