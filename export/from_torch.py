@@ -13,6 +13,7 @@ import importlib
 import io
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +67,20 @@ def load_weights(net: nn.Module, state: dict, source: Path, name: str) -> None:
     net.load_state_dict(state, strict=True)
 
 
-def to_onnx(net: nn.Module, input_size: tuple[int, int], opset: int) -> onnx.ModelProto:
+def to_onnx(
+    net: nn.Module,
+    input_size: tuple[int, int],
+    opset: int,
+    output_names: Sequence[str] = ("scores",),
+    dynamic_size: bool = True,
+) -> onnx.ModelProto:
     """The whole classifier as ONNX, traced at ``input_size`` ``(H, W)``, with dynamic batch, height and width
-    where torch can trace them."""
+    where torch can trace them (a detector's, ``dynamic_size`` False, has its head's exact shapes: batch only).
+    ``output_names`` names the module's outputs in order (a detector's several)."""
     dummy = torch.zeros(1, _input_channels(net, input_size), *input_size)
-    axes = {"input": {0: "N", 2: "H", 3: "W"}, "scores": {0: "N"}}
-    for dynamic_axes in (axes, {"input": {0: "N"}, "scores": {0: "N"}}, None):
+    batch = {name: {0: "N"} for name in output_names}
+    axes = {"input": {0: "N", 2: "H", 3: "W"}, **batch}
+    for dynamic_axes in ((axes,) if dynamic_size else ()) + ({"input": {0: "N"}, **batch}, None):
         buffer = io.BytesIO()
         try:
             with warnings.catch_warnings(), torch.no_grad(), _no_mha_fast_path():
@@ -81,7 +90,7 @@ def to_onnx(net: nn.Module, input_size: tuple[int, int], opset: int) -> onnx.Mod
                     (dummy,),
                     buffer,
                     input_names=["input"],
-                    output_names=["scores"],
+                    output_names=list(output_names),
                     dynamic_axes=dynamic_axes,
                     opset_version=opset,
                     do_constant_folding=True,
@@ -228,5 +237,39 @@ def reference(net: nn.Module):
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.detach().float().numpy()
+
+    return run
+
+
+def flat_outputs(out) -> list[torch.Tensor]:
+    """A module's output as the tensors the ONNX export lists, in its order (tuples and lists flattened)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in flat_outputs(item)]
+    if isinstance(out, dict):
+        return [t for item in out.values() for t in flat_outputs(item)]
+    return []
+
+
+def output_ranks(net: nn.Module, input_size: tuple[int, int]) -> list[int]:
+    """The ranks of the module's outputs on an image of ``input_size`` (a detector has one of rank 3), or [] when
+    it does not run there."""
+    try:
+        with torch.no_grad():
+            out = net.eval()(torch.zeros(1, _input_channels(net, input_size), *input_size))
+    except Exception:  # the module says no in its own way; the export reports it
+        return []
+    return [t.dim() for t in flat_outputs(out)]
+
+
+def outputs_reference(net: nn.Module, names: Sequence[str]):
+    """A detector module as its self-check's reference: float32 ``[N,3,H,W]`` in, ``{name: output}`` out, the
+    outputs named in the order of the module's (as its ONNX export names them)."""
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = flat_outputs(net.eval()(torch.from_numpy(x)))
+        return {name: t.detach().float().numpy() for name, t in zip(names, out)}
 
     return run

@@ -93,7 +93,7 @@ def head_ops(
         if is_noop(node):
             alias[node.output[0]] = alias.get(node.input[0], node.input[0])
             continue
-        converted = convert(node, ref, runs)
+        converted = convert(node, ref, runs, kinds)
         ops += converted if isinstance(converted, list) else [converted]
     scores = alias.get(scores, scores)
     if not ops:  # the classes are the pooled channels (a conv classifier before the pooling, as in SqueezeNet)
@@ -132,10 +132,13 @@ def subgraph(model, nodes, pooled_name, pooled_shape, scores, outer) -> onnx.Mod
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
-def convert(node: onnx.NodeProto, ref, runs) -> Op:
+def convert(node: onnx.NodeProto, ref, runs, kinds: dict | None = None) -> Op:
     """One head node as an npcam Op; attributes given as inputs in newer opsets become attributes."""
     op, out = node.op_type, node.output[0]
     inputs = [i for i in node.input]
+
+    def kinds_of(names) -> set:
+        return {(kinds or {}).get(name) for name in names if name}
 
     def constant(i: int):
         return np.asarray(runs[0][inputs[i]]) if i < len(inputs) and inputs[i] else None
@@ -225,17 +228,13 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
             raise ExportError(f"the head's Expand {node.name!r} does not keep the batch dimension ({shape})")
         return Op(op, (ref(inputs[0]),), out, {"shape": [1, *shape[1:]]})  # 1: the input's own batch
     if op == "Conv":
-        weight = constant(1)
-        x_shape = np.asarray(runs[0][inputs[0]]).shape
-        if (
-            weight is None
-            or weight.shape[2:] != (1, 1)
-            or tuple(x_shape[2:]) != (1, 1)
-            or attr(node, "group", 1) != 1
-            or any(attr(node, "pads", [0]))
-        ):
-            raise ExportError(f"the head's Conv {node.name!r} is not a 1x1 convolution on the pooled 1x1 map")
-        return Op(op, tuple(ref(i) for i in inputs if i), out, {})
+        if kinds_of(inputs[1:]) & {"data", "mixed"}:
+            raise ExportError(f"the head's Conv {node.name!r} computes its weights; npcam's head needs constant ones")
+        names = ("strides", "pads", "dilations", "group", "auto_pad", "kernel_shape")
+        attrs = {k: _plain(attr(node, k)) for k in names if attr(node, k) is not None}
+        return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
+    if op == "Resize":
+        return _resize(node, inputs, runs, ref)
     if op == "Pow":
         return Op(op, (ref(inputs[0]), ref(inputs[1])), out, {})
     attrs = {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
@@ -244,6 +243,37 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
     if op == "LayerNormalization":
         attrs = {"axis": attrs.get("axis", -1), "epsilon": attrs.get("epsilon", 1e-5)}
     return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
+
+
+def _resize(node: onnx.NodeProto, inputs: list[str], runs, ref) -> Op:
+    """Resize with its constant scales or sizes as attributes (opset 10: X and scales; 11 on: X, roi, scales,
+    sizes), the output's own size checked against what the rule computes."""
+    x = np.asarray(runs[0][inputs[0]])
+    attrs = {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
+    given = [np.asarray(runs[0][name]) if i < len(inputs) and name else None for i, name in enumerate(inputs)]
+    scales_at = 1 if len(inputs) == 2 else 2  # opset 10 has no roi
+    scales = given[scales_at] if scales_at < len(given) else None
+    sizes = given[3] if len(given) > 3 else None
+    if scales is not None and scales.size:
+        attrs["scales"] = [float(v) for v in scales.ravel()]
+    elif sizes is not None and sizes.size:
+        attrs["sizes"] = [int(v) for v in sizes.ravel()]
+    if len(inputs) == 2:  # opset 10: asymmetric coordinates, nearest rounded down
+        attrs.setdefault("coordinate_transformation_mode", "asymmetric")
+        attrs.setdefault("nearest_mode", "floor")
+    if attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize":
+        raise ExportError(f"the head's Resize {node.name!r} crops (tf_crop_and_resize), which npcam does not run")
+    for unused in ("cubic_coeff_a", "exclude_outside", "extrapolation_value"):
+        attrs.pop(unused, None)
+    op = Op("Resize", (ref(inputs[0]),), node.output[0], attrs)
+    try:
+        shape = OPS["Resize"].shape([x.shape], attrs)
+    except ValueError as e:
+        raise ExportError(f"the head's Resize {node.name!r} cannot run in npcam ({e})") from None
+    if tuple(shape) != np.asarray(runs[0][node.output[0]]).shape:
+        raise ExportError(f"the head's Resize {node.name!r} gives {list(np.asarray(runs[0][node.output[0]]).shape)}, "
+                          f"npcam's rule {list(shape)}")  # fmt: skip
+    return op
 
 
 def _split_as_slices(node: onnx.NodeProto, inputs: list[str], runs, ref) -> list[Op]:
