@@ -195,9 +195,10 @@ def _run_torch_detector(net, spec, weights, digest, out, labels, mean, std, inpu
         count = len(from_torch.flat_outputs(net.eval()(torch.zeros(1, 3, *size))))
     names = [f"output{i}" for i in range(count)]
     onnx_model = from_torch.to_onnx(net, size, opset, names, dynamic_size=False)
-    tensors = tuple(from_torch.tensor_of_module(net, onnx_model, path, spec, size) for path in layers)
+    tensors = tuple(from_torch.tensors_of_modules(net, onnx_model, layers, spec, size))
     found = _split_detector(spec, onnx_model, size, False, dataclasses.replace(options, task="detect", layers=tensors))
-    paths = list(layers) or [from_torch.module_of_tensor(net, onnx_model, t, size) or t for t in found.layers]
+    modules = from_torch.modules_of_tensors(net, onnx_model, found.layers, size)
+    paths = list(layers) or [module or tensor for module, tensor in zip(modules, found.layers)]
     meta = {
         "arch": f"torch:{spec}",
         "layer": ", ".join(paths),

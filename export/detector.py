@@ -155,8 +155,10 @@ def split_detector(
     head, sides = _head(g2, joined, layers, out_name, values2)
     part = _trunk(g, model, image.name, layout, bgr, channels, layers, sides, head, size, values.one_image)
     strides = [_grid_stride(values2.shape(name), size) or 0 for name in layers]
-    pad = None if options.stretch else options.letterbox
-    letterbox = None if options.stretch or (pad is None and not decode.letterbox) else [pad or LETTERBOX] * 3
+    if options.stretch or (options.letterbox is None and not decode.letterbox):
+        letterbox = None
+    else:
+        letterbox = [LETTERBOX if options.letterbox is None else options.letterbox] * 3
     return DetectorSplit(part, head, decode, size, layout, channels, layers, strides, letterbox, metadata)
 
 

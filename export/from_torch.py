@@ -179,30 +179,57 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 def tensor_of_module(net: nn.Module, model: onnx.ModelProto, path: str, spec: str, size: tuple[int, int]) -> str:
     """The ONNX tensor that holds module ``path``'s output: the first in graph order with the same values."""
+    return tensors_of_modules(net, model, [path], spec, size)[0]
+
+
+def tensors_of_modules(
+    net: nn.Module, model: onnx.ModelProto, paths: Sequence[str], spec: str, size: tuple[int, int]
+) -> list[str]:
+    """:func:`tensor_of_module` for several module paths, the model and the module run once."""
     modules = dict(net.named_modules())
-    if path not in modules or not path:
-        near = [n for n in modules if n and n.split(".")[-1] == path.split(".")[-1]][:3]
-        raise ExportError(
-            f"{spec}: --layer {path!r} is not a module path of the model" + (f" (maybe {', '.join(near)})" if near else "")
-        )
+    for path in paths:
+        if path not in modules or not path:
+            near = [n for n in modules if n and n.split(".")[-1] == path.split(".")[-1]][:3]
+            raise ExportError(
+                f"{spec}: --layer {path!r} is not a module path of the model"
+                + (f" (maybe {', '.join(near)})" if near else "")
+            )
+    if not paths:
+        return []
     x = _probe_input(model, size)
-    wanted = module_outputs(net, x).get(path)
-    if wanted is None:
-        raise ExportError(f"{spec}: --layer {path!r} does not output one tensor")
-    for name, value in _onnx_values(model, x).items():
-        if _same(value, wanted):
-            return name
-    raise ExportError(f"{spec}: --layer {path!r}: no tensor of the ONNX export holds its output (torch fused it away)")
+    outputs = module_outputs(net, x)
+    values = _onnx_values(model, x)
+    found = []
+    for path in paths:
+        wanted = outputs.get(path)
+        if wanted is None:
+            raise ExportError(f"{spec}: --layer {path!r} does not output one tensor")
+        name = next((name for name, value in values.items() if _same(value, wanted)), None)
+        if name is None:
+            raise ExportError(
+                f"{spec}: --layer {path!r}: no tensor of the ONNX export holds its output (torch fused it away)"
+            )
+        found.append(name)
+    return found
 
 
 def module_of_tensor(net: nn.Module, model: onnx.ModelProto, tensor: str, size: tuple[int, int]) -> str | None:
     """The module path whose output is ONNX tensor ``tensor`` (the outermost such module), or None."""
+    return modules_of_tensors(net, model, [tensor], size)[0]
+
+
+def modules_of_tensors(
+    net: nn.Module, model: onnx.ModelProto, tensors: Sequence[str], size: tuple[int, int]
+) -> list[str | None]:
+    """:func:`module_of_tensor` for several tensors, the model and the module run once."""
     x = _probe_input(model, size)
     values = _onnx_values(model, x)
-    if tensor not in values:
-        return None
-    matches = [name for name, out in module_outputs(net, x).items() if _same(out, values[tensor])]
-    return min(matches, key=lambda name: name.count(".")) if matches else None
+    outputs = module_outputs(net, x)
+    found: list[str | None] = []
+    for tensor in tensors:
+        matches = [name for name, out in outputs.items() if tensor in values and _same(out, values[tensor])]
+        found.append(min(matches, key=lambda name: name.count(".")) if matches else None)
+    return found
 
 
 def _input_channels(net: nn.Module, input_size: tuple[int, int]) -> int:

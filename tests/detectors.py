@@ -112,6 +112,8 @@ def _randomize(net: nn.Module, seed: int) -> nn.Module:
     for m in net.modules():
         if isinstance(m, nn.Conv2d) and m.weight.requires_grad:  # not DFL's fixed projection
             nn.init.normal_(m.weight, 0.0, (2.0 / (m.in_channels // m.groups * m.kernel_size[0] ** 2)) ** 0.5)
+            if m.bias is not None:
+                nn.init.normal_(m.bias, 0.0, 0.1)
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0.0, 0.1)
             m.running_var.uniform_(0.5, 1.5)
