@@ -153,7 +153,7 @@ def split_detector(
     values2 = Values(joined, image.name, layout, size, channels)
     layers = list(options.layers) or head_inputs(g2, image.name, [s.tensor for s in decode.segments], values2, size)
     head, sides = _head(g2, joined, layers, out_name, values2)
-    part = _trunk(g, model, image.name, layout, bgr, channels, layers, sides, head, size, values.one_image)
+    part = _trunk(g, model, image.name, layout, bgr, channels, layers, sides, head, size, values2.one_image)
     strides = [_grid_stride(values2.shape(name), size) or 0 for name in layers]
     if options.stretch or (options.letterbox is None and not decode.letterbox):
         letterbox = None
@@ -412,8 +412,17 @@ def _head(g: GraphIndex, model: onnx.ModelProto, layers: list[str], out_name: st
             raise ExportError(f"cannot tell the shape of the side input {name!r}")
         side_shapes[name] = [-1, *shape[1:]]
     others = {name: shapes[name] for name in layers[1:]}
-    ops, arrays, _, output = head_ops(g, model, layers[0], shapes[layers[0]], nodes, found, out_name, values,
-                                      {**others, **side_shapes})  # fmt: skip
+    try:
+        ops, arrays, _, output = head_ops(g, model, layers[0], shapes[layers[0]], nodes, found, out_name, values,
+                                          {**others, **side_shapes})  # fmt: skip
+    except ExportError as e:
+        if values.one_image or "batch of 2" not in str(e):
+            raise
+        # A dynamic batch declared, a batch of 1 written into the head's reshapes (PP-PicoDet's [1, C, -1]): the
+        # model runs one image at a time, and a 1 in those shapes is the batch.
+        values.one_image = True
+        ops, arrays, _, output = head_ops(g, model, layers[0], shapes[layers[0]], nodes, found, out_name, values,
+                                          {**others, **side_shapes})  # fmt: skip
     options = {"sides": side_shapes, "layout": "spatial"}
     inputs = shapes if len(layers) > 1 else None
     try:

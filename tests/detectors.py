@@ -9,8 +9,8 @@ decode of one family, written from how those families export.
 - :func:`yolov5`: YOLOv5-like. Three anchors a cell; each stride's 1x1 convolution, the 5-D view and permute, the
   sigmoid, ``xy = (2 s - 0.5 + cell) * stride``, ``wh = (2 s)^2 * anchor``: one output ``[1, 3 N, 5 + C]``.
 - :func:`gfl`: PP-PicoDet-like GFL head at four strides (8 to 64): per stride a depthwise tower, class sigmoids
-  ``[1, N_s, C]`` and raw box distributions ``[1, N_s, 4 * 8]`` as separate outputs; :func:`nanodet`: the same
-  joined into one ``[1, N, C + 32]`` (NanoDet-Plus's export).
+  ``[1, N_s, C]`` and raw box distributions ``[1, N_s, 4 * 8]`` as separate outputs, reshaped with a batch of 1
+  written in as PicoDet does; :func:`nanodet`: the same joined into one ``[1, N, C + 32]`` (NanoDet-Plus's export).
 
 The modules' names are what the tests hook: ``p3``, ``p4``, ``p5`` (and ``p6``), the detection head's inputs.
 Weights are random but seeded; BatchNorm statistics are random too, so that folding them is exercised.
@@ -242,12 +242,11 @@ class GFLHead(nn.Module):
         scores, boxes, joined = [], [], []
         for tower, head, x in zip(self.towers, self.heads, maps):
             cls, box = head(tower(x)).split((self.classes, 4 * GFL_BINS), 1)
-            b = x.shape[0]
             if self.joined:  # NanoDet-Plus: [sigmoid(cls), box] per cell, the strides in turn, cells last
                 joined.append(torch.cat((cls.sigmoid(), box), 1).flatten(start_dim=2))
-            else:  # PP-PicoDet without post-processing: [1, N_s, C] and [1, N_s, 4 bins] per stride
-                scores.append(cls.sigmoid().reshape(b, self.classes, -1).transpose(1, 2))
-                boxes.append(box.reshape(b, 4 * GFL_BINS, -1).transpose(1, 2))
+            else:  # PP-PicoDet without post-processing, batch 1 written in: [1, N_s, C] and [1, N_s, 4 bins]
+                scores.append(cls.sigmoid().reshape(1, self.classes, -1).transpose(1, 2))
+                boxes.append(box.reshape(1, 4 * GFL_BINS, -1).transpose(1, 2))
         if self.joined:
             return torch.cat(joined, 2).permute(0, 2, 1)
         return (*scores, *boxes)

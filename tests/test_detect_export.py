@@ -293,7 +293,9 @@ def test_gradient_maps_match_torch_autograd(exported, name, route):
         d = pred.detections[i]
         outputs, leaves = hooked(net, paths, pred.input, replace=list(pred.grids))
         score_of(name, outputs, d.candidate, d.class_index).backward()
-        grads.append([leaf.grad.numpy()[0].astype(np.float64) for leaf in leaves])
+        # A layer the score does not reach (another stride's, in separate outputs) gets no gradient: zeros.
+        grads.append([np.zeros(leaf.shape[1:]) if leaf.grad is None else leaf.grad.numpy()[0].astype(np.float64)
+                      for leaf in leaves])  # fmt: skip
     size = tuple(pred.input.shape[2:])
     worst = 0.0
     for method in GRADIENT_METHODS:
