@@ -172,7 +172,8 @@ def yolo(outputs: Outputs, options: Options) -> Decode | None:
     height in input pixels, then C class scores) or ``[1, N, 5+C]`` (YOLOv5/v7: an objectness after the box).
 
     The candidates' axis is the one whose length is the candidate count of a stride set at this input size (one
-    or three anchors a cell); with ``--task detect``, the longer axis.
+    or three anchors a cell); with ``--task detect``, the longer axis. An output whose count fits no stride set
+    (post-processed, such as YOLOv10's ``[1, 300, 6]``) is not read without ``--task detect``.
     """
     found = outputs.of_rank(3)
     if len(found) != 1:
@@ -184,9 +185,9 @@ def yolo(outputs: Outputs, options: Options) -> Decode | None:
         first = True
     elif fits[1] and not fits[2]:
         first = False
-    elif outputs.forced:
+    elif options.task == "detect":  # said so: the longer axis holds the candidates
         first = a < b
-    else:
+    else:  # (a file that calls itself a detector, with post-processed outputs such as [1, 300, 6], is refused)
         return None
     count, channels = (b, a) if first else (a, b)
     per_cell = (fits[2] if first else fits[1]) or (None, None)

@@ -148,6 +148,12 @@ def split_detector(
     decode = recognize(outputs, options)
     if decode is None:
         return None
+    named = len(_metadata_names(metadata) or ())
+    if named and named != decode.spec["classes"]:  # YOLOv5's segmentation models name 80 and hold 112 more values
+        raise ExportError(
+            f"the file names {named} classes, its outputs hold {decode.spec['classes']} after the box: not a detection "
+            "output that npcam reads (a segmentation or pose model?)"
+        )
     joined, out_name = with_joined_output(model, decode)
     g2 = index(joined)
     values2 = Values(joined, image.name, layout, size, channels)
@@ -488,19 +494,23 @@ def _metadata_size(metadata: dict[str, str]) -> tuple[int, int] | None:
     return None
 
 
-def metadata_labels(metadata: dict[str, str], classes: int) -> list[str] | None:
-    """ultralytics' ``names`` (``{0: 'person', ...}``) as C labels, or None."""
+def _metadata_names(metadata: dict[str, str]) -> list[str] | None:
+    """The class names the file's metadata holds (ultralytics and YOLOv5 write ``names``: ``{0: 'person', ...}``)."""
     try:
         names = ast.literal_eval(metadata.get("names", ""))  # literals only: nothing is executed
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
-    if isinstance(names, dict) and sorted(names) == list(range(classes)):
-        labels = [names[i] for i in range(classes)]
-    elif isinstance(names, list) and len(names) == classes:
-        labels = names
-    else:
-        return None
-    return [str(v) for v in labels] if all(isinstance(v, str) for v in labels) else None
+    if isinstance(names, dict) and sorted(names) == list(range(len(names))):
+        names = [names[i] for i in range(len(names))]
+    if isinstance(names, list) and names and all(isinstance(v, str) for v in names):
+        return names
+    return None
+
+
+def metadata_labels(metadata: dict[str, str], classes: int) -> list[str] | None:
+    """The file's own class names (:func:`_metadata_names`) when there are ``classes`` of them, else None."""
+    names = _metadata_names(metadata)
+    return names if names is not None and len(names) == classes else None
 
 
 def _sample(model: onnx.ModelProto, values: Values) -> dict[str, np.ndarray]:

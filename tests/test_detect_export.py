@@ -375,6 +375,13 @@ def test_refusals_name_the_missing_piece(tmp_path):
     segment.metadata_props.add(key="task", value="segment")
     onnx.save(segment, tmp_path / "segment.onnx")
     refused_in_one_line(cli("onnx", tmp_path / "segment.onnx", "--out", out), "'segment'")
+    named = onnx.load(onnx_file("yolov8", "torchscript", tmp_path))  # 80 names for 3 classes: a seg model's mark
+    named.metadata_props.add(key="names", value=str({i: f"c{i}" for i in range(80)}))
+    onnx.save(named, tmp_path / "named80.onnx")
+    refused_in_one_line(cli("onnx", tmp_path / "named80.onnx", "--out", out), "names 80 classes", "hold 3")
+    post = tmp_path / "post.onnx"  # a file that says it detects, with post-processed outputs (YOLOv10's [1, 300, 6])
+    _post_processed(onnx_file("yolov8", "torchscript", tmp_path), post)
+    refused_in_one_line(cli("onnx", post, "--out", out), "not a detector's that npcam reads")
     classifier = tmp_path / "classifier.onnx"
     _classifier(classifier)
     refused_in_one_line(cli("onnx", classifier, "--out", out, "--task", "detect"), "not a detector's")
@@ -413,6 +420,26 @@ def _with_nms(source, target):
     for name, value in (("s0", [0]), ("s4", [4]), ("s7", [7]), ("ax", [1])):
         graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.int64), name))
     graph.output.append(helper.make_tensor_value_info("selected", TensorProto.INT64, None))
+    onnx.save(model, target)
+
+
+def _post_processed(source, target):
+    """The YOLOv8 file ending in its first 100 candidates, candidates first ([1, 100, 7]), and calling itself a
+    detector in its metadata as ultralytics does."""
+    from onnx import TensorProto, helper
+
+    model = onnx.load(source)
+    graph = model.graph
+    out = graph.output[0].name
+    graph.node.extend([
+        helper.make_node("Transpose", [out], ["candidates"], perm=[0, 2, 1]),
+        helper.make_node("Slice", ["candidates", "start", "stop", "axis"], ["kept"]),
+    ])  # fmt: skip
+    for name, value in (("start", [0]), ("stop", [100]), ("axis", [1])):
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.int64), name))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("kept", TensorProto.FLOAT, [1, 100, 7]))
+    model.metadata_props.add(key="task", value="detect")
     onnx.save(model, target)
 
 
