@@ -49,6 +49,11 @@ class AffineHead:
         return (-1, self.weight.shape[1])
 
     @property
+    def inputs(self) -> dict[str, tuple[int, int]]:
+        """One input, the pooled vector (as GraphHead's ``inputs``: a detector's head has several)."""
+        return {"pooled": self.input_shape}
+
+    @property
     def classes(self) -> int:
         return self.weight.shape[0]
 
