@@ -160,7 +160,8 @@ def split_detector(
     layers = list(options.layers) or head_inputs(g2, image.name, [s.tensor for s in decode.segments], values2, size)
     head, sides = _head(g2, joined, layers, out_name, values2)
     part = _trunk(g, model, image.name, layout, bgr, channels, layers, sides, head, size, values2.one_image)
-    strides = [_grid_stride(values2.shape(name), size) or 0 for name in layers]
+    # Each map's stride (a map off the strides' grids, named by --layer: its cells' size on the longer side)
+    strides = [_grid_stride(values2.shape(name), size) or _cell(values2.shape(name), size) for name in layers]
     if options.stretch or (options.letterbox is None and not decode.letterbox):
         letterbox = None
     else:
@@ -366,6 +367,12 @@ def _grid_stride(shape, size: tuple[int, int]) -> int:
         if h in (size[0] // s, -(-size[0] // s)) and w in (size[1] // s, -(-size[1] // s)) and h * w > 1:
             return s
     return 0
+
+
+def _cell(shape, size: tuple[int, int]) -> int:
+    """Input pixels per cell of a map ``[1, C, h, w]``, on the longer side."""
+    side = int(size[1] >= size[0])
+    return max(1, round(size[side] / shape[2 + side]))
 
 
 def _all_shapes(values: Values, names: list[str]) -> dict[str, list[int]]:

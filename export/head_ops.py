@@ -93,7 +93,8 @@ def head_ops(
         if is_noop(node):
             alias[node.output[0]] = alias.get(node.input[0], node.input[0])
             continue
-        converted = convert(node, ref, runs, kinds)
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        converted = convert(node, ref, runs, kinds, opset)
         ops += converted if isinstance(converted, list) else [converted]
     scores = alias.get(scores, scores)
     if not ops:  # the classes are the pooled channels (a conv classifier before the pooling, as in SqueezeNet)
@@ -132,7 +133,7 @@ def subgraph(model, nodes, pooled_name, pooled_shape, scores, outer) -> onnx.Mod
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
-def convert(node: onnx.NodeProto, ref, runs, kinds: dict | None = None) -> Op:
+def convert(node: onnx.NodeProto, ref, runs, kinds: dict | None = None, opset: int = 17) -> Op | list[Op]:
     """One head node as an npcam Op; attributes given as inputs in newer opsets become attributes."""
     op, out = node.op_type, node.output[0]
     inputs = [i for i in node.input]
@@ -238,11 +239,29 @@ def convert(node: onnx.NodeProto, ref, runs, kinds: dict | None = None) -> Op:
     if op == "Pow":
         return Op(op, (ref(inputs[0]), ref(inputs[1])), out, {})
     attrs = {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
+    if op in ("Softmax", "LogSoftmax") and opset < 13:
+        return _softmax_before_13(node, inputs, runs, ref)
     if op == "BatchNormalization":
         attrs = {"epsilon": attrs.get("epsilon", 1e-5)}
     if op == "LayerNormalization":
         attrs = {"axis": attrs.get("axis", -1), "epsilon": attrs.get("epsilon", 1e-5)}
     return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
+
+
+def _softmax_before_13(node: onnx.NodeProto, inputs: list[str], runs, ref) -> Op | list[Op]:
+    """Softmax and LogSoftmax before opset 13 normalize over every axis from ``axis`` on (default 1) together: the
+    input reshaped to keep the axes before it, normalized over the last, and reshaped back."""
+    shape = np.asarray(runs[0][inputs[0]]).shape
+    axis = int(attr(node, "axis", 1)) % len(shape)
+    if axis == len(shape) - 1:
+        return Op(node.op_type, (ref(inputs[0]),), node.output[0], {"axis": -1})
+    flat = f"{node.output[0]}_npcam_flat"
+    normalized = f"{node.output[0]}_npcam_normalized"
+    return [
+        Op("Reshape", (ref(inputs[0]),), flat, {"shape": [0] * axis + [-1]}),
+        Op(node.op_type, (flat,), normalized, {"axis": -1}),
+        Op("Reshape", (normalized,), node.output[0], {"shape": [0, *shape[1:]]}),
+    ]
 
 
 def _resize(node: onnx.NodeProto, inputs: list[str], runs, ref) -> Op:

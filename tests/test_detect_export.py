@@ -460,3 +460,32 @@ def _classifier(target):
          numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc")],
     )  # fmt: skip
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), target)
+
+
+def test_softmax_before_opset_13_normalizes_over_every_trailing_axis():
+    """Opset 11's Softmax(axis=1) on [N, 4, 3, 5] normalizes over the 60 values after the batch (a converter's DFL
+    may be written so): the head reshapes around a last-axis softmax, and matches onnxruntime's."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from export.graph import Values, index
+    from export.head_finder import kinds
+    from export.head_ops import head_ops
+    from npcam.head import GraphHead
+
+    for op in ("Softmax", "LogSoftmax"):
+        graph = helper.make_graph(
+            [helper.make_node("Relu", ["image"], ["x"]), helper.make_node(op, ["x"], ["y"], axis=1)], "g",
+            [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 4, 3, 5])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+        model.ir_version = 7
+        g = index(model)
+        found = kinds(g, "x")
+        ops, arrays, shape, out = head_ops(g, model, "x", [-1, 4, 3, 5], [model.graph.node[1]], found, "y",
+                                           Values(model, "image", "NCHW", (3, 5), 4))  # fmt: skip
+        x = np.random.default_rng(0).standard_normal((1, 4, 3, 5)).astype(np.float32)
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"image": x})[0]
+        got = GraphHead(ops, arrays, shape, "x", out).forward_float64(np.maximum(x, 0))
+        np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
