@@ -21,6 +21,8 @@ from . import head_finder
 from .errors import ExportError
 from .graph import GraphIndex, Values, attr, first_line, is_noop
 
+# Ops converted into others: Split into Slices, ScatterND (a block write) into Slices and a Concat.
+REWRITTEN = {"Split", "ScatterND"}
 # Reductions whose axes come as an attribute, or as a second input from opset 13 (ReduceSum) or 18 (the rest).
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2", "ReduceMax", "ReduceMin"}
 
@@ -50,7 +52,7 @@ def head_ops(
     if None in outer.values():
         raise ExportError(f"cannot tell the shape of {', '.join(k for k, v in outer.items() if v is None)}")
     for node in nodes:
-        if kinds.get(node.output[0]) == "data" and not (node.op_type in OPS or node.op_type == "Split" or is_noop(node)):
+        if kinds.get(node.output[0]) == "data" and not (node.op_type in OPS or node.op_type in REWRITTEN or is_noop(node)):
             raise ExportError(
                 f"the head uses the op {node.op_type} ({node.name!r}), which npcam's "
                 f"NumPy head does not implement (it has {', '.join(sorted(OPS))})"
@@ -236,6 +238,8 @@ def convert(node: onnx.NodeProto, ref, runs, kinds: dict | None = None, opset: i
         return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
     if op == "Resize":
         return _resize(node, inputs, runs, ref)
+    if op == "ScatterND":
+        return _scatter_as_concat(node, inputs, runs, ref)
     if op == "Pow":
         return Op(op, (ref(inputs[0]), ref(inputs[1])), out, {})
     attrs = {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
@@ -262,6 +266,41 @@ def _softmax_before_13(node: onnx.NodeProto, inputs: list[str], runs, ref) -> Op
         Op(node.op_type, (flat,), normalized, {"axis": -1}),
         Op("Reshape", (normalized,), node.output[0], {"shape": [0, *shape[1:]]}),
     ]
+
+
+def _scatter_as_concat(node: onnx.NodeProto, inputs: list[str], runs, ref) -> list[Op]:
+    """ScatterND writing one block along one axis (torch's export of ``y[..., 0:2] = v``, as YOLOv5 before 6.0 wrote
+    its decode): the data before and after the block, the updates in it, joined along that axis.
+
+    The constant indices must list every position of the block, row-major (so the updates are the block itself);
+    anything else is refused."""
+    data, indices = np.asarray(runs[0][inputs[0]]), np.asarray(runs[0][inputs[1]]).astype(np.int64)
+    reduction = _plain(attr(node, "reduction", "none"))
+    if reduction != "none" or indices.ndim < 1 or indices.shape[-1] > data.ndim:
+        raise ExportError(f"the head's ScatterND {node.name!r} is not a plain block write, which npcam runs as a concat")
+    depth = indices.shape[-1]
+    ranges = [np.unique(indices[..., k]) for k in range(depth)]
+    block = [(int(r[0]), int(r[-1]) + 1) for r in ranges]
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in block], indexing="ij"), axis=-1).reshape(-1, depth)
+    partial = [k for k, (a, b) in enumerate(block) if (a, b) != (0, data.shape[k])]
+    if not np.array_equal(indices.reshape(-1, depth), grid) or len(partial) > 1 or partial == [0]:
+        raise ExportError(f"the head's ScatterND {node.name!r} is not a block along one axis, which npcam runs as a concat")
+    out = node.output[0]
+    if not partial:  # the whole tensor: the updates
+        return [Op("Reshape", (ref(inputs[2]),), out, {"shape": [0, *data.shape[1:]]})]
+    axis = partial[0]
+    a, b = block[axis]
+    shape = [*data.shape[:axis], b - a, *data.shape[axis + 1 :]]
+    parts, ops = [], [Op("Reshape", (ref(inputs[2]),), f"{out}_npcam_block", {"shape": [0, *shape[1:]]})]
+    source = ref(inputs[0])
+    if a > 0:
+        ops.append(Op("Slice", (source,), f"{out}_npcam_before", {"starts": [0], "ends": [a], "axes": [axis]}))
+        parts.append(f"{out}_npcam_before")
+    parts.append(f"{out}_npcam_block")
+    if b < data.shape[axis]:
+        ops.append(Op("Slice", (source,), f"{out}_npcam_after", {"starts": [b], "ends": [data.shape[axis]], "axes": [axis]}))
+        parts.append(f"{out}_npcam_after")
+    return [*ops, Op("Concat", tuple(parts), out, {"axis": axis})]
 
 
 def _resize(node: onnx.NodeProto, inputs: list[str], runs, ref) -> Op:

@@ -7,7 +7,8 @@ decode of one family, written from how those families export.
   and strides computed from the maps' shapes at every call, boxes ``(cx, cy, w, h)`` in pixels, class sigmoids:
   one output ``[1, 4 + C, N]``.
 - :func:`yolov5`: YOLOv5-like. Three anchors a cell; each stride's 1x1 convolution, the 5-D view and permute, the
-  sigmoid, ``xy = (2 s - 0.5 + cell) * stride``, ``wh = (2 s)^2 * anchor``: one output ``[1, 3 N, 5 + C]``.
+  sigmoid, ``xy = (2 s - 0.5 + cell) * stride``, ``wh = (2 s)^2 * anchor``: one output ``[1, 3 N, 5 + C]``;
+  :func:`yolov5_inplace` writes the decode into the sigmoid's output, as YOLOv5 before 6.0 did (ScatterND).
 - :func:`gfl`: PP-PicoDet-like GFL head at four strides (8 to 64): per stride a depthwise tower, class sigmoids
   ``[1, N_s, C]`` and raw box distributions ``[1, N_s, 4 * 8]`` as separate outputs, reshaped with a batch of 1
   written in as PicoDet does; :func:`nanodet`: the same joined into one ``[1, N, C + 32]`` (NanoDet-Plus's export).
@@ -191,6 +192,7 @@ class DetectV5(nn.Module):
     def __init__(self, widths: list[int], classes: int, strides: list[int]):
         super().__init__()
         self.classes, self.strides, self.outputs, self.na = classes, strides, classes + 5, 3
+        self.inplace = False
         self.m = nn.ModuleList(nn.Conv2d(c, self.na * self.outputs, 1) for c in widths)
         # In pixels, a quarter of YOLOv5's (the test images are a fifth of 640)
         self.register_buffer("anchors", torch.tensor(self.ANCHORS, dtype=torch.float) / 4)
@@ -208,6 +210,12 @@ class DetectV5(nn.Module):
             bs, _, ny, nx = x.shape
             x = x.view(bs, self.na, self.outputs, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
             grid, anchor_grid = self.grid(nx, ny, i, x.dtype)
+            if self.inplace:  # YOLOv5 before 6.0: written into the sigmoid's output (ScatterND in ONNX)
+                y = x.sigmoid()
+                y[..., 0:2] = (y[..., 0:2] * 2 + grid) * self.strides[i]
+                y[..., 2:4] = (y[..., 2:4] * 2) ** 2 * anchor_grid
+                z.append(y.view(bs, self.na * nx * ny, self.outputs))
+                continue
             xy, wh, conf = x.sigmoid().split((2, 2, self.classes + 1), 4)
             xy = (xy * 2 + grid) * self.strides[i]
             wh = (wh * 2) ** 2 * anchor_grid
@@ -290,6 +298,13 @@ def yolov5() -> nn.Module:
     return YOLOv5()
 
 
+def yolov5_inplace() -> nn.Module:
+    """:func:`yolov5` with its decode written in place, as YOLOv5 before 6.0 exported it (ScatterND)."""
+    net = YOLOv5()
+    net.detect.inplace = True
+    return net
+
+
 def gfl() -> nn.Module:
     return GFL()
 
@@ -302,6 +317,7 @@ def nanodet() -> nn.Module:
 LAYERS = {
     "yolov8": ["neck.p3", "neck.p4", "neck.p5"],
     "yolov5": ["neck.p3", "neck.p4", "neck.p5"],
+    "yolov5_inplace": ["neck.p3", "neck.p4", "neck.p5"],
     "gfl": ["p3", "p4", "p5", "p6"],
     "nanodet": ["p3", "p4", "p5", "p6"],
 }

@@ -39,7 +39,7 @@ CASES = [
     pytest.param(name, route, marks=[pytest.mark.slow] if route in DYNAMO else [])
     for name in NETS
     for route in ROUTES
-] + [pytest.param("nanodet", route) for route in ("torch", "torchscript")]
+] + [pytest.param(name, route) for name in ("nanodet", "yolov5_inplace") for route in ("torch", "torchscript")]
 GRADIENT_METHODS = ("gradcam", "hirescam", "xgradcam", "layercam", "gradcampp")
 # float32 in torch and onnxruntime, the head in float64 on the same float32 layers: raw outputs differ by float32
 # rounding through the network (~1e-6 relative); 1e-4 is far below a wrong op or stride (a pixel, a class).
@@ -63,6 +63,8 @@ def exported(tmp_path_factory):
                 run_torch(f"detectors:{name}", out, input_size=detectors.SIZE)
             else:
                 run_onnx(onnx_file(name, route, directory), out, input_size=detectors.SIZE)
+            if name == "yolov5_inplace":  # the same weights and function: torch cannot differentiate the write
+                net = detectors.yolov5()  # into the sigmoid's output (sigmoid's backward reads it)
             cache[name, route] = npcam.load(out), net
         return cache[name, route]
 
@@ -106,7 +108,7 @@ def torch_outputs(net, x: np.ndarray) -> list[torch.Tensor]:
 def flat(name: str, outputs: list[torch.Tensor]) -> np.ndarray:
     """The module's raw outputs in the bundle's order, written from the nets' own layouts: ``[T]``."""
     values = [o.detach().double().numpy()[0] for o in outputs]
-    if name in ("yolov8", "yolov5"):
+    if name.startswith("yolo"):
         return values[0].ravel()
     if name == "gfl":  # scores.s, boxes.s for each stride
         half = len(values) // 2
@@ -125,7 +127,7 @@ def flat(name: str, outputs: list[torch.Tensor]) -> np.ndarray:
 def reference_candidates(name: str, outputs: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """Every candidate's box ``[N, 4]`` (x0, y0, x1, y1, input pixels) and ranked class scores ``[N, C]``."""
     values = [o.detach().double().numpy()[0] for o in outputs]
-    if name in ("yolov8", "yolov5"):
+    if name.startswith("yolo"):
         v = values[0].T if name == "yolov8" else values[0]  # [N, 4 + C] or [N, 5 + C]
         boxes = np.concatenate([v[:, :2] - v[:, 2:4] / 2, v[:, :2] + v[:, 2:4] / 2], axis=1)
         scores = v[:, 4:] if name == "yolov8" else v[:, 5:] * v[:, 4:5]
@@ -176,7 +178,7 @@ def score_of(name: str, outputs: list[torch.Tensor], candidate: int, cls: int) -
     """A detection's score in the module's own output: its class score, times the objectness (YOLOv5)."""
     if name == "yolov8":
         return outputs[0][0, 4 + cls, candidate]
-    if name == "yolov5":
+    if name.startswith("yolov5"):
         return outputs[0][0, candidate, 5 + cls] * outputs[0][0, candidate, 4]
     if name == "nanodet":
         return outputs[0][0, candidate, cls]
@@ -489,3 +491,10 @@ def test_softmax_before_opset_13_normalizes_over_every_trailing_axis():
         want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"image": x})[0]
         got = GraphHead(ops, arrays, shape, "x", out).forward_float64(np.maximum(x, 0))
         np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_inplace_decode_exports_with_scatternd(tmp_path):
+    """The premise of the yolov5_inplace cases: torch writes the in-place decode as ScatterND, which npcam's head
+    runs as a concat (what they check)."""
+    model = onnx.load(onnx_file("yolov5_inplace", "torchscript", tmp_path))
+    assert sum(n.op_type == "ScatterND" for n in model.graph.node) == 2 * 3  # xy and wh at each stride
