@@ -25,7 +25,6 @@ from npcam.arguments import OneLineParser, between
 from npcam.bundle import CACHE_DIR
 
 from .archs import ARCHS
-from .detector import Options, strides_argument
 from .errors import ExportError
 from .sizes import input_size_argument
 
@@ -41,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     import onnx
 
     from .api import OPSET
+    from .detector import Options, strides_argument
 
     opsets = between(7, onnx.defs.onnx_opset_version())  # what onnx knows; torch may support fewer, and says so
     parser = OneLineParser(
