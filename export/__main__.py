@@ -3,6 +3,7 @@
     npcam-export ARCH [--weights FILE] [--labels FILE] [--out DIR]      a built-in architecture
     npcam-export auto                                                   the demo's model
     npcam-export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size S|HxW] [--layer T] [--out DIR]
+                     [--task detect] [--strides S,S,..] [--bins N] [--letterbox [L] | --stretch]   (a detector)
     npcam-export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size S|HxW] [--layer M] [--out DIR]
     npcam-export tflite MODEL.tflite [--labels FILE] [--mean R G B --std R G B] [--out DIR]
     npcam-export keras MODEL.keras|MODEL.h5 [--labels FILE] [--mean R G B --std R G B] [--out DIR]
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     import onnx
 
     from .api import OPSET
+    from .detector import Options, strides_argument
 
     opsets = between(7, onnx.defs.onnx_opset_version())  # what onnx knows; torch may support fewer, and says so
     parser = OneLineParser(
@@ -79,23 +81,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="S|HxW",
         help="input size, S (S x S) or height x width, e.g. 48x192 (default: the model's own, else 224)",
     )
+    detection = argparse.ArgumentParser(add_help=False)
+    group = detection.add_argument_group("detectors (docs/export.md, Detectors)")
+    group.add_argument("--task", choices=("detect", "classify"), help="what the model is (default: read from its outputs)")
+    group.add_argument("--strides", type=strides_argument, metavar="S,S,...", help="the maps' strides, e.g. 8,16,32,64")
+    group.add_argument("--bins", type=between(2, 1024), metavar="R+1", help="values of a box side's distribution")
+    group.add_argument(
+        "--objectness",
+        action=argparse.BooleanOptionalAction,
+        help="a YOLO output has an objectness after the box (default: read from its layout)",
+    )
+    group.add_argument(
+        "--letterbox",
+        type=between(0, 255),
+        nargs="?",
+        const=114,
+        metavar="LEVEL",
+        help="feed the photo letterboxed, padded with this grey (default for YOLO: 114)",
+    )
+    group.add_argument("--stretch", action="store_true", help="feed the photo stretched to the input (no letterbox)")
+    group.add_argument("--grid-offset", type=float, metavar="F", help="a cell's centre in cells (PicoDet 0.5, NanoDet 0)")
     for name, arch in sorted(ARCHS.items()):
         p = routes.add_parser(name, parents=[common], help=f"built-in {name} ({arch.input_size}px)")
         p.add_argument("--weights", type=Path, help="state-dict .pth (default: the official weights; see the README)")
         p.add_argument("--opset", type=opsets, default=OPSET, help=f"ONNX opset (default {OPSET})")
     routes.add_parser(AUTO, help="the demo's model: an existing default bundle, else resnet18, else efficientnet_lite0")
-    p = routes.add_parser("onnx", parents=[common, preprocessing], help="any ONNX image classifier (no torch needed)")
+    p = routes.add_parser(
+        "onnx", parents=[common, preprocessing, detection], help="any ONNX image classifier or detector (no torch needed)"
+    )
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
     p.add_argument(
         "--bgr", action="store_true", help="the model takes BGR images (the channel flip goes into the trunk)"
     )
     p.add_argument("--output", metavar="NAME", help="which model output holds the class scores (default: the only one)")
-    p.add_argument("--layer", metavar="TENSOR", help="the ONNX tensor to explain (default: see docs/export.md)")
-    p = routes.add_parser("torch", parents=[common, preprocessing], help="a torch module from MODULE:CALLABLE")
+    p.add_argument(
+        "--layer",
+        metavar="TENSOR",
+        action="append",
+        help="the ONNX tensor to explain (default: see docs/export.md); a detector's maps: once for each",
+    )
+    p = routes.add_parser("torch", parents=[common, preprocessing, detection], help="a torch module from MODULE:CALLABLE")
     p.add_argument("spec", metavar="MODULE:CALLABLE", help="e.g. mypkg.models:build (run from where it imports)")
     p.add_argument("--weights", type=Path, help="a state dict to load into the module (strict)")
     p.add_argument("--opset", type=opsets, default=OPSET, help=f"ONNX opset (default {OPSET})")
-    p.add_argument("--layer", metavar="MODULE", help="the module to explain, e.g. blocks.3.norm1 (default: see docs/export.md)")
+    p.add_argument(
+        "--layer",
+        metavar="MODULE",
+        action="append",
+        help="the module to explain, e.g. blocks.3.norm1 (default: see docs/export.md); a detector's maps: once for each",
+    )
     p = routes.add_parser("tflite", parents=[common, preprocessing], help="a TensorFlow Lite classifier, float or int8")
     p.add_argument("model", type=Path, metavar="MODEL.tflite")
     p = routes.add_parser("keras", parents=[common, preprocessing], help="a Keras classifier (.keras, or .h5)")
@@ -111,6 +145,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--std values must be positive")
     if not all(math.isfinite(v) for name in ("mean", "std") for v in getattr(args, name, None) or ()):
         parser.error("--mean and --std values must be finite numbers")
+    if getattr(args, "letterbox", None) is not None and getattr(args, "stretch", False):
+        parser.error("--letterbox and --stretch exclude each other")
+    if getattr(args, "route", None) in ("onnx", "torch"):
+        args.detect = Options(
+            task=args.task,
+            strides=args.strides,
+            bins=args.bins,
+            objectness=args.objectness,
+            letterbox=args.letterbox,
+            stretch=args.stretch,
+            grid_offset=args.grid_offset,
+        )
     # `auto` takes none of the common options
     if getattr(args, "int8_check", None) is not None or getattr(args, "int8_setting", None):
         if args.int8 is None:
@@ -150,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.output,
                 args.int8,
                 args.layer,
+                args.detect,
             )
         elif args.route == "torch":
             run_torch(
@@ -163,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.opset,
                 args.int8,
                 args.layer,
+                args.detect,
             )
         elif args.route in ("tflite", "keras"):
             from .from_keras import run_keras

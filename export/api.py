@@ -7,6 +7,7 @@ Keras routes are :func:`export.from_tflite.run_tflite` and :func:`export.from_ke
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,9 @@ from npcam.bundle import default_model_dir, is_bundle, sha256_file
 
 from . import build
 from .archs import ARCHS, IMAGENET_MEAN, IMAGENET_STD
+from .detector import DEFAULT_SIZE, DetectorSplit, Options, split_detector
 from .errors import ExportError
+from .sizes import native_size
 from .split import Split, split
 
 if TYPE_CHECKING:
@@ -75,11 +78,14 @@ def run_onnx(
     bgr: bool = False,
     output: str | None = None,
     int8: Path | Int8 | None = None,
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
+    detect: Options | None = None,
 ) -> Path:
-    """Export any ONNX image classifier, torch-free; returns the bundle directory.
+    """Export any ONNX image classifier or detector, torch-free; returns the bundle directory.
 
-    ``layer``: the ONNX tensor to explain (default: the family's default layer, see :mod:`export.layer`)."""
+    ``layer``: the ONNX tensor to explain (default: the family's default layer, see :mod:`export.layer`), or a
+    detector's several. ``detect``: a detector's flags (:class:`export.detector.Options`); a detector is recognized
+    from its outputs without them."""
     try:
         original = onnx.load(str(model))
     except FileNotFoundError:
@@ -88,8 +94,21 @@ def run_onnx(
         raise ExportError(
             f"{model}: not an ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    parts = _split(str(model), original, input_size, bgr=bgr, output=output, layer=layer)
+    layers = _layers(layer)
+    options = _detect_options(detect, layers)
     digest = sha256_file(model)
+    found = _split_detector(str(model), original, input_size, bgr, options)
+    if found is not None:
+        _no_int8(int8)
+        meta = {
+            "arch": f"onnx:{model.stem}",
+            "layer": ", ".join(found.layers),
+            "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr, "channels": found.channels},
+        }
+        reference = _fed_by_npcam(_onnx_outputs(original, found.layout, bgr), found.channels)
+        return _export_detector(found, _out(out, model.stem, digest, None), labels, mean, std, meta, reference)
+    layer = _one_layer(layers)
+    parts = _split(str(model), original, input_size, bgr=bgr, output=output, layer=layer)
     meta = {
         "arch": f"onnx:{model.stem}",
         "layer": parts.layer,
@@ -115,12 +134,14 @@ def run_torch(
     input_size: int | tuple[int, int] | None = None,
     opset: int = OPSET,
     int8: Path | Int8 | None = None,
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
+    detect: Options | None = None,
 ) -> Path:
     """Export the torch module that ``spec`` (``MODULE:CALLABLE``) returns; returns the bundle directory.
 
     ``layer``: the module path to explain (``blocks.3.norm1``; default: the family's default layer), recorded
-    in the bundle as a module path where one module outputs the layer.
+    in the bundle as a module path where one module outputs the layer; a detector's several. ``detect``: a
+    detector's flags; a module with an output of rank 3 is exported as a detector.
     """
     import hashlib
 
@@ -132,8 +153,18 @@ def run_torch(
         if not weights.is_file():
             raise ExportError(f"{weights}: no such weights file")
         from_torch.load_weights(net, load_state_dict(weights), weights, spec)
-    size = from_torch.input_size(net, input_size, spec)  # (height, width)
     digest = sha256_file(weights) if weights else hashlib.sha256(spec.encode()).hexdigest()
+    layers = _layers(layer)
+    options = _detect_options(detect, ())
+    name = weights.stem if weights else spec.rpartition(":")[2]
+    if options.task == "detect" or (
+        options.task != "classify" and 3 in from_torch.output_ranks(net, native_size([], input_size))
+    ):
+        _no_int8(int8)
+        return _run_torch_detector(net, spec, weights, digest, _out(out, name, digest, None), labels, mean, std,
+                                   input_size, opset, layers, options)  # fmt: skip
+    layer = _one_layer(layers)
+    size = from_torch.input_size(net, input_size, spec)  # (height, width)
     meta = {
         "arch": f"torch:{spec}",
         "mean": list(mean or IMAGENET_MEAN),
@@ -147,9 +178,87 @@ def run_torch(
     meta["layer"] = layer or from_torch.module_of_tensor(net, onnx_model, parts.layer, size) or parts.layer
     if parts.channels == 1:
         meta["mean"], meta["std"] = _grey_normalization(mean, std)
-    name = weights.stem if weights else spec.rpartition(":")[2]
     reference = _fed_by_npcam(from_torch.reference(net), parts.channels)
     return _export(parts, _out(out, name, digest, int8), labels, meta, reference, int8=int8)
+
+
+def _run_torch_detector(net, spec, weights, digest, out, labels, mean, std, input_size, opset, layers, options) -> Path:
+    """A torch detector through its ONNX export (TorchScript, at one size); its self-check against the module."""
+    import dataclasses
+
+    import torch
+
+    from . import from_torch
+
+    size = native_size([], input_size or DEFAULT_SIZE)
+    with torch.no_grad():
+        count = len(from_torch.flat_outputs(net.eval()(torch.zeros(1, 3, *size))))
+    names = [f"output{i}" for i in range(count)]
+    onnx_model = from_torch.to_onnx(net, size, opset, names, dynamic_size=False)
+    tensors = tuple(from_torch.tensors_of_modules(net, onnx_model, layers, spec, size))
+    found = _split_detector(spec, onnx_model, size, False, dataclasses.replace(options, task="detect", layers=tensors))
+    modules = from_torch.modules_of_tensors(net, onnx_model, found.layers, size)
+    paths = list(layers) or [module or tensor for module, tensor in zip(modules, found.layers)]
+    meta = {
+        "arch": f"torch:{spec}",
+        "layer": ", ".join(paths),
+        "source": {"kind": "torch", "name": weights.name if weights else spec, "sha256": digest},
+        "versions": _torch_versions(),
+    }
+    reference = from_torch.outputs_reference(net, names)
+    return _export_detector(found, out, labels, mean, std, meta, reference)
+
+
+def _layers(layer: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``--layer``, given once or more (a detector's maps), as a tuple."""
+    if layer is None:
+        return ()
+    return (layer,) if isinstance(layer, str) else tuple(layer)
+
+
+def _one_layer(layers: tuple[str, ...]) -> str | None:
+    if len(layers) > 1:
+        raise ExportError(f"{len(layers)} --layer values: a classifier is explained at one layer (several are a detector's)")
+    return layers[0] if layers else None
+
+
+def _detect_options(detect: Options | None, layers: tuple[str, ...]) -> Options:
+    import dataclasses
+
+    options = detect or Options()
+    return dataclasses.replace(options, layers=layers) if layers else options
+
+
+def _no_int8(int8) -> None:
+    if int8 is not None:
+        raise ExportError("--int8 takes classifiers; export the detector in float")
+
+
+def _split_detector(what: str, model: onnx.ModelProto, input_size, bgr: bool, options: Options) -> DetectorSplit | None:
+    """:func:`export.detector.split_detector`, its refusal naming the model."""
+    try:
+        return split_detector(model, input_size, bgr, options)
+    except ExportError as e:
+        raise ExportError(f"{what}: {e}; nothing was written") from None
+
+
+def _export_detector(found: DetectorSplit, out: Path, labels: Path | None, mean, std, meta: dict, reference) -> Path:
+    """Write, check and report a detection bundle; returns its directory.
+
+    Its preprocessing: ``--mean``/``--std``, else the model package's (pixels / 255 for the YOLO tools, ImageNet's
+    statistics otherwise)."""
+    unit = found.decode.unit_scale
+    meta = {
+        **meta,
+        "mean": list(mean or ([0.0, 0.0, 0.0] if unit else IMAGENET_MEAN)),
+        "std": list(std or ([1.0, 1.0, 1.0] if unit else IMAGENET_STD)),
+    }
+    if found.channels == 1:
+        meta["mean"], meta["std"] = _grey_normalization(mean, std)
+    names = build.detector_labels(labels, int(found.decode.spec["classes"]), found.metadata)
+    meta = build.export_detector(found, out, names, meta, reference)
+    build.report_detector(meta, out, found.decode.notes)
+    return out
 
 
 def auto() -> Path:
@@ -237,6 +346,22 @@ def _onnx_reference(original: onnx.ModelProto, layout: str, bgr: bool, output: s
         x = x[:, ::-1] if bgr else x
         x = x.transpose(0, 2, 3, 1) if layout == "NHWC" else x
         return session.run(wanted, {name: x.astype(np.float32, copy=False).copy()})[0]
+
+    return run
+
+
+def _onnx_outputs(original: onnx.ModelProto, layout: str, bgr: bool):
+    """The original ONNX detector in onnxruntime: npcam's NCHW RGB inputs in, ``{name: output}`` out."""
+    from .graph import session as quiet_session
+
+    session = quiet_session(original)
+    name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+
+    def run(x):
+        x = x[:, ::-1] if bgr else x
+        x = x.transpose(0, 2, 3, 1) if layout == "NHWC" else x
+        return dict(zip(names, session.run(names, {name: x.astype(np.float32, copy=False).copy()})))
 
     return run
 

@@ -35,7 +35,9 @@ _UNARY = {
 }  # fmt: skip
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu", "Where"}
 _REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2", "ReduceMax", "ReduceMin"}
-_BATCH_FIRST = {"Conv", "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "BatchNormalization"}
+_BATCH_FIRST = {
+    "Conv", "MaxPool", "AveragePool", "GlobalMaxPool", "GlobalAveragePool", "BatchNormalization", "Resize",
+}  # fmt: skip
 
 
 class Lost(Exception):

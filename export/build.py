@@ -27,10 +27,18 @@ from .errors import ExportError
 from .split import Split
 
 if TYPE_CHECKING:
+    from .detector import DetectorSplit
     from .quantize import Int8
 
 TOLERANCE = 1e-4  # relative: max |npcam - original| / max |original|
 IMAGENET_LABELS = Path(__file__).with_name("imagenet_classes.txt")
+COCO_LABELS = Path(__file__).with_name("coco_classes.txt")  # COCO's 80 detection classes, in the YOLO tools' order
+# A detector's self-check (detector_self_check): every candidate's class scores (and objectness) within DETECT_TOLERANCE
+# absolute, its box within DETECT_TOLERANCE of the input's longer side. Both models compute in float32 (24 bits, 6e-8
+# relative): the bundle's head repeats the original's last layers in float64 (or float32 in another order), so the
+# two differ by the original's own rounding, a few 1e-7 of a value's scale, a few 1e-6 after a head of many layers.
+# 1e-4 leaves ~30x above that; a wrong op, stride or cell centre moves a box by a pixel or more (1.6e-3 at 640 px).
+DETECT_TOLERANCE = 1e-4
 
 # reference(x) -> the original model's output for float32 [N,3,H,W] RGB normalized inputs
 Reference = Callable[[np.ndarray], np.ndarray]
@@ -58,6 +66,22 @@ def read_labels(path: Path | None, classes: int) -> list[str]:
     if len(labels) != classes:
         raise ExportError(f"{path}: {len(labels)} labels, but the model has {classes} classes")
     return labels
+
+
+def detector_labels(path: Path | None, classes: int, metadata: dict[str, str]) -> list[str]:
+    """A detector's C class names: from ``path``; else the file's own (ultralytics' ``names``); else COCO's for 80
+    classes (what the YOLO tools, PP-PicoDet and NanoDet publish their detectors trained on, in that order);
+    else ``class i``."""
+    from .detector import metadata_labels
+
+    if path is not None:
+        return read_labels(path, classes)
+    own = metadata_labels(metadata, classes)
+    if own is not None:
+        return own
+    if classes == 80:
+        return COCO_LABELS.read_text(encoding="utf-8").splitlines()
+    return [f"class {i}" for i in range(classes)]
 
 
 def default_out(name: str, source_sha256: str) -> Path:
@@ -237,3 +261,108 @@ def report(meta: dict, out: Path) -> None:
             + ("" if q["faster_than_fp32"] else "; no faster than fp32 on this CPU: consider the fp32 bundle"),
             file=sys.stderr,
         )
+
+
+# Detectors
+
+# reference(x) -> the original detector's outputs {name: [N, ...]} for float32 [N,3,H,W] RGB normalized inputs
+OutputsReference = Callable[[np.ndarray], dict]
+
+
+def export_detector(split: DetectorSplit, out: Path, labels: Sequence[str], meta: dict, reference: OutputsReference) -> dict:
+    """Write ``split`` as a detection bundle at ``out`` and check it against ``reference``; returns bundle.json's
+    content. ``meta`` holds ``arch``, ``mean``, ``std``, ``source`` and ``layer``."""
+    if split.trunk.ByteSize() >= 2**31:
+        raise ExportError(f"the trunk is {split.trunk.ByteSize():,} bytes, over ONNX's 2 GiB limit for one file")
+    detect = {
+        "task": "detect",
+        "detect": split.decode.detect_spec(),
+        **({"letterbox": split.letterbox} if split.letterbox else {}),
+    }
+    with bundle_format.staged(out) as tmp:
+        meta = bundle_format.write(
+            tmp,
+            split.trunk.SerializeToString(),
+            split.head,
+            labels,
+            {
+                **meta,
+                **detect,
+                "input_size": split.input_size,
+                "fixed_size": True,
+                "stride": max(split.strides),
+                "layout": split.layout,
+                "precision": "fp32",
+                "opset": max((o.version for o in split.trunk.opset_import if o.domain in ("", "ai.onnx")), default=0),
+                "versions": {
+                    "npcam": npcam.__version__,
+                    "onnx": onnx.__version__,
+                    "onnxruntime": onnxruntime.__version__,
+                    "numpy": np.__version__,
+                    **meta.get("versions", {}),
+                },
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
+            split.decode.arrays or None,
+        )
+        meta["check"] = detector_self_check(tmp, split, reference)
+        meta = bundle_format.seal(tmp, meta)
+    return meta
+
+
+def detector_self_check(bundle: Path, split: DetectorSplit, reference: OutputsReference, inputs: int = 2) -> dict:
+    """Compare the bundle's raw outputs with the original's on random inputs, one image at a time: every candidate's
+    class scores and objectness (absolute) and its box (relative to the input's longer side), decoded by the
+    bundle's own decoder from both; raises above :data:`DETECT_TOLERANCE`."""
+    try:
+        model = npcam.load(bundle)
+    except npcam.NpcamError as e:
+        raise ExportError(f"the written bundle does not load: {e}") from None
+    decoder = model.bundle.decoder
+    height, width = split.input_size
+    rng = np.random.default_rng(0)
+    scores = boxes = raw = 0.0
+    for _ in range(inputs):
+        x = rng.standard_normal((1, 3, height, width), dtype=np.float32)
+        try:
+            want = split.arrange({k: np.asarray(v, dtype=np.float64) for k, v in reference(x).items()})
+        except Exception as e:  # the user's model may fail in any way
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            raise ExportError(f"the original model fails on a random 1x3x{height}x{width} input ({why})") from None
+        layer, sides = model.trunk(x)
+        got = model.head.forward_float64(layer, sides)
+        if got.shape != want.shape:
+            raise ExportError(f"self-check failed: the bundle gives {got.shape[1]:,} values, the original {want.shape[1]:,}")
+        mine, theirs = decoder.decode(got)[0], decoder.decode(want)[0]
+        scores = max(scores, float(np.abs(mine.scores - theirs.scores).max()))
+        if mine.objectness is not None:
+            scores = max(scores, float(np.abs(mine.objectness - theirs.objectness).max()))
+        boxes = max(boxes, float(np.abs(mine.boxes - theirs.boxes).max()) / max(height, width))
+        raw = max(raw, relative_error(got, want))
+    if not (scores <= DETECT_TOLERANCE and boxes <= DETECT_TOLERANCE):
+        raise ExportError(
+            f"self-check failed: the bundle's candidates differ from the original's by {scores:.2e} in their scores "
+            f"and {boxes:.2e} of the input's side in their boxes (limit {DETECT_TOLERANCE} each)"
+        )
+    return {
+        "scores_max_error": scores,
+        "boxes_max_error": boxes,
+        "raw_relative_error": raw,
+        "inputs": [[1, height, width]] * inputs,
+    }
+
+
+def report_detector(meta: dict, out: Path, notes: Sequence[str] = ()) -> None:
+    """One line on stderr saying what detector was exported, what was read without a flag, and how well it matched."""
+    detect, check = meta["detect"], meta["check"]
+    size = "{}x{} px".format(*meta["input_size"])
+    feed = f"letterbox {meta['letterbox'][0]}" if meta.get("letterbox") else "stretched"
+    layers = meta.get("layer", "").count(",") + 1
+    side = max(meta["input_size"])
+    print(
+        f"exported {meta['arch']} (detector: {detect['decode']}, {meta['classes']} classes, {layers} "
+        f"layer{'s' if layers > 1 else ''}, {size} {feed}) to {out} (self-check: scores within {check['scores_max_error']:.1e}, "
+        f"boxes within {check['boxes_max_error'] * side:.1e} px of the original)"
+        + (f"; read without a flag: {'; '.join(notes)}" if notes else ""),
+        file=sys.stderr,
+    )

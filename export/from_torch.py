@@ -14,6 +14,7 @@ import io
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -133,12 +134,20 @@ def _runs(net: nn.Module, size: tuple[int, int]) -> str | None:
     return problem
 
 
-def to_onnx(net: nn.Module, input_size: tuple[int, int], opset: int) -> onnx.ModelProto:
+def to_onnx(
+    net: nn.Module,
+    input_size: tuple[int, int],
+    opset: int,
+    output_names: Sequence[str] = ("scores",),
+    dynamic_size: bool = True,
+) -> onnx.ModelProto:
     """The whole classifier as ONNX, traced at ``input_size`` ``(H, W)``, with dynamic batch, height and width
-    where torch can trace them."""
+    where torch can trace them (a detector's, ``dynamic_size`` False, has its head's exact shapes: batch only).
+    ``output_names`` names the module's outputs in order (a detector's several)."""
     dummy = torch.zeros(1, _input_channels(net, input_size), *input_size)
-    axes = {"input": {0: "N", 2: "H", 3: "W"}, "scores": {0: "N"}}
-    for dynamic_axes in (axes, {"input": {0: "N"}, "scores": {0: "N"}}, None):
+    batch = {name: {0: "N"} for name in output_names}
+    axes = {"input": {0: "N", 2: "H", 3: "W"}, **batch}
+    for dynamic_axes in ((axes,) if dynamic_size else ()) + ({"input": {0: "N"}, **batch}, None):
         buffer = io.BytesIO()
         try:
             with warnings.catch_warnings(), torch.no_grad(), _no_mha_fast_path():
@@ -148,7 +157,7 @@ def to_onnx(net: nn.Module, input_size: tuple[int, int], opset: int) -> onnx.Mod
                     (dummy,),
                     buffer,
                     input_names=["input"],
-                    output_names=["scores"],
+                    output_names=list(output_names),
                     dynamic_axes=dynamic_axes,
                     opset_version=opset,
                     do_constant_folding=True,
@@ -237,30 +246,57 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 
 def tensor_of_module(net: nn.Module, model: onnx.ModelProto, path: str, spec: str, size: tuple[int, int]) -> str:
     """The ONNX tensor that holds module ``path``'s output: the first in graph order with the same values."""
+    return tensors_of_modules(net, model, [path], spec, size)[0]
+
+
+def tensors_of_modules(
+    net: nn.Module, model: onnx.ModelProto, paths: Sequence[str], spec: str, size: tuple[int, int]
+) -> list[str]:
+    """:func:`tensor_of_module` for several module paths, the model and the module run once."""
     modules = dict(net.named_modules())
-    if path not in modules or not path:
-        near = [n for n in modules if n and n.split(".")[-1] == path.split(".")[-1]][:3]
-        raise ExportError(
-            f"{spec}: --layer {path!r} is not a module path of the model" + (f" (maybe {', '.join(near)})" if near else "")
-        )
+    for path in paths:
+        if path not in modules or not path:
+            near = [n for n in modules if n and n.split(".")[-1] == path.split(".")[-1]][:3]
+            raise ExportError(
+                f"{spec}: --layer {path!r} is not a module path of the model"
+                + (f" (maybe {', '.join(near)})" if near else "")
+            )
+    if not paths:
+        return []
     x = _probe_input(model, size)
-    wanted = module_outputs(net, x).get(path)
-    if wanted is None:
-        raise ExportError(f"{spec}: --layer {path!r} does not output one tensor")
-    for name, value in _onnx_values(model, x).items():
-        if _same(value, wanted):
-            return name
-    raise ExportError(f"{spec}: --layer {path!r}: no tensor of the ONNX export holds its output (torch fused it away)")
+    outputs = module_outputs(net, x)
+    values = _onnx_values(model, x)
+    found = []
+    for path in paths:
+        wanted = outputs.get(path)
+        if wanted is None:
+            raise ExportError(f"{spec}: --layer {path!r} does not output one tensor")
+        name = next((name for name, value in values.items() if _same(value, wanted)), None)
+        if name is None:
+            raise ExportError(
+                f"{spec}: --layer {path!r}: no tensor of the ONNX export holds its output (torch fused it away)"
+            )
+        found.append(name)
+    return found
 
 
 def module_of_tensor(net: nn.Module, model: onnx.ModelProto, tensor: str, size: tuple[int, int]) -> str | None:
     """The module path whose output is ONNX tensor ``tensor`` (the outermost such module), or None."""
+    return modules_of_tensors(net, model, [tensor], size)[0]
+
+
+def modules_of_tensors(
+    net: nn.Module, model: onnx.ModelProto, tensors: Sequence[str], size: tuple[int, int]
+) -> list[str | None]:
+    """:func:`module_of_tensor` for several tensors, the model and the module run once."""
     x = _probe_input(model, size)
     values = _onnx_values(model, x)
-    if tensor not in values:
-        return None
-    matches = [name for name, out in module_outputs(net, x).items() if _same(out, values[tensor])]
-    return min(matches, key=lambda name: name.count(".")) if matches else None
+    outputs = module_outputs(net, x)
+    found: list[str | None] = []
+    for tensor in tensors:
+        matches = [name for name, out in outputs.items() if tensor in values and _same(out, values[tensor])]
+        found.append(min(matches, key=lambda name: name.count(".")) if matches else None)
+    return found
 
 
 def _input_channels(net: nn.Module, input_size: tuple[int, int]) -> int:
@@ -295,5 +331,39 @@ def reference(net: nn.Module):
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.detach().float().numpy()
+
+    return run
+
+
+def flat_outputs(out) -> list[torch.Tensor]:
+    """A module's output as the tensors the ONNX export lists, in its order (tuples and lists flattened)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in flat_outputs(item)]
+    if isinstance(out, dict):
+        return [t for item in out.values() for t in flat_outputs(item)]
+    return []
+
+
+def output_ranks(net: nn.Module, input_size: tuple[int, int]) -> list[int]:
+    """The ranks of the module's outputs on an image of ``input_size`` (a detector has one of rank 3), or [] when
+    it does not run there."""
+    try:
+        with torch.no_grad():
+            out = net.eval()(torch.zeros(1, _input_channels(net, input_size), *input_size))
+    except Exception:  # the module says no in its own way; the export reports it
+        return []
+    return [t.dim() for t in flat_outputs(out)]
+
+
+def outputs_reference(net: nn.Module, names: Sequence[str]):
+    """A detector module as its self-check's reference: float32 ``[N,3,H,W]`` in, ``{name: output}`` out, the
+    outputs named in the order of the module's (as its ONNX export names them)."""
+
+    def run(x: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = flat_outputs(net.eval()(torch.from_numpy(x)))
+        return {name: t.detach().float().numpy() for name, t in zip(names, out)}
 
     return run

@@ -215,7 +215,8 @@ def kinds(g: GraphIndex, pooled: str, sides: Sequence[str] = ()) -> dict[str, st
     get no entry. A node's captured reads (If branches) count as its inputs.
     """
     found = {name: "const" for name in g.constants}
-    found.update((name, "data") for name in (pooled, *sides))
+    starts = {pooled, *sides}
+    found.update((name, "data") for name in starts)
     for node in g.graph.node:
         if node.op_type == "Constant":
             continue
@@ -228,8 +229,8 @@ def kinds(g: GraphIndex, pooled: str, sides: Sequence[str] = ()) -> dict[str, st
             kind = None
         else:
             kind = "shape" if "shape" in reads else "const"
-        if kind is not None:
-            found.update((o, kind) for o in node.output if o)
+        if kind is not None:  # the starts stay data, even where one is computed from another (a detector's maps)
+            found.update((o, kind) for o in node.output if o and o not in starts)
     return found
 
 

@@ -24,6 +24,8 @@ from . import batch_axis, head_finder
 from .errors import ExportError
 from .graph import GraphIndex, Values, attr, first_line, is_noop
 
+# Ops converted into others: Split into Slices, ScatterND (a block write) into Slices and a Concat.
+REWRITTEN = {"Split", "ScatterND"}
 # Reductions whose axes come as an attribute, or as a second input from opset 13 (ReduceSum) or 18 (the rest).
 REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2", "ReduceMax", "ReduceMin"}
 
@@ -54,7 +56,7 @@ def head_ops(
     if None in outer.values():
         raise ExportError(f"cannot tell the shape of {', '.join(k for k, v in outer.items() if v is None)}")
     for node in nodes:
-        if kinds.get(node.output[0]) == "data" and not (node.op_type in OPS or node.op_type == "Split" or is_noop(node)):
+        if kinds.get(node.output[0]) == "data" and not (node.op_type in OPS or node.op_type in REWRITTEN or is_noop(node)):
             raise ExportError(
                 f"the head uses the op {node.op_type} ({node.name!r}), which npcam's "
                 f"NumPy head does not implement (it has {', '.join(sorted(OPS))})"
@@ -100,7 +102,8 @@ def head_ops(
         if is_noop(node):
             alias[node.output[0]] = alias.get(node.input[0], node.input[0])
             continue
-        converted = convert(node, ref, runs)
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        converted = convert(node, ref, runs, kinds, opset)
         ops += converted if isinstance(converted, list) else [converted]
     scores = alias.get(scores, scores)
     try:  # the shapes as one image has them, rewritten where the batch is
@@ -143,9 +146,9 @@ def subgraph(model, nodes, pooled_name, pooled_shape, scores, outer) -> onnx.Mod
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
-def convert(node: onnx.NodeProto, ref, runs) -> Op:
-    """One head node as an npcam Op, as it computes one image; attributes given as inputs in newer opsets become
-    attributes. Shapes are as at batch 1 (a Reshape's target is its output's shape), for
+def convert(node: onnx.NodeProto, ref, runs, kinds: dict | None = None, opset: int = 17) -> Op | list[Op]:
+    """One head node as an npcam Op (or a few), as it computes one image; attributes given as inputs in newer
+    opsets become attributes. Shapes are as at batch 1 (a Reshape's target is its output's shape), for
     :func:`export.batch_axis.follow` to rewrite where the batch is."""
     op, out = node.op_type, node.output[0]
     inputs = [i for i in node.input]
@@ -153,6 +156,9 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
         return Op(op, (ref(inputs[0]),), out, {"shape": list(np.asarray(runs[0][out]).shape)})
     if op == "Expand":
         return Op(op, (ref(inputs[0]),), out, {"shape": np.asarray(runs[0][inputs[1]]).astype(int).tolist()})
+
+    def kinds_of(names) -> set:
+        return {(kinds or {}).get(name) for name in names if name}
 
     def constant(i: int):
         return np.asarray(runs[0][inputs[i]]) if i < len(inputs) and inputs[i] else None
@@ -203,20 +209,20 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
         axes = [a % rank for a in axes]
         return Op(op, (ref(inputs[0]),), out, {"axes": axes, "keepdims": int(attr(node, "keepdims", 1))})
     if op == "Conv":
-        weight = constant(1)
-        x_shape = np.asarray(runs[0][inputs[0]]).shape
-        if (
-            weight is None
-            or weight.shape[2:] != (1, 1)
-            or tuple(x_shape[2:]) != (1, 1)
-            or attr(node, "group", 1) != 1
-            or any(attr(node, "pads", [0]))
-        ):
-            raise ExportError(f"the head's Conv {node.name!r} is not a 1x1 convolution on the pooled 1x1 map")
-        return Op(op, tuple(ref(i) for i in inputs if i), out, {})
+        if kinds_of(inputs[1:]) & {"data", "mixed"}:
+            raise ExportError(f"the head's Conv {node.name!r} computes its weights; npcam's head needs constant ones")
+        names = ("strides", "pads", "dilations", "group", "auto_pad", "kernel_shape")
+        attrs = {k: _plain(attr(node, k)) for k in names if attr(node, k) is not None}
+        return Op(op, tuple(ref(i) for i in inputs if i), out, attrs)
+    if op == "Resize":
+        return _resize(node, inputs, runs, ref)
+    if op == "ScatterND":
+        return _scatter_as_concat(node, inputs, runs, ref)
     if op == "Pow":
         return Op(op, (ref(inputs[0]), ref(inputs[1])), out, {})
     attrs = {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
+    if op in ("Softmax", "LogSoftmax") and opset < 13:
+        return _softmax_before_13(node, inputs, runs, ref)
     if op == "BatchNormalization":
         attrs = {"epsilon": attrs.get("epsilon", 1e-5)}
     if op == "LayerNormalization":
@@ -227,9 +233,104 @@ def convert(node: onnx.NodeProto, ref, runs) -> Op:
 def _batched(ops: list[Op], arrays, runs, starts: list[str], scores: str, one_image: bool) -> list[Op]:
     """The ops of one image rewritten to run at any batch (:func:`export.batch_axis.follow`), from the tensors'
     shapes at batch 1 and, for a model of dynamic batch, at batch 2. Raises :class:`export.batch_axis.Lost`."""
-    shapes = {name: np.asarray(value).shape for name, value in runs[0].items()}
-    shapes2 = None if one_image else {name: np.asarray(value).shape for name, value in runs[1].items()}
+    shapes = _with_made_tensors(ops, arrays, {name: np.asarray(value).shape for name, value in runs[0].items()})
+    shapes2 = None
+    if not one_image:
+        shapes2 = _with_made_tensors(ops, arrays, {name: np.asarray(value).shape for name, value in runs[1].items()})
     return batch_axis.follow(ops, arrays, shapes, starts, scores, shapes2)
+
+
+def _with_made_tensors(ops: list[Op], arrays, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with those of the tensors that no node of the file computes, made by a conversion that writes one
+    node as several ops (a Split's slices, a ScatterND's concat), from the ops' shape rules."""
+    shapes = dict(shapes)
+    for op in ops:
+        if op.output not in shapes:
+            given = [shapes[n] if n in shapes else np.asarray(arrays[n]).shape for n in op.inputs]
+            shapes[op.output] = tuple(OPS[op.op].shape(given, op.attrs))
+    return shapes
+
+
+def _softmax_before_13(node: onnx.NodeProto, inputs: list[str], runs, ref) -> Op | list[Op]:
+    """Softmax and LogSoftmax before opset 13 normalize over every axis from ``axis`` on (default 1) together: the
+    input reshaped to keep the axes before it, normalized over the last, and reshaped back."""
+    shape = np.asarray(runs[0][inputs[0]]).shape
+    axis = int(attr(node, "axis", 1)) % len(shape)
+    if axis == len(shape) - 1:
+        return Op(node.op_type, (ref(inputs[0]),), node.output[0], {"axis": -1})
+    flat = f"{node.output[0]}_npcam_flat"
+    normalized = f"{node.output[0]}_npcam_normalized"
+    return [
+        Op("Reshape", (ref(inputs[0]),), flat, {"shape": [0] * axis + [-1]}),
+        Op(node.op_type, (flat,), normalized, {"axis": -1}),
+        Op("Reshape", (normalized,), node.output[0], {"shape": [0, *shape[1:]]}),
+    ]
+
+
+def _scatter_as_concat(node: onnx.NodeProto, inputs: list[str], runs, ref) -> list[Op]:
+    """ScatterND writing one block along one axis (torch's export of ``y[..., 0:2] = v``, as YOLOv5 before 6.0 wrote
+    its decode): the data before and after the block, the updates in it, joined along that axis.
+
+    The constant indices must list every position of the block, row-major (so the updates are the block itself);
+    anything else is refused."""
+    data, indices = np.asarray(runs[0][inputs[0]]), np.asarray(runs[0][inputs[1]]).astype(np.int64)
+    reduction = _plain(attr(node, "reduction", "none"))
+    if reduction != "none" or indices.ndim < 1 or indices.shape[-1] > data.ndim:
+        raise ExportError(f"the head's ScatterND {node.name!r} is not a plain block write, which npcam runs as a concat")
+    depth = indices.shape[-1]
+    ranges = [np.unique(indices[..., k]) for k in range(depth)]
+    block = [(int(r[0]), int(r[-1]) + 1) for r in ranges]
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in block], indexing="ij"), axis=-1).reshape(-1, depth)
+    partial = [k for k, (a, b) in enumerate(block) if (a, b) != (0, data.shape[k])]
+    if not np.array_equal(indices.reshape(-1, depth), grid) or len(partial) > 1 or partial == [0]:
+        raise ExportError(f"the head's ScatterND {node.name!r} is not a block along one axis, which npcam runs as a concat")
+    out = node.output[0]
+    if not partial:  # the whole tensor: the updates
+        return [Op("Reshape", (ref(inputs[2]),), out, {"shape": [0, *data.shape[1:]]})]
+    axis = partial[0]
+    a, b = block[axis]
+    shape = [*data.shape[:axis], b - a, *data.shape[axis + 1 :]]
+    parts, ops = [], [Op("Reshape", (ref(inputs[2]),), f"{out}_npcam_block", {"shape": [0, *shape[1:]]})]
+    source = ref(inputs[0])
+    if a > 0:
+        ops.append(Op("Slice", (source,), f"{out}_npcam_before", {"starts": [0], "ends": [a], "axes": [axis]}))
+        parts.append(f"{out}_npcam_before")
+    parts.append(f"{out}_npcam_block")
+    if b < data.shape[axis]:
+        ops.append(Op("Slice", (source,), f"{out}_npcam_after", {"starts": [b], "ends": [data.shape[axis]], "axes": [axis]}))
+        parts.append(f"{out}_npcam_after")
+    return [*ops, Op("Concat", tuple(parts), out, {"axis": axis})]
+
+
+def _resize(node: onnx.NodeProto, inputs: list[str], runs, ref) -> Op:
+    """Resize with its constant scales or sizes as attributes (opset 10: X and scales; 11 on: X, roi, scales,
+    sizes), the output's own size checked against what the rule computes."""
+    x = np.asarray(runs[0][inputs[0]])
+    attrs = {a.name: _plain(helper.get_attribute_value(a)) for a in node.attribute}
+    given = [np.asarray(runs[0][name]) if i < len(inputs) and name else None for i, name in enumerate(inputs)]
+    scales_at = 1 if len(inputs) == 2 else 2  # opset 10 has no roi
+    scales = given[scales_at] if scales_at < len(given) else None
+    sizes = given[3] if len(given) > 3 else None
+    if scales is not None and scales.size:
+        attrs["scales"] = [float(v) for v in scales.ravel()]
+    elif sizes is not None and sizes.size:
+        attrs["sizes"] = [int(v) for v in sizes.ravel()]
+    if len(inputs) == 2:  # opset 10: asymmetric coordinates, nearest rounded down
+        attrs.setdefault("coordinate_transformation_mode", "asymmetric")
+        attrs.setdefault("nearest_mode", "floor")
+    if attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize":
+        raise ExportError(f"the head's Resize {node.name!r} crops (tf_crop_and_resize), which npcam does not run")
+    for unused in ("cubic_coeff_a", "exclude_outside", "extrapolation_value"):
+        attrs.pop(unused, None)
+    op = Op("Resize", (ref(inputs[0]),), node.output[0], attrs)
+    try:
+        shape = OPS["Resize"].shape([x.shape], attrs)
+    except ValueError as e:
+        raise ExportError(f"the head's Resize {node.name!r} cannot run in npcam ({e})") from None
+    if tuple(shape) != np.asarray(runs[0][node.output[0]]).shape:
+        raise ExportError(f"the head's Resize {node.name!r} gives {list(np.asarray(runs[0][node.output[0]]).shape)}, "
+                          f"npcam's rule {list(shape)}")  # fmt: skip
+    return op
 
 
 def _split_as_slices(node: onnx.NodeProto, inputs: list[str], runs, ref) -> list[Op]:

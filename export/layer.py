@@ -18,6 +18,7 @@ connection) becomes a *side input*, constant for the gradient, as a forward hook
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -214,9 +215,9 @@ def cut_at(g: GraphIndex, scores: str, values: Values, layer: str) -> Cut:
     found = head_finder.kinds(g, layer)
     if found.get(scores) not in ("data", "mixed"):
         raise ExportError(f"the scores do not depend on {layer!r}")
-    sides = _side_inputs(g, scores, layer, found)
+    sides = side_inputs(g, scores, [layer], found)
     found = head_finder.kinds(g, layer, sides)
-    nodes = _nodes(g, scores, [layer, *sides], found)
+    nodes = nodes_between(g, scores, [layer, *sides], found)
     side_shapes = {}
     for name in sides:
         side_shape = values.shape(name)
@@ -253,14 +254,14 @@ def _token_mean(g: GraphIndex, scores: str, values: Values, layer: str) -> Cut:
     raise ExportError(reason)
 
 
-def _side_inputs(g: GraphIndex, scores: str, layer: str, found: dict) -> list[str]:
-    """The trunk tensors (independent of ``layer``) whose values the head reads, in graph order."""
+def side_inputs(g: GraphIndex, scores: str, layers: Sequence[str], found: dict) -> list[str]:
+    """The trunk tensors (independent of ``layers``) whose values the head reads, in graph order."""
     sides: dict[str, None] = {}
     seen: set[str] = set()
     todo = [scores]
     while todo:
         name = todo.pop()
-        if name in seen or name == layer or not name or name in g.constants:
+        if name in seen or name in layers or not name or name in g.constants:
             continue
         seen.add(name)
         kind = found.get(name)
@@ -280,7 +281,7 @@ def _side_inputs(g: GraphIndex, scores: str, layer: str, found: dict) -> list[st
     return sorted(sides, key=order.get)
 
 
-def _nodes(g: GraphIndex, scores: str, starts: list[str], found: dict) -> list[onnx.NodeProto]:
+def nodes_between(g: GraphIndex, scores: str, starts: list[str], found: dict) -> list[onnx.NodeProto]:
     """The nodes the scores need from ``starts`` on, in graph order (Shape nodes of trunk tensors included)."""
     stop = set(starts)
     needed: dict[int, onnx.NodeProto] = {}

@@ -134,13 +134,18 @@ def check_batch(head: GraphHead) -> None:
     """Refuse a head whose rows of a batch are not each image's own scores, whatever batch the original model was
     exported with: the check of where :mod:`export.batch_axis` put the batch."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((3, *head.input_shape[1:]))
+    inputs = {name: rng.standard_normal((3, *shape[1:])) for name, shape in head.inputs.items()}
     sides = {name: rng.standard_normal((3, *shape[1:])) for name, shape in head.sides.items()}
+
+    def row(values: dict, i: int | slice):
+        return {k: v[i : i + 1] if isinstance(i, int) else v for k, v in values.items()}
+
+    def x(i: int | slice):  # one array for a head of one input, a dict for several (a detector's maps)
+        return row(inputs, i) if len(inputs) > 1 else row(inputs, i)[head.input]
+
     try:
-        together = head.forward_float64(x, sides)
-        alone = np.concatenate(
-            [head.forward_float64(x[i : i + 1], {k: v[i : i + 1] for k, v in sides.items()}) for i in range(3)]
-        )
+        together = head.forward_float64(x(slice(None)), sides)
+        alone = np.concatenate([head.forward_float64(x(i), row(sides, i)) for i in range(3)])
     except ValueError as e:
         raise ExportError(f"the head does not run on a batch of 3 ({e}); export the model with a dynamic batch") from None
     scale = max(np.abs(alone).max(), 1e-12)

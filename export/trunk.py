@@ -29,7 +29,7 @@ def trunk(
     g: GraphIndex,
     model: onnx.ModelProto,
     image: str,
-    features: str,
+    features: str | None,
     layout: str,
     bgr: bool,
     pool_layout: str,
@@ -44,14 +44,15 @@ def trunk(
     constants, and the int8 quantizer wants constants as initializers), and
     every node gets a unique name (the quantizer keys on names). ``sides`` (trunk tensors the head also
     reads) become outputs of their own, under their own names. ``pool_layout`` ``"tokens"`` (a mean-pooled
-    token model, ``[N, L, C]``) lays the tokens on their ``grid`` as ``features`` ``[N, C, gh, gw]``.
+    token model, ``[N, L, C]``) lays the tokens on their ``grid`` as ``features`` ``[N, C, gh, gw]``. ``features``
+    None: no ``features`` output, only ``sides`` (a detector's maps, each under its own name).
     """
     if {"image", "features"} & set(sides):
         raise ExportError("the head reads a tensor named 'image' or 'features' from the trunk; rename it")
     if features == image:
         raise ExportError("the pooling reads the model input directly; there is no trunk")
     graph = model.graph
-    nodes = [copy.deepcopy(n) for n in g.ancestors([features, *sides])]
+    nodes = [copy.deepcopy(n) for n in g.ancestors([name for name in (features, *sides) if name is not None])]
     same = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Identity"}
 
     def source(name: str) -> str:
@@ -60,12 +61,13 @@ def trunk(
         return name
 
     nodes = [n for n in nodes if n.op_type != "Identity"]
-    features = source(features)
+    features = source(features) if features is not None else None
     if features == image:
         raise ExportError("the pooling reads the model input directly; there is no trunk")
     names = {o for n in nodes for o in n.output} | {i.name for i in graph.initializer} | {image}
     # Tensors that already bear the contract's names inside the model make way for them.
-    clashes = {n: unique(f"{n}_in_model", names) for n in ("image", "features") if n in names - {image, features}}
+    contract = ("image", "features") if features is not None else ("image",)
+    clashes = {n: unique(f"{n}_in_model", names) for n in contract if n in names - {image, features}}
     adapters, extra = [], []
     inner = "image"
     if bgr:
@@ -92,7 +94,7 @@ def trunk(
         for i, name in enumerate(sides)
         if source(name) != name
     ]
-    rename = {**clashes, image: inner, features: out}
+    rename = {**clashes, image: inner, **({features: out} if features is not None else {})}
     for node in nodes:  # what subgraphs capture is renamed too
         rename_reads(node, lambda name: rename.get(source(name), source(name)))
         node.output[:] = [rename.get(o, o) for o in node.output]
@@ -119,7 +121,7 @@ def trunk(
             node.name = unique(f"{node.op_type}_{n}", taken)
         taken.add(node.name)
     dims = ["N", "C", "h", "w"] if rank == 4 else ["N", "L", "C"]
-    outputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, dims)]
+    outputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, dims)] if features is not None else []
     outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in sides]
     new_graph = helper.make_graph(
         adapters[: len(adapters) - tail] + nodes + adapters[len(adapters) - tail :] + renamed_sides,

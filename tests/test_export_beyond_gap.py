@@ -185,7 +185,7 @@ def test_gap_cnns_are_unchanged(tmp_path):
     out = run_torch("models:densenetish", tmp_path / "b", input_size=32)
     model = npcam.load(out)
     assert model.head.kind == "affine" and model.head.layout == "pooled"
-    assert model.bundle.meta["format_version"] == 4 and model.bundle.layer
+    assert model.bundle.meta["format_version"] == 5 and model.bundle.layer
     net = models.densenetish()
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():

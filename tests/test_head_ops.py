@@ -111,6 +111,14 @@ def _slice_case(shape, starts, ends, axes, steps):
     return Case("Slice", shape, attrs, onnx_inputs=(("x", "starts", "ends", "axes", "steps"), extra), onnx_attrs={})
 
 
+def _resize_case(shape, attrs, scales=None, sizes=None):
+    """Resize with constant scales or sizes (inputs in ONNX, attributes in npcam), opset 19 (every transform)."""
+    extra = {"scales": np.array(scales, np.float32)} if scales else {"sizes": np.array(sizes, np.int64)}
+    names = ("x", "", "scales") if scales else ("x", "", "", "sizes")
+    npcam_attrs = {**attrs, **({"scales": list(scales)} if scales else {"sizes": list(sizes)})}
+    return Case("Resize", shape, npcam_attrs, onnx_inputs=(names, extra), onnx_attrs=attrs, opset=19)
+
+
 INT64_MAX = 2**63 - 1
 CASES = [
     # MaxPool: VGG's 2x2 stride 2; overlapping 3x3 stride 2 with pads (ResNet's stem); ceil_mode where the
@@ -192,6 +200,24 @@ CASES = [
     Case("Conv", (1, 2, 9), {"strides": [3], "pads": [2, 1]}, inputs=("x", "w"), consts={"w": RNG.standard_normal((3, 2, 4))}),
     Case("Conv", (1, 2, 5, 6), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, inputs=("x", "w"),
          consts={"w": RNG.standard_normal((3, 2, 3, 3))}),
+    # Resize: a neck's nearest 2x upsampling (torch's nn.Upsample: asymmetric, floor), scales or sizes; linear
+    # with each coordinate transformation; non-integer scales where rounding and the edge clamp matter.
+    *[_resize_case(shape, attrs, scales=scales, sizes=sizes) for shape, attrs, scales, sizes in [
+        ((1, 2, 3, 4), {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+         [1, 1, 2, 2], None),
+        ((1, 2, 3, 4), {"mode": "nearest"}, None, [1, 2, 6, 8]),
+        ((1, 2, 5, 3), {"mode": "nearest", "nearest_mode": "round_prefer_ceil"}, [1, 1, 1.5, 2.5], None),
+        ((1, 2, 5, 4), {"mode": "nearest", "coordinate_transformation_mode": "align_corners",
+                        "nearest_mode": "ceil"}, None, [1, 2, 7, 3]),
+        ((1, 2, 5, 4), {"mode": "nearest", "coordinate_transformation_mode": "tf_half_pixel_for_nn"},
+         [1, 1, 0.6, 2], None),
+        ((1, 2, 3, 4), {"mode": "linear"}, [1, 1, 2, 2], None),
+        ((1, 2, 3, 4), {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, None, [1, 2, 7, 5]),
+        ((1, 2, 3, 4), {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, None, [1, 2, 1, 9]),
+        ((1, 2, 6, 4), {"mode": "linear", "coordinate_transformation_mode": "asymmetric"}, [1, 1, 0.5, 1.75], None),
+        ((1, 2, 5, 4), {"mode": "linear", "coordinate_transformation_mode": "half_pixel_symmetric"},
+         [1, 1, 1.7, 0.8], None),
+    ]],
 ]  # fmt: skip
 
 

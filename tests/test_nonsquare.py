@@ -180,7 +180,7 @@ def bundles(tmp_path_factory):
 def test_torch_route_exports_and_runs_at_the_native_non_square_size(bundles, name):
     build, size, stride = NETS[name]
     meta = json.loads((bundles[name] / "bundle.json").read_text())
-    assert meta["format_version"] == 4 and meta["input_size"] == list(size) and meta["stride"] == stride
+    assert meta["format_version"] == 5 and meta["input_size"] == list(size) and meta["stride"] == stride
     assert [2, *size] in meta["check"]["inputs"]  # the self-check ran at the native size
     model, net = npcam.load(bundles[name]), build()
     assert model.bundle.input_size == size and not model.bundle.fixed_size
@@ -291,7 +291,7 @@ def test_version_2_square_bundles_still_load(tmp_path):
     new = export_torch("reid", tmp_path / "new", "--input-size", "64")
     shutil.copytree(tmp_path / "new", tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "bundle.json").read_text())
-    assert meta["format_version"] == 4 and meta["input_size"] == [64, 64]
+    assert meta["format_version"] == 5 and meta["input_size"] == [64, 64]
     meta["format_version"], meta["input_size"] = 2, 64
     (tmp_path / "old" / "bundle.json").write_text(json.dumps(meta))
     old = npcam.load(tmp_path / "old")
@@ -315,7 +315,7 @@ def test_a_newer_format_version_is_refused_naming_the_version_needed(bundles, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and not (tmp_path / "o.jpg").exists()
     assert "bundle format version 99 needs an npcam that reads version 99" in err
-    assert "this npcam reads versions 1 to 4" in err
+    assert "this npcam reads versions 1 to 5" in err
 
 
 BAD = ["48x", "0x10", "abc", "x192", "48x192x3", "-48"]

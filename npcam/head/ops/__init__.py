@@ -5,11 +5,11 @@ whose kind it is; :data:`OPS` gathers them.
 
 from __future__ import annotations
 
-from . import indexing, layout, normalization, pointwise, products, quantize, reduce, windows
+from . import indexing, layout, normalization, pointwise, products, quantize, reduce, resize, windows
 from .rule import MAX_VALUES, Rule
 
 OPS: dict[str, Rule] = {}
-for _module in (pointwise, products, normalization, reduce, layout, indexing, quantize, windows):
+for _module in (pointwise, products, normalization, reduce, layout, indexing, quantize, windows, resize):
     OPS.update(_module.RULES)
 
 __all__ = ["MAX_VALUES", "OPS", "Rule"]
