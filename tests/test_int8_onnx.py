@@ -21,11 +21,19 @@ cells are rare. So:
 
 On a CPU whose ``u8s8`` kernels saturate (AVX2 or AVX-512 without VNNI, as this suite's AMD EPYC Zen 3), the
 original file in onnxruntime's default session must be beyond these bounds, or the test could not fail.
+
+The same bundles also run under qemu-user on the CPUs of tests/test_cpus.py (x86-64 ``Haswell-noTSX``: AVX2
+without VNNI, whatever this machine has; aarch64 without and with dot-product instructions), from the cache
+``scripts/arm64_env.sh`` makes (without it those tests skip, naming the script). There the features must be
+identical to this machine's, not merely within a step: the uint8 products are summed exactly in int32 on every
+CPU and requantized by the same float32 multiply and round-half-to-even, so the integers are the same, while
+a saturating kernel gives features many steps away (as the default session's, above).
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +43,7 @@ import onnxruntime as ort
 import pytest
 from conftest import PHOTOS, record
 from onnx import TensorProto, helper, numpy_helper
+from test_aarch64 import OTHER_CPUS, emulated, run_script
 
 import npcam
 from export.__main__ import main as export_main
@@ -176,7 +185,9 @@ def exported(tmp_path_factory) -> dict:
         assert export_main(["onnx", str(path), "--out", str(out)]) == 0
         model = npcam.load(out)
         rng = np.random.default_rng(1)
-        x = np.concatenate([*(model.preprocess(p) for p in PHOTOS), rng.standard_normal((5, 3, SIZE, SIZE), np.float32)])
+        x = np.concatenate(
+            [*(model.preprocess(p) for p in PHOTOS), rng.standard_normal((5, 3, SIZE, SIZE), np.float32)]
+        )
         cases[case] = {"file": path, "bundle": out, "x": x.astype(np.float32)}
     return {"root": root, "cases": cases}
 
@@ -327,3 +338,54 @@ def test_int8_models_npcam_cannot_make_exact_are_refused(exported, tmp_path, cap
     assert export_main(["onnx", str(path), "--int8", str(PHOTOS[0].parent), "--out", str(tmp_path / "q")]) == 1
     err = capsys.readouterr().err.strip()
     assert "already int8" in err and len(err.splitlines()) == 1 and not (tmp_path / "q").exists()
+
+
+# argv: the inputs' .npz, the output .npz, then the bundles; saves each bundle's features and output, computed by
+# npcam's runtime on the CPU it runs on
+RUN = """
+import sys, numpy as np, npcam
+x = np.load(sys.argv[1])["x"]
+out = {}
+for b, path in enumerate(sys.argv[3:]):
+    model = npcam.load(path)
+    scores = model.scores(x)
+    out[f"features{b}"] = model.features(x)
+    out[f"output{b}"] = model.probabilities(scores) if model.bundle.meta["output"] != "logits" else scores
+np.savez(sys.argv[2], **out)
+"""
+
+
+def run_bundles(command: list[str], env: dict[str, str], root: Path, name: str, bundles: list[Path]) -> dict:
+    """:data:`RUN` on ``bundles`` with ``command`` (this machine's Python or an emulated one)."""
+    out = root / f"{name}.npz"
+    run_script(command, env, RUN, [str(root / "inputs.npz"), str(out), *map(str, bundles)], name)
+    return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def on_this_cpu(exported) -> dict:
+    """Every case's bundle on one set of inputs, run here by :data:`RUN`, and the references."""
+    root, cases = exported["root"], list(exported["cases"].values())
+    np.savez(root / "inputs.npz", x=cases[0]["x"])
+    here = run_bundles([sys.executable], {}, root, "here", [c["bundle"] for c in cases])
+    return {"root": root, "here": here, "references": [reference({**c, "x": cases[0]["x"]}) for c in cases]}
+
+
+@pytest.mark.parametrize("cpu", list(OTHER_CPUS))
+def test_int8_onnx_bundles_compute_the_same_on_other_cpus(cpu, exported, on_this_cpu):
+    """The bundles on an emulated CPU: the features identical to this CPU's (uint8 products summed exactly in
+    int32 on every CPU, and requantized by the same float32 multiply and rounding), and within the bounds of the
+    reference."""
+    command, env = emulated(*OTHER_CPUS[cpu])
+    names = list(exported["cases"])
+    got = run_bundles(
+        command, env, on_this_cpu["root"], OTHER_CPUS[cpu][1], [exported["cases"][c]["bundle"] for c in names]
+    )
+    for b, (case, ref) in enumerate(zip(names, on_this_cpu["references"])):
+        differ = np.abs(got[f"features{b}"] - on_this_cpu["here"][f"features{b}"]).max()
+        assert record(f"{cpu}, int8 ONNX {case}: features vs this CPU's, abs", differ) == 0
+        off = np.abs(got[f"features{b}"].astype(np.float64) - ref["features"]).max() / ref["s_f"]
+        # one step (module docstring), + 1e-3: each dequantized (q - z) s is rounded to float32, < 255 * 2**-23 steps
+        assert record(f"{cpu}, int8 ONNX {case}: features vs reference, steps", off) <= 1 + 1e-3
+        error = np.abs(got[f"output{b}"].astype(np.float64) - ref["output"]).max() / ref["bound"]
+        assert record(f"{cpu}, int8 ONNX {case}: output vs reference, of the bound", error) <= 1
