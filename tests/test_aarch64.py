@@ -322,7 +322,7 @@ def test_int8_on_aarch64_is_within_a_quantization_step_of_x86(arm64, tiny_bundle
     kernels saturate: ``int8.same_on`` lists this family alone) is not compared: loading it on aarch64 must
     print the portability warning instead."""
     import npcam
-    from npcam.model import cpu_family
+    from npcam.cpu import cpu_family
 
     names = [n for n in tiny_bundles if n.startswith("int8")]
     bundles = [str(tiny_bundles[n]) for n in names]
@@ -355,7 +355,7 @@ def test_int8_on_aarch64_is_within_a_quantization_step_of_x86(arm64, tiny_bundle
             assert peak[top1] > 0
             for k in np.flatnonzero(peak > 2 * d * weight):  # where the peak cannot vanish, the bound holds
                 map_tol = 2 * d * weight[k] / peak[k] + MAP_ATOL
-                err = np.abs(got["maps"][k] - want["maps"][k]).max()
-                assert err <= map_tol, (name, photos[i], k)
-                record(f"aarch64 vs x86 {name} map, abs", err)
+                map_error = np.abs(got["maps"][k] - want["maps"][k]).max()
+                assert map_error <= map_tol, (name, photos[i], k)
+                record(f"aarch64 vs x86 {name} map, abs", map_error)
             assert top1 in np.flatnonzero(peak > 2 * d * weight)
