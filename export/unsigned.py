@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ExportError
-from .graph import constant_of, subgraphs, unique
+from .graph import captured, constant_of, subgraphs, unique
 
 SHIFT = 128  # int8 q -> uint8 q + 128, zero point z -> z + 128
 # Ops that only move, select or compare int8 values: adding 128 to their int8 inputs adds 128 to their outputs.
@@ -91,6 +91,7 @@ def unsigned_int8(model: onnx.ModelProto, source: str) -> tuple[onnx.ModelProto,
         elif node.op_type == "DequantizeLinear" and shift(node, 0):
             shift(node, 2)
     if not starts:
+        _drop_unread(graph, set(copies))
         return model, len(copies)
     if any(subgraphs(n) for n in graph.node):
         raise ExportError(f"{source}: an int8 graph with control flow (If, Loop, Scan) is not supported")
@@ -125,7 +126,19 @@ def unsigned_int8(model: onnx.ModelProto, source: str) -> tuple[onnx.ModelProto,
     for value in graph.value_info:
         if value.name in reached and value.type.tensor_type.elem_type == TensorProto.INT8:
             value.type.tensor_type.elem_type = TensorProto.UINT8
+    _drop_unread(graph, set(copies))
     return model, len(reached) + len(copies)
+
+
+def _drop_unread(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the int8 initializers in ``names`` that nothing reads any more (their uint8 copies replaced them),
+    so that the weights are not stored twice."""
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    read |= {c for n in graph.node for g in subgraphs(n) for c in captured(g)}
+    kept = [i for i in graph.initializer if i.name not in names or i.name in read]
+    if len(kept) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
 
 
 def _pads_with_default_zero(node: onnx.NodeProto) -> bool:

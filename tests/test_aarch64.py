@@ -55,6 +55,45 @@ def _ready() -> dict[str, str]:
     return info
 
 
+# The CPUs that tests/test_cpus.py and tests/test_int8_onnx.py run int8 bundles on, name: (qemu binary, -cpu
+# model): onnxruntime's int8 kernel families that this machine may not have (x86 AVX2 without VNNI, whose u8s8
+# products saturate; aarch64 NEON without and with the dot-product instructions)
+OTHER_CPUS = {
+    "x86-64 AVX2, no VNNI or AVX-512 (qemu Haswell)": ("x86_64", "Haswell-noTSX"),
+    "aarch64 Cortex-A72 (NEON, no dot product)": ("aarch64", "cortex-a72"),
+    "aarch64 Neoverse-N1 (dot product)": ("aarch64", "neoverse-n1"),
+}
+
+
+def emulated(arch: str, cpu: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run Python on an emulated CPU (``arch`` aarch64 or x86_64, ``cpu`` qemu's
+    ``-cpu`` model), or skip saying how to get them. The x86 command runs this venv's Python: the caller sets
+    its PYTHONPATH (the aarch64 one names the emulated site-packages and the repository)."""
+    if arch == "aarch64":
+        _ready()  # skips, naming scripts/arm64_env.sh, without the emulated aarch64 Python
+        env = {
+            "QEMU_LD_PREFIX": str(CACHE / "root"),
+            "QEMU_CPU": cpu,
+            "PYTHONPATH": f"{CACHE / 'site'}{os.pathsep}{REPO}",
+        }
+        return [str(CACHE / "qemu-aarch64"), str(CACHE / "root" / "usr" / "bin" / "python3.11")], env
+    qemu = CACHE / "qemu-x86_64"
+    if not os.access(qemu, os.X_OK):
+        pytest.skip(f"no {qemu}: run `bash scripts/arm64_env.sh` (it needs Debian's archive) or set NPCAM_ARM64_CACHE")
+    return [str(qemu), sys.executable], {"QEMU_CPU": cpu}
+
+
+def run_script(command: list[str], env: dict[str, str], script: str, args: list[str], name: str) -> None:
+    """``python -c script args`` with ``command`` (this machine's Python, or one of :func:`emulated`'s), in a
+    clean environment: this repository on PYTHONPATH, then ``env``. Fails the test with its stderr."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_", "QEMU_"))}
+    base.update({"PYTHONPATH": str(REPO), "PYTHONNOUSERSITE": "1", **env})
+    done = subprocess.run(
+        [*command, "-c", script, *args], env=base, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert done.returncode == 0, f"{name}: exit {done.returncode}\n{done.stderr[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def arm64() -> list[str]:
     """The command that starts the emulated aarch64 Python."""
@@ -283,7 +322,7 @@ def test_int8_on_aarch64_is_within_a_quantization_step_of_x86(arm64, tiny_bundle
     kernels saturate: ``int8.same_on`` lists this family alone) is not compared: loading it on aarch64 must
     print the portability warning instead."""
     import npcam
-    from npcam.model import cpu_family
+    from npcam.cpu import cpu_family
 
     names = [n for n in tiny_bundles if n.startswith("int8")]
     bundles = [str(tiny_bundles[n]) for n in names]
@@ -316,7 +355,7 @@ def test_int8_on_aarch64_is_within_a_quantization_step_of_x86(arm64, tiny_bundle
             assert peak[top1] > 0
             for k in np.flatnonzero(peak > 2 * d * weight):  # where the peak cannot vanish, the bound holds
                 map_tol = 2 * d * weight[k] / peak[k] + MAP_ATOL
-                err = np.abs(got["maps"][k] - want["maps"][k]).max()
-                assert err <= map_tol, (name, photos[i], k)
-                record(f"aarch64 vs x86 {name} map, abs", err)
+                map_error = np.abs(got["maps"][k] - want["maps"][k]).max()
+                assert map_error <= map_tol, (name, photos[i], k)
+                record(f"aarch64 vs x86 {name} map, abs", map_error)
             assert top1 in np.flatnonzero(peak > 2 * d * weight)

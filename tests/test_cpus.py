@@ -28,27 +28,19 @@ dequantized float32 values are the same; a saturating kernel gives features many
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, record
-from test_aarch64 import CACHE, _ready
+from conftest import record
+from test_aarch64 import OTHER_CPUS, emulated, run_script
 from test_tflite_keras import Hybrid, TFLite, classifier, inputs, mobile, to_tflite
 
 import npcam
 from export import hybrid as export_hybrid
 from export.__main__ import main as export_main
 
-# name: (qemu binary, -cpu model)
-CPUS = {
-    "x86-64 AVX2, no VNNI or AVX-512 (qemu Haswell)": ("x86_64", "Haswell-noTSX"),
-    "aarch64 Cortex-A72 (NEON, no dot product)": ("aarch64", "cortex-a72"),
-    "aarch64 Neoverse-N1 (dot product)": ("aarch64", "neoverse-n1"),
-}
 # The TFLite models of tests/test_tflite_keras.py that this machine's AVX2 kernels got wrong before the uint8
 # graph: full-integer ``rgb`` (softmax output, any batch) and ``batch1`` (logits, one image at a time); and a
 # dynamic-range one, whose hybrid convolutions run in ConvInteger (export/hybrid.py).
@@ -102,37 +94,15 @@ def int8_bundles(tmp_path_factory) -> dict:
 
 
 def _run(command: list[str], env: dict[str, str], root: Path, name: str, bundles: list[Path]) -> dict:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_", "QEMU_"))}
-    base.update({"PYTHONPATH": str(REPO), "PYTHONNOUSERSITE": "1", **env})
     out = root / f"{name}.npz"
-    done = subprocess.run(
-        [*command, "-c", RUN, str(root / "inputs.npz"), str(out), *map(str, bundles)],
-        env=base, capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, f"{name}: exit {done.returncode}\n{done.stderr[-3000:]}"
+    run_script(command, env, RUN, [str(root / "inputs.npz"), str(out), *map(str, bundles)], name)
     return dict(np.load(out))
 
 
-def _emulated(arch: str, cpu: str) -> tuple[list[str], dict[str, str]]:
-    """The command and environment that run Python on the emulated CPU, or skip saying how to get them."""
-    if arch == "aarch64":
-        _ready()  # skips, naming scripts/arm64_env.sh, without the emulated aarch64 Python
-        env = {
-            "QEMU_LD_PREFIX": str(CACHE / "root"),
-            "QEMU_CPU": cpu,
-            "PYTHONPATH": f"{CACHE / 'site'}{os.pathsep}{REPO}",
-        }
-        return [str(CACHE / "qemu-aarch64"), str(CACHE / "root" / "usr" / "bin" / "python3.11")], env
-    qemu = CACHE / "qemu-x86_64"
-    if not os.access(qemu, os.X_OK):
-        pytest.skip(f"no {qemu}: run `bash scripts/arm64_env.sh` (it needs Debian's archive) or set NPCAM_ARM64_CACHE")
-    return [str(qemu), sys.executable], {"QEMU_CPU": cpu}
-
-
-@pytest.mark.parametrize("cpu", list(CPUS))
+@pytest.mark.parametrize("cpu", list(OTHER_CPUS))
 def test_int8_tflite_bundles_compute_the_same_on_other_cpus(cpu, int8_bundles):
-    arch, model = CPUS[cpu]
-    command, env = _emulated(arch, model)
+    arch, model = OTHER_CPUS[cpu]
+    command, env = emulated(arch, model)
     got = _run(command, env, int8_bundles["root"], model, int8_bundles["bundles"])
     here = int8_bundles["here"]
     for b, kind in enumerate(MODELS):
