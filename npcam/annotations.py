@@ -19,7 +19,8 @@ file whose line ``i`` starts with the name of class ``i`` (ILSVRC's
 ``LOC_synset_mapping.txt``, ``synset_words.txt``). Boxes of a class that maps
 to no class are left out, with one warning line per class. A photo with
 boxes of several classes is evaluated for the class whose boxes cover the
-largest area, against that class's boxes.
+largest area, against that class's boxes. A detector is evaluated against every
+annotated object of a photo (:attr:`Annotation.objects`); a CSV line names one class.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from .labels import class_index
 
 @dataclass(frozen=True)
 class Annotation:
-    """One photo's ground truth: the class it is evaluated for (None: unknown) and that class's boxes.
+    """One photo's ground truth: the class a classifier is evaluated for (None: unknown) and that class's boxes;
+    ``objects``, every annotated ``(class, box)`` of a class of the model (what a detector is evaluated against).
 
     ``error`` is set, and the rest empty, when the photo's own annotation could not be read.
     """
@@ -49,6 +51,7 @@ class Annotation:
     label: int | None = None
     boxes: tuple[Box, ...] = ()
     error: str | None = None
+    objects: tuple[tuple[int, Box], ...] = ()
 
 
 @dataclass
@@ -194,7 +197,7 @@ def _choose(boxes: list[tuple[int, Box]]) -> Annotation:
     for c, (x0, y0, x1, y1) in boxes:
         area[c] += (x1 - x0 + 1) * (y1 - y0 + 1)
     label = max(area, key=lambda c: (area[c], -c))
-    return Annotation(label, tuple(b for c, b in boxes if c == label))
+    return Annotation(label, tuple(b for c, b in boxes if c == label), objects=tuple(boxes))
 
 
 def _box(x0: float, y0: float, x1: float, y1: float, what: str) -> Box:
@@ -281,7 +284,10 @@ def _csv(file: Path, names: _Classes) -> Annotations:
                 if part.strip():
                     x0, y0, x1, y1 = (float(v) for v in part.split(","))
                     boxes.append(_box(x0, y0, x1, y1, f"line {n}"))
-            entry = Annotation(label, tuple(boxes)) if label is not None or not value else Annotation()
+            if label is not None:
+                entry = Annotation(label, tuple(boxes), objects=tuple((label, b) for b in boxes))
+            else:  # boxes without a class, or a class of no class of the model (then nothing)
+                entry = Annotation(None, tuple(boxes)) if not value else Annotation()
         except ValueError as e:
             entry = Annotation(error=f"{file}: line {n}: {e}")
         result.by_path[key] = entry

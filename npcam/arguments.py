@@ -140,6 +140,21 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
     add_input_options(p)
     p.add_argument("--bbox", action="store_true", help="find each map's bounding box (drawn, and in the record)")
     add_threshold_option(p)
+    add_detection_options(p)
+    p.add_argument(
+        "--max-pixels", type=between(1), default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
+    )
+    p.add_argument(
+        "--max-side",
+        type=between(1),
+        metavar="N",
+        help="write overlays at most N pixels on their long side (records, boxes and .npy maps keep the photo's size)",
+    )
+
+
+def add_detection_options(p: argparse.ArgumentParser) -> None:
+    """``--conf``, ``--iou``, ``--max-det``: which of a detector's candidates are kept
+    (:class:`npcam.detect.Thresholds`)."""
     p.add_argument(
         "--conf", type=unit, default=CONF, help=f"a detector: keep detections scoring at least this (default {CONF})"
     )
@@ -156,15 +171,6 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
         default=MAX_DET,
         metavar="N",
         help=f"a detector: keep at most N detections an image (default {MAX_DET})",
-    )
-    p.add_argument(
-        "--max-pixels", type=between(1), default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
-    )
-    p.add_argument(
-        "--max-side",
-        type=between(1),
-        metavar="N",
-        help="write overlays at most N pixels on their long side (records, boxes and .npy maps keep the photo's size)",
     )
 
 

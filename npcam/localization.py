@@ -20,6 +20,7 @@ IOU = 0.5  # GT-known and Top-1 Loc: a box is correct at IoU >= 0.5 (Zhou et al.
 MAXBOXACC_IOUS = (0.3, 0.5, 0.7)
 MAXBOXACC_THRESHOLDS = np.arange(100) / 100
 POINTING_TOLERANCE = 15  # pixels (Zhang et al. 2016, and TorchRay's pointing game)
+MATCH_IOU = 0.5  # a detection matches an annotated box of its class at this IoU (PASCAL VOC's true positive)
 
 
 def ious(boxes: Sequence[Box], truth: Sequence[Box]) -> np.ndarray:
@@ -31,6 +32,37 @@ def ious(boxes: Sequence[Box], truth: Sequence[Box]) -> np.ndarray:
     inter = np.clip(width, 0, None) * np.clip(height, 0, None)
     area = lambda box: (box[..., 2] - box[..., 0] + 1) * (box[..., 3] - box[..., 1] + 1)  # noqa: E731
     return inter / (area(a) + area(b) - inter)
+
+
+def pixel_box(box: Sequence[float]) -> Box:
+    """The pixels a box of continuous coordinates ``(x0, y0, x1, y1)`` touches, as an inclusive pixel box:
+    ``(floor(x0), floor(y0), ceil(x1) - 1, ceil(y1) - 1)`` (a detection's box; a COCO box is read so too)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return (
+        int(np.floor(x0)),
+        int(np.floor(y0)),
+        max(int(np.ceil(x1)) - 1, int(np.floor(x0))),
+        max(int(np.ceil(y1)) - 1, int(np.floor(y0))),
+    )
+
+
+def match(
+    box: Sequence[float], class_index: int, objects: Sequence[tuple[int, Box]]
+) -> tuple[float | None, Box | None]:
+    """The annotated box a detection is evaluated against: of the annotated boxes of its class, the one of largest
+    IoU with the detection's box (the first of equals), if that IoU is at least :data:`MATCH_IOU`.
+
+    ``box`` is the detection's ``(x0, y0, x1, y1)`` in the photo's continuous pixels, compared as the pixels it
+    touches (:func:`pixel_box`); ``objects`` the photo's annotated ``(class, box)``, inclusive
+    pixels. Returns ``(best IoU, matched box)``: ``(None, None)`` with no box of its class, ``(iou, None)`` when
+    the best IoU falls short.
+    """
+    mine = [b for c, b in objects if c == class_index]
+    if not mine:
+        return None, None
+    overlaps = ious([pixel_box(box)], mine)[0]
+    best = int(np.argmax(overlaps))
+    return float(overlaps[best]), (mine[best] if overlaps[best] >= MATCH_IOU else None)
 
 
 def best_iou(box: Box | None, truth: Sequence[Box]) -> float:

@@ -5,8 +5,9 @@ as the model takes it), the maps at the input's size (float ``[M, H, W]`` in
 [0, 1], :func:`npcam.upsample` of a map gives one) and a *score function*:
 ``score(inputs: float32 [N, 3, H, W]) -> float64 [N]``, the explained
 target's score (:func:`probability` makes the usual one, a class's
-probability). Nothing here knows what a model is, so detector or
-segmentation targets can reuse the metrics with their own score functions.
+probability; :func:`target_probability` any target's, such as a detection's
+D-RISE similarity). The metrics themselves know nothing of models, so
+detector or segmentation targets reuse them with their own score functions.
 The perturbed inputs go to ``score`` in batches of at most :data:`BATCH`.
 
 The definitions, with their papers, are in docs/methods.md ("The metrics"):
@@ -45,6 +46,16 @@ def probability(model, class_index: int) -> Score:
 
     def score(inputs: np.ndarray) -> np.ndarray:
         return model.probabilities(model.scores(inputs).astype(np.float64))[:, class_index]
+
+    return score
+
+
+def target_probability(model, target, index: int = 0) -> Score:
+    """The score function of score ``index`` of a :class:`npcam.targets.Target` under ``model``: its
+    ``probabilities`` of the network's output (a detection's: D-RISE's similarity, :mod:`npcam.targets.detection`)."""
+
+    def score(inputs: np.ndarray) -> np.ndarray:
+        return target.probabilities(model.scores(inputs))[:, index]
 
     return score
 

@@ -3,6 +3,9 @@
 It holds the table of methods by metrics, the mean deletion, insertion and
 ROAD curves, BoxAcc against the map threshold, and a grid of sample photos by
 methods: each map over its photo, with the map's box and the annotated boxes.
+A detector's grid has a row per sample photo and evaluated detection: the
+detection's map, the photo's evaluated detections' boxes (the explained one
+thicker) and the annotated box it is matched to.
 Plots are small SVGs written here (lines, axes, ticks: no plotting library in
 the runtime), pictures are JPEG data URIs made with npcam's own colormap, and
 nothing is fetched from anywhere.
@@ -26,6 +29,7 @@ from .summary import METRICS, cell, describe_run, spread
 from .upsample import upsample
 
 THUMB = 200  # the grid's pictures: at most this many pixels on their long side
+BASELINE_COLOR = "#888888"  # a detector's box-shaped baseline's lines
 # Distinct colours for the methods' lines (Tableau 10, then darker variants).
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac", "#1f4e79", "#8c2d04", "#3f007d")  # fmt: skip
@@ -54,6 +58,9 @@ table.grid th.photo { text-align: left; font-weight: 400; font-size: 12px; min-w
 .cell svg { position: absolute; left: 0; top: 0; width: 100%; height: 100%; }
 rect.truth { fill: none; stroke: #00e000; stroke-width: 2; vector-effect: non-scaling-stroke; }
 rect.found { fill: none; stroke: #fff; stroke-width: 2; stroke-dasharray: 5 3; vector-effect: non-scaling-stroke; }
+rect.detection { fill: none; stroke: #ffd000; stroke-width: 1; vector-effect: non-scaling-stroke; }
+rect.detection.explained { stroke: #ff2bd0; stroke-width: 3; }
+tr.baseline .note { color: #777; font-size: 12px; }
 .key span { display: inline-block; width: 18px; height: 0; border-top: 2px solid; margin: 0 4px 3px 12px; }
 """
 
@@ -68,15 +75,19 @@ def write_report(path: str | Path, summary, rows: list[dict], context: dict, sam
 
 def render_page(summary, rows: list[dict], context: dict, samples: int) -> str:
 
-    colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(summary.methods)}
+    colors = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(summary.ranked())}
+    if summary.baseline:
+        colors[summary.baseline] = BASELINE_COLOR
     e = html.escape
+    detector = summary.task == "detect"
+    rule = context["selection"] if detector else f"box rule: threshold {context['threshold']}"
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>npcam evaluate: {e(context['arch'])}</title><style>{STYLE}</style></head><body>",
         f"<h1>npcam evaluate: {e(context['arch'])}</h1>",
         f"<p class='context' id='context'>{e(describe_run(summary, context['arch']))}.<br>"
-        f"{e(context['date'])}, {e(context['cpu'])}, npcam {e(context['npcam'])}, box rule: "
-        f"threshold {e(context['threshold'])}.<br>Command: <code>{e(context['command'])}</code></p>",
+        f"{e(context['date'])}, {e(context['cpu'])}, npcam {e(context['npcam'])}, {e(rule)}.<br>"
+        f"Command: <code>{e(context['command'])}</code></p>",
         "<h2>Methods by metrics</h2>",
         f"<div class='scroll'>{_table(summary, METRICS, cell)}</div>",
         "<p class='context'>Definitions and papers: docs/methods.md, \"The metrics\". Intervals: 95% percentile "
@@ -88,12 +99,15 @@ def render_page(summary, rows: list[dict], context: dict, samples: int) -> str:
     curves = summary.curves
     fractions = summary.fractions
     if curves:
-        percents = [p / 100 for p in _road_percents(curves)]
         parts += [
             _plot("deletion", "Deletion: score as pixels are deleted", "fraction deleted", "score",
                   {m: (fractions, c["deletion"]) for m, c in curves.items()}, colors),
             _plot("insertion", "Insertion: score as pixels are restored", "fraction inserted", "score",
                   {m: (fractions, c["insertion"]) for m, c in curves.items()}, colors),
+        ]  # fmt: skip
+    if curves and all("road_morf" in c for c in curves.values()):  # not with --no-road
+        percents = [p / 100 for p in _road_percents(curves)]
+        parts += [
             _plot("road_morf", "ROAD MoRF: most relevant removed", "fraction removed", "score",
                   {m: (percents, c["road_morf"]) for m, c in curves.items()}, colors),
             _plot("road_lerf", "ROAD LeRF: least relevant removed", "fraction removed", "score",
@@ -105,6 +119,14 @@ def render_page(summary, rows: list[dict], context: dict, samples: int) -> str:
                 parts.append(_plot(f"boxacc{round(level * 100)}", f"BoxAcc at IoU {level:.0%} against the threshold",
                                    "map threshold", "BoxAcc", series, colors))  # fmt: skip
     parts.append("</div>")
+    if detector:
+        parts += ["<h2>Sample detections by methods</h2>",
+                  "<p class='key'>The explained detection<span style='border-color:#ff2bd0;border-top-width:3px'>"
+                  "</span> the photo's other evaluated detections<span style='border-color:#ffd000'></span> "
+                  "the annotated box it is matched to<span style='border-color:#00e000'></span></p>",
+                  f"<div class='scroll'>{_detection_grid(summary, rows, samples, spread)}</div>",
+                  "</body></html>"]  # fmt: skip
+        return "\n".join(parts)
     parts += ["<h2>Sample photos by methods</h2>",
               "<p class='key'>Annotated boxes<span style='border-color:#00e000'></span> the map's box at the box "
               "rule<span style='border-color:#999;border-top-style:dashed'></span> (white on the picture)</p>",
@@ -127,11 +149,14 @@ def _table(summary, metrics: Sequence, cell) -> str:
     out += [f"<th title='{e(m.better)} is better'>{e(m.name)} {'↑' if m.better == 'higher' else '↓'}</th>" for m in shown]
     out.append("<th>map ms (median)</th></tr></thead><tbody>")
     for method in summary.methods:
-        out.append(f"<tr data-method='{e(method)}'><td><code>{e(method)}</code></td>")
+        if method == summary.baseline:
+            out.append(f"<tr data-method='{e(method)}' class='baseline'><td><code>{e(method)}</code> "
+                       "<span class='note'>(baseline)</span></td>")  # fmt: skip
+        else:
+            out.append(f"<tr data-method='{e(method)}'><td><code>{e(method)}</code></td>")
         for m in shown:
             value = summary.values[method].get(m.key)
-            estimates = [summary.values[x][m.key][0] for x in summary.methods if summary.values[x].get(m.key)]
-            best = value is not None and value[0] == (max if m.better == "higher" else min)(estimates)
+            best = method != summary.baseline and value is not None and value[0] == summary.best(m.key, m.better)
             text = cell(m, value)
             main, _, rest = text.partition(" ")
             out.append(f"<td class='{'best' if best else ''}' data-key='{m.key}'>{e(main)} "
@@ -205,6 +230,40 @@ def _grid(summary, rows: list[dict], samples: int, spread) -> str:
     return "".join(out)
 
 
+def _detection_grid(summary, rows: list[dict], samples: int, spread) -> str:
+    """A detector's table of overlays: a row per sample photo and evaluated detection, a column per method.
+
+    The sample photos are spread over those with detections, annotated ones first choice."""
+    by_photo: dict[str, dict[str, dict[int, dict]]] = {}
+    for row in rows:
+        if not row.get("error") and row["method"] in summary.methods and row.get("detection") is not None:
+            by_photo.setdefault(row["image"], {}).setdefault(row["method"], {})[row["detection"]] = row
+    complete = [p for p, r in by_photo.items() if len(r) == len(summary.methods)]
+    annotated = [p for p in complete if any(r.get("annotated") for r in by_photo[p][summary.methods[0]].values())]
+    chosen = spread(annotated or complete, samples) if samples else []
+    e = html.escape
+    out = ["<table class='grid' id='grid'><thead><tr><th></th>"]
+    out += [f"<th>{e(m)}</th>" for m in summary.methods]
+    out.append("</tr></thead><tbody>")
+    for photo in chosen:
+        try:
+            thumb = _thumbnail(photo)
+        except Exception as error:  # the photo moved since the run: the row says so, the page still opens
+            out.append(f"<tr><th class='photo'>{e(photo)}: {e(str(error))}</th></tr>")
+            continue
+        first = by_photo[photo][summary.methods[0]]
+        boxes = {i: r["detection_box"] for i, r in first.items()}
+        for i in sorted(first):
+            row = first[i]
+            out.append(f"<tr data-photo='{e(photo)}' data-detection='{i}'><th class='photo'>{e(Path(photo).name)}"
+                       f"<br>detection {i}: {e(row['detection_label'])} {row['detection_score']:.2f}</th>")  # fmt: skip
+            for method in summary.methods:
+                out.append(f"<td>{_cell(thumb, by_photo[photo][method][i], boxes)}</td>")
+            out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
 def _thumbnail(photo: str) -> np.ndarray:
     from .dataset import read_bytes
 
@@ -213,8 +272,11 @@ def _thumbnail(photo: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def _cell(thumb: np.ndarray, row: dict) -> str:
-    """One overlay as a JPEG data URI under an SVG of the boxes (scaled from the photo's pixels)."""
+def _cell(thumb: np.ndarray, row: dict, detections: dict[int, list[float]] | None = None) -> str:
+    """One overlay as a JPEG data URI under an SVG of the boxes (scaled from the photo's pixels).
+
+    ``detections``: a detector's evaluated detections' boxes (continuous photo pixels), by their place; the
+    row's own detection is drawn last, emphasized."""
     h, w = thumb.shape[:2]
     shape, values = row["lowres"]["shape"], row["lowres"]["values"]
     cam = upsample(np.asarray(values, dtype=np.float32).reshape(shape), (h, w))
@@ -228,9 +290,17 @@ def _cell(thumb: np.ndarray, row: dict) -> str:
         return (f"<rect class='{kind}' x='{x0 * sx:.1f}' y='{y0 * sy:.1f}' width='{(x1 - x0 + 1) * sx:.1f}' "
                 f"height='{(y1 - y0 + 1) * sy:.1f}'/>")  # fmt: skip
 
-    boxes = "".join(rect(b, "truth") for b in row.get("boxes") or [])
+    truth = row.get("boxes") or ([row["match"]] if row.get("match") else [])  # a detection's: its matched box
+    boxes = "".join(rect(b, "truth") for b in truth)
     if row.get("box"):
         boxes += rect(row["box"], "found")
+    if detections:
+        mine = row["detection"]
+        for i in sorted(detections, key=lambda i: i == mine):
+            x0, y0, x1, y1 = detections[i]
+            kind = "detection explained" if i == mine else "detection"
+            boxes += (f"<rect class='{kind}' data-detection='{i}' x='{x0 * sx:.1f}' y='{y0 * sy:.1f}' "
+                      f"width='{(x1 - x0) * sx:.1f}' height='{(y1 - y0) * sy:.1f}'/>")  # fmt: skip
     alt = html.escape(f"{row['method']} on {Path(row['image']).name}")
     return (f"<div class='cell' data-method='{html.escape(row['method'])}'><img src='{uri}' width='{w}' height='{h}' "
             f"alt='{alt}'><svg viewBox='0 0 {w} {h}' preserveAspectRatio='none'>{boxes}</svg></div>")  # fmt: skip

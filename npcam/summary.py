@@ -22,7 +22,7 @@ class Metric:
     name: str
     better: str  # "higher" or "lower"
     percent: bool = False
-    localization: bool = False  # over the photos with boxes (else: every photo)
+    localization: bool = False  # over the photos with boxes (a detector's: the detections matched to a box)
 
 
 METRICS = (
@@ -31,6 +31,7 @@ METRICS = (
     Metric("maxboxacc", "MaxBoxAccV2", "higher", True, True),
     Metric("pointing", "Pointing game", "higher", True, True),
     Metric("energy", "Energy pointing", "higher", False, True),
+    Metric("energy_box", "Energy in own box", "higher"),  # a detector's: every detection
     Metric("drop", "Average Drop", "lower", True),
     Metric("increase", "Increase in Confidence", "higher", True),
     Metric("deletion", "Deletion AUC", "lower"),
@@ -43,17 +44,58 @@ METRICS = (
 
 @dataclass
 class Summary:
-    """What the table and the report show. ``values[method][key] = (estimate, low, high)`` (None: no photos)."""
+    """What the table and the report show. ``values[method][key] = (estimate, low, high)`` (None: no photos).
+
+    A detector's summary (``task`` "detect") is over its evaluated detections: ``detections`` of them,
+    ``matched`` of them matched to an annotated box, and ``baseline`` names the box-shaped baseline among the
+    ``methods`` (never marked best).
+    """
 
     methods: list[str]
     photos: int
-    located: int  # photos with boxes
+    located: int  # photos with boxes (a detector's: with annotations)
     top1: float | None  # classification accuracy on the labelled photos
     values: dict[str, dict[str, tuple[float, float, float] | None]]
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # mean curves per method
     fractions: list[float] = field(default_factory=list)  # the deletion and insertion curves' x
     errors: list[str] = field(default_factory=list)
     ms: dict[str, float] = field(default_factory=dict)  # median ms per photo of each method
+    task: str = "classify"
+    detections: int = 0
+    matched: int = 0
+    baseline: str | None = None
+
+    def ranked(self) -> list[str]:
+        """The methods that compete for a column's best (all but the baseline)."""
+        return [m for m in self.methods if m != self.baseline]
+
+    def best(self, key: str, better: str) -> float | None:
+        """The best estimate of metric ``key`` among :meth:`ranked` (None: none has it)."""
+        estimates = [self.values[x][key][0] for x in self.ranked() if self.values[x].get(key)]
+        return (max if better == "higher" else min)(estimates) if estimates else None
+
+
+CLASSIFIER_KEYS = ("top1_loc", "gt_known", "pointing", "energy", "drop", "increase", "deletion", "insertion")
+DETECTION_KEYS = ("pointing", "energy", "energy_box", "drop", "increase", "deletion", "insertion")
+ROAD_KEYS = ("road_morf", "road_lerf")
+
+
+def _columns(rows: list[dict], keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Each metric's per-row terms, float64 ``[len(rows)]``, NaN where a row has none; ROAD's are the means of
+    its curves (none without ROAD, ``--no-road``)."""
+    columns = {key: np.array([np.nan if r.get(key) is None else float(r[key]) for r in rows]) for key in keys}
+    road = {key: np.array([np.nan if not r.get(key) else np.mean(r[key]) for r in rows]) for key in ROAD_KEYS}
+    columns.update(road, road=(road["road_lerf"] - road["road_morf"]) / 2)
+    return columns
+
+
+def _mean_curves(rows: list[dict]) -> dict[str, list[float]]:
+    """The mean deletion, insertion and (when computed) ROAD curves of some rows."""
+    curves = {"deletion": np.mean([r["deletion_curve"] for r in rows], axis=0).tolist(),
+              "insertion": np.mean([r["insertion_curve"] for r in rows], axis=0).tolist()}  # fmt: skip
+    if all(r.get("road_morf") for r in rows):
+        curves.update({key: np.mean([r[key] for r in rows], axis=0).tolist() for key in ROAD_KEYS})
+    return curves
 
 
 def summarize(rows: list[dict], methods: list[str], photos: list[str], resamples: int = BOOTSTRAP,
@@ -83,29 +125,61 @@ def summarize(rows: list[dict], methods: list[str], photos: list[str], resamples
         mine = [by_photo[p][method] for p in kept]
         summary.values[method] = values = {}
 
-        def per_photo(key, mine=mine):
-            return np.array([np.nan if r.get(key) is None else float(r[key]) for r in mine])
-
-        road_morf = np.array([np.mean(r["road_morf"]) for r in mine]) if n else np.zeros(0)
-        road_lerf = np.array([np.mean(r["road_lerf"]) for r in mine]) if n else np.zeros(0)
-        columns = {key: per_photo(key) for key in ("top1_loc", "gt_known", "pointing", "energy", "drop", "increase",
-                                                    "deletion", "insertion")}  # fmt: skip
-        columns.update(road_morf=road_morf, road_lerf=road_lerf, road=(road_lerf - road_morf) / 2)
-        for key, v in columns.items():
+        for key, v in _columns(mine, CLASSIFIER_KEYS).items():
             values[key] = _mean_interval(v, weights)
         ious = np.array([r["box_ious"] for r, ok in zip(mine, located) if ok], dtype=np.float64)
         values["maxboxacc"] = _maxboxacc_interval(ious, weights[:, located]) if located.any() else None
         summary.ms[method] = float(np.median([r["ms"] for r in mine])) if n else float("nan")
         if n:
             summary.fractions = list(np.linspace(0, 1, len(mine[0]["deletion_curve"])))
-            summary.curves[method] = {
-                "deletion": np.mean([r["deletion_curve"] for r in mine], axis=0).tolist(),
-                "insertion": np.mean([r["insertion_curve"] for r in mine], axis=0).tolist(),
-                "road_morf": np.mean([r["road_morf"] for r in mine], axis=0).tolist(),
-                "road_lerf": np.mean([r["road_lerf"] for r in mine], axis=0).tolist(),
-            }
+            summary.curves[method] = _mean_curves(mine)
             if located.any():
                 summary.curves[method]["boxacc"] = loc.box_accuracy(ious).tolist()
+    return summary
+
+
+def summarize_detections(rows: list[dict], methods: list[str], photos: list[str], resamples: int = BOOTSTRAP,
+                         seed: int = 0, baseline: str | None = None) -> Summary:  # fmt: skip
+    """A detector's summary: each metric's mean over the evaluated detections (a localization metric's: over
+    those matched to an annotated box), with 95% percentile-bootstrap intervals over photos.
+
+    Every method is scored on the same photos, those with rows for every method, and so on the same
+    detections. A resample draws photos with replacement (the same draws for every method) and takes all
+    their detections: a photo's detections are not independent of each other.
+    """
+    by_photo: dict[str, dict[str, list[dict]]] = {}
+    errors = []
+    for row in rows:
+        if row.get("error"):
+            errors.append(row["error"])
+        elif row["method"] in methods:
+            by_photo.setdefault(row["image"], {}).setdefault(row["method"], []).append(row)
+    kept = [p for p in photos if len(by_photo.get(p, {})) == len(methods)]
+    n = len(kept)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1 / n), size=resamples).astype(np.float64) if n else np.zeros((0, 0))
+
+    def detections(photo: str, method: str) -> list[dict]:
+        found = [r for r in by_photo[photo][method] if r.get("detection") is not None]
+        return sorted(found, key=lambda r: r["detection"])
+
+    counts = [len(detections(p, methods[0])) for p in kept]
+    owner = np.repeat(np.arange(n), counts)  # each detection's photo
+    drawn = weights[:, owner] if n else np.zeros((0, 0))
+    first = [r for p in kept for r in detections(p, methods[0])]
+    summary = Summary(list(methods), n, sum(any(r.get("annotated") for r in by_photo[p][methods[0]]) for p in kept),
+                      None, {}, errors=errors, task="detect", detections=len(first),
+                      matched=sum(r.get("pointing") is not None for r in first), baseline=baseline)  # fmt: skip
+    for method in methods:
+        mine = [r for p in kept for r in detections(p, method)]
+        summary.values[method] = values = {}
+        for key, v in _columns(mine, DETECTION_KEYS).items():
+            values[key] = _mean_interval(v, drawn)
+        times = [by_photo[p][method][0]["ms"] for p, k in zip(kept, counts) if k]
+        summary.ms[method] = float(np.median(times)) if times else float("nan")
+        if mine:
+            summary.fractions = list(np.linspace(0, 1, len(mine[0]["deletion_curve"])))
+            summary.curves[method] = _mean_curves(mine)
     return summary
 
 
@@ -143,10 +217,9 @@ def cell(metric: Metric, value: tuple[float, float, float] | None) -> str:
 def markdown(summary: Summary) -> str:
     """The summary as a Markdown table: methods as rows, metrics as columns, best of each column in bold."""
     shown = [m for m in METRICS if any(summary.values[x].get(m.key) for x in summary.methods)]
-    best = {}
-    for m in shown:
-        estimates = [summary.values[x][m.key][0] for x in summary.methods if summary.values[x].get(m.key)]
-        best[m.key] = (max if m.better == "higher" else min)(estimates)
+    if not shown:  # a detector that detected nothing: a table without columns would be no table
+        return "No metric has a value" + (": no photo had a detection" if summary.task == "detect" else "") + "."
+    best = {m.key: summary.best(m.key, m.better) for m in shown}
     head = "| method | " + " | ".join(f"{m.name} {'↑' if m.better == 'higher' else '↓'}" for m in shown) + " |"
     lines = [head, "|---" * (len(shown) + 1) + "|"]
     for method in summary.methods:
@@ -154,12 +227,22 @@ def markdown(summary: Summary) -> str:
         for m in shown:
             value = summary.values[method].get(m.key)
             text = cell(m, value)
-            cells.append(f"**{text}**" if value and value[0] == best[m.key] else text)
-        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+            ranked = method != summary.baseline
+            cells.append(f"**{text}**" if ranked and value and value[0] == best[m.key] else text)
+        name = f"`{method}` (baseline)" if method == summary.baseline else f"`{method}`"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def describe_run(summary: Summary, arch: str) -> str:
+    if summary.task == "detect":
+        return (
+            f"{arch}: {summary.photos} photos ({summary.located} annotated), {summary.detections} detections "
+            f"evaluated ({summary.matched} matched to an annotated box of their class at IoU ≥ {loc.MATCH_IOU:g}); "
+            "localization against the matched box and inside the detection's own box, faithfulness on each "
+            f"detection's D-RISE similarity; `{summary.baseline}` is the box-shaped baseline; 95% bootstrap "
+            "intervals over photos; ↑ higher is better, ↓ lower"
+        )
     top1 = f", top-1 classification {summary.top1:.1%}" if summary.top1 is not None else ""
     return (
         f"{arch}: {summary.photos} photos ({summary.located} with boxes{top1}); localization on the annotated "

@@ -92,8 +92,8 @@ def write_voc(folder: Path) -> tuple[Path, Path]:
 
 
 def expected(photos_root: Path) -> dict[str, annotations.Annotation | None]:
-    return {str(photos_root / name): (annotations.Annotation(label, tuple(boxes)) if boxes else None)
-            for name, label, boxes in PHOTOS}  # fmt: skip
+    return {str(photos_root / name): (annotations.Annotation(label, tuple(boxes), objects=tuple((label, b) for b in
+                                      boxes)) if boxes else None) for name, label, boxes in PHOTOS}  # fmt: skip
 
 
 def matched(source: annotations.Annotations, photos: Path) -> dict:
@@ -126,7 +126,8 @@ def test_a_photo_with_several_classes_is_evaluated_for_the_largest(tmp_path):
                    "<ymax>10</ymax></bndbox></object><object><name>goldfish</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
                    "<xmax>20</xmax><ymax>20</ymax></bndbox></object></annotation>")  # fmt: skip
     read = annotations.read(xml, imagenet_labels())
-    assert read.by_stem["x"] == annotations.Annotation(1, ((0, 0, 19, 19),))
+    both = ((0, (0, 0, 9, 9)), (1, (0, 0, 19, 19)))  # a detector is evaluated against every object
+    assert read.by_stem["x"] == annotations.Annotation(1, ((0, 0, 19, 19),), objects=both)
 
 
 def test_bad_annotations_are_one_line_errors(photos, tmp_path):
@@ -147,7 +148,7 @@ def test_bad_annotations_are_one_line_errors(photos, tmp_path):
                                     "<xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>")  # fmt: skip
     found, _ = matched(annotations.read(folder, labels), photos)
     assert found[str(photos / "a/one.jpg")].error.startswith(f"{folder / 'one.xml'}: not XML")
-    assert found[str(photos / "a/two.png")] == annotations.Annotation(0, ((0, 0, 4, 4),))
+    assert found[str(photos / "a/two.png")] == annotations.Annotation(0, ((0, 0, 4, 4),), objects=((0, (0, 0, 4, 4)),))
     csv = tmp_path / "bad.csv"
     csv.write_text('file,class,bboxes_xyxy\na/one.jpg,tench,"1,2,3"\n')
     found, _ = matched(annotations.read(csv, labels), photos)

@@ -100,3 +100,61 @@ def test_the_report_shows_its_table_plots_and_grid_offline(report, browser, tmp_
     artifacts.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(artifacts / "npcam_evaluate_report.png"))
     assert Image.open(artifacts / "npcam_evaluate_report.png").size[0] > 0
+
+
+@pytest.fixture(scope="module")
+def detector_report(tmp_path_factory) -> Path:
+    """A detector's run: on a.png a cat box on detection 0 (matched), on b.png a kite (no detection is one)."""
+    import tiny_detector as td
+
+    import npcam
+    from npcam.detect import Thresholds
+
+    folder = tmp_path_factory.mktemp("detector_report")
+    bundle = td.bundle(folder / "bundle")
+    photos = folder / "photos"
+    photos.mkdir()
+    for i, name in enumerate(("a.png", "b.png")):
+        Image.fromarray(synthetic_image(90, 120, seed=i)).save(photos / name)
+    thresholds = Thresholds(conf=0.97, iou=0.3)
+    box = npcam.Model(bundle, threads=1).predict(str(photos / "a.png"), thresholds=thresholds).detections[0].box
+    x0, y0, x1, y1 = (round(v) for v in box)
+    (folder / "a.csv").write_text(f'file,class,bboxes_xyxy\na.png,cat,"{x0},{y0},{x1 - 1},{y1 - 1}"\n'
+                                  'b.png,kite,"5,5,30,30"\n')  # fmt: skip
+    code = evaluate_main([str(photos), "-m", str(bundle), "--out", str(folder / "rows"), "--annotations",
+                          str(folder / "a.csv"), "--methods", "hirescam,gradcam", "--top", "2", "--conf", "0.97",
+                          "--iou", "0.3", "--samples", "2", "--bootstrap", "50", "--no-road"])  # fmt: skip
+    assert code == 0
+    return folder / "rows.html"
+
+
+def test_a_detectors_report_shows_its_detections_baseline_and_matched_boxes(detector_report, browser):
+    browser.get(detector_report.as_uri())
+    assert browser.execute_script("return performance.getEntriesByType('resource').length") == 0
+    visible(browser.execute_script(SHOWN, "table#metrics"), "table", 50)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#metrics tbody tr")
+    assert [r.get_attribute("data-method") for r in rows] == ["hirescam", "gradcam", "box"]
+    assert rows[2].get_attribute("class") == "baseline" and not rows[2].find_elements(By.CSS_SELECTOR, "td.best")
+    assert rows[2].text.startswith("box (baseline)")
+    headers = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#metrics th")]
+    assert "Energy in own box ↑" in headers and "Pointing game ↑" in headers
+    assert not {"MaxBoxAccV2 ↑", "ROAD ↑", "GT-known Loc ↑"} & set(headers)  # a classifier's; --no-road
+    assert [p.get_attribute("id") for p in browser.find_elements(By.CSS_SELECTOR, "svg.plot")] == [
+        "plot-deletion", "plot-insertion"]  # fmt: skip
+
+    grid = browser.find_elements(By.CSS_SELECTOR, "#grid tbody tr")
+    assert [(r.get_attribute("data-photo").rsplit("/", 1)[-1], r.get_attribute("data-detection")) for r in grid] == [
+        ("a.png", "0"), ("a.png", "1"), ("b.png", "0"), ("b.png", "1")]  # fmt: skip
+    visible(browser.execute_script(SHOWN, "#grid img"), "grid pictures", 50)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#grid img")) == 4 * 3
+    # In every cell, both evaluated detections' boxes, the explained one emphasized
+    explained = browser.execute_script(SHOWN, "#grid rect.detection.explained")
+    visible(explained, "explained detections' boxes", 2)
+    assert len(explained) == 4 * 3 and len(browser.find_elements(By.CSS_SELECTOR, "#grid rect.detection")) == 4 * 3 * 2
+    for row in grid:
+        for rect in row.find_elements(By.CSS_SELECTOR, "rect.detection.explained"):
+            assert rect.get_attribute("data-detection") == row.get_attribute("data-detection")
+    # The matched box: on a.png's detection 0 only (b.png's kite matches nothing)
+    truth = browser.execute_script(SHOWN, "#grid rect.truth")
+    visible(truth, "matched boxes", 5)
+    assert len(truth) == 3 and len(grid[0].find_elements(By.CSS_SELECTOR, "rect.truth")) == 3

@@ -2,9 +2,11 @@
 
 Two maps (strides 8 and 16) from a trunk of strided convolutions; a head that, per map, predicts 4 box values and
 C class logits with a 1x1 convolution, decodes the boxes in the graph (centre ``(sigmoid(t) + cell) * stride``,
-size ``exp(t) * stride * 2``) and joins everything as YOLOv8 does, ``[1, 4 + C, N]``. :func:`whole_onnx` is
-the same network as one ONNX graph, the reference the runtime is checked against; :func:`bundle` writes it as a
-detection bundle (trunk, head graph of two inputs, decode spec) the way the exporter would.
+size ``exp(t) * stride * 2``) and joins everything as YOLOv8 does, ``[1, 4 + C, N]``. The head takes any batch
+(its Reshapes copy the batch, as the exporter makes a head's), for the metrics' batches of perturbed inputs.
+:func:`whole_onnx` is the same network as one ONNX graph, the reference the runtime is checked against;
+:func:`bundle` writes it as a detection bundle (trunk, head graph of two inputs, decode spec) the way the exporter
+would.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def head_ops(w: dict[str, np.ndarray]) -> tuple[list[Op], dict[str, np.ndarray]]
     for s in STRIDES:
         ops += [
             Op("Conv", (f"p{s}", f"h{s}", f"hb{s}"), f"raw{s}"),
-            Op("Reshape", (f"raw{s}",), f"flat{s}", {"shape": [1, 4 + CLASSES, -1]}),
+            Op("Reshape", (f"raw{s}",), f"flat{s}", {"shape": [0, 4 + CLASSES, -1]}),
         ]
     ops += [
         Op("Concat", tuple(f"flat{s}" for s in STRIDES), "raw", {"axis": 2}),
@@ -72,7 +74,7 @@ def head_ops(w: dict[str, np.ndarray]) -> tuple[list[Op], dict[str, np.ndarray]]
         Op("Mul", ("swh", "two"), "wh"),
         Op("Sigmoid", ("tcls",), "cls"),
         Op("Concat", ("xy", "wh", "cls"), "output0", {"axis": 1}),
-        Op("Reshape", ("output0",), "outputs", {"shape": [1, -1]}),
+        Op("Reshape", ("output0",), "outputs", {"shape": [0, -1]}),
     ]
     return ops, arrays
 
