@@ -1,0 +1,37 @@
+"""``size="fine"`` (``--size fine``): 9/7 of the bundle's input size in whole feature cells, in every front-end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from npcam.image import FINE_SCALE, fine_size
+
+
+@pytest.mark.parametrize(
+    "native, stride, fine",
+    [
+        ((224, 224), 32, (288, 288)),  # ResNet, EfficientNet-Lite0: the size measured in docs/methods.md
+        ((240, 240), 32, (320, 320)),  # Lite1: 308.6 rounds to 10 cells
+        ((260, 260), 32, (320, 320)),  # Lite2: 334.3 rounds to 10 cells
+        ((48, 192), 32, (64, 256)),  # a text-line model: each side on its own
+        ((48, 192), 16, (64, 240)),
+        ((8, 8), 32, (32, 32)),  # never below one cell
+    ],
+)
+def test_fine_size_is_nine_sevenths_in_whole_cells(native, stride, fine):
+    assert fine_size(native, stride) == fine
+    for side, scaled in zip(native, fine):
+        assert scaled % stride == 0
+        # Rounding to whole cells moves a side by at most half a cell (or up to the one-cell floor).
+        assert abs(scaled - side * FINE_SCALE) <= stride / 2 or scaled == stride
+
+
+def test_scaled_side_never_exceeds_half_a_cell_from_nine_sevenths():
+    """Over every side a bundle may have (8..4096 at strides 8, 16, 32), the rounding bound above holds."""
+    for stride in (8, 16, 32):
+        for side in range(8, 4097, 7):
+            (scaled,) = fine_size((side,), stride)
+            assert scaled % stride == 0 and scaled >= stride
+            assert scaled == stride or math.isclose(scaled, side * FINE_SCALE, abs_tol=stride / 2)
