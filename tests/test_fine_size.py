@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from npcam.explain import Options
 from npcam.image import FINE_SCALE, fine_size
 
 
@@ -26,6 +27,12 @@ def test_fine_size_is_nine_sevenths_in_whole_cells(native, stride, fine):
         assert scaled % stride == 0
         # Rounding to whole cells moves a side by at most half a cell (or up to the one-cell floor).
         assert abs(scaled - side * FINE_SCALE) <= stride / 2 or scaled == stride
+
+
+def test_options_resolve_fine_to_the_bundles_scaled_size(tiny_model):
+    checked = Options(size="fine").checked(tiny_model)
+    assert checked.size == (288, 288) == fine_size(tiny_model.bundle.input_size, tiny_model.bundle.stride)
+    assert Options(size="fine", keep_aspect=True).checked(tiny_model).size == (288, 288)  # the short side's
 
 
 def test_scaled_side_never_exceeds_half_a_cell_from_nine_sevenths():
