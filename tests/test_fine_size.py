@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+from conftest import synthetic_image
+from PIL import Image
 
 from npcam.explain import Options
 from npcam.image import FINE_SCALE, fine_size
+from npcam.serve import options_from_query
 
 
 @pytest.mark.parametrize(
@@ -33,6 +37,35 @@ def test_options_resolve_fine_to_the_bundles_scaled_size(tiny_model):
     checked = Options(size="fine").checked(tiny_model)
     assert checked.size == (288, 288) == fine_size(tiny_model.bundle.input_size, tiny_model.bundle.stride)
     assert Options(size="fine", keep_aspect=True).checked(tiny_model).size == (288, 288)  # the short side's
+
+
+def test_cli_fine_is_the_same_run_as_its_size(tiny_cli, tmp_path):
+    """``--size fine`` and ``--size 288`` (the tiny bundle is 224 px at stride 32) write the same files."""
+    photo = tmp_path / "p.png"
+    Image.fromarray(synthetic_image(300, 451)).save(photo)
+    outputs = {}
+    for size in ("fine", "288", "224"):
+        out = tmp_path / f"o-{size}.png"
+        code, stdout, err = tiny_cli(photo, "-o", out, "--size", size, "--json", "--bbox", "--save-cam")
+        assert code == 0, err
+        record = json.loads(stdout)
+        outputs[size] = (out.read_bytes(), out.with_suffix(".npy").read_bytes(), record["bbox"], record["top5"])
+    assert outputs["fine"] == outputs["288"]
+    assert outputs["fine"][1] != outputs["224"][1]  # and not the default's map
+
+
+def test_cli_refuses_a_misspelt_fine(tiny_cli, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        tiny_cli(tmp_path / "none.png", "--size", "fin")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --size" in err and "'fin'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_takes_size_fine(tiny_model):
+    options, _ = options_from_query({"size": "fine"}, max_pixels=10**6)
+    assert options.size == "fine" and options.checked(tiny_model).size == (288, 288)
+    options, _ = options_from_query({"size": " FINE "}, max_pixels=10**6)
+    assert options.size == "fine"
 
 
 def test_scaled_side_never_exceeds_half_a_cell_from_nine_sevenths():

@@ -63,3 +63,11 @@ def test_eval_localization(manifest, bundle, tmp_path):
 def test_eval_localization_refuses_an_unknown_method(manifest, bundle):
     result = script("eval_localization.py", manifest, SAMPLES, "--model", bundle, "--method", "nope")
     assert result.returncode == 2 and "unknown method 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_localization_takes_size_fine(manifest, bundle):
+    """``--size fine`` is the bundle's fine size (288 for this 224 px bundle), as in the CLI."""
+    fine, explicit = (script("eval_localization.py", manifest, SAMPLES, "--model", bundle, "--size", size)
+                      for size in ("fine", "288"))  # fmt: skip
+    assert fine.returncode == 0 and explicit.returncode == 0, fine.stderr + explicit.stderr
+    assert fine.stdout == explicit.stdout and fine.stdout.startswith("n=2 ")
