@@ -32,8 +32,8 @@ from pathlib import Path
 import npcam
 from npcam import annotations
 from npcam.boxes import DEFAULT_THRESHOLD, cam_box, parse_threshold
-from npcam.localization import IOU, best_iou
 from npcam.image import FINE, fine_size
+from npcam.localization import IOU, best_iou
 
 
 def read_manifest(manifest: Path, root: Path, labels) -> list[tuple[Path, int, list[tuple[int, int, int, int]]]]:

@@ -6,9 +6,13 @@ import json
 import math
 
 import pytest
+import tiny_detector as td
 from conftest import synthetic_image
 from PIL import Image
 
+import npcam
+from npcam.cli import main as cli_main
+from npcam.errors import NpcamError
 from npcam.explain import Options
 from npcam.image import FINE_SCALE, fine_size
 from npcam.serve import options_from_query
@@ -75,3 +79,21 @@ def test_scaled_side_never_exceeds_half_a_cell_from_nine_sevenths():
             (scaled,) = fine_size((side,), stride)
             assert scaled % stride == 0 and scaled >= stride
             assert scaled == stride or math.isclose(scaled, side * FINE_SCALE, abs_tol=stride / 2)
+
+
+def test_a_detector_refuses_fine_in_one_line(tmp_path, capsys):
+    """'fine' was measured on a classifier's class maps; a detector's input size changes what it detects, so
+    the library, the CLI and the server refuse it there instead of running the detector at another size."""
+    directory = td.bundle(tmp_path / "detector")
+    model = npcam.load(directory)
+    with pytest.raises(NpcamError, match="size=fine is for a classifier's maps, not a detector's"):
+        Options(size="fine").checked(model)
+    options, _ = options_from_query({"size": "fine"}, max_pixels=10**6)
+    with pytest.raises(NpcamError, match="not a detector's"):
+        options.checked(model)
+    photo = tmp_path / "p.png"
+    Image.fromarray(synthetic_image(90, 120)).save(photo)
+    code = cli_main([str(photo), "-m", str(directory), "-o", str(tmp_path / "o.png"), "--size", "fine"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a detector's" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.png").exists()
