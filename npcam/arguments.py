@@ -184,8 +184,8 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
         type=input_size,
         metavar="S|HxW|fine",
         help="network input size, S (S x S) or height x width, e.g. 48x192; or 'fine': 9/7 of the bundle's, "
-        "rounded to whole feature cells (288 for a 224 model), whose maps localize better on photos, at about "
-        "1.5x the time (default: the bundle's)",
+        "rounded to whole feature cells (288 for a 224 model), whose maps localize better on photos at their own "
+        "resolution, for about 1.6x the trunk's compute (default: the bundle's)",
     )
 
 

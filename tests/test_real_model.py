@@ -85,7 +85,7 @@ def test_fine_input_localizes_better_on_photos_at_their_own_resolution(lite0):
     """``size="fine"`` (288 px for Lite0) against the native 224 px on the dev photos kept at their original
     resolution (images/crop8), CAM boxes at the mean: measured 22 against 16 of 43 (docs/methods.md, "A finer
     input"; the paired bootstrap interval of the difference, +5 to +26 points, excludes 0)."""
-    rows = [row for row in manifest_rows() if row[0].parent.name == "crop8"]
+    rows = [row for row in manifest_rows(lite0.labels) if row[0].parent.name == "crop8"]
     fine = fine_size(lite0.bundle.input_size, lite0.bundle.stride)
     found = {}
     for size in (None, fine):
