@@ -33,7 +33,7 @@ from .cancel import OnProgress, ShouldStop
 from .detect import CONF, IOU, MAX_DET, MAX_NMS, Thresholds
 from .errors import NpcamError
 from .files import Job, save_array, save_image
-from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, rgbx_base
+from .image import FINE, MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, fine_size, format_size, read_photo, rgbx_base
 from .labels import class_index
 from .model import Model, Prediction
 from .upsample import upsample
@@ -59,7 +59,8 @@ class Options:
     bbox : find each map's box (and draw it)
     threshold : the box threshold, ``"mean"`` or a fraction of the max
     keep_aspect, size : the network input (see :func:`npcam.image.input_size`); ``size`` is
-        ``(H, W)``, or ``S`` for ``S x S``; None: the bundle's
+        ``(H, W)``, ``S`` for ``S x S``, or ``"fine"`` for :func:`npcam.image.fine_size` of the bundle's;
+        None: the bundle's
     max_pixels : refuse larger images before decoding them
     max_side : keep overlays at most this many pixels on their long side (None: the photo's size);
         records, boxes and ``.npy`` maps stay in the photo's own pixels
@@ -79,7 +80,7 @@ class Options:
     bbox: bool = False
     threshold: float | str = DEFAULT_THRESHOLD
     keep_aspect: bool = False
-    size: int | tuple[int, int] | None = None
+    size: int | tuple[int, int] | str | None = None
     max_pixels: int = MAX_PIXELS
     max_side: int | None = None
     save_cam: bool = False
@@ -106,7 +107,18 @@ class Options:
             raise NpcamError(f"max_pixels must be at least 1, not {self.max_pixels}")
         if self.max_side is not None and self.max_side < 1:
             raise NpcamError(f"max_side must be at least 1, not {self.max_side}")
-        size = model.check_input_options(self.keep_aspect, self.size)
+        size, native = self.size, model.bundle.input_size
+        if size == FINE:  # the bundle's size scaled (npcam.image.fine_size), then checked as any size
+            if model.bundle.task == "detect":
+                # Measured for a classifier's class maps only; a detector's input size changes what it detects.
+                raise NpcamError(f"{model.bundle.path}: size=fine is for a classifier's maps, not a detector's")
+            if model.bundle.fixed_size:
+                raise NpcamError(
+                    f"{model.bundle.path}: this model's trunk takes only {format_size(native)} inputs (height x "
+                    "width); size=fine cannot be used with it"
+                )
+            size = fine_size(native, model.bundle.stride)
+        size = model.check_input_options(self.keep_aspect, size)
         self._check_detection_fields(model.bundle.task == "detect")
         return replace(
             self,

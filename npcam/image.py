@@ -283,6 +283,21 @@ _SIZE = re.compile(r"\s*([0-9]+)\s*(?:[xX×]\s*([0-9]+)\s*)?")
 MAX_SIDE = 4096
 
 
+# ``size="fine"`` (``--size fine``): the network input that localized best on photos, FINE_SCALE times the
+# model's own size. The gain, the cost and why this scale are in docs/methods.md ("A finer input").
+FINE = "fine"
+FINE_SCALE = 9 / 7  # 224 -> 288
+
+
+def fine_size(native: Size, stride: int) -> Size:
+    """``native`` ``(H, W)`` times :data:`FINE_SCALE`, each side rounded to a whole number of feature cells.
+
+    Rounding to a multiple of ``stride`` keeps the last cell of the map on the photo rather than on padding:
+    224 -> 288 and 240 or 260 -> 320 at a stride of 32. Each side is at least one stride.
+    """
+    return tuple(max(stride, round(side * FINE_SCALE / stride) * stride) for side in native)
+
+
 def parse_size(text: str) -> Size:
     """``"S"`` (a square, ``S x S``) or ``"HxW"`` (height by width) as ``(H, W)``; ValueError says why not.
 

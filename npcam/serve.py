@@ -45,7 +45,7 @@ from .detect import CONF, IOU, MAX_DET
 from .errors import NpcamError
 from .explain import Options, describe, draw, explain
 from .files import encode_image
-from .image import MAX_PIXELS, parse_size
+from .image import FINE, MAX_PIXELS, parse_size
 from .methods import METHODS, allowed
 from .methods import names as method_names
 from .methods import resolve as resolve_method
@@ -88,6 +88,8 @@ def options_from_query(query, max_pixels: int, max_side: int | None = None) -> t
         text = query.get("size")
         if text is None:
             return None
+        if text.strip().lower() == FINE:
+            return FINE
         try:
             size = parse_size(text)
         except ValueError as e:

@@ -5,7 +5,7 @@
 reader and GT-known rule.
 
     python scripts/eval_localization.py MANIFEST ROOT --model DIR [--method NAME] [--threshold T]
-        [--keep-aspect] [--size S] [--sweep 0.1,0.2,...] [--subset K/N] [--json FILE]
+        [--keep-aspect] [--size S|fine] [--sweep 0.1,0.2,...] [--subset K/N] [--json FILE]
 
 MANIFEST is a CSV like ../shared/eval/manifest.csv: ``file`` (relative to
 ROOT), ``imagenet_index`` (the first of ``|``-separated values is the label)
@@ -32,6 +32,7 @@ from pathlib import Path
 import npcam
 from npcam import annotations
 from npcam.boxes import DEFAULT_THRESHOLD, cam_box, parse_threshold
+from npcam.image import FINE, fine_size
 from npcam.localization import IOU, best_iou
 
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", help="explanation method (default: the model's, cam or gradcam)")
     p.add_argument("--threshold", type=parse_threshold, default=DEFAULT_THRESHOLD, help="'mean' or a fraction")
     p.add_argument("--keep-aspect", action="store_true")
-    p.add_argument("--size", type=int, help="network input size (default: the bundle's)")
+    p.add_argument("--size", help="network input size, S or 'fine' (npcam.image.fine_size; default: the bundle's)")
     p.add_argument("--sweep", help="comma-separated extra thresholds to report")
     p.add_argument("--json", type=Path, help="also write all results here")
     p.add_argument("--subset", metavar="K/N", help="only rows K, K+N, K+2N, … (for split-half checks)")
@@ -100,8 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.manifest}: no rows with boxes")
         sweep = list(dict.fromkeys(parse_threshold(t) for t in args.sweep.split(","))) if args.sweep else []
         method = npcam.methods.resolve(args.method, model.head.kind).name
+        size = args.size
+        if size == FINE:
+            size = fine_size(model.bundle.input_size, model.bundle.stride)
+        elif size is not None:
+            size = int(size)
         thresholds = list(dict.fromkeys([*sweep, args.threshold]))
-        results = evaluate(model, rows, thresholds, args.keep_aspect, args.size, method=method)
+        results = evaluate(model, rows, thresholds, args.keep_aspect, size, method=method)
     except (npcam.NpcamError, OSError, KeyError, ValueError) as e:
         print(f"eval_localization: error: {e}", file=sys.stderr)
         return 2

@@ -44,6 +44,7 @@ def photo(tmp_path):
     [
         (Options(keep_aspect=True), "keep_aspect cannot be used", ["--keep-aspect"]),
         (Options(size=160), "size=160x160 cannot be used", ["--size", "160"]),
+        (Options(size="fine"), "size=fine cannot be used", ["--size", "fine"]),
     ],
 )
 def test_library_names_fields_and_the_cli_names_flags(fixed_bundle, photo, capsys, options, library, flag):

@@ -63,3 +63,46 @@ def test_eval_localization(manifest, bundle, tmp_path):
 def test_eval_localization_refuses_an_unknown_method(manifest, bundle):
     result = script("eval_localization.py", manifest, SAMPLES, "--model", bundle, "--method", "nope")
     assert result.returncode == 2 and "unknown method 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_localization_takes_size_fine(manifest, bundle):
+    """``--size fine`` is the bundle's fine size (288 for this 224 px bundle), as in the CLI."""
+    fine, explicit = (script("eval_localization.py", manifest, SAMPLES, "--model", bundle, "--size", size)
+                      for size in ("fine", "288"))  # fmt: skip
+    assert fine.returncode == 0 and explicit.returncode == 0, fine.stderr + explicit.stderr
+    assert fine.stdout == explicit.stdout and fine.stdout.startswith("n=2 ")
+
+
+def test_localization_sizes_pairs_sizes_with_the_products_metrics(manifest, bundle, tmp_path):
+    """scripts/localization_sizes.py: 'fine' is the run at 288 (this bundle is 224 px); its GT-known and Top-1
+    Loc agree with eval_localization.py's, which gets there another way (batched predict, then model.cam); the
+    base size has no paired difference and every other size has one, inside its own interval's reach."""
+    out = tmp_path / "sizes.json"
+    result = script("localization_sizes.py", manifest, SAMPLES, "--model", bundle, "--sizes", "native,fine,288",
+                    "--methods", "cam,layercam", "--boot", "200", "--json", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert {(r["method"], r["size"]) for r in rows} == {(m, s) for m in ("cam", "layercam")
+                                                        for s in ("native", "fine", "288")}  # fmt: skip
+    by = {(r["method"], r["size"]): r for r in rows}
+    for m in ("cam", "layercam"):
+        assert by[(m, "fine")]["input"] == by[(m, "288")]["input"] == [288, 288]
+        for key in ("gt_known", "top1_loc", "maxboxacc"):
+            assert by[(m, "fine")][key] == by[(m, "288")][key]
+            estimate, low, high = by[(m, "native")][key]
+            assert 0 <= low <= estimate <= high <= 1
+        assert "d_gt_known" not in by[(m, "native")] and "d_maxboxacc" in by[(m, "fine")]
+    assert "time native" in result.stdout and "time fine" in result.stdout
+    for size, flag in (("native", []), ("288", ["--size", "288"])):
+        reference = script("eval_localization.py", manifest, SAMPLES, "--model", bundle, "--method", "cam", *flag)
+        fields = dict(kv.split("=") for kv in reference.stdout.split())
+        assert by[("cam", size)]["n"] == int(fields["n"]) == 2
+        # eval_localization.py prints 4 decimals: the tolerance is its rounding, not a difference allowed.
+        assert by[("cam", size)]["gt_known"][0] == pytest.approx(float(fields["gt_known_loc"]), abs=1e-4)
+        assert by[("cam", size)]["top1_loc"][0] == pytest.approx(float(fields["top1_loc"]), abs=1e-4)
+
+
+def test_localization_sizes_refuses_a_bad_size_in_one_line(manifest, bundle):
+    result = script("localization_sizes.py", manifest, SAMPLES, "--model", bundle, "--sizes", "native,fin")
+    assert result.returncode == 2 and "localization_sizes: error:" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
