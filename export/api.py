@@ -245,14 +245,13 @@ def _split_detector(what: str, model: onnx.ModelProto, input_size, bgr: bool, op
 def _export_detector(found: DetectorSplit, out: Path, labels: Path | None, mean, std, meta: dict, reference) -> Path:
     """Write, check and report a detection bundle; returns its directory.
 
-    Its preprocessing: ``--mean``/``--std``, else the model package's (pixels / 255 for the YOLO tools, ImageNet's
-    statistics otherwise)."""
+    Its preprocessing: ``--mean``/``--std``, else the model package's (pixels / 255 for the YOLO tools, [-1, 1] for
+    SSD exports, ImageNet's statistics otherwise)."""
     unit = found.decode.unit_scale
-    meta = {
-        **meta,
-        "mean": list(mean or ([0.0, 0.0, 0.0] if unit else IMAGENET_MEAN)),
-        "std": list(std or ([1.0, 1.0, 1.0] if unit else IMAGENET_STD)),
-    }
+    package_mean, package_std = found.decode.normalization or (
+        ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]) if unit else (IMAGENET_MEAN, IMAGENET_STD)
+    )
+    meta = {**meta, "mean": list(mean or package_mean), "std": list(std or package_std)}
     if found.channels == 1:
         meta["mean"], meta["std"] = _grey_normalization(mean, std)
     names = build.detector_labels(labels, int(found.decode.spec["classes"]), found.metadata)

@@ -5,7 +5,7 @@ The detector's counterpart of :mod:`export.split`, on any ONNX detector (torch-f
 1. :func:`before_nms`: a graph that ends in NonMaxSuppression is cut before it, where its raw outputs are (the
    place for it; today such a graph is refused in one line).
 2. :func:`recognize`: the outputs are read by the builders of :mod:`export.decodes` in turn (anchor-free
-   per-stride distributions, YOLO-style); the first that recognizes them gives the decode, the parts of the
+   per-stride distributions, SSD-style against ``--anchors``, YOLO-style); the first that recognizes them gives the decode, the parts of the
    outputs the head's flat output is made of, and how the model's package feeds the model.
 3. :func:`head_inputs`: the cut, one map per stride (the rule in its docstring, docs/export.md "Detectors"), or
    the tensors ``--layer`` names.
@@ -62,6 +62,13 @@ class Options:
     letterbox : the pad level of a letterbox (None: the shape's default); ``stretch``: no letterbox
     grid_offset : a cell's centre, in cells (0.5: PP-PicoDet; 0: NanoDet-Plus)
     layers : ONNX tensors to explain instead of the head's inputs (``--layer``)
+    anchors : an SSD's anchors, a ``.npy`` of ``[N, 4]`` centre-size, normalized (``--anchors``)
+    anchor_decode : how an SSD's regressors are read against them, ``"mediapipe"`` or ``"tf"`` (``--anchor-decode``)
+    box_scales : the regressors' divisors ``(sx, sy, sw, sh)`` instead of the convention's (``--box-scales``)
+    box_order : ``"xywh"`` or ``"yxhw"`` instead of the convention's (``--box-order``)
+    background : the class column that is background (``--background``; -1: none; None: the convention's)
+    scores : the class values' activation, ``identity``, ``sigmoid`` or ``softmax`` (``--scores``; None: read)
+    box_output : which output holds an SSD's box regressors (``--box-output``; None: read)
     """
 
     task: str | None = None
@@ -72,6 +79,13 @@ class Options:
     stretch: bool = False
     grid_offset: float | None = None
     layers: tuple[str, ...] = ()
+    anchors: str | None = None
+    anchor_decode: str | None = None
+    box_scales: tuple[float, ...] | None = None
+    box_order: str | None = None
+    background: int | None = None
+    scores: str | None = None
+    box_output: str | None = None
 
 
 @dataclass
@@ -194,7 +208,8 @@ def recognize(outputs: Outputs, options: Options) -> Decode | None:
         return None
     raise ExportError(
         f"its outputs ({outputs.describe()}) are not a detector's that npcam reads: one [1, 4+C, N] or [1, N, 5+C] "
-        "output (YOLO), or per-stride pairs [1, N_s, C] and [1, N_s, 4(R+1)] (or one [1, N, C+4(R+1)])"
+        "output (YOLO), per-stride pairs [1, N_s, C] and [1, N_s, 4(R+1)] (or one [1, N, C+4(R+1)]), or an SSD's "
+        "[1, N, 4+K] and [1, N, C] with --anchors"
     )
 
 
@@ -526,6 +541,34 @@ def _sample(model: onnx.ModelProto, values: Values) -> dict[str, np.ndarray]:
     names = [o.name for o in model.graph.output]
     results = [run.run(names, {values.image: values.input_array(1, seed)}) for seed in (1, 2)]
     return {name: np.concatenate([np.asarray(r[i]) for r in results]) for i, name in enumerate(names)}
+
+
+def box_scales_argument(text: str) -> tuple[float, ...]:
+    """``--box-scales 10,10,5,5``: four positive divisors (x, y, w, h, in the regressors' order)."""
+    import argparse
+
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        scales = ()
+    if len(scales) != 4 or not all(np.isfinite(v) and v > 0 for v in scales):
+        raise argparse.ArgumentTypeError(f"expected four positive numbers such as 10,10,5,5, not {text!r}")
+    return scales
+
+
+def background_argument(text: str) -> int:
+    """``--background K`` (the class column that is background) or ``--background none`` (-1)."""
+    import argparse
+
+    if text.lower() == "none":
+        return -1
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a column index such as 0, or none, not {text!r}")
+    return value
 
 
 def strides_argument(text: str) -> tuple[int, ...]:
