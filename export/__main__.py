@@ -6,7 +6,7 @@
                      [--task detect] [--strides S,S,..] [--bins N] [--letterbox [L] | --stretch]   (a detector)
                      [--anchors ANCHORS.npy --anchor-decode mediapipe|tf]                       (an SSD)
     npcam-export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size S|HxW] [--layer M] [--out DIR]
-    npcam-export tflite MODEL.tflite [--labels FILE] [--mean R G B --std R G B] [--out DIR]
+    npcam-export tflite MODEL.tflite [--labels FILE] [--mean R G B --std R G B] [--out DIR] [detector flags]
     npcam-export keras MODEL.keras|MODEL.h5 [--labels FILE] [--mean R G B --std R G B] [--out DIR]
 
 The ``onnx`` route needs only the runtime's packages and ``onnx``; ``tflite`` and ``keras`` need TensorFlow
@@ -142,7 +142,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         help="the module to explain, e.g. blocks.3.norm1 (default: see docs/export.md); a detector's maps: once for each",
     )
-    p = routes.add_parser("tflite", parents=[common, preprocessing], help="a TensorFlow Lite classifier, float or int8")
+    p = routes.add_parser(
+        "tflite", parents=[common, preprocessing, detection], help="a TensorFlow Lite classifier (float or int8) or detector"
+    )
     p.add_argument("model", type=Path, metavar="MODEL.tflite")
     p = routes.add_parser("keras", parents=[common, preprocessing], help="a Keras classifier (.keras, or .h5)")
     p.add_argument("model", type=Path, metavar="MODEL.keras")
@@ -159,7 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--mean and --std values must be finite numbers")
     if getattr(args, "letterbox", None) is not None and getattr(args, "stretch", False):
         parser.error("--letterbox and --stretch exclude each other")
-    if getattr(args, "route", None) in ("onnx", "torch"):
+    if getattr(args, "route", None) in ("onnx", "torch", "tflite"):
         args.detect = Options(
             task=args.task,
             strides=args.strides,
@@ -235,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             from .from_keras import run_keras
             from .from_tflite import run_tflite
 
-            export_route = run_tflite if args.route == "tflite" else run_keras
-            export_route(args.model, args.out, args.labels, args.mean, args.std, args.input_size, args.int8)
+            if args.route == "tflite":
+                run_tflite(args.model, args.out, args.labels, args.mean, args.std, args.input_size, args.int8, args.detect)
+            else:
+                run_keras(args.model, args.out, args.labels, args.mean, args.std, args.input_size, args.int8)
         else:
             run(args.route, args.out, args.weights, args.opset, args.int8, args.labels)
     except (ExportError, NpcamError) as e:
