@@ -105,7 +105,8 @@ def run_onnx(
             "layer": ", ".join(found.layers),
             "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr, "channels": found.channels},
         }
-        reference = _fed_by_npcam(_onnx_outputs(original, found.layout, bgr), found.channels)
+        tensors = [segment.tensor for segment in found.decode.segments]
+        reference = _fed_by_npcam(_onnx_outputs(original, found.layout, bgr, tensors), found.channels)
         return _export_detector(found, _out(out, model.stem, digest, None), labels, mean, std, meta, reference)
     layer = _one_layer(layers)
     parts = _split(str(model), original, input_size, bgr=bgr, output=output, layer=layer)
@@ -349,10 +350,20 @@ def _onnx_reference(original: onnx.ModelProto, layout: str, bgr: bool, output: s
     return run
 
 
-def _onnx_outputs(original: onnx.ModelProto, layout: str, bgr: bool):
-    """The original ONNX detector in onnxruntime: npcam's NCHW RGB inputs in, ``{name: output}`` out."""
+def _onnx_outputs(original: onnx.ModelProto, layout: str, bgr: bool, tensors: Sequence[str] = ()):
+    """The original ONNX detector in onnxruntime: npcam's NCHW RGB inputs in, ``{name: output}`` out; ``tensors``
+    that are not its outputs (the raw outputs before its NMS) are made outputs of a copy."""
+    import copy
+
+    from onnx import TensorProto, helper
+
     from .graph import session as quiet_session
 
+    have = {o.name for o in original.graph.output}
+    missing = [t for t in dict.fromkeys(tensors) if t not in have]
+    if missing:
+        original = copy.deepcopy(original)
+        original.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in missing)
     session = quiet_session(original)
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
