@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=("mediapipe", "tf"),
         help="how an SSD's regressors are read: MediaPipe's, or the TF Object Detection API's",
     )
-    group.add_argument("--box-scales", type=box_scales_argument, metavar="SX,SY,SW,SH", help="the regressors' divisors")
+    group.add_argument("--box-scales", type=box_scales_argument, metavar="S,S,S,S", help="the regressors' divisors, in their order")
     group.add_argument("--box-order", choices=("xywh", "yxhw"), help="the regressors' order (mediapipe xywh, tf yxhw)")
     group.add_argument("--background", type=background_argument, metavar="K|none", help="the background class column")
     group.add_argument("--scores", choices=("identity", "sigmoid", "softmax"), help="the class values' activation")

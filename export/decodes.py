@@ -416,9 +416,11 @@ def anchors(outputs: Outputs, options: Options) -> Decode | None:
     if classes < 1:
         raise ExportError(f"output {scores!r} {list(outputs.shapes[scores])} has no column for a class after the background")
     rows_in, cols_in = outputs.size
-    default_scales = [cols_in, rows_in, cols_in, rows_in] if mediapipe else [10.0, 10.0, 5.0, 5.0]
-    scales = [float(v) for v in (options.box_scales or default_scales)]
     order = options.box_order or ("xywh" if mediapipe else "yxhw")
+    # The scales divide the regressors' values in their own order: MediaPipe's are the input's sides.
+    sides = [cols_in, rows_in] if order == "xywh" else [rows_in, cols_in]
+    default_scales = sides * 2 if mediapipe else [10.0, 10.0, 5.0, 5.0]
+    scales = [float(v) for v in (options.box_scales or default_scales)]
     spec = {
         "decode": "anchors",
         "classes": classes,

@@ -63,7 +63,7 @@ class Options:
     layers : ONNX tensors to explain instead of the head's inputs (``--layer``)
     anchors : an SSD's anchors, a ``.npy`` of ``[N, 4]`` centre-size, normalized (``--anchors``)
     anchor_decode : how an SSD's regressors are read against them, ``"mediapipe"`` or ``"tf"`` (``--anchor-decode``)
-    box_scales : the regressors' divisors ``(sx, sy, sw, sh)`` instead of the convention's (``--box-scales``)
+    box_scales : the regressors' divisors, in their own order, instead of the convention's (``--box-scales``)
     box_order : ``"xywh"`` or ``"yxhw"`` instead of the convention's (``--box-order``)
     background : the class column that is background (``--background``; -1: none; None: the convention's)
     scores : the class values' activation, ``identity``, ``sigmoid`` or ``softmax`` (``--scores``; None: read)
@@ -627,7 +627,7 @@ def _sample(model: onnx.ModelProto, values: Values) -> dict[str, np.ndarray]:
 
 
 def box_scales_argument(text: str) -> tuple[float, ...]:
-    """``--box-scales 10,10,5,5``: four positive divisors (x, y, w, h, in the regressors' order)."""
+    """``--box-scales 10,10,5,5``: four positive divisors of the regressors' values, in their own order."""
     import argparse
 
     try:

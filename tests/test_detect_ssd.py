@@ -224,6 +224,10 @@ def test_flags_override_the_convention(tmp_path):
     assert spec["scales"] == [64.0, 48.0, 64.0, 48.0] and spec["order"] == "yxhw" and spec["sizes"] == "linear"
     assert spec["background"] == 1 and spec["classes"] == 1 and spec["scores"] == "softmax"
     assert [o["tensor"] for o in spec["outputs"]] == ["regressors", "classificators"]
+    # MediaPipe's default scales are the input's sides, in the regressors' order.
+    chosen = Options(anchors=str(anchors_file), anchor_decode="mediapipe", box_order="yxhw")
+    spec = npcam.load(run_onnx(path, tmp_path / "c", input_size=ssd_detectors.SIZE, detect=chosen)).bundle.meta["detect"]
+    assert spec["scales"] == [96.0, 128.0, 96.0, 128.0] and "background" not in spec
 
 
 def test_refusals_name_the_missing_piece(tmp_path):
