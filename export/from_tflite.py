@@ -45,12 +45,13 @@ def run_tflite(
     detect: Options | None = None,
 ) -> Path:
     """Export a ``.tflite`` image classifier or detector; returns the bundle directory. ``detect``: a detector's
-    flags (:class:`export.detector.Options`); a file with several outputs is read as a detector."""
+    flags (:class:`export.detector.Options`); a file with several outputs, one of rank 3, is read as a detector."""
     check_file(model, (".tflite",), "TensorFlow Lite")
     interpreter = _interpreter(model)
     (inp,), outputs = interpreter.get_input_details(), interpreter.get_output_details()
     wanted = detect is not None and (detect.task == "detect" or detect.anchors is not None)
-    if (len(outputs) > 1 or wanted) and (detect is None or detect.task != "classify"):
+    several = len(outputs) > 1 and any(len(o["shape"]) == 3 for o in outputs)  # a detector's (else refused below)
+    if (several or wanted) and (detect is None or detect.task != "classify"):
         return _run_tflite_detector(model, interpreter, out, labels, mean, std, input_size, int8, detect)
     if len(outputs) != 1:
         names = ", ".join(o["name"] for o in outputs)
