@@ -379,8 +379,9 @@ def anchors(outputs: Outputs, options: Options) -> Decode | None:
     background column), the same N candidates.
 
     Two outputs of rank 3 with as many rows each, one at least 4 wide, are SSD-shaped; without ``--anchors`` they
-    are refused in one line naming the flag (the anchors are not in the graph), as they are without
-    ``--anchor-decode`` (their convention cannot be read from the values).
+    are refused in one line naming the flag (the anchors are not in the graph) when one is at most 4 wide (boxes, or
+    a few classes) or the model is said to be a detector, as they are without ``--anchor-decode`` (their
+    convention cannot be read from the values).
     """
     found = outputs.of_rank(3)
     rows = {outputs.shapes[name][1] for name in found}
@@ -393,7 +394,10 @@ def anchors(outputs: Outputs, options: Options) -> Decode | None:
         return None
     (count,) = rows
     if options.anchors is None:
-        _refuse_without_anchors(outputs, count)
+        # A pair of as many rows, neither narrow (a box's 4 values, or a few classes), is left to the other routes
+        # unless the model is said to be a detector: two hidden-state outputs are not an SSD's.
+        if outputs.forced or min(outputs.shapes[name][2] for name in found) <= 4:
+            _refuse_without_anchors(outputs, count)
         return None
     table = load_anchors(options.anchors)
     if len(table) != count:
