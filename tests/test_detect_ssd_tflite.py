@@ -187,3 +187,44 @@ def test_tflite_refusals(tmp_path):
     out = tmp_path / "out"
     refused_in_one_line(cli("tflite", path, "--out", out), "look like an SSD", "--anchors anchors.npy")
     assert not out.exists()
+
+
+def post_processed_file(path):
+    """A small TFLite SSD ending in TFLite_Detection_PostProcess, written as the TF OD API writes it: a function that
+    implements the op (its body a stand-in), converted with custom ops allowed."""
+    count, classes = 50, 3
+    table = np.random.default_rng(0).uniform(0.1, 0.9, (count, 4)).astype(np.float32)
+    attrs = ['name: "TFLite_Detection_PostProcess"', 'attr { key: "max_detections" value { i: 10 } }',
+             'attr { key: "max_classes_per_detection" value { i: 1 } }', 'attr { key: "use_regular_nms" value { b: false } }',
+             'attr { key: "nms_score_threshold" value { f: 0.0 } }', 'attr { key: "nms_iou_threshold" value { f: 0.6 } }',
+             'attr { key: "y_scale" value { f: 10.0 } }', 'attr { key: "x_scale" value { f: 10.0 } }',
+             'attr { key: "h_scale" value { f: 5.0 } }', 'attr { key: "w_scale" value { f: 5.0 } }',
+             f'attr {{ key: "num_classes" value {{ i: {classes} }} }}']  # fmt: skip
+
+    @tf.function(experimental_implements=" ".join(attrs))
+    def post(boxes, scores, anchors):
+        return tf.zeros((1, 10, 4)), tf.zeros((1, 10)), tf.zeros((1, 10)), tf.zeros((1,))
+
+    keras = tf.keras
+    image = keras.Input((16, 16, 3), batch_size=1)
+    flat = keras.layers.Flatten()(keras.layers.Conv2D(8, 3, 2, "same")(image))
+    boxes = keras.layers.Reshape((count, 4))(keras.layers.Dense(count * 4)(flat))
+    scores = keras.layers.Reshape((count, classes + 1))(keras.layers.Dense(count * (classes + 1))(flat))
+    model = keras.Model(image, [boxes, scores])
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 16, 16, 3), tf.float32)])
+    def detect(x):
+        b, s = model(x)
+        return post(b, s, tf.constant(table))
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([detect.get_concrete_function()], model)
+    converter.allow_custom_ops = True
+    path.write_bytes(converter.convert())
+    return path
+
+
+def test_tflite_detection_postprocess_is_refused(tmp_path):
+    path = post_processed_file(tmp_path / "post.tflite")
+    out = tmp_path / "out"
+    refused_in_one_line(cli("tflite", path, "--out", out), "TFLite_Detection_PostProcess", "without the post-processing op")
+    assert not out.exists()
