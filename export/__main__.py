@@ -4,8 +4,9 @@
     npcam-export auto                                                   the demo's model
     npcam-export onnx MODEL.onnx [--labels FILE] [--mean R G B --std R G B] [--input-size S|HxW] [--layer T] [--out DIR]
                      [--task detect] [--strides S,S,..] [--bins N] [--letterbox [L] | --stretch]   (a detector)
+                     [--anchors ANCHORS.npy --anchor-decode mediapipe|tf]                       (an SSD)
     npcam-export torch MODULE:CALLABLE [--weights FILE] [--labels FILE] [--input-size S|HxW] [--layer M] [--out DIR]
-    npcam-export tflite MODEL.tflite [--labels FILE] [--mean R G B --std R G B] [--out DIR]
+    npcam-export tflite MODEL.tflite [--labels FILE] [--mean R G B --std R G B] [--out DIR] [detector flags]
     npcam-export keras MODEL.keras|MODEL.h5 [--labels FILE] [--mean R G B --std R G B] [--out DIR]
 
 The ``onnx`` route needs only the runtime's packages and ``onnx``; ``tflite`` and ``keras`` need TensorFlow
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     import onnx
 
     from .api import OPSET
-    from .detector import Options, strides_argument
+    from .detector import Options, background_argument, box_scales_argument, strides_argument
 
     opsets = between(7, onnx.defs.onnx_opset_version())  # what onnx knows; torch may support fewer, and says so
     parser = OneLineParser(
@@ -101,6 +102,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     group.add_argument("--stretch", action="store_true", help="feed the photo stretched to the input (no letterbox)")
     group.add_argument("--grid-offset", type=float, metavar="F", help="a cell's centre in cells (PicoDet 0.5, NanoDet 0)")
+    group.add_argument("--anchors", metavar="ANCHORS.npy", help="an SSD's anchors: [N, 4] centre x, centre y, w, h, 0-1")
+    group.add_argument(
+        "--anchor-decode",
+        choices=("mediapipe", "tf"),
+        help="how an SSD's regressors are read: MediaPipe's, or the TF Object Detection API's",
+    )
+    group.add_argument("--box-scales", type=box_scales_argument, metavar="S,S,S,S", help="the regressors' divisors, in their order")
+    group.add_argument("--box-order", choices=("xywh", "yxhw"), help="the regressors' order (mediapipe xywh, tf yxhw)")
+    group.add_argument("--background", type=background_argument, metavar="K|none", help="the background class column")
+    group.add_argument("--scores", choices=("identity", "sigmoid", "softmax"), help="the class values' activation")
+    group.add_argument("--box-output", metavar="NAME", help="the output that holds an SSD's box regressors")
     for name, arch in sorted(ARCHS.items()):
         p = routes.add_parser(name, parents=[common], help=f"built-in {name} ({arch.input_size}px)")
         p.add_argument("--weights", type=Path, help="state-dict .pth (default: the official weights; see the README)")
@@ -130,7 +142,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         help="the module to explain, e.g. blocks.3.norm1 (default: see docs/export.md); a detector's maps: once for each",
     )
-    p = routes.add_parser("tflite", parents=[common, preprocessing], help="a TensorFlow Lite classifier, float or int8")
+    p = routes.add_parser(
+        "tflite", parents=[common, preprocessing, detection], help="a TensorFlow Lite classifier (float or int8) or detector"
+    )
     p.add_argument("model", type=Path, metavar="MODEL.tflite")
     p = routes.add_parser("keras", parents=[common, preprocessing], help="a Keras classifier (.keras, or .h5)")
     p.add_argument("model", type=Path, metavar="MODEL.keras")
@@ -147,7 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--mean and --std values must be finite numbers")
     if getattr(args, "letterbox", None) is not None and getattr(args, "stretch", False):
         parser.error("--letterbox and --stretch exclude each other")
-    if getattr(args, "route", None) in ("onnx", "torch"):
+    if getattr(args, "route", None) in ("onnx", "torch", "tflite"):
         args.detect = Options(
             task=args.task,
             strides=args.strides,
@@ -156,6 +170,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             letterbox=args.letterbox,
             stretch=args.stretch,
             grid_offset=args.grid_offset,
+            anchors=args.anchors,
+            anchor_decode=args.anchor_decode,
+            box_scales=args.box_scales,
+            box_order=args.box_order,
+            background=args.background,
+            scores=args.scores,
+            box_output=args.box_output,
         )
     # `auto` takes none of the common options
     if getattr(args, "int8_check", None) is not None or getattr(args, "int8_setting", None):
@@ -216,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             from .from_keras import run_keras
             from .from_tflite import run_tflite
 
-            export_route = run_tflite if args.route == "tflite" else run_keras
-            export_route(args.model, args.out, args.labels, args.mean, args.std, args.input_size, args.int8)
+            if args.route == "tflite":
+                run_tflite(args.model, args.out, args.labels, args.mean, args.std, args.input_size, args.int8, args.detect)
+            else:
+                run_keras(args.model, args.out, args.labels, args.mean, args.std, args.input_size, args.int8)
         else:
             run(args.route, args.out, args.weights, args.opset, args.int8, args.labels)
     except (ExportError, NpcamError) as e:

@@ -113,7 +113,8 @@ def run_onnx(
             "layer": ", ".join(found.layers),
             "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr, "channels": found.channels},
         }
-        reference = _fed_by_npcam(_onnx_outputs(original, found.layout, bgr), found.channels)
+        tensors = [segment.tensor for segment in found.decode.segments]
+        reference = _fed_by_npcam(_onnx_outputs(original, found.layout, bgr, tensors), found.channels)
         return _export_detector(found, _out(out, model.stem, digest, None), labels, mean, std, meta, reference)
     layer = _one_layer(layers)
     parts = _split(str(model), original, input_size, bgr=bgr, output=output, layer=layer)
@@ -263,14 +264,13 @@ def _split_detector(what: str, model: onnx.ModelProto, input_size, bgr: bool, op
 def _export_detector(found: DetectorSplit, out: Path, labels: Path | None, mean, std, meta: dict, reference) -> Path:
     """Write, check and report a detection bundle; returns its directory.
 
-    Its preprocessing: ``--mean``/``--std``, else the model package's (pixels / 255 for the YOLO tools, ImageNet's
-    statistics otherwise)."""
+    Its preprocessing: ``--mean``/``--std``, else the model package's (pixels / 255 for the YOLO tools, [-1, 1] for
+    SSD exports, ImageNet's statistics otherwise)."""
     unit = found.decode.unit_scale
-    meta = {
-        **meta,
-        "mean": list(mean or ([0.0, 0.0, 0.0] if unit else IMAGENET_MEAN)),
-        "std": list(std or ([1.0, 1.0, 1.0] if unit else IMAGENET_STD)),
-    }
+    package_mean, package_std = found.decode.normalization or (
+        ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]) if unit else (IMAGENET_MEAN, IMAGENET_STD)
+    )
+    meta = {**meta, "mean": list(mean or package_mean), "std": list(std or package_std)}
     if found.channels == 1:
         meta["mean"], meta["std"] = _grey_normalization(mean, std)
     names = build.detector_labels(labels, int(found.decode.spec["classes"]), found.metadata)
@@ -371,10 +371,20 @@ def _onnx_reference(original: onnx.ModelProto, layout: str, bgr: bool, output: s
     return run
 
 
-def _onnx_outputs(original: onnx.ModelProto, layout: str, bgr: bool):
-    """The original ONNX detector in onnxruntime: npcam's NCHW RGB inputs in, ``{name: output}`` out."""
+def _onnx_outputs(original: onnx.ModelProto, layout: str, bgr: bool, tensors: Sequence[str] = ()):
+    """The original ONNX detector in onnxruntime: npcam's NCHW RGB inputs in, ``{name: output}`` out; ``tensors``
+    that are not its outputs (the raw outputs before its NMS) are made outputs of a copy."""
+    import copy
+
+    from onnx import TensorProto, helper
+
     from .graph import session as quiet_session
 
+    have = {o.name for o in original.graph.output}
+    missing = [t for t in dict.fromkeys(tensors) if t not in have]
+    if missing:
+        original = copy.deepcopy(original)
+        original.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in missing)
     session = quiet_session(original)
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]

@@ -6,7 +6,7 @@ on two random inputs, the file's metadata) and the flags (:class:`export.detecto
 them, the head's flat output is made of (:class:`Segment`), and how the model's package feeds it. It returns None
 when the outputs are not of its shape, so that the next builder may try, and raises a one-line ExportError naming
 the missing piece (a flag) when they are but something cannot be read. :data:`BUILDERS` is the order they are
-tried in: an SSD-style ``anchors`` builder goes there too.
+tried in.
 
 What the values tell: a class score that went through a sigmoid in the graph lies in [0, 1] for every candidate
 of every input, a logit does not (random inputs put thousands of logits outside it), so the decode's ``scores``
@@ -17,6 +17,7 @@ class scores (in [0, 1]) and which are raw box distributions.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -104,6 +105,7 @@ class Decode:
     strides : the strides the outputs say (a distribution decode's), else empty (read from the cut)
     notes : what was decided without a flag, for the export's line
     arrays : the decode's arrays (decode.npz)
+    normalization : the package's ``(mean, std)`` when it is neither of ``unit_scale``'s (SSD exports: [-1, 1])
     """
 
     spec: dict
@@ -113,6 +115,7 @@ class Decode:
     strides: tuple[int, ...] = ()
     notes: list[str] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    normalization: tuple[list[float], list[float]] | None = None
 
     @property
     def size(self) -> int:
@@ -359,6 +362,140 @@ def _joined(outputs: Outputs, options: Options, name: str) -> Decode | None:
     return Decode(spec, segments, letterbox=False, unit_scale=False, strides=strides, notes=notes)
 
 
+# SSD-style decodes (``--anchor-decode``): how the box regressors are read against the anchors. MediaPipe divides the
+# offsets and sizes by the input's size (its x_scale .. h_scale) and takes sizes linearly against unit anchors; the
+# TF Object Detection API (faster_rcnn_box_coder) writes (ty, tx, th, tw), scaled by (10, 10, 5, 5), exponential
+# sizes, and a background class in column 0 of its class predictions.
+ANCHOR_DECODES = ("mediapipe", "tf")
+# Names that mark an SSD's box regressor output (MediaPipe's "regressors", the TF OD API's "box_encodings").
+BOX_NAME = re.compile(r"box|regress|loc|coord", re.IGNORECASE)
+# Both MediaPipe's and the TF Object Detection API's SSD exports take pixels scaled to [-1, 1].
+SIGNED_UNIT = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+
+
+def anchors(outputs: Outputs, options: Options) -> Decode | None:
+    """SSD-style raw outputs, against anchors the model's package generates (``--anchors``): box regressors
+    ``[1, N, 4+K]`` (K extra values, such as keypoints, not read) and class scores ``[1, N, C]`` (or ``C+1`` with a
+    background column), the same N candidates.
+
+    Two outputs of rank 3 with as many rows each, one at least 4 wide, are SSD-shaped; without ``--anchors`` they
+    are refused in one line naming the flag (the anchors are not in the graph) when one is at most 4 wide (boxes, or
+    a few classes) or the model is said to be a detector, as they are without ``--anchor-decode`` (their
+    convention cannot be read from the values).
+    """
+    found = outputs.of_rank(3)
+    rows = {outputs.shapes[name][1] for name in found}
+    if len(found) != 2 or len(rows) != 1 or max(outputs.shapes[name][2] for name in found) < 4:
+        if options.anchors is not None:
+            raise ExportError(
+                f"--anchors given, but its outputs ({outputs.describe()}) are not SSD-style box regressors "
+                "[1, N, 4+K] and class scores [1, N, C]"
+            )
+        return None
+    (count,) = rows
+    if options.anchors is None:
+        # A pair of as many rows, neither narrow (a box's 4 values, or a few classes), is left to the other routes
+        # unless the model is said to be a detector: two hidden-state outputs are not an SSD's.
+        if outputs.forced or min(outputs.shapes[name][2] for name in found) <= 4:
+            _refuse_without_anchors(outputs, count)
+        return None
+    table = load_anchors(options.anchors)
+    if len(table) != count:
+        raise ExportError(f"{options.anchors}: {len(table)} anchors, the outputs hold {count} candidates")
+    if options.anchor_decode is None:
+        raise ExportError(
+            "the SSD decode's convention cannot be read from the outputs: give it with --anchor-decode mediapipe "
+            "(offsets and sizes over the input size, linear sizes) or --anchor-decode tf (scales 10,10,5,5, "
+            "exponential sizes, a background column)"
+        )
+    boxes = _box_output(outputs, options, found)
+    scores = next(name for name in found if name != boxes)
+    width = outputs.shapes[scores][2]
+    mediapipe = options.anchor_decode == "mediapipe"
+    background = (None if mediapipe else 0) if options.background is None else options.background
+    background = None if background is not None and background < 0 else background
+    if background is not None and not 0 <= background < width:
+        raise ExportError(f"--background {background}: output {scores!r} has {width} columns")
+    classes = width - (background is not None)
+    if classes < 1:
+        raise ExportError(f"output {scores!r} {list(outputs.shapes[scores])} has no column for a class after the background")
+    rows_in, cols_in = outputs.size
+    order = options.box_order or ("xywh" if mediapipe else "yxhw")
+    # The scales divide the regressors' values in their own order: MediaPipe's are the input's sides.
+    sides = [cols_in, rows_in] if order == "xywh" else [rows_in, cols_in]
+    default_scales = sides * 2 if mediapipe else [10.0, 10.0, 5.0, 5.0]
+    scales = [float(v) for v in (options.box_scales or default_scales)]
+    spec = {
+        "decode": "anchors",
+        "classes": classes,
+        "order": order,
+        "scales": scales,
+        "sizes": "linear" if mediapipe else "exp",
+        "scores": options.scores or activation(outputs.values[scores]),
+    }
+    if background is not None:
+        spec["background"] = background
+    notes = [f"boxes in {boxes!r}, class scores in {scores!r}"]
+    if options.scores is None:
+        notes.append(f"class scores {'are probabilities' if spec['scores'] == 'identity' else 'through a sigmoid'} (--scores)")
+    notes.append("inputs scaled to [-1, 1] (--mean/--std)")
+    segments = [Segment("boxes", boxes, tuple(outputs.shapes[boxes])), Segment("scores", scores, tuple(outputs.shapes[scores]))]
+    return Decode(spec, segments, letterbox=False, unit_scale=False, notes=notes, arrays={"anchors": table},
+                  normalization=SIGNED_UNIT)  # fmt: skip
+
+
+def _refuse_without_anchors(outputs: Outputs, count: int) -> None:
+    """Two outputs of one candidate count, one at least 4 wide: an SSD's raw outputs, whose anchors are not in the
+    graph. (Per-stride pairs of several strides have been read before.)"""
+    if count > 1:
+        raise ExportError(
+            f"its outputs ({outputs.describe()}) look like an SSD's box regressors and class scores, decoded against "
+            "anchors the model's package makes: give them with --anchors anchors.npy ([N, 4]: centre x, centre y, "
+            "width, height, on the input's 0-1 scale) and the convention with --anchor-decode mediapipe|tf"
+        )
+
+
+def _box_output(outputs: Outputs, options: Options, found: list[str]) -> str:
+    """Which of the two outputs holds the box regressors: ``--box-output``; else the only one at least 4 wide; else
+    the only one exactly 4 wide; else the only one named as boxes are (MediaPipe's ``regressors``, the TF OD API's
+    ``box_encodings``)."""
+    if options.box_output is not None:
+        if options.box_output not in found:
+            raise ExportError(f"--box-output {options.box_output!r}: not one of the outputs {found}")
+        return options.box_output
+    for fits in (lambda width: width >= 4, lambda width: width == 4):
+        chosen = [name for name in found if fits(outputs.shapes[name][2])]
+        if len(chosen) == 1:
+            return chosen[0]
+    named = [name for name in found if BOX_NAME.search(name)]
+    if len(named) == 1:
+        return named[0]
+    raise ExportError(
+        f"cannot tell which of {found[0]!r} and {found[1]!r} holds the box regressors: name it with --box-output"
+    )
+
+
+def load_anchors(path) -> np.ndarray:
+    """``--anchors``: a ``.npy`` of ``[N, 4]`` finite anchors (centre x, centre y, width, height), normalized to the
+    input's 0-1 scale; float64 ``[N, 4]``."""
+    try:
+        table = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no such file") from None
+    except (ValueError, OSError) as e:
+        raise ExportError(f"{path}: not a .npy array ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if table.ndim != 2 or table.shape[1] != 4 or table.dtype.kind not in "fiu" or not len(table):
+        raise ExportError(f"{path}: anchors must be an [N, 4] number array (centre x, centre y, w, h), not {table.dtype} {list(table.shape)}")
+    table = table.astype(np.float64)
+    if not np.isfinite(table).all():
+        raise ExportError(f"{path}: the anchors hold NaN or infinite values")
+    if np.abs(table[:, :2]).max() > 2:
+        raise ExportError(f"{path}: anchor centres reach {np.abs(table[:, :2]).max():g}; they are on the input's 0-1 "
+                          "scale (divide pixels by the input's width and height)")  # fmt: skip
+    return table
+
+
 # Tried in this order: the joined distribution output needs the stronger evidence (leading columns of
-# probabilities, trailing raw ones), which a YOLO output (box coordinates first) never gives.
-BUILDERS: tuple[Callable[[Outputs, Options], Decode | None], ...] = (distribution, yolo)
+# probabilities, trailing raw ones), which a YOLO output (box coordinates first) never gives. Per-stride pairs of
+# several strides are read before an SSD's one pair.
+BUILDERS: tuple[Callable[[Outputs, Options], Decode | None], ...] = (distribution, anchors, yolo)

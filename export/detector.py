@@ -2,10 +2,9 @@
 
 The detector's counterpart of :mod:`export.split`, on any ONNX detector (torch-free), in stages:
 
-1. :func:`before_nms`: a graph that ends in NonMaxSuppression is cut before it, where its raw outputs are (the
-   place for it; today such a graph is refused in one line).
+1. :func:`before_nms`: a graph that ends in NonMaxSuppression is cut before it, where its raw outputs are.
 2. :func:`recognize`: the outputs are read by the builders of :mod:`export.decodes` in turn (anchor-free
-   per-stride distributions, YOLO-style); the first that recognizes them gives the decode, the parts of the
+   per-stride distributions, SSD-style against ``--anchors``, YOLO-style); the first that recognizes them gives the decode, the parts of the
    outputs the head's flat output is made of, and how the model's package feeds the model.
 3. :func:`head_inputs`: the cut, one map per stride (the rule in its docstring, docs/export.md "Detectors"), or
    the tensors ``--layer`` names.
@@ -62,6 +61,13 @@ class Options:
     letterbox : the pad level of a letterbox (None: the shape's default); ``stretch``: no letterbox
     grid_offset : a cell's centre, in cells (0.5: PP-PicoDet; 0: NanoDet-Plus)
     layers : ONNX tensors to explain instead of the head's inputs (``--layer``)
+    anchors : an SSD's anchors, a ``.npy`` of ``[N, 4]`` centre-size, normalized (``--anchors``)
+    anchor_decode : how an SSD's regressors are read against them, ``"mediapipe"`` or ``"tf"`` (``--anchor-decode``)
+    box_scales : the regressors' divisors, in their own order, instead of the convention's (``--box-scales``)
+    box_order : ``"xywh"`` or ``"yxhw"`` instead of the convention's (``--box-order``)
+    background : the class column that is background (``--background``; -1: none; None: the convention's)
+    scores : the class values' activation, ``identity``, ``sigmoid`` or ``softmax`` (``--scores``; None: read)
+    box_output : which output holds an SSD's box regressors (``--box-output``; None: read)
     """
 
     task: str | None = None
@@ -72,6 +78,13 @@ class Options:
     stretch: bool = False
     grid_offset: float | None = None
     layers: tuple[str, ...] = ()
+    anchors: str | None = None
+    anchor_decode: str | None = None
+    box_scales: tuple[float, ...] | None = None
+    box_order: str | None = None
+    background: int | None = None
+    scores: str | None = None
+    box_output: str | None = None
 
 
 @dataclass
@@ -123,12 +136,13 @@ def split_detector(
     task = metadata.get("task")
     if task in OTHER_TASKS:
         raise ExportError(f"an ultralytics '{task}' model: npcam explains detectors (task 'detect') and classifiers")
-    forced = options.task == "detect" or task == "detect"
+    # A graph that ends in NMS is a detector's, whatever its outputs are.
+    nms = any(n.op_type == "NonMaxSuppression" for n in model.graph.node)
+    forced = options.task == "detect" or task == "detect" or nms
     ranks = [len(dims(o)) for o in model.graph.output]
     if not forced and 3 not in ranks and all(ranks):
         return None  # no output of a detector's rank: a classifier
-    model = before_nms(inline_constant_ifs(model))
-    g = index(model)
+    model = inline_constant_ifs(model)
     image = head_finder.image_input(model.graph)
     layout = "NCHW" if dims(image)[1] in (1, 3) else "NHWC"
     channels = dims(image)[1 if layout == "NCHW" else 3]
@@ -136,6 +150,10 @@ def split_detector(
     free = not all(isinstance(d, int) and d > 0 for d in static_hw)
     size = native_size(static_hw, input_size or (_metadata_size(metadata) or DEFAULT_SIZE if free else None))
     values = Values(model, image.name, layout, size, channels)
+    model, cut_note = before_nms(model, values)
+    if cut_note:
+        values = Values(model, image.name, layout, size, channels)
+    g = index(model)
     names = [o.name for o in model.graph.output]
     shapes = {name: values.shape(name) for name in names}
     if any(shape is None for shape in shapes.values()):
@@ -148,6 +166,8 @@ def split_detector(
     decode = recognize(outputs, options)
     if decode is None:
         return None
+    if cut_note:
+        decode.notes.insert(0, cut_note)
     named = len(_metadata_names(metadata) or ())
     if named and named != decode.spec["classes"]:  # YOLOv5's segmentation models name 80 and hold 112 more values
         raise ExportError(
@@ -169,18 +189,95 @@ def split_detector(
     return DetectorSplit(part, head, decode, size, layout, channels, layers, strides, letterbox, metadata)
 
 
-def before_nms(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` cut before its NonMaxSuppression, where its raw outputs are; ``model`` itself without one.
+def before_nms(model: onnx.ModelProto, values: Values) -> tuple[onnx.ModelProto, str]:
+    """``model`` cut before its NonMaxSuppression, where its raw outputs are, and a note saying where; ``model``
+    itself and ``""`` without one.
 
-    The place for the NMS-ended graphs (issue 27): today they are refused in one line.
+    The raw outputs are the graph's outputs that do not depend on the NMS, when there are any (a file that gives
+    both); else the one tensor of rank 3 both of the NMS's inputs (boxes and scores) are read from: the last one
+    they share, walked up through ops that only move values (a transpose, a slice) to where it is computed (the
+    YOLO tools' joined output before the NMS's slicing). Refused in one line when there is none (boxes decoded in
+    the graph from other tensors than the scores, such as an SSD's against anchors held in the graph).
     """
-    found = [n for n in model.graph.node if n.op_type == "NonMaxSuppression"]
-    if found:
+    graph = model.graph
+    found = [n for n in graph.node if n.op_type == "NonMaxSuppression"]
+    if not found:
+        return model, ""
+    after = {o for n in found for o in n.output if o}
+    for node in graph.node:  # graph order is topological
+        if any(i in after for i in node.input):
+            after.update(o for o in node.output if o)
+    kept = [o.name for o in graph.output if o.name not in after]
+    where = f"cut before NonMaxSuppression ({found[0].name or 'unnamed'})"
+    if kept:
+        return _pruned(model, kept), f"{where}: its outputs {', '.join(kept)}"
+    g = index(model)
+    image = values.image
+    preds = value_graph(g, image)
+    shared = None
+    for node in found:
+        boxes, scores = node.input[0], node.input[1]
+        common = _ancestors(preds, [boxes]) & _ancestors(preds, [scores])
+        ranked = [t for t in preds if t in common and t != image and _rank3(values.shape(t))]
+        if not ranked:
+            shared = None
+            break
+        top = ranked[-1]
+        while (
+            (producer := g.producers.get(top)) is not None
+            and producer.op_type in MOVE_OPS
+            and _rank3(values.shape(producer.input[0]))
+        ):
+            top = producer.input[0]
+        if shared not in (None, top):
+            shared = None
+            break
+        shared = top
+    if shared is None:
         raise ExportError(
-            f"the graph ends in NonMaxSuppression ({found[0].name or 'unnamed'}); npcam explains the raw outputs "
-            "before it, and cutting there is not supported yet: export the model without NMS"
+            f"the graph ends in NonMaxSuppression ({found[0].name or 'unnamed'}), whose boxes and scores come from no "
+            "one raw output [1, ...] before it (boxes decoded in the graph from other tensors): export the model "
+            "without NMS"
         )
-    return model
+    return _pruned(model, [shared]), f"{where}: its input {shared!r}"
+
+
+# Ops that only move values (a transposed or sliced raw output is read through them up to where it is computed)
+MOVE_OPS = ("Transpose", "Slice", "Split", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten")
+
+
+def _rank3(shape) -> bool:
+    return shape is not None and len(shape) == 3 and shape[0] == 1
+
+
+def _pruned(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose outputs are ``outputs``, without the nodes and constants they do not need."""
+    cut = copy.deepcopy(model)
+    graph = cut.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    needed, todo = set(), list(outputs)
+    while todo:
+        t = todo.pop()
+        if t in needed:
+            continue
+        needed.add(t)
+        node = producers.get(t)
+        if node is not None:
+            todo += [i for i in node.input if i]
+            todo += [o for o in node.output if o]
+            for attribute in node.attribute:  # a subgraph's outer names
+                for sub in [attribute.g, *attribute.graphs]:
+                    todo += [i for n in sub.node for i in n.input if i]
+    nodes = [n for n in graph.node if any(o in needed for o in n.output)]
+    known = {o.name: o for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.output[:]
+    graph.output.extend(known.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs)
+    initializers = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return cut
 
 
 def recognize(outputs: Outputs, options: Options) -> Decode | None:
@@ -194,7 +291,8 @@ def recognize(outputs: Outputs, options: Options) -> Decode | None:
         return None
     raise ExportError(
         f"its outputs ({outputs.describe()}) are not a detector's that npcam reads: one [1, 4+C, N] or [1, N, 5+C] "
-        "output (YOLO), or per-stride pairs [1, N_s, C] and [1, N_s, 4(R+1)] (or one [1, N, C+4(R+1)])"
+        "output (YOLO), per-stride pairs [1, N_s, C] and [1, N_s, 4(R+1)] (or one [1, N, C+4(R+1)]), or an SSD's "
+        "[1, N, 4+K] and [1, N, C] with --anchors"
     )
 
 
@@ -526,6 +624,34 @@ def _sample(model: onnx.ModelProto, values: Values) -> dict[str, np.ndarray]:
     names = [o.name for o in model.graph.output]
     results = [run.run(names, {values.image: values.input_array(1, seed)}) for seed in (1, 2)]
     return {name: np.concatenate([np.asarray(r[i]) for r in results]) for i, name in enumerate(names)}
+
+
+def box_scales_argument(text: str) -> tuple[float, ...]:
+    """``--box-scales 10,10,5,5``: four positive divisors of the regressors' values, in their own order."""
+    import argparse
+
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        scales = ()
+    if len(scales) != 4 or not all(np.isfinite(v) and v > 0 for v in scales):
+        raise argparse.ArgumentTypeError(f"expected four positive numbers such as 10,10,5,5, not {text!r}")
+    return scales
+
+
+def background_argument(text: str) -> int:
+    """``--background K`` (the class column that is background) or ``--background none`` (-1)."""
+    import argparse
+
+    if text.lower() == "none":
+        return -1
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a column index such as 0, or none, not {text!r}")
+    return value
 
 
 def strides_argument(text: str) -> tuple[int, ...]:

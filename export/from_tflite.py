@@ -1,7 +1,9 @@
-"""``npcam-export tflite MODEL.tflite``: a TensorFlow Lite classifier, float, int8 or dynamic-range, as a bundle.
+"""``npcam-export tflite MODEL.tflite``: a TensorFlow Lite classifier, float, int8 or dynamic-range, or a float
+detector, as a bundle.
 
 tf2onnx converts the flatbuffer to ONNX (QuantizeLinear/DequantizeLinear pairs for an int8 model, per-channel
-weights kept), and the ONNX route splits, writes and checks it. An int8 graph is written with uint8 values
+weights kept), and the ONNX route splits, writes and checks it (a detector: :mod:`export.detector`, when the file
+has several outputs or the detector flags say so). An int8 graph is written with uint8 values
 (export/unsigned.py: exact kernels on every CPU); a dynamic-range model's hybrid ops as TFLite computes them
 (export/hybrid.py). The self-check runs the ``.tflite`` file in LiteRT's interpreter (``ai-edge-litert``) on
 the same inputs. Needs the ``tflite`` extra.
@@ -16,17 +18,22 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from npcam.bundle import sha256_file
+
 from .converted import OPSET, check_file, export_converted, first_line, import_tensorflow, quiet
 from .errors import ExportError
 from .hybrid import reproduce as reproduce_hybrid
 from .unsigned import unsigned_int8
 
 if TYPE_CHECKING:
+    from .detector import Options
     from .quantize import Int8
 
 EXTRA = "tflite"
 # TFLite's quantized input types, as numpy and ONNX types
 QUANTIZED = {np.int8: TensorProto.INT8, np.uint8: TensorProto.UINT8}
+# TFLite's detection post-processing op (the SSD decode and NMS in one custom op)
+POST_PROCESS = "TFLite_Detection_PostProcess"
 # Ops that only reshape, between an int8 model's output quantization and its softmax
 SHAPE_ONLY = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 
@@ -39,11 +46,17 @@ def run_tflite(
     std=None,
     input_size=None,
     int8: Path | Int8 | None = None,
+    detect: Options | None = None,
 ) -> Path:
-    """Export a ``.tflite`` image classifier; returns the bundle directory."""
+    """Export a ``.tflite`` image classifier or detector; returns the bundle directory. ``detect``: a detector's
+    flags (:class:`export.detector.Options`); a file with several outputs, one of rank 3, is read as a detector."""
     check_file(model, (".tflite",), "TensorFlow Lite")
     interpreter = _interpreter(model)
     (inp,), outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    wanted = detect is not None and (detect.task == "detect" or detect.anchors is not None)
+    several = len(outputs) > 1 and any(len(o["shape"]) == 3 for o in outputs)  # a detector's (else refused below)
+    if (several or wanted) and (detect is None or detect.task != "classify"):
+        return _run_tflite_detector(model, interpreter, out, labels, mean, std, input_size, int8, detect)
     if len(outputs) != 1:
         names = ", ".join(o["name"] for o in outputs)
         raise ExportError(f"{model}: the model has {len(outputs)} outputs ({names}); npcam needs one (class scores)")
@@ -73,6 +86,71 @@ def run_tflite(
         model, "tflite", converted, _reference(model, inp, outp, builtin=hybrid is not None), versions,
         out, labels, mean, std, input_size, int8, bound, hybrid,
     )  # fmt: skip
+
+
+def _run_tflite_detector(model: Path, interpreter, out, labels, mean, std, input_size, int8,
+                         detect: Options | None) -> Path:  # fmt: skip
+    """A float TFLite detector: converted by tf2onnx, split and written by the ONNX route's detector path, checked
+    against LiteRT's interpreter on every raw output."""
+    import dataclasses
+
+    from . import api as route
+    from .detector import Options
+
+    (inp,), outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if POST_PROCESS in _op_names(interpreter) or any(POST_PROCESS in o["name"] for o in outputs):
+        raise ExportError(
+            f"{model}: the graph ends in TFLite_Detection_PostProcess (its NMS); npcam explains the raw box and class "
+            "outputs before it: convert the model without the post-processing op"
+        )
+    if inp["dtype"] != np.float32 or any(o["dtype"] != np.float32 for o in outputs):
+        raise ExportError(f"{model}: an int8 TFLite detector: npcam explains float detectors; export the float model")
+    if int8 is not None:
+        raise ExportError("--int8 takes classifiers; export the detector in float")
+    tf, tf2onnx = import_tensorflow(EXTRA)
+    try:
+        with quiet():
+            converted, _ = tf2onnx.convert.from_tflite(str(model), opset=OPSET)
+    except Exception as e:  # tf2onnx raises many types for ops it cannot map
+        raise ExportError(f"{model}: tf2onnx cannot convert it ({first_line(e)}); nothing was written") from None
+    unknown = sorted({n.op_type for n in converted.graph.node if not onnx.defs.has(n.op_type, n.domain or "")})
+    if unknown:
+        raise ExportError(f"{model}: tf2onnx has no ONNX equivalent for {', '.join(unknown)}; nothing was written")
+    names = [o.name for o in converted.graph.output]
+    if sorted(names) != sorted(o["name"] for o in outputs):
+        raise ExportError(f"{model}: tf2onnx named the outputs {names}, LiteRT {[o['name'] for o in outputs]}")
+    options = dataclasses.replace(detect or Options(), task="detect")
+    found = route._split_detector(str(model), converted, input_size, False, options)
+    digest = sha256_file(model)
+    meta = {
+        "arch": f"tflite:{model.stem}",
+        "layer": ", ".join(found.layers),
+        "source": {"kind": "tflite", "name": model.name, "sha256": digest, "channels": found.channels},
+        "versions": {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "ai-edge-litert": _litert_version()},
+    }
+    interpreter = _interpreter(model)
+
+    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        """LiteRT's raw outputs for npcam's NCHW RGB inputs, one image at a time: ``{name: [N, ...]}``."""
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if found.layout == "NHWC" else x
+        results: dict[str, list[np.ndarray]] = {o["name"]: [] for o in outputs}
+        for image in x.astype(np.float32):
+            interpreter.set_tensor(inp["index"], image[None])
+            interpreter.invoke()
+            for o in outputs:
+                results[o["name"]].append(interpreter.get_tensor(o["index"]).astype(np.float64))
+        return {name: np.concatenate(values) for name, values in results.items()}
+
+    checked = route._fed_by_npcam(reference, found.channels)
+    return route._export_detector(found, route._out(out, model.stem, digest, None), labels, mean, std, meta, checked)
+
+
+def _op_names(interpreter) -> set[str]:
+    """The TFLite ops of the interpreter's graph (custom ops under their own names)."""
+    try:
+        return {str(op.get("op_name", "")) for op in interpreter._get_ops_details()}
+    except Exception:  # a private API: without it, the outputs' names still tell the post-processing op
+        return set()
 
 
 def _interpreter(model: Path):

@@ -1,0 +1,230 @@
+"""Issue 27, shape 3 as TFLite files: the SSD-like nets of tests/ssd_detectors.py rebuilt in Keras with the same
+weights (BatchNorm folded), converted to float ``.tflite`` files by TensorFlow's converter, and exported with
+``npcam-export tflite --anchors ... --anchor-decode ...``.
+
+The bundle's raw outputs are checked against LiteRT's interpreter running the file (the independent reference for
+this route), its detections against the reference decode and NMS of tests/test_detect_ssd.py on the interpreter's
+outputs, and each detection's gradient maps against torch autograd on the torch net the file was made from (the
+same weights: the interpreter has no gradient).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ssd_detectors
+import torch
+from conftest import record
+from test_detect_export import (
+    GRADIENT_METHODS,
+    MAP_TOL,
+    RAW_TOL,
+    cli,
+    combined,
+    hooked,
+    photo,
+    reference_detections,
+    reference_maps,
+    refused_in_one_line,
+    torch_outputs,
+)
+from test_detect_ssd import reference_candidates, score_of
+
+import npcam
+from npcam import methods
+from npcam.cam import normalize
+
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("tf2onnx")
+litert = pytest.importorskip("ai_edge_litert.interpreter")
+
+
+def folded(conv_bn) -> tuple[np.ndarray, np.ndarray]:
+    """A tests/detectors.py Conv (convolution, BatchNorm) as one convolution's HWIO kernel and bias."""
+    bn = conv_bn.bn
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().numpy()
+    kernel = conv_bn.conv.weight.detach().numpy() * scale[:, None, None, None]
+    bias = bn.bias.detach().numpy() - bn.running_mean.numpy() * scale
+    return kernel.transpose(2, 3, 1, 0), bias
+
+
+def keras_twin(net: ssd_detectors.SSD):
+    """The torch SSD as a Keras model ``[1, H, W, 3] -> (boxes, scores)`` with its weights: torch's symmetric padding
+    written as ZeroPadding2D before a strided convolution ("same" pads a stride-1 3x3 convolution alike)."""
+    keras = tf.keras
+
+    def conv_bn(x, block):
+        kernel, bias = folded(block)
+        stride = block.conv.stride[0]
+        if stride > 1:
+            x = keras.layers.ZeroPadding2D(block.conv.padding[0])(x)
+        layer = keras.layers.Conv2D(kernel.shape[3], kernel.shape[0], stride, "valid" if stride > 1 else "same",
+                                    activation="silu")  # fmt: skip
+        y = layer(x)
+        layer.set_weights([kernel, bias])
+        return y
+
+    def plain(x, conv):
+        layer = keras.layers.Conv2D(conv.out_channels, 3, 1, "same")
+        y = layer(x)
+        layer.set_weights([conv.weight.detach().numpy().transpose(2, 3, 1, 0), conv.bias.detach().numpy()])
+        return y
+
+    image = keras.Input((*ssd_detectors.SIZE, 3), batch_size=1)
+    x, maps = image, []
+    for stage in (net.s8, net.s16, net.s32):
+        for block in stage if isinstance(stage, torch.nn.Sequential) else [stage]:
+            x = conv_bn(x, block)
+        maps.append(x)
+    boxes, scores = [], []
+    for f, box, cls in zip(maps, net.box, net.cls):
+        boxes.append(keras.layers.Reshape((-1, net.values))(plain(f, box)))
+        scores.append(keras.layers.Reshape((-1, net.columns))(plain(f, cls)))
+    outputs = [keras.layers.Concatenate(axis=1)(boxes), keras.layers.Concatenate(axis=1)(scores)]
+    return keras.Model(image, outputs)
+
+
+def tflite_file(convention: str, directory):
+    path = directory / f"ssd_{convention}.tflite"
+    if not path.exists():
+        model = keras_twin(getattr(ssd_detectors, f"ssd_{convention}")())
+        path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    return path
+
+
+def interpreter_outputs(path, x_nchw: np.ndarray) -> list[np.ndarray]:
+    """LiteRT's outputs for one NCHW input, in its order."""
+    interpreter = litert.Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x_nchw.transpose(0, 2, 3, 1).astype(np.float32))
+    interpreter.invoke()
+    return [interpreter.get_tensor(o["index"]).astype(np.float64) for o in interpreter.get_output_details()]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cache = {}
+    directory = tmp_path_factory.mktemp("ssd_tflite")
+
+    def get(convention: str):
+        if convention not in cache:
+            anchors_file = directory / f"{convention}_anchors.npy"
+            np.save(anchors_file, ssd_detectors.anchors(convention))
+            path = tflite_file(convention, directory)
+            out = directory / convention
+            flags = ["--anchors", anchors_file, "--anchor-decode", convention]
+            if convention == "tf":
+                flags += ["--scores", "softmax"]
+            result = cli("tflite", path, "--out", out, *flags)
+            assert result.returncode == 0, result.stderr
+            cache[convention] = npcam.load(out), path, getattr(ssd_detectors, f"ssd_{convention}")()
+        return cache[convention]
+
+    return get
+
+
+@pytest.mark.parametrize("convention", ["mediapipe", "tf"])
+def test_tflite_raw_outputs_and_detections_match_the_interpreter(exported, convention):
+    model, path, net = exported(convention)
+    assert model.bundle.meta["source"]["kind"] == "tflite" and len(model.head.inputs) == 3
+    values = ssd_detectors.CONVENTIONS[convention][0]
+    worst = 0.0
+    for seed in range(2):
+        image = photo(seed)
+        pred = model.predict(image)
+        found = interpreter_outputs(path, pred.input)
+        boxes_out = next(o for o in found if o.shape[2] == values)
+        scores_out = next(o for o in found if o is not boxes_out)
+        want = np.concatenate([boxes_out[0].ravel(), scores_out[0].ravel()])
+        np.testing.assert_allclose(pred.logits, want, rtol=RAW_TOL, atol=RAW_TOL)
+        worst = max(worst, np.abs(pred.logits - want).max())
+        torch_raw = np.concatenate([o.double().numpy()[0].ravel() for o in torch_outputs(net, pred.input)])
+        np.testing.assert_allclose(want, torch_raw, rtol=RAW_TOL, atol=RAW_TOL)  # the file is the torch net's twin
+        boxes, scores = reference_candidates(convention, [torch.from_numpy(boxes_out), torch.from_numpy(scores_out)])
+        expected = []
+        for a, c, _, box in reference_detections(boxes, scores):
+            photo_box = pred.placement.to_photo(box[None], image.shape[:2])[0]
+            if photo_box[2] > photo_box[0] and photo_box[3] > photo_box[1]:
+                expected.append((a, c, photo_box))
+        assert len(expected) >= 2
+        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _ in expected]
+        for d, (_, _, box) in zip(pred.detections, expected):
+            np.testing.assert_allclose(d.box, box, atol=1e-3)
+    record(f"detector ssd {convention} tflite: raw outputs vs LiteRT (abs)", worst)
+
+
+@pytest.mark.parametrize("convention", ["mediapipe", "tf"])
+def test_tflite_gradient_maps_match_torch_autograd(exported, convention):
+    model, _, net = exported(convention)
+    pred = model.predict(photo(1))
+    chosen = list(range(min(3, len(pred.detections))))
+    assert len(chosen) >= 2
+    probes = model.probes(pred, chosen)
+    grads = []
+    for i in chosen:
+        d = pred.detections[i]
+        outputs, leaves = hooked(net, ssd_detectors.LAYERS, pred.input, replace=list(pred.grids))
+        score_of(convention, outputs, d.candidate, d.class_index).backward()
+        grads.append([np.zeros(leaf.shape[1:]) if leaf.grad is None else leaf.grad.numpy()[0].astype(np.float64)
+                      for leaf in leaves])  # fmt: skip
+    size = tuple(pred.input.shape[2:])
+    worst = 0.0
+    for method in GRADIENT_METHODS:
+        chosen_method = methods.METHODS[method]
+        got_layers = [normalize(chosen_method.raw_maps(probe)) for probe in probes]
+        got = methods.maps(chosen_method, probes, size)
+        for j in range(len(chosen)):
+            want_layers = [reference_maps(method, a.astype(np.float64), grads[j][i]) for i, a in enumerate(pred.grids)]
+            for got_layer, want_layer in zip(got_layers, want_layers):
+                worst = max(worst, np.abs(got_layer[j] - want_layer).max())
+            worst = max(worst, np.abs(got[j] - combined(want_layers, size)).max())
+    record(f"detector ssd {convention} tflite: gradient maps vs torch autograd", worst)
+    assert worst <= MAP_TOL, (convention, worst)
+
+
+def test_tflite_refusals(tmp_path):
+    path = tflite_file("tf", tmp_path)
+    out = tmp_path / "out"
+    refused_in_one_line(cli("tflite", path, "--out", out), "look like an SSD", "--anchors anchors.npy")
+    assert not out.exists()
+
+
+def post_processed_file(path):
+    """A small TFLite SSD ending in TFLite_Detection_PostProcess, written as the TF OD API writes it: a function that
+    implements the op (its body a stand-in), converted with custom ops allowed."""
+    count, classes = 50, 3
+    table = np.random.default_rng(0).uniform(0.1, 0.9, (count, 4)).astype(np.float32)
+    attrs = ['name: "TFLite_Detection_PostProcess"', 'attr { key: "max_detections" value { i: 10 } }',
+             'attr { key: "max_classes_per_detection" value { i: 1 } }', 'attr { key: "use_regular_nms" value { b: false } }',
+             'attr { key: "nms_score_threshold" value { f: 0.0 } }', 'attr { key: "nms_iou_threshold" value { f: 0.6 } }',
+             'attr { key: "y_scale" value { f: 10.0 } }', 'attr { key: "x_scale" value { f: 10.0 } }',
+             'attr { key: "h_scale" value { f: 5.0 } }', 'attr { key: "w_scale" value { f: 5.0 } }',
+             f'attr {{ key: "num_classes" value {{ i: {classes} }} }}']  # fmt: skip
+
+    @tf.function(experimental_implements=" ".join(attrs))
+    def post(boxes, scores, anchors):
+        return tf.zeros((1, 10, 4)), tf.zeros((1, 10)), tf.zeros((1, 10)), tf.zeros((1,))
+
+    keras = tf.keras
+    image = keras.Input((16, 16, 3), batch_size=1)
+    flat = keras.layers.Flatten()(keras.layers.Conv2D(8, 3, 2, "same")(image))
+    boxes = keras.layers.Reshape((count, 4))(keras.layers.Dense(count * 4)(flat))
+    scores = keras.layers.Reshape((count, classes + 1))(keras.layers.Dense(count * (classes + 1))(flat))
+    model = keras.Model(image, [boxes, scores])
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 16, 16, 3), tf.float32)])
+    def detect(x):
+        b, s = model(x)
+        return post(b, s, tf.constant(table))
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([detect.get_concrete_function()], model)
+    converter.allow_custom_ops = True
+    path.write_bytes(converter.convert())
+    return path
+
+
+def test_tflite_detection_postprocess_is_refused(tmp_path):
+    path = post_processed_file(tmp_path / "post.tflite")
+    out = tmp_path / "out"
+    refused_in_one_line(cli("tflite", path, "--out", out), "TFLite_Detection_PostProcess", "without the post-processing op")
+    assert not out.exists()
