@@ -236,6 +236,7 @@ def test_gradcam_on_aarch64_matches_x86(arm64, tiny_bundles, images, tmp_path):
     compare(runs, tmp_path, "Grad-CAM", MAP_ATOL, PROB_ATOL)
 
 
+@pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
 def test_cpu_name_on_aarch64(arm64, tmp_path):
     """The name an int8 bundle records, read from the emulated CPU's /proc/cpuinfo (qemu's cortex-a72)."""
     name = run_python(arm64, ["-c", "from export.cpuinfo import this_cpu; print(this_cpu())"], True, tmp_path)

@@ -14,6 +14,8 @@ import pytest
 from conftest import PHOTOS, REPO, synthetic_image
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # Ray
+
 pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '.[dataset]' (CI installs it)")
 pq = pytest.importorskip("pyarrow.parquet")
 import pyarrow.dataset as pds  # noqa: E402

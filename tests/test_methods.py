@@ -149,10 +149,8 @@ def test_ablation_weights_equal_brute_force_ablation(model, preds):
     np.testing.assert_allclose(got, brute, rtol=1e-4, atol=1e-6 * np.abs(brute).max())
 
 
-def test_ablation_on_a_graph_head_equals_brute_force(tmp_path):
-    from export.api import run_torch
-
-    graph = npcam.load(run_torch("models:mlp_head", tmp_path / "b", input_size=128))
+def test_ablation_on_a_graph_head_equals_brute_force(graph_bundle):
+    graph = npcam.load(graph_bundle)
     pred = graph.predict(PHOTOS[0])
     got = ablation_weights(graph.probe(pred, [pred.top1]))[0]
     y = pred.logits[pred.top1]

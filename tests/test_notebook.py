@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 import npcam
 from npcam import NpcamError, notebook
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 PHOTO = (300, 451)  # SAMPLE's height and width: under DISPLAY_SIDE, so shown at its own size
 
 

@@ -21,7 +21,7 @@ from export.__main__ import main as export_main
 from export.api import run
 from npcam.boxes import cam_box
 
-pytestmark = pytest.mark.slow  # big exports: EfficientNet-Lite and the deeper ResNets (see tests/tiers.py)
+pytestmark = pytest.mark.slow  # big exports: EfficientNet-Lite and the deeper ResNets
 
 
 @pytest.fixture(scope="session")
