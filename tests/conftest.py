@@ -60,7 +60,7 @@ def pytest_addoption(parser):
 
 # The fast tier (`pytest --fast`; `bash scripts/test.sh --fast` runs it in a venv without torch). A test is in it
 # when it is marked `fast` (`pytestmark = pytest.mark.fast` for a whole file, or `@pytest.mark.fast`) and not
-# `slow` or `torch`. `--fast` makes the modules below unimportable, so a fast test that needs one of them fails
+# `slow` or `extras`. `--fast` makes the modules below unimportable, so a fast test that needs one of them fails
 # with an ImportError in any venv, instead of passing where they happen to be installed: they are the packages
 # of setup.cfg's extras that the fast tier's venv (the `test-fast` extra: the runtime, onnx, pytest, hypothesis)
 # does not have.
@@ -83,7 +83,7 @@ class FastTierImports(importlib.abc.MetaPathFinder):
 
 def in_fast_tier(item) -> bool:
     return item.get_closest_marker("fast") is not None and not any(item.iter_markers("slow")) and not any(
-        item.iter_markers("torch")
+        item.iter_markers("extras")
     )
 
 
@@ -242,6 +242,30 @@ def torch_onnx(tmp_path_factory):
     return export
 
 
+@pytest.fixture(scope="session")
+def nets19_bundle(tmp_path_factory, torch_onnx):
+    """``nets19_bundle(name, route)``: tests/nets19.py's net ``name`` exported by npcam at its own 32 px, from the
+    torch module (``route="torch"``) or from the ONNX file torch wrote on ``route`` (:data:`ONNX_ROUTES`), at the
+    default layer. Made once per session: test_export_beyond_gap and test_methods_beyond_gap share them (a torch
+    export of one of these nets takes 3-16 s on 2 busy cores). Tests that change a bundle change a copy."""
+    import nets19
+
+    from export.api import run_onnx, run_torch
+
+    bundles: dict[tuple[str, str], Path] = {}
+
+    def export(name: str, route: str) -> Path:
+        if (name, route) not in bundles:
+            out = tmp_path_factory.mktemp(f"nets19_{name}_{route}") / "b"
+            if route == "torch":
+                bundles[name, route] = run_torch(f"nets19:{name}", out, input_size=nets19.SIZE)
+            else:
+                bundles[name, route] = run_onnx(torch_onnx(name, route), out)
+        return bundles[name, route]
+
+    return export
+
+
 def tiny_trunk(widths=(16, 32, 64, 128, 512), seed: int = 0) -> bytes:
     """A small CNN trunk as ONNX bytes, made with ``onnx.helper``: no torch, no export.
 
@@ -311,6 +335,22 @@ def tiny_bundle(tmp_path_factory) -> Path:
     }
     bundle.write(directory, tiny_trunk(), head, imagenet_labels(), meta)
     return directory
+
+
+@pytest.fixture(scope="session")
+def detector_bundle(tmp_path_factory) -> Path:
+    """tests/tiny_detector.py's YOLO-style detector of two maps (no torch), written once for the run."""
+    import tiny_detector
+
+    return tiny_detector.bundle(tmp_path_factory.mktemp("detector") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def detector(detector_bundle):
+    """The tiny detector, loaded."""
+    import npcam
+
+    return npcam.load(detector_bundle)
 
 
 @pytest.fixture(scope="session")

@@ -187,7 +187,7 @@ def graph_copy(graph_bundle, tmp_path):
     return dst
 
 
-@pytest.mark.torch  # graph_bundle is exported from torch
+@pytest.mark.extras  # graph_bundle is exported from torch
 def test_graph_head_files(graph_copy):
     assert sorted(p.name for p in graph_copy.iterdir()) == [
         "bundle.json",
@@ -205,7 +205,7 @@ def test_graph_head_files(graph_copy):
     ]
 
 
-@pytest.mark.torch  # graph_bundle is exported from torch
+@pytest.mark.extras  # graph_bundle is exported from torch
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -226,7 +226,7 @@ def test_broken_graph_head_description(graph_copy, change, message):
         npcam.load(graph_copy)
 
 
-@pytest.mark.torch  # graph_bundle is exported from torch
+@pytest.mark.extras  # graph_bundle is exported from torch
 def test_graph_head_arrays_are_never_unpickled(graph_copy, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     np.savez(graph_copy / "head.npz", c0=np.array([Boom()], dtype=object))

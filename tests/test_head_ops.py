@@ -255,7 +255,7 @@ def test_max_pool_routes_ties_to_the_first_maximum_in_the_window():
     assert glob.gradient(np.array([0.0, 3.0, 3.0, 1.0]), [0]).tolist() == [[0.0, 1.0, 0.0, 0.0]]
 
 
-@pytest.mark.torch  # torch autograd is the reference
+@pytest.mark.extras  # torch autograd is the reference
 def test_reduce_max_shares_the_gradient_between_ties_as_torch_amax():
     import torch
 
@@ -443,7 +443,7 @@ def torch_vit_block(w: dict[str, np.ndarray], x, r, gelu: str):
     return F.layer_norm(r2, (D,), t["g3"], t["b3"], eps=1e-6)[:, 0] @ t["wh"].T + t["bh"]
 
 
-@pytest.mark.torch  # torch autograd is the reference
+@pytest.mark.extras  # torch autograd is the reference
 @pytest.mark.parametrize("gelu", ["Gelu", "Erf"])
 def test_vit_last_block_against_onnxruntime_and_torch_autograd(gelu):
     import torch
@@ -480,7 +480,7 @@ def test_vit_last_block_against_onnxruntime_and_torch_autograd(gelu):
         np.testing.assert_allclose(got32, want_g, rtol=0, atol=1e-4 * np.abs(want_g).max())
 
 
-@pytest.mark.torch  # torch autograd is the reference
+@pytest.mark.extras  # torch autograd is the reference
 def test_vgg_like_flatten_head_against_onnxruntime_and_torch_autograd():
     """conv 3x3 -> ReLU -> MaxPool 2 -> Flatten -> Linear -> ReLU -> Linear, cut before the conv."""
     import torch

@@ -103,7 +103,7 @@ def test_spatial_bundle_round_trip_and_scores(spatial):
     spec = json.loads((out / "head.json").read_text())
     assert spec["layout"] == "spatial" and spec["precision"] == "float64" and "sides" not in spec
     meta = json.loads((out / "bundle.json").read_text())
-    assert meta["format_version"] == 4 and meta["layer"] == "relu1" and meta["channels"] == 16
+    assert meta["format_version"] == 5 and meta["layer"] == "relu1" and meta["channels"] == 16
     model = npcam.load(out)
     assert model.bundle.layer == "relu1" and model.head.layout == model.bundle.layout == "spatial"
     pred = model.predict(synthetic_image(32, 32))

@@ -180,7 +180,7 @@ def bundles(tmp_path_factory):
 def test_torch_route_exports_and_runs_at_the_native_non_square_size(bundles, name):
     build, size, stride = NETS[name]
     meta = json.loads((bundles[name] / "bundle.json").read_text())
-    assert meta["format_version"] == 4 and meta["input_size"] == list(size) and meta["stride"] == stride
+    assert meta["format_version"] == 5 and meta["input_size"] == list(size) and meta["stride"] == stride
     assert [2, *size] in meta["check"]["inputs"]  # the self-check ran at the native size
     model, net = npcam.load(bundles[name]), build()
     assert model.bundle.input_size == size and not model.bundle.fixed_size
@@ -291,7 +291,7 @@ def test_version_2_square_bundles_still_load(tmp_path):
     new = export_torch("reid", tmp_path / "new", "--input-size", "64")
     shutil.copytree(tmp_path / "new", tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "bundle.json").read_text())
-    assert meta["format_version"] == 4 and meta["input_size"] == [64, 64]
+    assert meta["format_version"] == 5 and meta["input_size"] == [64, 64]
     meta["format_version"], meta["input_size"] = 2, 64
     (tmp_path / "old" / "bundle.json").write_text(json.dumps(meta))
     old = npcam.load(tmp_path / "old")

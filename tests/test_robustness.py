@@ -519,7 +519,7 @@ def working_directories(tmp_path_factory) -> list[Path]:
     return [empty, tempting]
 
 
-@pytest.mark.torch  # graph_bundle is exported from torch
+@pytest.mark.extras  # graph_bundle is exported from torch
 def test_a_trunk_that_fails_at_run_time_is_one_line_per_image(graph_bundle, tmp_path):
     """A shape computed from the input cannot be checked at load: 10^5 times the image's shape fails to
     allocate in onnxruntime (the run has 4 GiB of address space), as one line for the image (exit 1)."""
@@ -559,7 +559,7 @@ def hostile_runs(tiny_bundle, graph_bundle, working_directories, tmp_path_factor
     return {case: (hostile, out, results[i : i + n]) for case, (hostile, out, i) in cases.items()}
 
 
-@pytest.mark.torch  # graph_bundle is exported from torch
+@pytest.mark.extras  # graph_bundle is exported from torch
 @pytest.mark.parametrize("case", sorted(HOSTILE_BUNDLES))
 def test_hostile_bundles_are_refused_at_load_in_one_line(case, hostile_runs, working_directories):
     _, _, name, message = HOSTILE_BUNDLES[case]
@@ -572,7 +572,7 @@ def test_hostile_bundles_are_refused_at_load_in_one_line(case, hostile_runs, wor
     assert not out.exists()
 
 
-@pytest.mark.torch  # graph_bundle is exported from torch
+@pytest.mark.extras  # graph_bundle is exported from torch
 def test_exported_bundles_give_the_same_answer_from_any_working_directory(tiny_bundle, graph_bundle, working_directories):
     bundles = (tiny_bundle, graph_bundle)
     runs = [(["-m", path, SAMPLE, "-o", f"{path.name}.png", "--json", "--top", "3"], cwd) for path in bundles
