@@ -195,15 +195,15 @@ def test_stopping_answers_the_requests_in_flight(bundle, signal_number):
     running = Server(bundle, "--workers", "1", "--timeout", "0")  # no time limit: this one must be answered
     answer = {}
     slow = threading.Thread(
-        target=lambda: answer.update(r=post(running, "?method=scorecam&size=128", PHOTOS[0].read_bytes()))
+        target=lambda: answer.update(r=post(running, "?method=scorecam&size=96", PHOTOS[0].read_bytes()))
     )
     slow.start()
-    _poll(running, lambda state: state["multi_pass"]["running"] == 1)  # the Score-CAM (~500 trunk passes) is in flight
+    _poll(running, lambda state: state["multi_pass"]["running"] == 1)  # the Score-CAM (~500 passes) in flight
     assert running.stop(signal_number) == 0
     slow.join()
     assert "r" in answer, running.log
     assert answer["r"][0] == 200 and json.loads(answer["r"][2])["method"] == "scorecam"
-    assert "POST /explain?method=scorecam&size=128 200" in running.log[-1] and "stopped" in running.log[-1]
+    assert "POST /explain?method=scorecam&size=96 200" in running.log[-1] and "stopped" in running.log[-1]
     assert "Traceback" not in running.log[-1]
 
 
