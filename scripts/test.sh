@@ -3,9 +3,9 @@
 # and the test tools, then run the tests. Extra arguments go to pytest, e.g. `bash scripts/test.sh -k parity`.
 # The browser test needs Debian's chromium and chromium-driver (it skips, saying so, without them).
 #
-# `bash scripts/test.sh --fast [pytest args]`: only the fast tier (tests/tiers.py), in .venv-fast,
-# which holds the runtime, onnx, pytest and hypothesis and never torch. Test files that import more
-# are not collected and other tests are deselected (not skipped); the summary counts them.
+# `bash scripts/test.sh --fast [pytest args]`: only the fast tier (the tests marked `fast`), in .venv-fast,
+# which holds the runtime, onnx, pytest and hypothesis and never torch. Test files that mark no test fast
+# are not collected and the other tests are deselected (not skipped); the summary counts them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fast" ]]; then

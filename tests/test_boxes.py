@@ -9,6 +9,8 @@ import pytest
 
 from npcam.boxes import cam_box, iou, largest_component_box, parse_threshold
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 
 def components(mask: np.ndarray) -> list[tuple[int, tuple[int, int, int, int]]]:
     """(size, box) of every 8-connected region, by breadth-first flood fill."""

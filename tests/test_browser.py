@@ -24,6 +24,8 @@ import pytest
 from conftest import SAMPLE, SAMPLES, Server, chromium_here
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # Chromium
+
 pytest.importorskip("selenium.webdriver", reason="selenium is not installed (it is in the test extra)")
 pytest.importorskip("starlette", reason="npcam serve needs the serve extra: pip install '.[serve]'")
 if not chromium_here():

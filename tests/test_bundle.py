@@ -13,24 +13,13 @@ import pytest
 import npcam
 from npcam import NpcamError
 
-
-# These tests check the runtime, not parity with torch: any bundle will do, so
-# `bundle` and `model` (and `cli`, which uses `bundle`) are the tiny bundle here,
-# made without torch (conftest.tiny_bundle). That puts them in the fast tier.
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle):
-    return tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
 
 
 @pytest.fixture
-def copy(bundle, tmp_path):
+def copy(tiny_bundle, tmp_path):
     dst = tmp_path / "bundle"
-    shutil.copytree(bundle, dst)
+    shutil.copytree(tiny_bundle, dst)
     return dst
 
 
@@ -149,7 +138,7 @@ def test_future_format_version(copy):
         npcam.load(copy)
 
 
-def test_version_1_bundles_keep_loading(copy, model):
+def test_version_1_bundles_keep_loading(copy, tiny_model):
     """Bundles written before format 2 (no head, fixed_size or stride keys) load as affine, dynamic, stride 32."""
     meta = json.loads((copy / "bundle.json").read_text())
     for key in ("head", "fixed_size", "stride", "layout", "output", "check", "channels", "classes"):
@@ -159,7 +148,7 @@ def test_version_1_bundles_keep_loading(copy, model):
     old = npcam.load(copy)
     assert old.head.kind == "affine" and not old.bundle.fixed_size and old.bundle.stride == 32
     x = np.zeros((1, 3, 224, 224), np.float32)
-    np.testing.assert_array_equal(old.scores(x), model.scores(x))
+    np.testing.assert_array_equal(old.scores(x), tiny_model.scores(x))
 
 
 @pytest.mark.parametrize("key", ["arch", "input_size", "mean", "std", "files", "head"])
@@ -191,13 +180,6 @@ def test_each_wrong_key_is_named(copy, key, value, message):
         npcam.load(copy)
 
 
-@pytest.fixture(scope="module")
-def graph_bundle(tmp_path_factory):
-    from export.api import run_torch
-
-    return run_torch("models:mlp_head", tmp_path_factory.mktemp("graph") / "b", input_size=128)
-
-
 @pytest.fixture
 def graph_copy(graph_bundle, tmp_path):
     dst = tmp_path / "graph"
@@ -205,6 +187,7 @@ def graph_copy(graph_bundle, tmp_path):
     return dst
 
 
+@pytest.mark.extras  # graph_bundle is exported from torch
 def test_graph_head_files(graph_copy):
     assert sorted(p.name for p in graph_copy.iterdir()) == [
         "bundle.json",
@@ -222,6 +205,7 @@ def test_graph_head_files(graph_copy):
     ]
 
 
+@pytest.mark.extras  # graph_bundle is exported from torch
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -242,6 +226,7 @@ def test_broken_graph_head_description(graph_copy, change, message):
         npcam.load(graph_copy)
 
 
+@pytest.mark.extras  # graph_bundle is exported from torch
 def test_graph_head_arrays_are_never_unpickled(graph_copy, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     np.savez(graph_copy / "head.npz", c0=np.array([Boom()], dtype=object))

@@ -235,7 +235,7 @@ def test_a_model_with_external_data_exports_a_self_contained_bundle(tmp_path, mo
     monkeypatch.chdir(elsewhere)  # the data file is found beside the model, not in the working directory
     out = run_onnx(source / "m.onnx", tmp_path / "b", input_size=SIZE)
     trunk = onnx.load(str(out / "trunk.onnx"), load_external_data=False)
-    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in trunk.graph.initializer)
+    assert trunk.graph.initializer and all(t.data_location == onnx.TensorProto.DEFAULT for t in trunk.graph.initializer)
     (source / "m.data").unlink()
     monkeypatch.chdir(tmp_path)
     check_against_torch(out, net, name="external data")

@@ -36,8 +36,10 @@ def counting_stop(after: int):
     return should_stop, calls
 
 
-def test_scorecam_stops_at_the_batch_boundary_it_is_told_to(model):
-    pred = model.predict(PHOTOS[0], size=128)  # 4x4 feature cells: a few hundred distinct masks, cheap passes
+def test_scorecam_stops_at_the_batch_boundary_it_is_told_to(tiny_model):
+    """When Score-CAM stops, not what it computes: on the tiny bundle, whose passes cost little."""
+    model = tiny_model
+    pred = model.predict(PHOTOS[0], size=128)  # 4x4 feature cells: several batches of distinct masks
     totals, never = [], counting_stop(after=10**9)[0]
     model.cam(pred, method="scorecam", progress=lambda done, total: totals.append(total), should_stop=never)
     assert len(totals) >= 3  # the test bundle needs several batches for this test to say anything
@@ -49,12 +51,10 @@ def test_scorecam_stops_at_the_batch_boundary_it_is_told_to(model):
     assert passes == [INPUT_BATCH, 2 * INPUT_BATCH] and len(calls) == 3
 
 
-def test_ablation_on_a_graph_head_stops_between_batches_and_is_unchanged_by_batching(tmp_path, monkeypatch):
-    from export.api import run_torch
-
+def test_ablation_on_a_graph_head_stops_between_batches_and_is_unchanged_by_batching(graph_bundle, monkeypatch):
     monkeypatch.setattr(ablation, "LAYER_BATCH", 48)  # 128 channels: batches of 48, 48 and 32
 
-    graph = npcam.load(run_torch("models:mlp_head", tmp_path / "b", input_size=128))
+    graph = npcam.load(graph_bundle)
     pred = graph.predict(PHOTOS[0])
     assert graph.head.kind == "graph" and methods.METHODS["ablationcam"].multi_pass(graph.head.kind)
     assert not methods.METHODS["ablationcam"].multi_pass("affine") and methods.METHODS["scorecam"].multi_pass("affine")

@@ -14,6 +14,8 @@ import pytest
 from conftest import PHOTOS, REPO, synthetic_image
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # Ray
+
 pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '.[dataset]' (CI installs it)")
 pq = pytest.importorskip("pyarrow.parquet")
 import pyarrow.dataset as pds  # noqa: E402
@@ -72,7 +74,9 @@ def test_rows_are_the_clis_records(parquet, images, bundle, capsys, tmp_path):
     by_image = {r["image"]: plain(r) for r in rows(dest)}
     paths = sorted(str(p) for p in images.iterdir())
     assert cli_main(["-m", str(bundle), *paths, "--top", "2", "--bbox", "--json", "-o", f"{tmp_path}/"]) == 1
-    for line in capsys.readouterr().out.splitlines():
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(paths) == len(by_image)  # one record per image, the bad ones included
+    for line in lines:
         record = json.loads(line)
         record.pop("output", None)
         for m in record.get("maps", []):
@@ -84,7 +88,9 @@ def test_the_bundle_digest_and_options_are_in_every_files_metadata(parquet, bund
     dest, _ = parquet
     import npcam
 
-    for path in dest.glob("*.parquet"):
+    files = sorted(dest.glob("*.parquet"))
+    assert files, f"no Parquet file in {dest}"
+    for path in files:
         stamp = json.loads(pq.read_schema(path).metadata[b"npcam"])
         assert stamp["bundle"] == npcam.bundle.digest(npcam.load(bundle).bundle.meta)
         assert stamp["options"]["top"] == 2 and stamp["options"]["bbox"] is True

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import test_browser  # skips this module as it skips itself, where there is no browser
-import tiny_detector as td
 from conftest import SAMPLE, Server, http
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # Chromium
 
 settled, PIXELS = test_browser.settled, test_browser.PIXELS  # the browser fixture is conftest's
 
@@ -28,8 +29,8 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    running = Server(td.bundle(tmp_path_factory.mktemp("detector") / "bundle"))
+def server(detector_bundle):
+    running = Server(detector_bundle)
     yield running
     running.stop()
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import tiny_detector as td
 from conftest import synthetic_image
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # Ray
 
 pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '.[dataset]' (CI installs it)")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -27,11 +28,6 @@ FEW = Options(top=2, conf=0.5, iou=0.3, max_det=4, lowres=True)
 
 def rows(dest) -> list[dict]:
     return pds.dataset(str(dest), format="parquet").to_table().to_pylist()
-
-
-@pytest.fixture(scope="module")
-def detector_bundle(tmp_path_factory):
-    return td.bundle(tmp_path_factory.mktemp("detector") / "bundle")
 
 
 @pytest.fixture(scope="module")

@@ -27,24 +27,16 @@ from npcam import record as records
 from npcam.detect import Candidates, Thresholds, select
 from npcam.render import class_colour, draw_detections_into
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 # A handful of detections of two classes on photo() (the tiny detector keeps ~80 at the YOLO defaults).
 FEW = ("--conf", "0.5", "--iou", "0.3", "--max-det", "5")
 THRESHOLDS = Thresholds(conf=0.5, iou=0.3, max_det=5)
 SIZE = (120, 160)  # the photo's height, width
 
 
-@pytest.fixture(scope="module")
-def detector_bundle(tmp_path_factory):
-    return td.bundle(tmp_path_factory.mktemp("detector") / "bundle")
-
-
-@pytest.fixture(scope="module")
-def detector(detector_bundle):
-    return npcam.load(detector_bundle)
-
-
 @pytest.fixture
-def cli(detector_bundle, capsys, tmp_path, monkeypatch):
+def detector_cli(detector_bundle, capsys, tmp_path, monkeypatch):
     return cli_runner(detector_bundle, capsys, tmp_path, monkeypatch)
 
 
@@ -60,9 +52,9 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_the_json_record_lists_the_detections_and_the_map_explained(cli, tmp_path, detector):
+def test_the_json_record_lists_the_detections_and_the_map_explained(detector_cli, tmp_path, detector):
     image = photo(tmp_path)
-    code, out, err = cli(image, *FEW, "--json", "--save-cam", "-o", f"{tmp_path}/out/")
+    code, out, err = detector_cli(image, *FEW, "--json", "--save-cam", "-o", f"{tmp_path}/out/")
     assert code == 0, err
     record = json.loads(out)
     pred = detector.predict(image, thresholds=THRESHOLDS)
@@ -84,11 +76,11 @@ def test_the_json_record_lists_the_detections_and_the_map_explained(cli, tmp_pat
     np.testing.assert_allclose(saved, detector.cam(pred, detection=0, size=SIZE), atol=1e-6)
 
 
-def test_detection_k_explains_that_one(cli, tmp_path, detector):
+def test_detection_k_explains_that_one(detector_cli, tmp_path, detector):
     image = photo(tmp_path)
     # HiResCAM: the tiny detector's 1x1 head gives every candidate of a class and stride the same Grad-CAM map
     # (its weights are spatial means), HiResCAM's is the candidate's own cell's
-    code, out, err = cli(image, *FEW, "--detection", "3", "--json", "--save-cam", "--method", "hirescam")
+    code, out, err = detector_cli(image, *FEW, "--detection", "3", "--json", "--save-cam", "--method", "hirescam")
     assert code == 0, err
     record = json.loads(out)
     assert [m["detection"] for m in record["maps"]] == [3] and record["output"] == "photo_cam.jpg"
@@ -99,21 +91,21 @@ def test_detection_k_explains_that_one(cli, tmp_path, detector):
     assert not np.allclose(saved, detector.cam(pred, detection=0, size=SIZE, method="hirescam"), atol=1e-3)
 
 
-def test_top_k_writes_one_overlay_per_detection_and_a_rerun_skips_them(cli, tmp_path):
+def test_top_k_writes_one_overlay_per_detection_and_a_rerun_skips_them(detector_cli, tmp_path):
     photo(tmp_path)
-    code, out, err = cli("photo.png", *FEW, "--top", "3", "--json", "--save-cam")
+    code, out, err = detector_cli("photo.png", *FEW, "--top", "3", "--json", "--save-cam")
     assert code == 0, err
     record = json.loads(out)
     assert [m["detection"] for m in record["maps"]] == [0, 1, 2]
     for i, m in enumerate(record["maps"]):
         assert m["output"] == f"photo_cam_det{i}.jpg" and m["cam"] == f"photo_cam_det{i}.npy"
         assert (tmp_path / m["output"]).is_file() and (tmp_path / m["cam"]).is_file()
-    code, out, err = cli(".", *FEW, "--top", "3", "--json")  # the folder now holds the overlays too
+    code, out, err = detector_cli(".", *FEW, "--top", "3", "--json")  # the folder now holds the overlays too
     assert code == 0 and "skipped 3 image(s) npcam wrote" in err and len(out.splitlines()) == 1
 
 
-def test_more_detections_asked_for_than_there_are_explains_those_there_are(cli, tmp_path):
-    code, out, err = cli(photo(tmp_path), "--max-det", "2", "--top", "4", "--json")
+def test_more_detections_asked_for_than_there_are_explains_those_there_are(detector_cli, tmp_path):
+    code, out, err = detector_cli(photo(tmp_path), "--max-det", "2", "--top", "4", "--json")
     assert code == 0, err
     assert [m["detection"] for m in json.loads(out)["maps"]] == [0, 1]
     assert sorted(p.name for p in tmp_path.glob("*_cam*")) == ["photo_cam_det0.jpg", "photo_cam_det1.jpg"]
@@ -124,40 +116,40 @@ def test_more_detections_asked_for_than_there_are_explains_those_there_are(cli, 
     [(0.25, 0.7, 300), (0.9, 0.7, 300), (0.5, 0.1, 300), (0.5, 0.3, 3), (0.0, 1.0, 7)],
     ids=["yolo-defaults", "conf", "iou", "max-det", "every-candidate-capped"],
 )
-def test_conf_iou_and_max_det_are_the_thresholds_of_predict(cli, tmp_path, detector, conf, iou, max_det):
+def test_conf_iou_and_max_det_are_the_thresholds_of_predict(detector_cli, tmp_path, detector, conf, iou, max_det):
     image = photo(tmp_path)
-    code, out, err = cli(image, "--conf", conf, "--iou", iou, "--max-det", max_det, "--json", "--no-overlay")
+    code, out, err = detector_cli(image, "--conf", conf, "--iou", iou, "--max-det", max_det, "--json", "--no-overlay")
     assert code == 0, err
     want = detector.predict(image, thresholds=Thresholds(conf, iou, max_det)).detections
     assert [(d["class"], d["score"]) for d in json.loads(out)["detections"]] == [(d.class_index, d.score) for d in want]
     if conf == 0.0:  # every one of the candidates is above the threshold: max_det caps them
         assert len(want) == max_det < td.candidates()
     if (conf, iou, max_det) == (0.25, 0.7, 300):  # the defaults, as the YOLO tools have them
-        code, default, _ = cli(image, "--json", "--no-overlay")
+        code, default, _ = detector_cli(image, "--json", "--no-overlay")
         assert json.loads(default)["detections"] == json.loads(out)["detections"]
 
 
-def test_a_photo_with_no_detection_is_an_empty_list_exit_0_and_the_photo_as_its_overlay(cli, tmp_path):
+def test_a_photo_with_no_detection_is_an_empty_list_exit_0_and_the_photo_as_its_overlay(detector_cli, tmp_path):
     image = photo(tmp_path)
-    code, out, err = cli(image, "--conf", "1", "--json", "--save-cam", "-o", tmp_path / "overlay.png")
+    code, out, err = detector_cli(image, "--conf", "1", "--json", "--save-cam", "-o", tmp_path / "overlay.png")
     assert code == 0 and err == ""
     record = json.loads(out)
     assert record["detections"] == [] and record["maps"] == [] and record["output"] == str(tmp_path / "overlay.png")
     assert "class" not in record and "cam" not in record
     np.testing.assert_array_equal(pixels(tmp_path / "overlay.png"), pixels(image))  # no map, no box
     assert not list(tmp_path.glob("*.npy"))  # no map to save
-    code, out, err = cli(image, "--conf", "1", "--top", "3")
+    code, out, err = detector_cli(image, "--conf", "1", "--top", "3")
     assert code == 0 and "0 detections -> photo_cam.jpg" in out and (tmp_path / "photo_cam.jpg").is_file()
 
 
-def test_a_bad_detection_index_is_one_line_and_writes_nothing(cli, tmp_path):
+def test_a_bad_detection_index_is_one_line_and_writes_nothing(detector_cli, tmp_path):
     image = photo(tmp_path / "in")
-    code, out, err = cli(image, *FEW, "--detection", "5", "--save-cam", "--json", "-o", f"{tmp_path}/out/")
+    code, out, err = detector_cli(image, *FEW, "--detection", "5", "--save-cam", "--json", "-o", f"{tmp_path}/out/")
     assert code == 1
     assert err == f"npcam: error: {image}: no detection 5: this image has 5 (0 to 4)\n"
     assert json.loads(out) == {"image": str(image), "error": f"{image}: no detection 5: this image has 5 (0 to 4)"}
     assert not (tmp_path / "out").exists()
-    code, _, err = cli(image, "--conf", "1", "--detection", "0")
+    code, _, err = detector_cli(image, "--conf", "1", "--detection", "0")
     assert code == 1 and err.endswith("no detection 0: this image has none\n") and len(err.splitlines()) == 1
 
 
@@ -169,8 +161,8 @@ def test_a_bad_detection_index_is_one_line_and_writes_nothing(cli, tmp_path):
         (["--keep-aspect"], "this model letterboxes its input, so it always keeps the aspect"),
     ],
 )
-def test_usage_errors_on_a_detector_are_one_line(cli, tmp_path, args, message):
-    code, _, err = cli(photo(tmp_path), *args)
+def test_usage_errors_on_a_detector_are_one_line(detector_cli, tmp_path, args, message):
+    code, _, err = detector_cli(photo(tmp_path), *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
@@ -184,9 +176,9 @@ def test_usage_errors_on_a_detector_are_one_line(cli, tmp_path, args, message):
         (["--detection", "1", "--top", "2"], "argument --top: not allowed with argument --detection"),
     ],
 )
-def test_argument_errors_say_what_is_valid(cli, tmp_path, capsys, args, message):
+def test_argument_errors_say_what_is_valid(detector_cli, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        cli(photo(tmp_path), *args)
+        detector_cli(photo(tmp_path), *args)
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
@@ -221,9 +213,9 @@ def boxes_of(pred, scale=(1.0, 1.0)) -> np.ndarray:
     return np.array([d.box for d in pred.detections]) * np.array([scale[1], scale[0]] * 2)
 
 
-def test_the_overlay_is_the_maps_with_every_box_and_label_the_explained_one_thicker(cli, tmp_path, detector):
+def test_the_overlay_is_the_maps_with_every_box_and_label_the_explained_one_thicker(detector_cli, tmp_path, detector):
     image = photo(tmp_path)
-    code, _, err = cli(image, *FEW, "--detection", "1", "-o", tmp_path / "overlay.png")
+    code, _, err = detector_cli(image, *FEW, "--detection", "1", "-o", tmp_path / "overlay.png")
     assert code == 0, err
     got = pixels(tmp_path / "overlay.png")
     pred = detector.predict(image, thresholds=THRESHOLDS)
@@ -259,9 +251,9 @@ def test_the_overlay_is_the_maps_with_every_box_and_label_the_explained_one_thic
         np.testing.assert_array_equal(got[row, x0[j] + 2], [0, 0, 0])
 
 
-def test_boxes_follow_a_smaller_overlay(cli, tmp_path, detector):
+def test_boxes_follow_a_smaller_overlay(detector_cli, tmp_path, detector):
     image = photo(tmp_path, size=(240, 320))
-    code, _, err = cli(image, *FEW, "--max-side", "160", "-o", tmp_path / "small.png")
+    code, _, err = detector_cli(image, *FEW, "--max-side", "160", "-o", tmp_path / "small.png")
     assert code == 0, err
     got = pixels(tmp_path / "small.png")
     assert got.shape == (120, 160, 3)

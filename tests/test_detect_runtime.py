@@ -22,13 +22,10 @@ from npcam.detect import Candidates, Thresholds, pairwise_iou, select
 from npcam.image import letterbox_placement
 from npcam.upsample import upsample
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 # float32 networks (onnxruntime) against the head's float64: a few float32 roundings of values up to ~100 px.
 RAW_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory) -> npcam.Model:
-    return npcam.load(td.bundle(tmp_path_factory.mktemp("detector") / "bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,6 @@ import npcam  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def detector_bundle(tmp_path_factory):
-    return td.bundle(tmp_path_factory.mktemp("detector") / "bundle")
-
-
-@pytest.fixture(scope="module")
-def detector(detector_bundle):
-    return npcam.load(detector_bundle)
-
-
-@pytest.fixture(scope="module")
 def server(detector_bundle):
     running = Server(detector_bundle)
     yield running

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
 
 ARCHITECTURE = REPO / "docs" / "architecture.md"
 

@@ -12,6 +12,8 @@ import pytest
 
 from npcam.methods import eigen
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 
 def relu_features(seed: int) -> np.ndarray:
     """A conv layer's output after a ReLU: non-negative ``[C, h, w]`` with one region more active."""

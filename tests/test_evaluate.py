@@ -23,6 +23,8 @@ from PIL import Image
 from npcam import annotations
 from npcam.errors import NpcamError
 
+pytestmark = pytest.mark.slow  # Ray and pyarrow
+
 pq = pytest.importorskip("pyarrow.parquet", reason="npcam evaluate needs the dataset extra (pyarrow)")
 import pyarrow.dataset as pds  # noqa: E402
 
@@ -160,12 +162,7 @@ def rows(dest: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_bundle):
-    return tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def csv_run(photos, bundle, tmp_path_factory):
+def csv_run(photos, tiny_bundle, tmp_path_factory):
     """One run with the CSV and a corrupt photo, shared by the tests below (in-process)."""
     out = tmp_path_factory.mktemp("runs")
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
@@ -175,7 +172,7 @@ def csv_run(photos, bundle, tmp_path_factory):
 
         stdout, stderr = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = evaluate_main([str(photos), "-m", str(bundle), "--out", str(out / "rows"),
+            code = evaluate_main([str(photos), "-m", str(tiny_bundle), "--out", str(out / "rows"),
                                   "--annotations", str(write_csv(out / "a.csv")), *FAST])  # fmt: skip
     finally:
         (photos / "broken.jpg").unlink()
@@ -211,13 +208,13 @@ def test_a_run_gives_a_row_per_photo_and_method_a_table_and_a_report(csv_run, ph
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
-def test_the_three_formats_give_the_same_localization(csv_run, photos, bundle, tmp_path, capsys):
+def test_the_three_formats_give_the_same_localization(csv_run, photos, tiny_bundle, tmp_path, capsys):
     _, _, _, out = csv_run
     reference = {(r["image"], r["method"]): r for r in rows(out / "rows") if r["boxes"]}
     folder, mapping = write_voc(tmp_path / "Annotations")
     for name, extra in (("coco", ["--annotations", str(write_coco(tmp_path / "coco.json"))]),
                         ("voc", ["--annotations", str(folder), "--classes", str(mapping)])):  # fmt: skip
-        assert evaluate_main([str(photos), "-m", str(bundle), "--out", str(tmp_path / name), *extra, *FAST]) == 0
+        assert evaluate_main([str(photos), "-m", str(tiny_bundle), "--out", str(tmp_path / name), *extra, *FAST]) == 0
         err = capsys.readouterr().err
         if name == "coco":
             assert "warning: annotated class 'unicorn' maps to no class of the model" in err
@@ -228,25 +225,25 @@ def test_the_three_formats_give_the_same_localization(csv_run, photos, bundle, t
                 assert row[column] == reference[key][column], (name, key, column)
 
 
-def test_bad_input_is_one_line_and_exit_2(photos, bundle, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2(photos, tiny_bundle, tmp_path, capsys):
     for args, message in (
         (["--annotations", str(tmp_path / "none.csv")], f"{tmp_path / 'none.csv'}: no such annotation file"),
         (["--methods", "cam,nope"], "unknown method 'nope'"),
     ):
-        assert evaluate_main([str(photos), "-m", str(bundle), "--out", str(tmp_path / "o"), *FAST, *args]) == 2
+        assert evaluate_main([str(photos), "-m", str(tiny_bundle), "--out", str(tmp_path / "o"), *FAST, *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("npcam evaluate: error: ") and message in err, err
     assert not (tmp_path / "o").exists()
 
 
-def test_ctrl_c_then_the_same_command_loses_nothing(csv_run, photos, bundle, tmp_path):
+def test_ctrl_c_then_the_same_command_loses_nothing(csv_run, photos, tiny_bundle, tmp_path):
     """SIGINT mid-run: exit 130, only complete files; the rerun does the rest and the rows equal a straight run's."""
     _, _, _, out = csv_run
     many = tmp_path / "many"
     many.mkdir()
     for i in range(10):
         Image.fromarray(synthetic_image(80, 100, seed=i % 5)).save(many / f"p{i}.png")
-    command = [sys.executable, "-m", "npcam", "evaluate", str(many), "-m", str(bundle), "--out", str(tmp_path / "rows"),
+    command = [sys.executable, "-m", "npcam", "evaluate", str(many), "-m", str(tiny_bundle), "--out", str(tmp_path / "rows"),
                "--rows-per-file", "3", *FAST]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -283,9 +280,9 @@ def test_ctrl_c_then_the_same_command_loses_nothing(csv_run, photos, bundle, tmp
             np.testing.assert_allclose(row[column], twin[column], atol=1e-6, err_msg=f"{row['image']} {column}")
 
 
-def test_a_resumed_run_with_other_settings_is_refused(csv_run, photos, bundle, capsys):
+def test_a_resumed_run_with_other_settings_is_refused(csv_run, photos, tiny_bundle, capsys):
     _, _, _, out = csv_run
-    args = [str(photos), "-m", str(bundle), "--out", str(out / "rows"), "--annotations", str(out / "a.csv"), *FAST]
+    args = [str(photos), "-m", str(tiny_bundle), "--out", str(out / "rows"), "--annotations", str(out / "a.csv"), *FAST]
     assert evaluate_main([*args, "--threshold", "0.2"]) == 2
     assert "holds results made with other options" in capsys.readouterr().err
     assert evaluate_main(args) == 0  # the same command: nothing to do, the table again
@@ -303,12 +300,12 @@ def test_limit_spreads_and_nests():
     assert max(np.diff(small)) <= 16  # spread over the whole list, not its start
 
 
-def test_ray_actors_make_the_same_rows(csv_run, photos, bundle, tmp_path, monkeypatch):
+def test_ray_actors_make_the_same_rows(csv_run, photos, tiny_bundle, tmp_path, monkeypatch):
     """With --driver-threads 0, Ray's actors alone evaluate (the engine of npcam dataset): the same rows."""
     pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '.[dataset]'")
     monkeypatch.setenv("RAY_ADDRESS", "")
     _, _, _, out = csv_run
-    args = [str(photos / "*.png"), "-m", str(bundle), "--out", str(tmp_path / "ray"), *FAST, "--driver-threads", "0",
+    args = [str(photos / "*.png"), "-m", str(tiny_bundle), "--out", str(tmp_path / "ray"), *FAST, "--driver-threads", "0",
             "--actors", "1"]  # fmt: skip
     assert evaluate_main(args) == 0
     straight = {r["method"]: r for r in rows(out / "rows") if r["image"] == str(photos / "five.png")}

@@ -48,6 +48,7 @@ def test_bundle_files_and_metadata(bundle, resnet18_weights):
     assert meta["arch"] == "resnet18" and meta["input_size"] == [224, 224] and meta["channels"] == 512
     assert meta["format_version"] == 5 and meta["head"] == "affine" and meta["fixed_size"] is False
     assert meta["stride"] == 32 and meta["check"]["scores_relative_error"] <= 1e-4
+    assert {"trunk.onnx", "fc_weight.npy", "fc_bias.npy"} <= set(meta["files"])
     for name, digest in meta["files"].items():
         assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest
     assert meta["source"]["sha256"] == hashlib.sha256(resnet18_weights.read_bytes()).hexdigest()

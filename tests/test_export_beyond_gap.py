@@ -95,10 +95,9 @@ CASES = [(name, route) for name in FAMILIES for route in ROUTES]
 
 
 @pytest.mark.parametrize("name, route", CASES)
-def test_export_matches_torch_at_the_default_layer(name, route, tmp_path, torch_onnx):
+def test_export_matches_torch_at_the_default_layer(name, route, nets19_bundle):
     module, layout = nets19.LAYERS[name]
-    out, net = export(name, route, tmp_path, torch_onnx)
-    model = npcam.load(out)
+    model, net = npcam.load(nets19_bundle(name, route)), getattr(nets19, name)()
     assert model.head.layout == layout
     if route == "torch":
         assert model.bundle.layer == module  # recorded as the module path on the torch route
@@ -121,10 +120,9 @@ BATCH_ONE = [(name, route) for name in ATTENTION for route in ("torchscript1", "
 
 
 @pytest.mark.parametrize("name, route", BATCH_ONE)
-def test_attention_files_of_batch_one_export_and_match_torch(name, route, tmp_path, torch_onnx):
+def test_attention_files_of_batch_one_export_and_match_torch(name, route, nets19_bundle):
     module, layout = nets19.LAYERS[name]
-    out, net = export(name, route, tmp_path, torch_onnx)
-    model = npcam.load(out)
+    model, net = npcam.load(nets19_bundle(name, route)), getattr(nets19, name)()
     assert model.head.layout == layout
     if layout == "tokens":
         assert model.head.prefix == (2 if name == "deit_mha" else 1) and model.head.grid == (4, 4)

@@ -381,6 +381,7 @@ def test_a_trunk_that_takes_one_image_at_a_time(tmp_path):
                                      trunk_inits=shapes), tmp_path)  # fmt: skip
     assert model.session.get_inputs()[0].shape[0] == 1 and model.bundle.fixed_size
     preds = model.predict(PHOTOS)  # three images, one trunk call each
+    assert len(preds) == len(PHOTOS)
     for photo, pred in zip(PHOTOS, preds):
         np.testing.assert_allclose(pred.logits, model.predict(photo).logits, rtol=1e-6)
 

@@ -32,6 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 from npcam.head import MAX_VALUES, GraphHead, Op, infer_shapes
 from npcam.head.ops.erf import erf
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 RNG = np.random.default_rng(19)
 FD_RTOL, FD_ATOL = 1e-6, 1e-7  # see the module docstring
 ORT_TOL = 2e-5
@@ -279,6 +281,7 @@ def test_max_pool_routes_ties_to_the_first_maximum_in_the_window():
     assert glob.gradient(np.array([0.0, 3.0, 3.0, 1.0]), [0]).tolist() == [[0.0, 1.0, 0.0, 0.0]]
 
 
+@pytest.mark.extras  # torch autograd is the reference
 def test_reduce_max_shares_the_gradient_between_ties_as_torch_amax():
     import torch
 
@@ -466,6 +469,7 @@ def torch_vit_block(w: dict[str, np.ndarray], x, r, gelu: str):
     return F.layer_norm(r2, (D,), t["g3"], t["b3"], eps=1e-6)[:, 0] @ t["wh"].T + t["bh"]
 
 
+@pytest.mark.extras  # torch autograd is the reference
 @pytest.mark.parametrize("gelu", ["Gelu", "Erf"])
 def test_vit_last_block_against_onnxruntime_and_torch_autograd(gelu):
     import torch
@@ -502,6 +506,7 @@ def test_vit_last_block_against_onnxruntime_and_torch_autograd(gelu):
         np.testing.assert_allclose(got32, want_g, rtol=0, atol=1e-4 * np.abs(want_g).max())
 
 
+@pytest.mark.extras  # torch autograd is the reference
 def test_vgg_like_flatten_head_against_onnxruntime_and_torch_autograd():
     """conv 3x3 -> ReLU -> MaxPool 2 -> Flatten -> Linear -> ReLU -> Linear, cut before the conv."""
     import torch
@@ -580,7 +585,7 @@ def test_float32_heads_compute_in_float32(case, monkeypatch):
     head32 = GraphHead(head64.ops, head64.arrays, head64.input_shape, "x", precision="float32")
     x = case_input(case)
     values = head32._run(x.reshape(1, -1))
-    assert {n: v.dtype for n, v in values.items()} == {n: np.dtype(np.float32) for n in values}
+    assert values and {n: v.dtype for n, v in values.items()} == {n: np.dtype(np.float32) for n in values}
     g64, g32 = head64.gradient(x, [0, 2]), head32.gradient(x, [0, 2])
     assert g32.dtype == np.float64
     np.testing.assert_allclose(g32, g64, rtol=0, atol=1e-4 * np.abs(g64).max())

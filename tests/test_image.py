@@ -13,18 +13,7 @@ import npcam
 from npcam import NpcamError
 from npcam.image import input_size
 
-
-# These tests check the runtime, not parity with torch: any bundle will do, so
-# `bundle` and `model` (and `cli`, which uses `bundle`) are the tiny bundle here,
-# made without torch (conftest.tiny_bundle). That puts them in the fast tier.
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle):
-    return tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
 
 
 def save(tmp_path, image: Image.Image, name: str, **kw):
@@ -126,10 +115,10 @@ def test_input_size():
     assert input_size(1, 10000, 224, keep_aspect=True) == (224, 896)  # long side capped at 4x
 
 
-def test_keep_aspect_gives_a_non_square_map(model):
-    pred = model.predict(synthetic_image(300, 600), keep_aspect=True)
+def test_keep_aspect_gives_a_non_square_map(tiny_model):
+    pred = tiny_model.predict(synthetic_image(300, 600), keep_aspect=True)
     assert pred.features.shape == (512, 7, 14)
-    assert model.cam(pred, size=(300, 600)).shape == (300, 600)
+    assert tiny_model.cam(pred, size=(300, 600)).shape == (300, 600)
 
 
 def test_fuzzer_finding_tiff_with_double_strip_offsets(tmp_path):

@@ -22,6 +22,8 @@ from npcam import bundle
 from npcam.errors import NpcamError
 from npcam.head import GraphHead, Op
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 CLASSES = 5
 META = {"arch": "tiny", "input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "fixed_size": True}
 # float32 trunk outputs, heads computed in float64 both sides: only the trunk's float32 values are shared.

@@ -289,18 +289,17 @@ def test_the_record_names_the_layer(spatial_bundle):
 # 3. End to end: tests/nets19.py exported by the real torch route, against a forward hook + autograd
 
 nets19 = pytest.importorskip("nets19")
-from export.api import run_torch  # noqa: E402
 
 NETS = ["vgg_like", "gmp", "concat_pool", "skip", "vit_cls", "deit", "vit_meanpool", "swin_like"]
 ALL_METHODS = [*GRADIENT_METHODS, "ablationcam", "scorecam", "eigencam", "reciprocam"]
-_BUNDLES: dict[str, npcam.Model] = {}
+_MODELS: dict[tuple[str, str], npcam.Model] = {}
 
 
-def exported(name: str, tmp_path_factory) -> npcam.Model:
-    if name not in _BUNDLES:
-        out = tmp_path_factory.mktemp(name) / "b"
-        _BUNDLES[name] = npcam.Model(run_torch(f"nets19:{name}", out=out, input_size=SIZE))
-    return _BUNDLES[name]
+def exported(name: str, nets19_bundle, route: str = "torch") -> npcam.Model:
+    """``name`` exported by npcam (conftest's nets19_bundle: shared with test_export_beyond_gap), loaded once."""
+    if (name, route) not in _MODELS:
+        _MODELS[name, route] = npcam.Model(nets19_bundle(name, route))
+    return _MODELS[name, route]
 
 
 class Hooked:
@@ -390,8 +389,8 @@ def torch_maps(net, layer, x, classes, hw, name, probabilities, value=None) -> l
 
 @pytest.mark.parametrize("net_name", NETS)
 @pytest.mark.parametrize("name", ALL_METHODS)
-def test_methods_match_torch_at_the_default_layer(net_name, name, tmp_path_factory):
-    model = exported(net_name, tmp_path_factory)
+def test_methods_match_torch_at_the_default_layer(net_name, name, nets19_bundle):
+    model = exported(net_name, nets19_bundle)
     net = getattr(nets19, net_name)()
     layer, layout = nets19.LAYERS[net_name]
     assert model.head.layout == layout
@@ -419,10 +418,10 @@ def test_methods_match_torch_at_the_default_layer(net_name, name, tmp_path_facto
 
 
 @pytest.mark.parametrize("net_name", NETS)
-def test_cam_is_refused_or_is_gradcam(net_name, tmp_path_factory):
+def test_cam_is_refused_or_is_gradcam(net_name, nets19_bundle):
     """Heads that are not one affine layer after global pooling refuse CAM in one line; the mean-pooled token
     nets (folded to an affine head on the grid) take CAM, and it is their Grad-CAM."""
-    model = exported(net_name, tmp_path_factory)
+    model = exported(net_name, nets19_bundle)
     pred = model.predict(synthetic_image(SIZE, SIZE, seed=1))
     if model.head.kind == "affine":
         np.testing.assert_allclose(model.cam(pred, method="cam"), model.cam(pred, method="gradcam"), atol=1e-6)
@@ -432,21 +431,11 @@ def test_cam_is_refused_or_is_gradcam(net_name, tmp_path_factory):
     assert "\n" not in str(e.value) and "method cam needs a head" in str(e.value)
 
 
-def exported_onnx(name: str, route: str, tmp_path_factory, torch_onnx) -> npcam.Model:
-    """``name`` exported to ONNX by torch on ``route`` (conftest.ONNX_ROUTES), then by npcam's ONNX route."""
-    from export.api import run_onnx
-
-    key = f"{name} {route}"
-    if key not in _BUNDLES:
-        _BUNDLES[key] = npcam.Model(run_onnx(torch_onnx(name, route), tmp_path_factory.mktemp(key) / "b"))
-    return _BUNDLES[key]
-
-
 @pytest.mark.parametrize(
     "net_name, route",
     [("vgg_like", "torchscript"), ("vgg_like", "dynamo"), ("vit_cls", "torchscript"), ("deit", "dynamo")],
 )
-def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, tmp_path_factory, torch_onnx):
+def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, nets19_bundle):
     """The head that npcam read from the ONNX file, against autograd on the torch net, from the same layer value.
 
     The trunk is onnxruntime's, whose float32 rounding differs from torch's by a few units in the last place; the
@@ -456,7 +445,7 @@ def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, tmp_pa
     from torch's own layer value, 2.6e-6 from the same one), which is the method's conditioning, not an error
     of the head.
     """
-    model = exported_onnx(net_name, route, tmp_path_factory, torch_onnx)
+    model = exported(net_name, nets19_bundle, route)
     net = getattr(nets19, net_name)()
     layer, layout = nets19.LAYERS[net_name]
     assert model.head.layout == layout
@@ -482,8 +471,8 @@ def test_gradient_methods_match_torch_on_the_onnx_routes(net_name, route, tmp_pa
 # (export/batch_axis.py), so that the multi-pass methods run it on many variants of the layer at once.
 @pytest.mark.parametrize("net_name, route", [("vit_cls", "torchscript1"), ("deit_mha", "dynamo")])
 @pytest.mark.parametrize("name", [*GRADIENT_METHODS, "ablationcam", "reciprocam"])
-def test_methods_match_torch_on_attention_files_of_batch_one(net_name, route, name, tmp_path_factory, torch_onnx):
-    model = exported_onnx(net_name, route, tmp_path_factory, torch_onnx)
+def test_methods_match_torch_on_attention_files_of_batch_one(net_name, route, name, nets19_bundle):
+    model = exported(net_name, nets19_bundle, route)
     net = getattr(nets19, net_name)()
     layer, _ = nets19.LAYERS[net_name]
     pred = model.predict(synthetic_image(SIZE, SIZE, seed=4))

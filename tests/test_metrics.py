@@ -16,6 +16,8 @@ from npcam import localization as loc
 from npcam import metrics
 from npcam.boxes import component_boxes, largest_component_box
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 RNG = np.random.default_rng(7)
 
 
@@ -241,6 +243,7 @@ def test_component_boxes_are_the_flood_fill_regions(seed):
         assert largest_component_box(mask) == next(b for b, s in want if s == largest)
 
 
+@pytest.mark.extras  # OpenCV
 def test_component_boxes_match_opencvs_contours():
     """The regions' boxes are cv2's outer contours' bounding rectangles (without wsolevaluation's +1 on x1, y1)."""
     cv2 = pytest.importorskip("cv2", reason="OpenCV (in the test extra) is a second reference here")

@@ -380,6 +380,7 @@ def test_sizes_below_the_minimum_are_refused_in_one_line(bundles, tmp_path, caps
             npcam.Options(size=bad).checked(npcam.load(bundles["reid"]))
 
 
+@pytest.mark.slow  # Ray
 def test_the_dataset_command_takes_hxw_and_refuses_bad_sizes(bundles, tmp_path, capsys):
     pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '.[dataset]'")
     from npcam import dataset

@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw, ImageFont
 import npcam
 from npcam import NpcamError, notebook
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 PHOTO = (300, 451)  # SAMPLE's height and width: under DISPLAY_SIDE, so shown at its own size
 
 
@@ -110,6 +112,7 @@ def test_compare_puts_each_methods_overlay_side_by_side(tiny_model):
     assert isinstance(grid, np.ndarray) and grid.dtype == np.uint8
     assert_laid_out(grid, grid.panels, *PHOTO, columns=3)
     panels = []
+    assert len(grid.panels) == len(methods)
     for panel, method in zip(grid.panels, methods):
         assert (panel.method, panel.cls) == (method, prediction.top1)
         cam = tiny_model.cam(prediction, prediction.top1, size=PHOTO, method=method)

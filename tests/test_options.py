@@ -19,6 +19,8 @@ from npcam.explain import MAX_TOP, Options
 from npcam.head import AffineHead
 from npcam.image import read_photo
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 
 @pytest.fixture(scope="module")
 def fixed_bundle(tmp_path_factory):

@@ -136,6 +136,7 @@ def test_low_res_cam_end_to_end_within_the_trunk_bound(model, torch_net, cases):
     for name, _, pred, features, _ in cases:
         classes = [pred.top1, *rng.choice(1000, 4, replace=False).tolist()]
         got = model.cam(pred, classes)
+        assert len(got) == len(classes)
         for c, cam in zip(classes, got):
             error = np.abs(cam - torch_cam(features, fc_weight, c).numpy()).max()
             bound = map_bound(features, fc_weight, c)

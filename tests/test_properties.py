@@ -10,6 +10,8 @@ from hypothesis.extra.numpy import arrays
 
 import npcam
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32)  # the whole float32 range
 sizes = st.tuples(st.integers(1, 5000), st.integers(1, 5000))
 

@@ -22,7 +22,7 @@ from export.api import run
 from npcam.boxes import cam_box, iou
 from npcam.image import fine_size
 
-pytestmark = pytest.mark.slow  # big exports: EfficientNet-Lite and the deeper ResNets (see tests/tiers.py)
+pytestmark = pytest.mark.slow  # big exports: EfficientNet-Lite and the deeper ResNets
 
 
 @pytest.fixture(scope="session")

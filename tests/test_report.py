@@ -14,6 +14,8 @@ import pytest
 from conftest import chromium_here, synthetic_image
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # Chromium
+
 pytest.importorskip("selenium.webdriver", reason="selenium is not installed (it is in the test extra)")
 pytest.importorskip("pyarrow", reason="npcam evaluate needs the dataset extra (pyarrow)")
 if not chromium_here():

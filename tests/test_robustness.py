@@ -24,18 +24,7 @@ import pytest
 from conftest import REPO, SAMPLE, default_sigint, synthetic_image
 from PIL import Image
 
-
-# These tests check the runtime, not parity with torch: any bundle will do, so
-# `bundle` and `model` (and `cli`, which uses `bundle`) are the tiny bundle here,
-# made without torch (conftest.tiny_bundle). That puts them in the fast tier.
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle):
-    return tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
 
 
 UNPRIVILEGED = (
@@ -112,13 +101,13 @@ def outputs_are_complete(directory: Path) -> list[Path]:
     return files
 
 
-def test_each_bad_or_odd_image_has_its_documented_outcome(cli, tmp_path):
+def test_each_bad_or_odd_image_has_its_documented_outcome(tiny_cli, tmp_path):
     inputs = tmp_path / "corpus"
     inputs.mkdir()
     expected = corpus(inputs)
     for name, (outcome, message) in expected.items():
         out_dir = tmp_path / "out" / name.encode("utf-8", "surrogateescape").hex()
-        code, out, err = cli(inputs / name, "-o", f"{out_dir}/", "--json")
+        code, out, err = tiny_cli(inputs / name, "-o", f"{out_dir}/", "--json")
         record = json.loads(out.splitlines()[-1])
         if outcome == "ok":
             assert code == 0, (name, err)
@@ -131,20 +120,20 @@ def test_each_bad_or_odd_image_has_its_documented_outcome(cli, tmp_path):
             assert not out_dir.exists() or outputs_are_complete(out_dir) == []
 
 
-def test_a_strip_keeps_its_shape(cli, tmp_path):
+def test_a_strip_keeps_its_shape(tiny_cli, tmp_path):
     Image.fromarray(synthetic_image(10_000, 1)).save(tmp_path / "tall.png")
-    code, out, _ = cli(tmp_path / "tall.png", "--json")
+    code, out, _ = tiny_cli(tmp_path / "tall.png", "--json")
     assert code == 0 and Image.open(json.loads(out)["output"]).size == (1, 10_000)
 
 
-def test_pixel_limit_flag(cli, tmp_path):
+def test_pixel_limit_flag(tiny_cli, tmp_path):
     Image.fromarray(synthetic_image(300, 400)).save(tmp_path / "p.png")
-    code, _, err = cli(tmp_path / "p.png", "--max-pixels", "100000")
+    code, _, err = tiny_cli(tmp_path / "p.png", "--max-pixels", "100000")
     assert code == 1 and "120,000 pixels, over the limit of 100,000 (raise it with --max-pixels)" in err
-    assert cli(tmp_path / "p.png", "--max-pixels", "120000")[0] == 0
+    assert tiny_cli(tmp_path / "p.png", "--max-pixels", "120000")[0] == 0
 
 
-def test_batch_of_20_good_and_10_bad(cli, tmp_path):
+def test_batch_of_20_good_and_10_bad(tiny_cli, tmp_path):
     data = tmp_path / "batch"
     data.mkdir()
     for i in range(20):
@@ -152,7 +141,7 @@ def test_batch_of_20_good_and_10_bad(cli, tmp_path):
     bad = {f"bad{i:02d}.{'jpg' if i % 2 else 'png'}": b"\0" * i for i in range(10)}
     for name, data_bytes in bad.items():
         (data / name).write_bytes(data_bytes)
-    code, out, err = cli(data, "-o", f"{tmp_path}/out/")
+    code, out, err = tiny_cli(data, "-o", f"{tmp_path}/out/")
     assert code == 1
     assert len(outputs_are_complete(tmp_path / "out")) == 20
     for name in bad:
@@ -160,7 +149,7 @@ def test_batch_of_20_good_and_10_bad(cli, tmp_path):
     assert err.count("npcam: error:") == 10 and len(out.splitlines()) == 20
 
 
-def test_full_disk_leaves_no_file(cli, tmp_path, monkeypatch):
+def test_full_disk_leaves_no_file(tiny_cli, tmp_path, monkeypatch):
     real_fdopen = os.fdopen
 
     def to_dev_full(fd, mode="r", *args, **kwargs):
@@ -168,24 +157,24 @@ def test_full_disk_leaves_no_file(cli, tmp_path, monkeypatch):
         return real_fdopen(os.open("/dev/full", os.O_WRONLY), mode, *args, **kwargs)
 
     monkeypatch.setattr(os, "fdopen", to_dev_full)
-    code, _, err = cli(SAMPLE, "-o", f"{tmp_path}/out/")
+    code, _, err = tiny_cli(SAMPLE, "-o", f"{tmp_path}/out/")
     monkeypatch.undo()
     assert code == 1 and "No space left on device" in err and "chelsea.png" in err
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_writing_over_a_special_file_is_refused(cli, tmp_path):
+def test_writing_over_a_special_file_is_refused(tiny_cli, tmp_path):
     fifo = tmp_path / "out.png"
     os.mkfifo(fifo)  # renaming over it would destroy it, as it would a device
-    code, _, err = cli(SAMPLE, "-o", fifo)
+    code, _, err = tiny_cli(SAMPLE, "-o", fifo)
     assert code == 1 and "is not a regular file" in err
     assert fifo.is_fifo() and [p.name for p in tmp_path.iterdir()] == ["out.png"]
 
 
-def test_existing_output_is_replaced_whole(cli, tmp_path):
+def test_existing_output_is_replaced_whole(tiny_cli, tmp_path):
     target = tmp_path / "out.png"
     target.write_bytes(b"old content")
-    assert cli(SAMPLE, "-o", target)[0] == 0
+    assert tiny_cli(SAMPLE, "-o", target)[0] == 0
     assert Image.open(target).size == (451, 300)
 
 
@@ -202,25 +191,25 @@ needs_setpriv = pytest.mark.skipif(
 
 
 @needs_setpriv
-def test_unreadable_file(bundle, tmp_path):
+def test_unreadable_file(tiny_bundle, tmp_path):
     Image.fromarray(synthetic_image(50, 50)).save(tmp_path / "locked.jpg")
     (tmp_path / "locked.jpg").chmod(0)
-    result = run_cli(["-m", bundle, tmp_path / "locked.jpg"], tmp_path, unprivileged=True)
+    result = run_cli(["-m", tiny_bundle, tmp_path / "locked.jpg"], tmp_path, unprivileged=True)
     assert result.returncode == 1
     assert result.stderr.strip() == f"npcam: error: {tmp_path / 'locked.jpg'}: permission denied"
 
 
 @needs_setpriv
-def test_unwritable_output_directory(bundle, tmp_path):
+def test_unwritable_output_directory(tiny_bundle, tmp_path):
     (tmp_path / "ro").mkdir(mode=0o555)
-    result = run_cli(["-m", bundle, SAMPLE, "-o", f"{tmp_path}/ro/"], tmp_path, unprivileged=True)
+    result = run_cli(["-m", tiny_bundle, SAMPLE, "-o", f"{tmp_path}/ro/"], tmp_path, unprivileged=True)
     assert result.returncode == 1 and "Permission denied" in result.stderr and "Traceback" not in result.stderr
     assert list((tmp_path / "ro").iterdir()) == []
 
 
-def test_broken_bundle_stops_before_any_image(bundle, tmp_path):
+def test_broken_bundle_stops_before_any_image(tiny_bundle, tmp_path):
     broken = tmp_path / "bundle"
-    shutil.copytree(bundle, broken)
+    shutil.copytree(tiny_bundle, broken)
     (broken / "trunk.onnx").write_bytes(b"not onnx")
     result = run_cli(["-m", broken, SAMPLE, "-o", f"{tmp_path}/out/"], tmp_path)
     assert result.returncode == 2
@@ -229,7 +218,7 @@ def test_broken_bundle_stops_before_any_image(bundle, tmp_path):
 
 
 @pytest.mark.slow  # 60 photos of 0.75 MP written, then explained in a subprocess
-def test_ctrl_c_leaves_only_complete_files(bundle, tmp_path):
+def test_ctrl_c_leaves_only_complete_files(tiny_bundle, tmp_path):
     data = tmp_path / "many"
     data.mkdir()
     for i in range(60):
@@ -237,7 +226,7 @@ def test_ctrl_c_leaves_only_complete_files(bundle, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "npcam", "-m", str(bundle), str(data), "-o", f"{out}/"],
+        [sys.executable, "-m", "npcam", "-m", str(tiny_bundle), str(data), "-o", f"{out}/"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )  # fmt: skip
     deadline = time.monotonic() + 120
@@ -477,25 +466,44 @@ def _npz_member_claiming(path: Path) -> None:
     (path / "claim.npy").unlink()
 
 
-@pytest.fixture(scope="module")
-def graph_bundle(tmp_path_factory):
-    from export.api import run_torch
-
-    return run_torch("models:mlp_head", tmp_path_factory.mktemp("graph") / "b", input_size=128)
-
-
 def _limited_memory():
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
 
 
-def _run_capped(args, cwd):
+# The CLI run once per (arguments, working directory), in one process for all of them, so that the imports are paid
+# once: one JSON line per run with its exit code, stdout and stderr (a traceback, and no exit code, if it raised).
+CLI_RUNS = """
+import contextlib, io, json, os, sys, traceback
+from npcam.cli import main
+for args, cwd in json.load(sys.stdin):
+    os.chdir(cwd)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            code = None
+            traceback.print_exc()
+    print(json.dumps({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()}), flush=True)
+"""
+
+
+def _run_capped(runs: list[tuple[list, Path]]) -> list[subprocess.CompletedProcess]:
+    """The CLI on each ``(arguments, working directory)`` of ``runs``, in one process with 4 GiB of address space."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "npcam", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300, preexec_fn=_limited_memory,
+    todo = json.dumps([([str(a) for a in args], str(cwd)) for args, cwd in runs])
+    process = subprocess.run(
+        [sys.executable, "-c", CLI_RUNS], input=todo, env=env, capture_output=True, text=True, timeout=600,
+        preexec_fn=_limited_memory,
     )  # fmt: skip
+    done = [json.loads(line) for line in process.stdout.splitlines()]
+    assert len(done) == len(runs), f"the runs stopped after {len(done)} of {len(runs)}: {process.stderr[-3000:]}"
+    return [subprocess.CompletedProcess(args, d["returncode"], d["stdout"], d["stderr"]) for (args, _), d in
+            zip(runs, done)]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -511,6 +519,7 @@ def working_directories(tmp_path_factory) -> list[Path]:
     return [empty, tempting]
 
 
+@pytest.mark.extras  # graph_bundle is exported from torch
 def test_a_trunk_that_fails_at_run_time_is_one_line_per_image(graph_bundle, tmp_path):
     """A shape computed from the input cannot be checked at load: 10^5 times the image's shape fails to
     allocate in onnxruntime (the run has 4 GiB of address space), as one line for the image (exit 1)."""
@@ -527,34 +536,55 @@ def test_a_trunk_that_fails_at_run_time_is_one_line_per_image(graph_bundle, tmp_
     shutil.copytree(graph_bundle, hostile)
     _edit_trunk(craft)(hostile)
     _rehash(hostile)
-    result = _run_capped(["-m", hostile, SAMPLE, "-o", f"{tmp_path}/out/"], tmp_path)
+    (result,) = _run_capped([(["-m", hostile, SAMPLE, "-o", f"{tmp_path}/out/"], tmp_path)])
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"npcam: error: {hostile / 'trunk.onnx'}: onnxruntime cannot run it on this input")
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.fixture(scope="module")
+def hostile_runs(tiny_bundle, graph_bundle, working_directories, tmp_path_factory):
+    """Each case of HOSTILE_BUNDLES: ``(its bundle, its output folder, the CLI's result from each working directory)``."""
+    root = tmp_path_factory.mktemp("hostile")
+    runs, cases = [], {}
+    for case, (base, craft, _, _) in HOSTILE_BUNDLES.items():
+        hostile, out = root / case / "hostile", root / case / "out"
+        shutil.copytree(tiny_bundle if base == "affine" else graph_bundle, hostile)
+        craft(hostile)
+        _rehash(hostile)
+        cases[case] = (hostile, out, len(runs))
+        runs += [(["-m", hostile, SAMPLE, "-o", f"{out}/"], cwd) for cwd in working_directories]
+    results = _run_capped(runs)
+    n = len(working_directories)
+    return {case: (hostile, out, results[i : i + n]) for case, (hostile, out, i) in cases.items()}
+
+
+@pytest.mark.extras  # graph_bundle is exported from torch
 @pytest.mark.parametrize("case", sorted(HOSTILE_BUNDLES))
-def test_hostile_bundles_are_refused_at_load_in_one_line(case, bundle, graph_bundle, working_directories, tmp_path):
-    base, craft, name, message = HOSTILE_BUNDLES[case]
-    hostile = tmp_path / "hostile"
-    shutil.copytree(bundle if base == "affine" else graph_bundle, hostile)
-    craft(hostile)
-    _rehash(hostile)
-    for cwd in working_directories:
-        result = _run_capped(["-m", hostile, SAMPLE, "-o", f"{tmp_path}/out/"], cwd)
+def test_hostile_bundles_are_refused_at_load_in_one_line(case, hostile_runs, working_directories):
+    _, _, name, message = HOSTILE_BUNDLES[case]
+    hostile, out, results = hostile_runs[case]
+    assert len(results) == len(working_directories) == 2
+    for cwd, result in zip(working_directories, results):
         assert result.returncode == 2, (cwd, result.stderr)
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("npcam: error: "), result.stderr
         assert f"{hostile / name}:" in result.stderr and message in result.stderr, result.stderr
-        assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
-def test_exported_bundles_give_the_same_answer_from_any_working_directory(bundle, graph_bundle, working_directories):
-    for path in (bundle, graph_bundle):
+@pytest.mark.extras  # graph_bundle is exported from torch
+def test_exported_bundles_give_the_same_answer_from_any_working_directory(tiny_bundle, graph_bundle, working_directories):
+    bundles = (tiny_bundle, graph_bundle)
+    runs = [(["-m", path, SAMPLE, "-o", f"{path.name}.png", "--json", "--top", "3"], cwd) for path in bundles
+            for cwd in working_directories]  # fmt: skip
+    results = iter(_run_capped(runs))
+    for _ in bundles:
         answers = []
         for cwd in working_directories:
-            result = _run_capped(["-m", path, SAMPLE, "-o", f"{path.name}.png", "--json", "--top", "3"], cwd)
+            result = next(results)
             assert result.returncode == 0, result.stderr
             record = json.loads(result.stdout)
+            assert len(record["maps"]) == 3
             answers.append((record, [np.asarray(Image.open(cwd / m["output"])) for m in record["maps"]]))
         assert answers[0][0] == answers[1][0]
         for a, b in zip(answers[0][1], answers[1][1]):
@@ -586,8 +616,30 @@ BAD_ARGUMENTS = [
 ]  # fmt: skip
 
 
+def entry_point(args: list[str]):
+    """The ``main`` of ``args[0]`` (``npcam`` or ``export``) and its arguments, IMAGE standing for a real photo."""
+    if args[0] == "export":
+        from export.__main__ import main
+    else:
+        from npcam.cli import main
+    return main, [str(SAMPLE) if a == "IMAGE" else a for a in args[1:]]
+
+
 @pytest.mark.parametrize("args, message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
-def test_argument_ranges_are_checked_in_every_entry_point_in_one_line(args, message, tmp_path):
+def test_argument_ranges_are_checked_in_every_entry_point_in_one_line(args, message, tmp_path, monkeypatch, capsys):
+    # In-process: the parsers are what is tested here; the process's exit code is tested once per program below.
+    main, rest = entry_point(args)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(rest)
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2, err
+    assert out == "" and err.count("\n") == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [BAD_ARGUMENTS[0], BAD_ARGUMENTS[-1]], ids=["npcam", "export"])
+def test_argument_errors_are_exit_code_2_and_one_line_from_the_process(args, message, tmp_path):
     module = "export" if args[0] == "export" else "npcam"
     rest = [str(SAMPLE) if a == "IMAGE" else a for a in args[1:]]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -9,18 +9,7 @@ import sys
 import pytest
 from conftest import REPO, SAMPLES
 
-
-# These tests check the runtime, not parity with torch: any bundle will do, so
-# `bundle` and `model` (and `cli`, which uses `bundle`) are the tiny bundle here,
-# made without torch (conftest.tiny_bundle). That puts them in the fast tier.
-@pytest.fixture(scope="module")
-def bundle(tiny_bundle):
-    return tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return tiny_model
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
 
 
 # The shipped photos with a label and a hand-drawn box (x0,y0,x1,y1, inclusive pixels).
@@ -43,8 +32,8 @@ def script(name, *args):
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
-def test_eval_localization(manifest, bundle, tmp_path):
-    result = script("eval_localization.py", manifest, SAMPLES, "--model", bundle, "--method", "layercam",
+def test_eval_localization(manifest, tiny_bundle, tmp_path):
+    result = script("eval_localization.py", manifest, SAMPLES, "--model", tiny_bundle, "--method", "layercam",
                     "--sweep", "0.2,0.5", "--json", tmp_path / "r.json")  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -60,8 +49,8 @@ def test_eval_localization(manifest, bundle, tmp_path):
     assert set(json.loads((tmp_path / "r.json").read_text())) == {"0.2", "0.5", "mean"}
 
 
-def test_eval_localization_refuses_an_unknown_method(manifest, bundle):
-    result = script("eval_localization.py", manifest, SAMPLES, "--model", bundle, "--method", "nope")
+def test_eval_localization_refuses_an_unknown_method(manifest, tiny_bundle):
+    result = script("eval_localization.py", manifest, SAMPLES, "--model", tiny_bundle, "--method", "nope")
     assert result.returncode == 2 and "unknown method 'nope'" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.fast  # the runtime alone: in the fast tier (pytest --fast)
+
 
 def imports(package: str) -> dict[str, set[str]]:
     """Each module of ``package`` and the modules of the same package it imports (``TYPE_CHECKING`` blocks left out:

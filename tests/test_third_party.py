@@ -33,7 +33,7 @@ from onnx.reference import ReferenceEvaluator
 import npcam
 from export.api import run_onnx
 
-pytestmark = pytest.mark.slow  # third-party models (see tests/tiers.py)
+pytestmark = pytest.mark.slow  # third-party models
 
 CAFFE_BGR_MEAN = [123 / 255, 117 / 255, 104 / 255]  # open-nsfw's [104, 117, 123] BGR, as RGB on the 0-1 scale
 
