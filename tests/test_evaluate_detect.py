@@ -36,6 +36,8 @@ from npcam.upsample import upsample
 pytest.importorskip("pyarrow.parquet", reason="npcam evaluate needs the dataset extra (pyarrow)")
 import pyarrow.dataset as pds  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray and pyarrow, as test_evaluate.py
+
 TOP, CONF, IOU = 2, 0.97, 0.3  # a few confident detections of the tiny detector, and none on a flat grey photo
 METHODS = ("hirescam", "gradcam")
 # The bundle's raw output agrees with the whole ONNX graph's within 1e-4 (test_detect_runtime's RAW_TOL, in
@@ -44,16 +46,6 @@ METHODS = ("hirescam", "gradcam")
 # [0, 1] moved by ~1e-7). Deletion, insertion and ROAD average similarities; Average Drop divides by s ~ 1.
 METRIC_TOL = 1e-3
 POINTING_TOLERANCE = 15  # pixels: the pointing game's (Zhang et al. 2016)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return td.bundle(tmp_path_factory.mktemp("detector") / "bundle")
-
-
-@pytest.fixture(scope="module")
-def model(bundle) -> npcam.Model:
-    return npcam.Model(bundle, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +180,8 @@ def one_photo(folder: Path) -> Path:
     return path
 
 
-def checked(model) -> Options:
-    return Options(top=TOP, conf=CONF, iou=IOU).checked(model)
+def checked(detector) -> Options:
+    return Options(top=TOP, conf=CONF, iou=IOU).checked(detector)
 
 
 def item(photo: Path, objects) -> dict:
@@ -204,10 +196,10 @@ def test_the_box_baseline_is_the_boxs_tent():
     assert thin.max() == 1 and np.argwhere(thin > 0).tolist() == [[6, 5]]
 
 
-def test_each_detections_metrics_are_their_definitions(model, reference, tmp_path):
+def test_each_detections_metrics_are_their_definitions(detector, reference, tmp_path):
     photo = one_photo(tmp_path)
-    options = checked(model)
-    first = npcam.explain(model, str(photo), options, pixels=False)
+    options = checked(detector)
+    first = npcam.explain(detector, str(photo), options, pixels=False)
     prediction, detections = first.prediction, [first.prediction.detections[i] for i in first.detections]
     assert len(detections) == TOP and all(d.class_index == 0 for d in detections)
     # Ground truth: a cat box inside detection 0's box, one shifted from detection 1's, one elsewhere; a dog box on
@@ -222,7 +214,7 @@ def test_each_detections_metrics_are_their_definitions(model, reference, tmp_pat
     assert [m[1] for m in matches] == cat[:2]
     assert slow_match(detections[1].box, 1, objects)[0] > matches[1][0]
     settings = evaluate.Settings(options, METHODS)
-    rows = evaluate.photo_rows(settings, model, item(photo, objects))
+    rows = evaluate.photo_rows(settings, detector, item(photo, objects))
     names = [*METHODS, evaluate.BASELINE]
     assert [(r["method"], r["detection"]) for r in rows] == [(m, j) for j in range(TOP) for m in names]
 
@@ -230,7 +222,7 @@ def test_each_detections_metrics_are_their_definitions(model, reference, tmp_pat
     place = prediction.placement
     raw = reference(x)
     candidates = slow_candidates(raw)
-    maps = {m: model.cam(prediction, detection=first.detections, method=m) for m in METHODS}
+    maps = {m: detector.cam(prediction, detection=first.detections, method=m) for m in METHODS}
     scale = np.array([place.scale_x, place.scale_y] * 2)
     maps[evaluate.BASELINE] = np.stack([slow_tent(np.asarray(d.box) * scale, place.size) for d in detections])
     assert {row["pointing"] for row in rows} == {True, False}  # hits and misses both checked
@@ -282,16 +274,16 @@ def test_each_detections_metrics_are_their_definitions(model, reference, tmp_pat
     assert other_boxes_differ == {"pointing", "energy", "dog"}  # the match matters to these rows
 
 
-def test_detections_matched_to_no_box_are_not_counted(model, tmp_path):
+def test_detections_matched_to_no_box_are_not_counted(detector, tmp_path):
     photo = one_photo(tmp_path)
-    options = checked(model)
-    first = npcam.explain(model, str(photo), options, pixels=False)
+    options = checked(detector)
+    first = npcam.explain(detector, str(photo), options, pixels=False)
     detections = [first.prediction.detections[i] for i in first.detections]
     x0, y0, x1, y1 = (round(v) for v in detections[0].box)
     quarter = (x0, y0, (x0 + x1) // 2, (y0 + y1) // 2)  # a cat box overlapping detection 0 too little
     settings = evaluate.Settings(options, ("hirescam",), road_percents=())
     for objects, annotated in (([(0, quarter), (1, (0, 0, 50, 50))], True), ([], True), (None, False)):
-        rows = evaluate.photo_rows(settings, model, item(photo, objects))
+        rows = evaluate.photo_rows(settings, detector, item(photo, objects))
         assert len(rows) == 2 * TOP
         for row in rows:
             best = slow_match(detections[row["detection"]].box, 0, objects or [])[0]
@@ -305,19 +297,19 @@ def test_detections_matched_to_no_box_are_not_counted(model, tmp_path):
             assert 0.1 < rows[0]["match_iou"] < 0.5
 
 
-def test_a_photo_without_detections_has_a_row_per_method(model, tmp_path):
+def test_a_photo_without_detections_has_a_row_per_method(detector, tmp_path):
     photo = tmp_path / "flat.png"
     Image.fromarray(np.full((80, 100, 3), 128, np.uint8)).save(photo)
-    rows = evaluate.photo_rows(evaluate.Settings(checked(model), METHODS), model, item(photo, []))
+    rows = evaluate.photo_rows(evaluate.Settings(checked(detector), METHODS), detector, item(photo, []))
     assert [r["method"] for r in rows] == [*METHODS, evaluate.BASELINE]
     assert all(r.get("detection") is None and r["error"] is None and r["annotated"] for r in rows)
 
 
-def test_a_run_without_detections_says_so(bundle, tmp_path, capsys):
+def test_a_run_without_detections_says_so(detector_bundle, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray(np.full((80, 100, 3), 128, np.uint8)).save(photos / "flat.png")
-    args = [str(photos), "-m", str(bundle), "--out", str(tmp_path / "rows"), "--conf", str(CONF), "--methods",
+    args = [str(photos), "-m", str(detector_bundle), "--out", str(tmp_path / "rows"), "--conf", str(CONF), "--methods",
             "hirescam", "--no-road", "--bootstrap", "20"]  # fmt: skip
     assert evaluate.main(args) == 0
     out = capsys.readouterr().out
@@ -374,14 +366,14 @@ ANNOTATED = {  # for the readers' test
 MAPPING = {"puppy": "dog"}  # the run's --classes
 
 
-def annotate(model, photos: Path) -> dict:
+def annotate(detector, photos: Path) -> dict:
     """The run's annotations, made from its detections so that some match and some do not: on a.png a cat box
     inside detection 0, another elsewhere and a unicorn (no class of the model); on b.png a puppy (a dog by the
     mapping file: no detection here is one); on sub/c.png a cat box on a quarter of detection 1 (too little to
     match) and a kite; on flat.png nothing (nothing is detected there either); d.png is not annotated."""
 
     def box(name, j):
-        return tuple(round(v) for v in model.predict(str(photos / name), thresholds=checked(model).thresholds)
+        return tuple(round(v) for v in detector.predict(str(photos / name), thresholds=checked(detector).thresholds)
                      .detections[j].box)  # fmt: skip
 
     x0, y0, x1, y1 = box("a.png", 0)
@@ -401,7 +393,7 @@ def model_objects(annotated: list) -> list:
 
 
 @pytest.fixture(scope="module")
-def run(bundle, model, tmp_path_factory):
+def run(detector_bundle, detector, tmp_path_factory):
     folder = tmp_path_factory.mktemp("coco")
     photos = folder / "photos"
     (photos / "sub").mkdir(parents=True)
@@ -409,10 +401,10 @@ def run(bundle, model, tmp_path_factory):
     for name, (h, w, seed) in sizes.items():
         Image.fromarray(synthetic_image(h, w, seed=seed)).save(photos / name)
     Image.fromarray(np.full((80, 100, 3), 128, np.uint8)).save(photos / "flat.png")
-    annotated = annotate(model, photos)
+    annotated = annotate(detector, photos)
     coco = write_coco(folder / "coco.json", annotated)
     (folder / "map.json").write_text(json.dumps(MAPPING))
-    args = [str(photos), "-m", str(bundle), "--out", str(folder / "rows"), "--annotations", str(coco), "--classes",
+    args = [str(photos), "-m", str(detector_bundle), "--out", str(folder / "rows"), "--annotations", str(coco), "--classes",
             str(folder / "map.json"), "--top", str(TOP), "--conf", str(CONF), "--iou", str(IOU), "--methods",
             ",".join(METHODS), "--bootstrap", "50", "--samples", "2", "--no-road"]  # fmt: skip
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -421,7 +413,7 @@ def run(bundle, model, tmp_path_factory):
     return code, stdout.getvalue(), stderr.getvalue(), folder, photos, args, annotated
 
 
-def test_a_run_gives_a_row_per_photo_method_and_detection(run, model):
+def test_a_run_gives_a_row_per_photo_method_and_detection(run, detector):
     code, stdout, stderr, folder, photos, _, annotated = run
     assert code == 0, stderr
     assert "warning: annotated class 'unicorn' maps to no class of the model" in stderr
@@ -431,7 +423,7 @@ def test_a_run_gives_a_row_per_photo_method_and_detection(run, model):
     for name in ("a.png", "b.png", "sub/c.png", "d.png", "flat.png"):
         mine = sorted((r for r in rows if r["image"] == str(photos / name)), key=lambda r: (r["detection"] or 0,
                       names.index(r["method"])))  # fmt: skip
-        prediction = model.predict(str(photos / name), thresholds=checked(model).thresholds)
+        prediction = detector.predict(str(photos / name), thresholds=checked(detector).thresholds)
         want = prediction.detections[:TOP]
         if name == "flat.png":
             assert not want and [(r["method"], r["detection"]) for r in mine] == [(m, None) for m in names]
@@ -495,10 +487,10 @@ def test_the_same_command_resumes_and_other_settings_are_refused(run, capsys):
     assert "holds results made with other options" in capsys.readouterr().err
 
 
-def test_bad_options_are_one_line_and_exit_2(run, bundle, tiny_bundle, tmp_path, capsys):
+def test_bad_options_are_one_line_and_exit_2(run, detector_bundle, tiny_bundle, tmp_path, capsys):
     photos = run[4]
     for model_dir, extra, message in (
-        (bundle, ["--threshold", "0.2"], "--threshold 0.2: a detector's evaluation boxes no map"),
+        (detector_bundle, ["--threshold", "0.2"], "--threshold 0.2: a detector's evaluation boxes no map"),
         (tiny_bundle, ["--top", "2"], "--top 2: this model is a classifier"),
         (tiny_bundle, ["--conf", "0.5"], "--conf 0.5: this model is a classifier"),
     ):
