@@ -20,7 +20,7 @@ A setting is a string of words, which ``bundle.json`` records as given and
   moments of their inputs on up to ``GPTQ_IMAGES`` of the calibration images;
 - ``images=N``: calibrate on up to N images (default ``CALIBRATION_IMAGES``);
 - ``fixed``: fix the input's shape to one image at the bundle's input size before quantizing, then fold
-  each zero Pad into the Conv it feeds (:func:`fuse_pads`). onnxruntime then folds the shape arithmetic of
+  each zero Pad into the Conv it feeds (:func:`export.graph.fuse_pads`). onnxruntime then folds the shape arithmetic of
   dynamic "SAME" padding (EfficientNet-Lite's) into constants, and the int8 convolutions run back to back
   instead of around float Pads. The bundle then takes that size only (``fixed_size``). The export adds it
   for trunks that compute from their input's shape (:func:`shape_dependent`).
@@ -61,6 +61,7 @@ from npcam.files import find_images
 
 from . import cpuinfo, gptq
 from .errors import ExportError
+from .graph import float_nodes, fuse_pads
 
 CALIBRATION_IMAGES = 128
 GPTQ_IMAGES = 32  # GPTQ's second moments: 22 photos and 176 crops and flips of them did as well (docs/performance.md)
@@ -264,73 +265,6 @@ def _quiet_quantizer():
         root.removeFilter(quiet)
         if placeholder:
             root.removeHandler(placeholder)
-
-
-def float_nodes(model: onnx.ModelProto, layers: tuple[str, ...]) -> list[str]:
-    """Names of the nodes of ``model`` that ``layers`` (words of ``float=``, ``FLOAT_WORD``) keep in float."""
-    weights = {i.name: i.dims for i in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    names = []
-    for layer in layers:
-        if layer.startswith("first"):  # at most a quarter of the convs: a small trunk keeps int8 ones
-            names += [c.name for c in convs[: min(int(layer[5:] or 1), len(convs) // 4)]]
-    if convs and "last" in layers:
-        names.append(convs[-1].name)
-    if "depthwise" in layers:
-        for node in convs:
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            dims = weights.get(node.input[1])
-            if group > 1 and dims is not None and dims[1] == 1:  # one input channel per group
-                names.append(node.name)
-    if "add" in layers:
-        names += [n.name for n in model.graph.node if n.op_type == "Add"]
-    return list(dict.fromkeys(names))
-
-
-def fuse_pads(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with each zero Pad of constant amounts that feeds one Conv folded into that Conv's pads.
-
-    Exact, and it matters for int8: onnxruntime runs such a Pad in float, so each one costs a
-    DequantizeLinear and a QuantizeLinear between two int8 convolutions (EfficientNet-Lite's "SAME"
-    padding, once its amounts are constants at a fixed input size: 17 of them, ~3 ms of Lite0's ~10).
-    """
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    initializers = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-    fused = []
-    for pad in (n for n in graph.node if n.op_type == "Pad"):
-        mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
-        users = consumers.get(pad.output[0], [])
-        value = pad.input[2] if len(pad.input) > 2 else ""
-        if mode != "constant" or len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in outputs:
-            continue
-        if pad.input[1] not in initializers or (len(pad.input) > 3 and pad.input[3]):
-            continue  # amounts computed at run time, or an axes input
-        if value and (value not in initializers or numpy_helper.to_array(initializers[value]).any()):
-            continue
-        amounts = numpy_helper.to_array(initializers[pad.input[1]]).astype(int)
-        conv = users[0]
-        if len(amounts) != 8 or amounts[[0, 1, 4, 5]].any() or (amounts < 0).any() or conv.input[0] != pad.output[0]:
-            continue
-        attributes = {a.name: a for a in conv.attribute}
-        if "auto_pad" in attributes and attributes["auto_pad"].s not in (b"", b"NOTSET"):
-            continue
-        own = list(attributes["pads"].ints) if "pads" in attributes else [0, 0, 0, 0]
-        total = [own[0] + amounts[2], own[1] + amounts[3], own[2] + amounts[6], own[3] + amounts[7]]
-        kept = [a for a in conv.attribute if a.name not in ("pads", "auto_pad")]
-        del conv.attribute[:]
-        conv.attribute.extend([*kept, helper.make_attribute("pads", [int(v) for v in total])])
-        conv.input[0] = pad.input[0]
-        fused.append(pad)
-    for pad in fused:
-        graph.node.remove(pad)
-    return model
 
 
 def quantize_trunk(trunk: Path, inputs: list[np.ndarray], out: Path, setting: str, cache: Path | None = None) -> int:

@@ -19,6 +19,7 @@ from test_aarch64 import tiny_classifier
 from test_cpuinfo import ARM64_NEOVERSE_N1, X86_EPYC, X86_HASWELL
 
 import npcam
+from export import graph as export_graph
 from export import quantize
 from export.__main__ import main
 from export.api import run_onnx
@@ -90,7 +91,7 @@ def test_float_layers_stay_float(tiny, folders, tmp_path):
     for i, node in enumerate(onnx_model.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
     convs = [n.name for n in onnx_model.graph.node if n.op_type == "Conv"]  # first, depthwise, pointwise, last
-    assert quantize.float_nodes(onnx_model, ("first", "depthwise", "last")) == [convs[0], convs[3], convs[1]]
+    assert export_graph.float_nodes(onnx_model, ("first", "depthwise", "last")) == [convs[0], convs[3], convs[1]]
     quantize.quantize_trunk(model, inputs, tmp_path / "all.onnx", "u8s8 reduce_range")
     quantize.quantize_trunk(model, inputs, tmp_path / "some.onnx", "u8s8 reduce_range float=first+depthwise")
     assert set(weight_sources(tmp_path / "all.onnx").values()) == {"int8"}
@@ -194,7 +195,7 @@ def test_zero_pads_fold_into_the_next_conv():
     model.ir_version = 8
     x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})
-    fused = quantize.fuse_pads(onnx.ModelProto.FromString(model.SerializeToString()))
+    fused = export_graph.fuse_pads(onnx.ModelProto.FromString(model.SerializeToString()))
     assert [n.op_type for n in fused.graph.node] == ["Conv", "Conv", "Pad", "Conv"]
     got = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})
     assert got[0].shape == want[0].shape
