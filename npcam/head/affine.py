@@ -49,6 +49,11 @@ class AffineHead:
         return (-1, self.weight.shape[1])
 
     @property
+    def inputs(self) -> dict[str, tuple[int, int]]:
+        """Its one input by name, as :attr:`GraphHead.inputs <npcam.head.GraphHead>` gives them: the pooled vector."""
+        return {"pooled": self.input_shape}
+
+    @property
     def classes(self) -> int:
         return self.weight.shape[0]
 
