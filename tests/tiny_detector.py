@@ -57,7 +57,7 @@ def head_ops(w: dict[str, np.ndarray]) -> tuple[list[Op], dict[str, np.ndarray]]
     for s in STRIDES:
         ops += [
             Op("Conv", (f"p{s}", f"h{s}", f"hb{s}"), f"raw{s}"),
-            Op("Reshape", (f"raw{s}",), f"flat{s}", {"shape": [1, 4 + CLASSES, -1]}),
+            Op("Reshape", (f"raw{s}",), f"flat{s}", {"shape": [0, 4 + CLASSES, -1]}),
         ]
     ops += [
         Op("Concat", tuple(f"flat{s}" for s in STRIDES), "raw", {"axis": 2}),
@@ -72,7 +72,7 @@ def head_ops(w: dict[str, np.ndarray]) -> tuple[list[Op], dict[str, np.ndarray]]
         Op("Mul", ("swh", "two"), "wh"),
         Op("Sigmoid", ("tcls",), "cls"),
         Op("Concat", ("xy", "wh", "cls"), "output0", {"axis": 1}),
-        Op("Reshape", ("output0",), "outputs", {"shape": [1, -1]}),
+        Op("Reshape", ("output0",), "outputs", {"shape": [0, -1]}),
     ]
     return ops, arrays
 
