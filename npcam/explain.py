@@ -33,6 +33,7 @@ from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, rgb
 from .labels import class_index
 from .methods import default_name, resolve
 from .model import Model, Prediction
+from .probe import MethodOptions
 from .upsample import upsample
 
 # The limits of Options, the same in every front-end (the CLI, serve, dataset take them from here).
@@ -59,6 +60,8 @@ class Options:
         records, boxes and ``.npy`` maps stay in the photo's own pixels
     save_cam : write each full-resolution map as ``.npy`` beside its overlay
     lowres : put each map at feature resolution into the record
+    masks, mask_cells, seed : the options of the methods that take any (D-RISE's masks), as
+        :class:`npcam.probe.MethodOptions` (:attr:`method_options`); other methods ignore them
     """
 
     classes: tuple[int | str, ...] = ()
@@ -73,6 +76,14 @@ class Options:
     max_side: int | None = None
     save_cam: bool = False
     lowres: bool = False
+    masks: int = MethodOptions.masks
+    mask_cells: int = MethodOptions.mask_cells
+    seed: int = MethodOptions.seed
+
+    @property
+    def method_options(self) -> MethodOptions:
+        """The fields that methods read (:attr:`npcam.probe.Probe.options`)."""
+        return MethodOptions(masks=self.masks, mask_cells=self.mask_cells, seed=self.seed)
 
     def checked(self, model: Model) -> Options:
         """These options made concrete for ``model`` (class indices, method name); one-line errors otherwise.
@@ -91,6 +102,7 @@ class Options:
         if self.max_side is not None and self.max_side < 1:
             raise NpcamError(f"max_side must be at least 1, not {self.max_side}")
         size = model.check_input_options(self.keep_aspect, self.size)
+        self.method_options.checked()
         return replace(
             self,
             size=size,
@@ -166,7 +178,10 @@ def explain(
         rgb = read_photo(pil.resize(fit, Image.BILINEAR, reducing_gap=REDUCING_GAP))[1]
     prediction = model.classify([rgb], [x], [size])[0]
     classes = list(options.classes) or [c for c, _, _ in prediction.top(options.top)]
-    maps = model.cam(prediction, classes, method=options.method, progress=progress, should_stop=should_stop)
+    maps = model.cam(
+        prediction, classes, method=options.method, progress=progress, should_stop=should_stop,
+        options=options.method_options,
+    )  # fmt: skip
     method = options.method or default_name(model.head.kind)
     return Explanation(label, prediction, method, classes, maps, model.bundle.layer)
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import bundle as bundle_format
 from . import methods as methods_lib
-from .cam import pool, probabilities
+from .cam import normalize, pool, probabilities
 from .cancel import OnProgress, ShouldStop
 from .cpu import warn_if_not_portable
 from .detect import DEFAULT_THRESHOLDS, Candidates, Detection, Thresholds, select
@@ -37,7 +37,7 @@ from .image import (
     stretch_placement,
 )
 from .labels import class_index
-from .probe import Probe
+from .probe import MethodOptions, Probe
 from .targets import ClassScores, DetectionScores, Target
 from .upsample import upsample
 
@@ -423,13 +423,15 @@ class Model:
         what,
         progress: OnProgress | None = None,
         should_stop: ShouldStop | None = None,
+        options: MethodOptions | None = None,
     ) -> list[Probe]:
         """What a method sees of ``prediction`` explaining ``what`` (:meth:`target`) at each explained layer (one
         for a classifier, one per stride for a detector): the layer ``A``, the targets' gradient with respect to
-        it, and their scores under perturbations (:class:`npcam.probe.Probe`)."""
+        it, and their scores under perturbations (:class:`npcam.probe.Probe`); ``options`` are the methods' (a
+        :class:`npcam.probe.MethodOptions`; None: its defaults)."""
         target, shared = self.target(what, prediction), {}
         return [
-            Probe(self, prediction, target, progress, should_stop, layer, shared)
+            Probe(self, prediction, target, progress, should_stop, layer, shared, options)
             for layer in range(len(prediction.grids))
         ]
 
@@ -452,6 +454,7 @@ class Model:
         progress: OnProgress | None = None,
         should_stop: ShouldStop | None = None,
         detection: int | Sequence[int] | None = None,
+        options: MethodOptions | None = None,
     ) -> np.ndarray:
         """Class activation map(s), in [0, 1].
 
@@ -469,6 +472,7 @@ class Model:
             returns true, :class:`npcam.cancel.Cancelled` is raised
         detection : a detector's detection to explain, an index in ``prediction.detections`` (0, the best, by
             default), or a list of them
+        options : the methods' options (:class:`npcam.probe.MethodOptions`: D-RISE's masks); None: the defaults
 
         Returns
         -------
@@ -482,14 +486,14 @@ class Model:
         else:
             what = prediction.top1 if classes is None else classes
         single = isinstance(what, (int, str, np.integer))
-        probes = self.probes(prediction, what, progress, should_stop)
+        probes = self.probes(prediction, what, progress, should_stop, options)
         chosen = methods_lib.resolve(method, self.head.kind, self.bundle.path)
         if not detector:
             maps = methods_lib.maps(chosen, probes, size)
-        else:  # at the network input, then the photo's part of it (a letterbox's pad cut away)
+        else:  # at the network input, then the photo's part of it (a letterbox's pad cut away), scaled to its max
             maps = methods_lib.maps(chosen, probes, tuple(prediction.input.shape[2:]))
             place = prediction.placement
-            maps = maps[:, place.top : place.top + place.size[0], place.left : place.left + place.size[1]]
+            maps = normalize(maps[:, place.top : place.top + place.size[0], place.left : place.left + place.size[1]])
             if size is not None:
                 maps = upsample(maps, size)
         return maps[0] if single else maps

@@ -122,6 +122,9 @@ def options_from_query(query, max_pixels: int, max_side: int | None = None) -> t
         size=input_size(),
         max_pixels=max_pixels,
         max_side=_smaller(number("max_side", int, None), max_side),
+        masks=number("masks", int, Options.masks),
+        mask_cells=number("mask_cells", int, Options.mask_cells),
+        seed=number("seed", int, Options.seed),
     )
     return options, {"jpg": "jpeg"}.get(fmt, fmt)
 
