@@ -4,7 +4,8 @@
   npcam's matrices), shifted and cropped; the same seed, the same masks.
 - D-RISE on the tiny two-stride detector (tests/tiny_detector.py): one masked image at a time through the whole
   detector as one ONNX graph, its output decoded here, each detection's best match found by a loop over the
-  candidates (IoU x cosine of the class vectors), the masks summed with those weights.
+  candidates (IoU x cosine of the class vectors x the candidate's confidence), the masks summed with those
+  weights.
 - RISE on the tiny classifier bundle: one masked image at a time through its trunk, the head ``W p + b`` and a
   softmax computed here.
 - Batching changes nothing; the options are checked in one line; the command line takes them.
@@ -68,7 +69,8 @@ def decode(raw: np.ndarray):
 
 def reference_drise(run, x, region, targets, options: MethodOptions, probability=0.5) -> np.ndarray:
     """D-RISE from its definition: ``sum_i w_i M_i / (N p)`` over the photo's part ``region``, ``w_i`` the best
-    ``IoU x cos`` of each target (box, class vector) among the masked image's candidates. float64 ``[k, h, w]``."""
+    ``IoU x cos x objectness`` of each target (box, class vector) among the masked image's candidates, the tiny
+    detector having no objectness: a candidate's best class score in its place. float64 ``[k, h, w]``."""
     top, left, h, w = region
     total = np.zeros((len(targets), h, w))
     for mask in reference_masks(options.masks, options.mask_cells, (h, w), options.seed, probability):
@@ -79,7 +81,7 @@ def reference_drise(run, x, region, targets, options: MethodOptions, probability
             best = 0.0
             for j in range(len(boxes)):
                 cosine = vector @ vectors[j] / (np.linalg.norm(vector) * np.linalg.norm(vectors[j]))
-                best = max(best, iou(box, boxes[j]) * cosine)
+                best = max(best, iou(box, boxes[j]) * cosine * vectors[j].max())
             total[t] += best * mask
     return total / (options.masks * probability)
 
