@@ -67,12 +67,13 @@ def decode(raw: np.ndarray):
     return boxes, values[:, 4:]
 
 
-def reference_drise(run, x, region, targets, options: MethodOptions, probability=0.5) -> np.ndarray:
+def reference_drise(run, x, region, targets, options: MethodOptions, probability=0.5):
     """D-RISE from its definition: ``sum_i w_i M_i / (N p)`` over the photo's part ``region``, ``w_i`` the best
     ``IoU x cos x objectness`` of each target (box, class vector) among the masked image's candidates, the tiny
-    detector having no objectness: a candidate's best class score in its place. float64 ``[k, h, w]``."""
+    detector having no objectness: a candidate's best class score in its place. float64 ``[k, h, w]``, and the
+    weights' mean ``[k]``."""
     top, left, h, w = region
-    total = np.zeros((len(targets), h, w))
+    total, weights = np.zeros((len(targets), h, w)), np.zeros(len(targets))
     for mask in reference_masks(options.masks, options.mask_cells, (h, w), options.seed, probability):
         masked = x.astype(np.float64).copy()
         masked[0, :, top : top + h, left : left + w] *= mask
@@ -83,7 +84,8 @@ def reference_drise(run, x, region, targets, options: MethodOptions, probability
                 cosine = vector @ vectors[j] / (np.linalg.norm(vector) * np.linalg.norm(vectors[j]))
                 best = max(best, iou(box, boxes[j]) * cosine * vectors[j].max())
             total[t] += best * mask
-    return total / (options.masks * probability)
+            weights[t] += best
+    return total / (options.masks * probability), weights / options.masks
 
 
 @pytest.fixture(scope="module")
@@ -123,14 +125,15 @@ def test_drise_of_detections_is_the_papers_definition(detector, whole_detector):
     targets = [(boxes[pred.detections[i].candidate], vectors[pred.detections[i].candidate]) for i in chosen]
     region = (pred.placement.top, pred.placement.left, *pred.placement.size)
     assert probe.region == region and region[1] > 0
-    want = reference_drise(whole_detector, pred.input, region, targets, options)
-    got = drise.saliency(probe)
+    want, mean = reference_drise(whole_detector, pred.input, region, targets, options)
+    got, got_mean = drise.estimate(probe)
+    np.testing.assert_allclose(got_mean, mean, rtol=MAP_TOL)
     assert got.shape == want.shape == (2, *pred.placement.size)
     record("D-RISE vs its direct reference (tiny detector), relative to the max", np.abs(got - want).max() / want.max())
     np.testing.assert_allclose(got, want, rtol=0, atol=MAP_TOL * np.abs(want).max())
-    # The map the model gives: less its minimum, scaled to its max, on the photo's part of the input.
+    # The map the model gives: less the weights' mean, its positive part scaled to its max, on the photo's part.
     maps = detector.cam(pred, detection=chosen, method="drise", options=options)
-    shown = normalize(want - want.min(axis=(1, 2), keepdims=True))
+    shown = normalize(want - mean[:, None, None])
     np.testing.assert_allclose(maps, shown, atol=MAP_TOL)
     assert not np.allclose(maps[0], maps[1])  # each detection its own weights
     full = detector.cam(pred, detection=0, method="rise", options=options, size=pred.size)
@@ -144,13 +147,14 @@ def test_rise_of_a_classifier_is_the_papers_definition(tiny_bundle):
     classes = [pred.top1, 7]
     session = ort.InferenceSession(tiny_trunk(), providers=["CPUExecutionProvider"])
     weight, bias = model.head.weight.astype(np.float64), model.head.bias.astype(np.float64)
-    total = np.zeros((2, 224, 224))
+    total, weights = np.zeros((2, 224, 224)), np.zeros(2)
     for mask in reference_masks(options.masks, options.mask_cells, (224, 224), options.seed):
         features = session.run(["features"], {"image": (pred.input * mask).astype(np.float32)})[0]
         logits = weight @ features[0].astype(np.float64).mean(axis=(1, 2)) + bias
         probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         total += probabilities[classes][:, None, None] * mask
-    want = total / (options.masks * 0.5)
+        weights += probabilities[classes]
+    want, mean = total / (options.masks * 0.5), weights / options.masks
     probe = model.probe(pred, classes)
     probe.options = options
     got = drise.saliency(probe)
@@ -159,7 +163,7 @@ def test_rise_of_a_classifier_is_the_papers_definition(tiny_bundle):
     np.testing.assert_allclose(got, want, rtol=0, atol=MAP_TOL * want.max())
     maps = model.cam(pred, classes, method="drise", options=options)
     assert maps.shape == (2, 224, 224)  # the input's resolution, not the 7x7 layer's
-    np.testing.assert_allclose(maps, normalize(want - want.min(axis=(1, 2), keepdims=True)), atol=MAP_TOL)
+    np.testing.assert_allclose(maps, normalize(want - mean[:, None, None]), atol=MAP_TOL)
 
 
 def test_batching_changes_nothing_and_progress_counts_the_masks(detector, monkeypatch):

@@ -4,10 +4,9 @@ input, each weighted by how much of the target survives it. Only forward passes,
 For each of N random masks ``M_i`` the whole network scores the masked input ``x * M_i``, and the target's
 probability there is the mask's weight ``w_i`` (:meth:`npcam.targets.Target.probabilities`): for a detection,
 D-RISE's similarity of the detection to its best match among the masked output's candidates, ``max_j IoU x cos x
-objectness``; for a class, its probability (RISE). The map is RISE's estimate ``S = sum_i w_i M_i / (N p)``,
-the target's expected weight when a pixel is kept, less its minimum over the photo, so that the one scaling step
-after every method (its max) gives the map's min-max range, as the papers show their maps. Definition, options
-and cost: docs/methods.md.
+objectness``; for a class, its probability (RISE). RISE's estimate ``S = sum_i w_i M_i / (N p)`` is the
+target's expected weight when a pixel is kept; the map is ``S`` less the weights' mean, what keeping the pixel
+adds to it. Definition, options and cost: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -75,10 +74,10 @@ def smooth_masks(grids: np.ndarray, shifts: np.ndarray, size: tuple[int, int]) -
     return out
 
 
-def saliency(probe: Probe) -> np.ndarray:
+def estimate(probe: Probe) -> tuple[np.ndarray, np.ndarray]:
     """RISE's estimate ``S = sum_i w_i M_i / (N p)`` for each of the probe's k targets, over the photo's part of the
-    input (:attr:`~npcam.probe.Probe.region`; a letterbox's pad is neither masked nor mapped): float64
-    ``[k, h, w]``.
+    input (:attr:`~npcam.probe.Probe.region`; a letterbox's pad is neither masked nor mapped), and the weights'
+    mean ``w_bar = sum_i w_i / N``: float64 ``[k, h, w]`` and ``[k]``.
 
     ``probe.options`` gives N (``masks``), s (``mask_cells``) and the ``seed``. The masked inputs run through the
     whole network in batches of :meth:`~npcam.probe.Probe.input_batch`, shared by the k targets;
@@ -91,7 +90,7 @@ def saliency(probe: Probe) -> np.ndarray:
         raise NpcamError(f"mask_cells={cells} is more than the photo's {min(h, w)} pixels in the network input")
     grids, shifts = draw_masks(options.masks, cells, (h, w), options.seed)
     x = probe.input  # [1, 3, H, W]
-    total = np.zeros((probe.k, h * w))
+    total, weight_sum = np.zeros((probe.k, h * w)), np.zeros(probe.k)
     batch = probe.input_batch()
     for start in range(0, options.masks, batch):
         probe.check()
@@ -101,15 +100,26 @@ def saliency(probe: Probe) -> np.ndarray:
         inputs[:, :, top : top + h, left : left + w] *= masks[:, None]
         weights = probe.score_inputs(inputs, probabilities=True)  # [n, k]
         total += weights.T @ masks.reshape(len(masks), -1).astype(np.float64)
+        weight_sum += weights.sum(axis=0)
         probe.progress(stop, options.masks)
-    return (total / (options.masks * PROBABILITY)).reshape(probe.k, h, w)
+    return (total / (options.masks * PROBABILITY)).reshape(probe.k, h, w), weight_sum / options.masks
+
+
+def saliency(probe: Probe) -> np.ndarray:
+    """RISE's estimate ``S`` alone (:func:`estimate`): float64 ``[k, h, w]``."""
+    return estimate(probe)[0]
 
 
 def drise_maps(probe: Probe) -> np.ndarray:
-    """D-RISE's maps at the network input's resolution, float64 ``[k, H, W]``: :func:`saliency` less its minimum
-    over the photo's part, and 0 outside it (the pad, which the model's maps cut away)."""
+    """D-RISE's maps at the network input's resolution, float64 ``[k, H, W]``: ``S - w_bar`` (:func:`estimate`)
+    over the photo's part, 0 outside it (the pad, which the model's maps cut away).
+
+    ``S - w_bar = sum_i w_i (M_i - p) / (N p)``: how much more of the target survives the masks that keep a pixel
+    than masks on average; a pixel that does not matter is 0 give or take the sampling noise, which the ReLU
+    after every method halves (RISE's own ``S`` is ``w_bar`` there, a floor the scaling would show as signal).
+    """
     top, left, h, w = probe.region
-    inside = saliency(probe)
+    inside, mean = estimate(probe)
     out = np.zeros((probe.k, *probe.input.shape[2:]))
-    out[:, top : top + h, left : left + w] = inside - inside.min(axis=(1, 2), keepdims=True)
+    out[:, top : top + h, left : left + w] = inside - mean[:, None, None]
     return out
