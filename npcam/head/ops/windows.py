@@ -220,12 +220,14 @@ def conv_forward(a, at):
     batch, channels, filters = x.shape[0], x.shape[1], weight.shape[0]
     view = window_view(x, w, 0.0)  # [N, C, *out, *kernel]
     view = view.reshape(batch, groups, channels // groups, *w.out, *w.kernel)
-    # [N, g, positions, C/g * kernel] @ [g, C/g * kernel, M/g]: the im2col product, per group
-    order = (0, 1, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n))
-    cols = view.transpose(order).reshape(batch, groups, math.prod(w.out), -1)
+    # The im2col columns laid out [g, C/g * kernel, N * positions]: the copy then runs along the output's rows,
+    # contiguous in the input at stride 1 (2-3x faster than gathering each position's few kernel taps), and
+    # [g, M/g, C/g * kernel] @ columns is one BLAS product per group.
+    order = (1, 2, *range(3 + n, 3 + 2 * n), 0, *range(3, 3 + n))
+    cols = view.transpose(order).reshape(groups, (channels // groups) * math.prod(w.kernel), -1)
     kernels = weight.reshape(groups, filters // groups, -1)
-    y = grouped_matmul(cols, kernels.transpose(0, 2, 1))  # [N, g, positions, M/g]
-    y = y.transpose(0, 1, 3, 2).reshape(batch, filters, *w.out)
+    y = np.matmul(kernels, cols)  # [g, M/g, N * positions]
+    y = y.reshape(filters, batch, *w.out).swapaxes(0, 1)
     if len(a) > 2:
         y = y + a[2].reshape(1, -1, *[1] * n)
     return y
