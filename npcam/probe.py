@@ -142,7 +142,7 @@ class Probe:
         if len(head.inputs) > 1:  # one backward pass for every layer, shared by their probes
             if "gradients" not in self._shared:
                 seed = self.target.seed(pred.logits[None])
-                self._shared["gradients"] = head.vjp_inputs(pred.head_input, seed, pred.sides)
+                self._shared["gradients"] = head.vjp_inputs(pred.head_input, seed, pred.sides, pred.head_trace)
             name, shape = list(head.inputs.items())[self.layer]
             return self._shared["gradients"][name].reshape(self.k, *shape[1:])
         g = head.vjp(pred.head_input, self.target.seed(pred.logits[None]), pred.sides)
