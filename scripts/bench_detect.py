@@ -155,6 +155,7 @@ class TorchSide:
         cell_h, cell_w = cell_size((h, w), cells)
         big = ((cells + 1) * cell_h, (cells + 1) * cell_w)
         total = torch.zeros(len(chosen), h * w, dtype=torch.float64)
+        weight_sum = torch.zeros(len(chosen), dtype=torch.float64)
         image = torch.from_numpy(x)
         with torch.no_grad():
             for start in range(0, masks, batch):
@@ -179,8 +180,9 @@ class TorchSide:
                 confidence = vectors.amax(-1)[:, None, :]  # no objectness: the candidates' best class scores
                 weights = (iou * cosine * confidence).amax(-1)  # [n, k]
                 total += weights.T @ m.reshape(len(m), -1).double()
+                weight_sum += weights.sum(0)
         sal = (total / (masks * PROBABILITY)).reshape(len(chosen), h, w)
-        sal = sal - sal.amin(dim=(1, 2), keepdim=True)
+        sal = torch.relu(sal - (weight_sum / masks)[:, None, None])  # less the weights' mean, as npcam's map
         sal = sal / sal.amax(dim=(1, 2), keepdim=True)
         return sal.float().numpy(), {"batch": batch, "k": len(chosen)}
 
