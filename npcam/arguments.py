@@ -17,6 +17,7 @@ from .errors import NpcamError
 from .explain import ALPHA, MAX_DETECTIONS, MAX_TOP, Options
 from .image import FINE, MAX_PIXELS, parse_size
 from .methods import METHODS, names, resolve
+from .probe import MAX_MASK_CELLS, MAX_MASKS, MethodOptions
 
 EXIT_USAGE = 2
 MAX_THREADS = 1024  # onnxruntime starts them all at load
@@ -152,6 +153,28 @@ def add_explanation_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="write overlays at most N pixels on their long side (records, boxes and .npy maps keep the photo's size)",
     )
+    masks = p.add_argument_group("D-RISE (--method drise, or rise): its random masks")
+    masks.add_argument(
+        "--masks",
+        type=count(1, MAX_MASKS),
+        default=MethodOptions.masks,
+        metavar="N",
+        help=f"how many masks: one network pass each (default {MethodOptions.masks})",
+    )
+    masks.add_argument(
+        "--mask-cells",
+        type=count(1, MAX_MASK_CELLS),
+        default=MethodOptions.mask_cells,
+        metavar="S",
+        help=f"each mask is a grid of S x S cells over the photo (default {MethodOptions.mask_cells})",
+    )
+    masks.add_argument(
+        "--seed",
+        type=between(0, 2**63 - 1),
+        default=MethodOptions.seed,
+        metavar="K",
+        help=f"the masks' random seed: the same seed, the same map (default {MethodOptions.seed})",
+    )
 
 
 def add_detection_options(p: argparse.ArgumentParser) -> None:
@@ -249,6 +272,9 @@ def options_from(args: argparse.Namespace, **extra) -> Options:
         conf=args.conf,
         iou=args.iou,
         max_det=args.max_det,
+        masks=args.masks,
+        mask_cells=args.mask_cells,
+        seed=args.seed,
         **extra,
     )
 
@@ -261,7 +287,7 @@ def methods_help() -> str:
 # A library message names an option as its Options field: ``max_pixels``, or ``size=100x100``.
 _FIELD = re.compile(
     r"\b(keep_aspect|max_pixels|max_side|save_cam|max_det)\b"
-    r"|\b(size|method|alpha|top|threshold|detection|conf|iou)=(\S+)"
+    r"|\b(size|method|alpha|top|threshold|detection|conf|iou|masks|mask_cells|seed)=(\S+)"
 )
 
 

@@ -36,6 +36,7 @@ from .files import Job, save_array, save_image
 from .image import FINE, MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, fine_size, format_size, read_photo, rgbx_base
 from .labels import class_index
 from .model import Model, Prediction
+from .probe import MethodOptions
 from .upsample import upsample
 
 # The limits of Options, the same in every front-end (the CLI, serve, dataset take them from here).
@@ -71,6 +72,8 @@ class Options:
     conf, iou, max_det : which of a detector's candidates are kept (:class:`npcam.detect.Thresholds`; the YOLO
         tools' defaults)
     boxes : draw a detector's boxes and labels on its overlays
+    masks, mask_cells, seed : the options of the methods that take any (D-RISE's masks), as
+        :class:`npcam.probe.MethodOptions` (:attr:`method_options`); other methods ignore them
     """
 
     classes: tuple[int | str, ...] = ()
@@ -90,6 +93,14 @@ class Options:
     iou: float = IOU
     max_det: int = MAX_DET
     boxes: bool = True
+    masks: int = MethodOptions.masks
+    mask_cells: int = MethodOptions.mask_cells
+    seed: int = MethodOptions.seed
+
+    @property
+    def method_options(self) -> MethodOptions:
+        """The fields that methods read (:attr:`npcam.probe.Probe.options`)."""
+        return MethodOptions(masks=self.masks, mask_cells=self.mask_cells, seed=self.seed)
 
     def checked(self, model: Model) -> Options:
         """These options made concrete for ``model`` (class indices, method name); one-line errors otherwise.
@@ -120,6 +131,7 @@ class Options:
             size = fine_size(native, model.bundle.stride)
         size = model.check_input_options(self.keep_aspect, size)
         self._check_detection_fields(model.bundle.task == "detect")
+        self.method_options.checked()
         return replace(
             self,
             size=size,
@@ -244,13 +256,16 @@ def explain(
         chosen = _chosen_detections(prediction, options, label)
         if chosen:
             maps = model.cam(prediction, detection=chosen, method=options.method, progress=progress,
-                             should_stop=should_stop)  # fmt: skip
+                             should_stop=should_stop, options=options.method_options)  # fmt: skip
         else:  # nothing detected: nothing to explain, and the overlay is the photo
             maps = np.zeros((0, *prediction.placement.size), np.float32)
         classes = [prediction.detections[i].class_index for i in chosen]
         return Explanation(label, prediction, method, classes, maps, model.bundle.layer, chosen)
     classes = list(options.classes) or [c for c, _, _ in prediction.top(options.top)]
-    maps = model.cam(prediction, classes, method=options.method, progress=progress, should_stop=should_stop)
+    maps = model.cam(
+        prediction, classes, method=options.method, progress=progress, should_stop=should_stop,
+        options=options.method_options,
+    )  # fmt: skip
     return Explanation(label, prediction, method, classes, maps, model.bundle.layer)
 
 

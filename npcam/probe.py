@@ -6,21 +6,25 @@ and answers the three questions the methods ask:
 - the targets' gradient with respect to ``A`` (:meth:`Probe.gradient`; on a globally pooled head, with respect
   to the pooled vector, :meth:`Probe.pooled_gradient`), by the head's exact vector-Jacobian product;
 - the targets' scores when ``A`` is changed (:meth:`Probe.score_layers`), which runs only the head;
-- the targets' scores when the network's input is changed (:meth:`Probe.score_inputs`), which runs it all.
+- the targets' scores (or probabilities) when the network's input is changed (:meth:`Probe.score_inputs`), which
+  runs it all.
 
 Multi-pass work goes in batches, reporting progress and checking ``should_stop`` between them
-(:mod:`npcam.cancel`).
+(:mod:`npcam.cancel`). The few methods that take options (D-RISE's masks) read them from
+:attr:`Probe.options`, a :class:`MethodOptions`; the others ignore it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .cancel import OnProgress, ShouldStop, check
+from .errors import NpcamError
 
 if TYPE_CHECKING:
     from .model import Model, Prediction
@@ -31,8 +35,39 @@ LAYER_BATCH = 256
 # At most this many bytes of head values (every op's output, for the whole batch) per head pass of a
 # multi-pass method on a head that is not pooled: a ViT-S last block holds about 2 M values per image.
 HEAD_PASS_BYTES = 128 * 2**20
-# Network inputs per trunk call of Score-CAM.
+# Network inputs per trunk call of Score-CAM, and at most so many of D-RISE (Probe.input_batch).
 INPUT_BATCH = 32
+# At most this many bytes of network inputs per trunk call of D-RISE: a 640x640 input is 4.9 MB.
+INPUT_BYTES = 64 * 2**20
+# The limits of MethodOptions (each mask is one whole-network pass).
+MAX_MASKS = 100_000
+MAX_MASK_CELLS = 256
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options of the methods that take any, one value for all of them (docs/methods.md says which method reads
+    which; a method that takes none ignores them). Front-ends set them through :class:`npcam.explain.Options`,
+    whose fields have the same names.
+
+    Attributes
+    ----------
+    masks : D-RISE's (and RISE's) number of random masks, N: one network pass each
+    mask_cells : each mask's grid, ``mask_cells x mask_cells`` cells (s) over the photo's part of the input
+    seed : the masks' random seed: the same seed gives the same masks, so the same map
+    """
+
+    masks: int = 1000
+    mask_cells: int = 16
+    seed: int = 0
+
+    def checked(self) -> MethodOptions:
+        """These options, or a one-line error naming the field (``masks``, ``mask_cells``, ``seed``)."""
+        for name, low, high in (("masks", 1, MAX_MASKS), ("mask_cells", 1, MAX_MASK_CELLS), ("seed", 0, 2**63 - 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+                raise NpcamError(f"{name} must be a whole number between {low} and {high}, not {value!r}")
+        return self
 
 
 class Probe:
@@ -56,6 +91,7 @@ class Probe:
         should_stop: ShouldStop | None = None,
         layer: int = 0,
         shared: dict | None = None,
+        options: MethodOptions | None = None,
     ):
         self._model, self._prediction = model, prediction
         self.target = target
@@ -67,6 +103,7 @@ class Probe:
         self.pooled = model.head.layout == "pooled"
         self.affine = model.head.kind == "affine"
         self.on_progress, self.should_stop = on_progress, should_stop
+        self.options = options or MethodOptions()
 
     @property
     def k(self) -> int:
@@ -105,7 +142,7 @@ class Probe:
         if len(head.inputs) > 1:  # one backward pass for every layer, shared by their probes
             if "gradients" not in self._shared:
                 seed = self.target.seed(pred.logits[None])
-                self._shared["gradients"] = head.vjp_inputs(pred.head_input, seed, pred.sides)
+                self._shared["gradients"] = head.vjp_inputs(pred.head_input, seed, pred.sides, pred.head_trace)
             name, shape = list(head.inputs.items())[self.layer]
             return self._shared["gradients"][name].reshape(self.k, *shape[1:])
         g = head.vjp(pred.head_input, self.target.seed(pred.logits[None]), pred.sides)
@@ -173,7 +210,22 @@ class Probe:
         pred = self._prediction
         return self.target.scores(self._model.head_scores(vectors, pred.sides))
 
-    def score_inputs(self, inputs: np.ndarray) -> np.ndarray:
+    def score_inputs(self, inputs: np.ndarray, probabilities: bool = False) -> np.ndarray:
         """The targets' scores of network inputs float32 ``[n, 3, H, W]`` (the whole network runs): float64
-        ``[n, k]``."""
-        return self.target.scores(self._model.scores(inputs))
+        ``[n, k]``; their probabilities with ``probabilities`` (a detection's: D-RISE's similarity)."""
+        outputs = self._model.scores(inputs)
+        return self.target.probabilities(outputs) if probabilities else self.target.scores(outputs)
+
+    def input_batch(self, limit: int = INPUT_BATCH) -> int:
+        """How many network inputs one pass of the whole network takes: at most ``limit``, at most
+        :data:`INPUT_BYTES` of inputs, and at most :meth:`head_batch` (the head's values for the batch)."""
+        return int(max(1, min(limit, INPUT_BYTES // max(1, self.input.nbytes), self.head_batch(limit))))
+
+    @property
+    def region(self) -> tuple[int, int, int, int]:
+        """``(top, left, height, width)``: where the photo lies in the network input, a letterbox's pad around it
+        (the whole input for a model that stretches the photo to it)."""
+        placement = self._prediction.placement
+        if placement is None:
+            return (0, 0, *self.input.shape[2:])
+        return (placement.top, placement.left, *placement.size)

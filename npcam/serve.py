@@ -133,6 +133,9 @@ def options_from_query(query, max_pixels: int, max_side: int | None = None) -> t
         iou=number("iou", float, IOU),
         max_det=number("max_det", int, MAX_DET),
         boxes=flag("boxes", default=True),
+        masks=number("masks", int, Options.masks),
+        mask_cells=number("mask_cells", int, Options.mask_cells),
+        seed=number("seed", int, Options.seed),
     )
     return options, {"jpg": "jpeg"}.get(fmt, fmt)
 

@@ -136,3 +136,21 @@ def test_ctrl_c_stops_a_single_image_scorecam_between_batches(bundle, tmp_path):
     # progress line the full run still had all batches but one to go (over 10 on the test bundle), the
     # interrupted one at most one batch. Half the full run's remainder is a generous bound.
     assert after_sigint < rest_of_full_run / 2, (after_sigint, rest_of_full_run)
+
+
+def test_drise_stops_at_the_batch_boundary_it_is_told_to(tmp_path):
+    import tiny_detector as td
+    from conftest import synthetic_image
+
+    from npcam.probe import MethodOptions
+
+    detector = npcam.load(td.bundle(tmp_path / "detector"))
+    pred = detector.predict(synthetic_image(120, 160))
+    options = MethodOptions(masks=5 * INPUT_BATCH, mask_cells=4)  # five batches of INPUT_BATCH masks
+    passes = []
+    should_stop, calls = counting_stop(after=2)
+    with pytest.raises(Cancelled):
+        detector.cam(pred, method="drise", options=options, progress=lambda done, total: passes.append((done, total)),
+                     should_stop=should_stop)  # fmt: skip
+    # Two batches ran, the third was refused: the check comes before each batch, none after the stop.
+    assert passes == [(INPUT_BATCH, 5 * INPUT_BATCH), (2 * INPUT_BATCH, 5 * INPUT_BATCH)] and len(calls) == 3

@@ -127,18 +127,26 @@ def test_gradcam_of_a_detection_combines_its_layers(detector):
     for probe in detector.probes(pred, 0):
         weights = probe.gradient().mean(axis=(2, 3))
         layers.append(upsample(normalize(weighted_maps(probe.features, weights)), td.SIZE))
-    want = normalize(np.mean(layers, axis=0))[0]
-    want = want[place.top : place.top + place.size[0], place.left : place.left + place.size[1]]
+    want = normalize(np.mean(layers, axis=0))
+    # the photo's part of the input, scaled to its own max (the pad's values are not shown)
+    want = normalize(want[:, place.top : place.top + place.size[0], place.left : place.left + place.size[1]])[0]
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert got.shape == place.size
     full = detector.cam(pred, detection=0, method="gradcam", size=pred.size)
     assert full.shape == pred.size
 
 
-def test_the_similarity_of_an_unchanged_output_is_one(detector):
+def test_the_similarity_of_an_unchanged_output_is_the_detections_confidence(detector):
     pred = detector.predict(photo())
     target = detector.target(list(range(len(pred.detections))), pred)
-    np.testing.assert_allclose(target.probabilities(pred.logits[None]), 1.0, atol=1e-12)
+    # IoU 1 and cosine 1 with itself, times its confidence (no objectness: its best class score, its score); on
+    # this photo no other candidate beats that (one could: a better-scoring neighbour of another class).
+    scores = [d.score for d in pred.detections]
+    np.testing.assert_allclose(target.probabilities(pred.logits[None])[0], scores, atol=1e-6)
+    # Scaling every class score down keeps every cosine; the similarity falls with the confidence.
+    weak = pred.logits.copy()
+    weak[detector.bundle.decoder.class_index] = 0.01 * weak[detector.bundle.decoder.class_index]
+    np.testing.assert_allclose(target.probabilities(weak[None])[0], 0.01 * np.array(scores), rtol=1e-5)
     np.testing.assert_allclose(target.scores(pred.logits[None])[0], [d.score for d in pred.detections], atol=1e-6)
 
 

@@ -105,7 +105,7 @@ def test_cli_and_dataset_have_the_top_limit(tiny_bundle, photo, tmp_path, capsys
 def test_resolve_names_aliases_and_heads():
     assert methods.resolve("gradcam++").name == "gradcampp" and methods.resolve("GradCAM").name == "gradcam"
     assert methods.resolve("GRADCAM++", "graph").name == "gradcampp"
-    with pytest.raises(npcam.NpcamError, match=r"^unknown method 'nope'; choose one of cam, .* \(or gradcam\+\+\)$"):
+    with pytest.raises(npcam.NpcamError, match=r"^unknown method 'nope'; choose one of cam, .* \(or gradcam\+\+, rise\)$"):
         methods.resolve("nope", "affine")
     for name in ("cam", "softmax"):
         assert methods.resolve(name, "affine").name == name
@@ -119,6 +119,7 @@ def test_flag_words():
     assert flag_words("x.jpg: 9 pixels (raise it with max_pixels)") == "x.jpg: 9 pixels (raise it with --max-pixels)"
     assert flag_words("size=48x192 and keep_aspect") == "--size 48x192 and --keep-aspect"
     assert flag_words("the input size 10x10 is too small") == "the input size 10x10 is too small"
+    assert flag_words("mask_cells=200 is more than 64") == "--mask-cells 200 is more than 64"
 
 
 def test_front_ends_import_only_the_shared_arguments():

@@ -195,6 +195,8 @@ class GraphHead:
             dy = grads.pop(op.output, None)
             if dy is None or op.output not in self._variable:
                 continue  # this op does not reach the output, or does not depend on the inputs
+            if not dy.any():
+                continue  # nothing flows back (a detection's score reads one candidate: the other strides' ops)
             args = [values[n] if n in values else self.arrays[n] for n in op.inputs]
             variable = [n in self._variable for n in op.inputs]
             for name, is_var, g in zip(

@@ -9,7 +9,8 @@ per-position weights ``[k, C, h, w]``. :func:`maps` is the one step after it, th
 the weights are combined with ``A`` (:func:`npcam.cam.weighted_maps`), then each map's positive part is scaled
 to [0, 1] (:func:`npcam.cam.normalize`) and upsampled. Two methods are declared exceptions that give maps
 ``[k, h, w]`` directly (``gives_maps``): Eigen-CAM (a principal component, no weights) and Recipro-CAM (a
-score per position). To add a method: write ``fn(probe) -> weights`` in a module here and register it in
+score per position); D-RISE's maps are of the network input itself (``at_input``), the same whatever the layer.
+Options of a method (D-RISE's masks) are the probe's :attr:`~npcam.probe.Probe.options`. To add a method: write ``fn(probe) -> weights`` in a module here and register it in
 :data:`METHODS`. A method that runs many passes calls ``probe.check()`` between its batches and
 ``probe.progress(done, total)`` after them, so that Ctrl-C and the server's time limit stop it there.
 """
@@ -25,7 +26,7 @@ from ..cam import normalize, weighted_maps
 from ..errors import NpcamError
 from ..probe import Probe
 from ..upsample import upsample
-from . import ablation, cam, eigen, gradient, recipro, score
+from . import ablation, cam, drise, eigen, gradient, recipro, score
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,17 @@ class Method:
 
     ``summary`` is the one line that ``--help`` and ``GET /model`` show. ``weights(probe)`` returns float64
     channel weights ``[k, C]`` or per-position weights ``[k, C, h, w]``, or, when ``gives_maps``, raw maps
-    ``[k, h, w]``. ``affine_only``: defined only on an affine head (CAM). ``extra_passes``: runs the whole
-    network many times; ``head_passes``: runs the head once per channel or position when the head is not
-    affine (:meth:`multi_pass`).
+    ``[k, h, w]``. ``at_input`` (with ``gives_maps``): the maps are of the network input ``[k, H_in, W_in]``,
+    not of a layer, so a model of several layers computes them once. ``affine_only``: defined only on an affine
+    head (CAM). ``extra_passes``: runs the whole network many times; ``head_passes``: runs the head once per
+    channel or position when the head is not affine (:meth:`multi_pass`).
     """
 
     name: str
     summary: str
     weights: Callable[[Probe], np.ndarray]
     gives_maps: bool = False
+    at_input: bool = False
     affine_only: bool = False
     extra_passes: bool = False
     head_passes: bool = False
@@ -64,9 +67,13 @@ def maps(method: Method, probes: Probe | Sequence[Probe], size: tuple[int, int] 
 
     Explained at several layers (a detector's maps, one per stride), each layer's map is made so and upsampled to
     ``size`` (which is then needed), and the maps are averaged and scaled to [0, 1] again, as pytorch-grad-cam
-    combines layers: each layer counts alike, whatever the scale of its activations (docs/methods.md).
+    combines layers: each layer counts alike, whatever the scale of its activations (docs/methods.md). A method
+    ``at_input`` gives maps of the network input ``[k, H_in, W_in]`` (upsampled to ``size`` if given) once.
     """
     probes = [probes] if isinstance(probes, Probe) else list(probes)
+    if method.at_input:  # of the input itself: one computation, whatever the layers
+        out = normalize(method.raw_maps(probes[0]))
+        return out if size is None or tuple(size) == out.shape[1:] else upsample(out, size)
     if len(probes) == 1:
         out = normalize(method.raw_maps(probes[0]))
         return out if size is None else upsample(out, size)
@@ -122,6 +129,15 @@ METHODS: dict[str, Method] = {
             affine_only=True,
         ),
         Method(
+            "drise",
+            "D-RISE: random masks weighted by the detection's similarity (RISE: the class's probability); "
+            "--masks N passes (slow), --mask-cells, --seed",
+            drise.drise_maps,
+            gives_maps=True,
+            at_input=True,
+            extra_passes=True,
+        ),
+        Method(
             "reciprocam",
             "Recipro-CAM: the class's probability with one position of A kept (h*w head passes)",
             recipro.reciprocam_maps,
@@ -130,7 +146,7 @@ METHODS: dict[str, Method] = {
         ),
     ]
 }
-ALIASES = {"gradcam++": "gradcampp"}
+ALIASES = {"gradcam++": "gradcampp", "rise": "drise"}
 
 
 def names() -> str:

@@ -8,7 +8,12 @@ score_cotangents`), and the head's VJP carries it back to the explained layers.
 Its probability, for the methods that perturb the input or the layers and for the metrics, is D-RISE's
 similarity (Petsiuk et al., CVPR 2021): a perturbed output's candidates may move, so the detection counts as
 still there to the degree that some candidate matches it, ``max_j IoU(box, box_j) * cos(p, p_j) * o_j`` with
-``p`` the class scores and ``o_j`` the objectness (1 for a model without).
+``p`` the class scores and ``o_j`` candidate j's objectness. A model without an objectness (YOLOv8, the anchor
+and distribution heads) gets the candidate's confidence, its best class score, in its place: the cosine does not
+see how large the scores are (a candidate of scores 0.001 and one of 0.9 in the same proportions have a cosine
+of 1; for a one-class model every cosine is 1), and without that factor every mask would keep some weak
+candidate at the box and weigh alike. The paper sets ``o_j = 1`` only for Faster R-CNN, whose softmax over the
+classes and the background already carries it.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ class DetectionScores:
 
     def probabilities(self, outputs: np.ndarray) -> np.ndarray:
         """D-RISE's similarity of each detection to its best match among each output's candidates: float64
-        ``[n, k]`` in [0, 1]."""
+        ``[n, k]`` in [0, 1] (the detection's own confidence for its unchanged output, when it has no
+        objectness)."""
         found = self.decoder.decode(outputs)
         out = np.zeros((len(found), len(self.candidates)))
         norms = np.linalg.norm(self.vectors, axis=1)
@@ -66,9 +72,8 @@ class DetectionScores:
             iou = pairwise_iou(self.boxes, boxes)  # [k, N]
             length = np.linalg.norm(vectors, axis=1)[None, :] * norms[:, None]
             cosine = np.divide(self.vectors @ vectors.T, length, out=np.zeros_like(iou), where=length > 0)
-            similarity = iou * cosine
-            if candidates.objectness is not None:
-                similarity = similarity * candidates.objectness[None, :]
+            confidence = candidates.objectness if candidates.objectness is not None else vectors.max(axis=1)
+            similarity = iou * cosine * confidence[None, :]
             similarity = np.where(np.isfinite(similarity), similarity, 0.0)
             out[i] = similarity.max(axis=1) if similarity.size else 0.0
         return out

@@ -195,6 +195,19 @@ def conv_windows(x_shape: Sequence[int], w_shape: Sequence[int], at: dict) -> Wi
     return windows(x_shape[2:], at.get("kernel_shape", w_shape[2:]), at)
 
 
+def grouped_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a [B, g, P, K] @ b [g, K, M]`` -> ``[B, g, P, M]``, as one ``[B P, K] @ [K, M]`` product per group.
+
+    NumPy's matmul broadcasts ``b`` over B without BLAS, one small product at a time in its own loop: 40x slower
+    for a batch of 32 maps through a 1x1 convolution (a D-RISE or Ablation-CAM head pass) than the same work
+    as one product.
+    """
+    batch, groups, positions, inner = a.shape
+    rows = a.transpose(1, 0, 2, 3).reshape(groups, batch * positions, inner)
+    out = np.matmul(rows, b)  # [g, B P, M]: equal stacks, each product in BLAS
+    return out.reshape(groups, batch, positions, -1).transpose(1, 0, 2, 3)
+
+
 def conv_forward(a, at):
     x, weight = a[0], a[1]
     if pointwise(x.shape, weight.shape, at):
@@ -207,12 +220,14 @@ def conv_forward(a, at):
     batch, channels, filters = x.shape[0], x.shape[1], weight.shape[0]
     view = window_view(x, w, 0.0)  # [N, C, *out, *kernel]
     view = view.reshape(batch, groups, channels // groups, *w.out, *w.kernel)
-    # [N, g, positions, C/g * kernel] @ [g, C/g * kernel, M/g]: the im2col product, per group
-    order = (0, 1, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n))
-    cols = view.transpose(order).reshape(batch, groups, math.prod(w.out), -1)
+    # The im2col columns laid out [g, C/g * kernel, N * positions]: the copy then runs along the output's rows,
+    # contiguous in the input at stride 1 (2-3x faster than gathering each position's few kernel taps), and
+    # [g, M/g, C/g * kernel] @ columns is one BLAS product per group.
+    order = (1, 2, *range(3 + n, 3 + 2 * n), 0, *range(3, 3 + n))
+    cols = view.transpose(order).reshape(groups, (channels // groups) * math.prod(w.kernel), -1)
     kernels = weight.reshape(groups, filters // groups, -1)
-    y = cols @ kernels.transpose(0, 2, 1)  # [N, g, positions, M/g]
-    y = y.transpose(0, 1, 3, 2).reshape(batch, filters, *w.out)
+    y = np.matmul(kernels, cols)  # [g, M/g, N * positions]
+    y = y.reshape(filters, batch, *w.out).swapaxes(0, 1)
     if len(a) > 2:
         y = y + a[2].reshape(1, -1, *[1] * n)
     return y
@@ -230,7 +245,7 @@ def conv_backward(a, at, y, dy, v):
     groups, n = int(at.get("group", 1)), len(w.kernel)
     batch, channels, filters = x.shape[0], x.shape[1], weight.shape[0]
     g = dy.reshape(k * batch, groups, filters // groups, -1).transpose(0, 1, 3, 2)  # [kN, g, positions, M/g]
-    dcols = g @ weight.reshape(groups, filters // groups, -1)  # [kN, g, positions, C/g * kernel]
+    dcols = grouped_matmul(g, weight.reshape(groups, filters // groups, -1))  # [kN, g, positions, C/g * kernel]
     dcols = dcols.reshape(k * batch, groups, *w.out, channels // groups, *w.kernel)
     order = (0, 1, 2 + n, *range(2, 2 + n), *range(3 + n, 3 + 2 * n))
     dcols = dcols.transpose(order).reshape(k, batch, channels, *w.out, *w.kernel)
