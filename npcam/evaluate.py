@@ -138,7 +138,7 @@ def detection_schema():
             ("energy", pa.float64()),  # in the matched box (None: unmatched)
             ("energy_box", pa.float64()),  # in its own box
             ("drop", pa.float64()),
-            ("increase", pa.bool_()),  # None: the model has no objectness (the similarity starts at its maximum, 1)
+            ("increase", pa.bool_()),
             ("deletion", pa.float64()),
             ("insertion", pa.float64()),
             ("deletion_curve", floats),
@@ -286,7 +286,6 @@ def _score_detections(settings, model, photo, first: Explanation, objects, shoul
     target = model.target(chosen, prediction)
     x = prediction.input[0]
     originals = target.probabilities(model.scores(prediction.input))[0]  # each detection's similarity, unperturbed
-    objectness = model.bundle.decoder.objectness_index is not None
     explained = {m: Explanation(photo, prediction, m, first.classes, maps[m], first.layer, chosen) for m in names}
     rows = []
     for j, detection in enumerate(found):
@@ -314,9 +313,6 @@ def _score_detections(settings, model, photo, first: Explanation, objects, shoul
             at_input[i, place.top : place.top + low.shape[0], place.left : place.left + low.shape[1]] = low
         score = _stoppable(metrics.target_probability(model, target, j), should_stop)
         _faithfulness(settings, x, at_input, score, float(originals[j]), faithful)
-        if not objectness:
-            for row in rows[-len(names) :]:
-                row["increase"] = None
     return rows
 
 

@@ -314,6 +314,8 @@ def test_nan_infinite_degenerate_and_outside_candidates_are_handled(detector, mo
     for a, (box, scores) in cases.items():
         raw[:4, a], raw[4:, a] = box, scores
     monkeypatch.setattr(detector, "head_scores", lambda x, sides=None: np.tile(raw.reshape(1, -1), (len(x), 1)))
+    # one image alone: the head's values are kept for the gradient (Prediction.head_trace), read from its trace
+    monkeypatch.setattr(detector.head, "trace", lambda x, sides=None: {detector.head.output: raw.reshape(1, -1)})
     pred = detector.predict(synthetic_image(150, 130), thresholds=Thresholds(conf=0.5))
     assert [d.candidate for d in pred.detections] == [0, 8]
     for d in pred.detections:

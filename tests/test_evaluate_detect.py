@@ -76,12 +76,13 @@ def slow_iou(a, b) -> float:
 
 
 def slow_similarity(raw: np.ndarray, box, vector: np.ndarray) -> float:
-    """D-RISE: max over the candidates of IoU(box, box_j) * cos(vector, p_j) (no objectness in this model)."""
+    """D-RISE: max over the candidates of IoU(box, box_j) * cos(vector, p_j) * o_j; this model has no objectness,
+    so o_j is the candidate's best class score (docs/methods.md, D-RISE)."""
     best = 0.0
     for other, p in slow_candidates(raw):
         norms = math.sqrt(float(vector @ vector)) * math.sqrt(float(p @ p))
         cosine = float(vector @ p) / norms if norms > 0 else 0.0
-        best = max(best, slow_iou(box, other) * cosine)
+        best = max(best, slow_iou(box, other) * cosine * float(max(p)))
     return best
 
 
@@ -258,7 +259,7 @@ def test_each_detections_metrics_are_their_definitions(detector, reference, tmp_
         want = slow_faithfulness(x, at_input, one)
         for key in ("drop", "deletion", "insertion"):
             assert row[key] == pytest.approx(want[key], abs=METRIC_TOL), (method, j, key)
-        assert row["increase"] is None  # no objectness: the similarity starts at its maximum, 1
+        assert isinstance(row["increase"], bool)
         # ROAD: npcam's imputation (test_metrics.py checks it), scored by the reference similarity, drawn as a
         # run draws (the generator seeded by --seed, the input and the map); on detection 0's maps (18 imputations
         # a map: the slow part)
@@ -442,7 +443,7 @@ def test_a_run_gives_a_row_per_photo_method_and_detection(run, detector):
             assert r["match"] == (None if matched is None else list(matched))
             assert (r["pointing"] is None) == (r["energy"] is None) == (matched is None)
             outcomes.add("matched" if matched else "short" if best is not None else "no box")
-            assert 0 <= r["energy_box"] <= 1 and 0 <= r["deletion"] <= 1 and r["increase"] is None
+            assert 0 <= r["energy_box"] <= 1 and 0 <= r["deletion"] <= 1 and isinstance(r["increase"], bool)
             assert r["road_morf"] is None and r["road_lerf"] is None  # --no-road
             if r["method"] == evaluate.BASELINE:
                 assert r["energy_box"] == pytest.approx(1.0, abs=1e-12)
@@ -456,10 +457,10 @@ def test_the_table_is_over_detections(run):
     assert stdout.startswith(f"tiny_detector: 5 photos (4 annotated), 8 detections evaluated ({matched} matched to an "
                              "annotated box of their class at IoU ≥ 0.5)")  # fmt: skip
     header = next(line for line in stdout.splitlines() if line.startswith("| method"))
-    for name in ("Pointing game ↑", "Energy pointing ↑", "Energy in own box ↑", "Average Drop ↓", "Deletion AUC ↓",
-                 "Insertion AUC ↑"):  # fmt: skip
+    for name in ("Pointing game ↑", "Energy pointing ↑", "Energy in own box ↑", "Average Drop ↓",
+                 "Increase in Confidence ↑", "Deletion AUC ↓", "Insertion AUC ↑"):  # fmt: skip
         assert name in header
-    for name in ("MaxBoxAccV2", "Increase", "GT-known", "ROAD"):  # a classifier's; no objectness; --no-road
+    for name in ("MaxBoxAccV2", "GT-known", "ROAD"):  # a classifier's; --no-road
         assert name not in header
     table = {line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| `")}
     assert list(table) == ["`hirescam`", "`gradcam`", "`box` (baseline)"]
