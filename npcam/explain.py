@@ -33,7 +33,7 @@ from .cancel import OnProgress, ShouldStop
 from .detect import CONF, IOU, MAX_DET, MAX_NMS, Thresholds
 from .errors import NpcamError
 from .files import Job, save_array, save_image
-from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, rgbx_base
+from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, recycle, rgbx_base
 from .labels import class_index
 from .model import Model, Prediction
 from .upsample import upsample
@@ -254,7 +254,7 @@ def _chosen_detections(prediction: Prediction, options: Options, label: str) -> 
     return [options.detection]
 
 
-def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:
+def draw(explanation: Explanation, i: int, options: Options, into_photo: bool = False) -> np.ndarray:
     """Map ``i`` jet-coloured over the image, with its box if ``options.bbox``: uint8 ``[H, W, 3]``.
 
     Drawn at the size of ``prediction.image``. When the image came from
@@ -262,13 +262,16 @@ def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:
     that :func:`npcam.files.encode_image` encodes without a copy. A detector's
     overlay also has every detection's box and label (``options.boxes``), map
     ``i``'s detection emphasized; with no detection it is the photo as it is.
+    ``into_photo`` draws into that buffer itself, so ``prediction.image`` becomes
+    the overlay: for callers done with the photo (saves a full-size buffer).
     """
     image = explanation.prediction.image
     rgbx = rgbx_base(image)
     source = image if rgbx is None else rgbx
     if explanation.detections is not None and not explanation.detections:
         return source.copy()[:, :, :3]  # nothing detected: no map, no box
-    picture = rendering.overlay_map(source, explanation.maps[i], options.alpha)
+    out = rgbx if into_photo else None
+    picture = rendering.overlay_map(source, explanation.maps[i], options.alpha, out=out)
     (height, width), (h, w) = explanation.prediction.size, image.shape[:2]
     box = explanation.box(i, options.threshold) if options.bbox else None
     if box:
@@ -324,14 +327,20 @@ def _coarse(explanation: Explanation, i: int) -> np.ndarray:
 
 
 def write(
-    explanation: Explanation, job: Job, options: Options, protected: Iterable[Path] = (), overlays: bool = True
+    explanation: Explanation,
+    job: Job,
+    options: Options,
+    protected: Iterable[Path] = (),
+    overlays: bool = True,
+    spend_photo: bool = False,
 ) -> dict:
     """Write the overlay (and ``.npy`` map with ``save_cam``) of each explained class or detection; returns the
     record.
 
     ``protected`` paths (the run's inputs) are never written over: such a job
     fails before writing anything. ``overlays=False`` writes only the ``.npy``
-    maps, if any, and the record names no overlay.
+    maps, if any, and the record names no overlay. ``spend_photo`` draws the
+    last overlay into the photo's own buffer (:func:`draw`'s ``into_photo``).
     """
     if explanation.detections is None:
         outputs = [job.output_for(c) for c in explanation.classes]
@@ -343,7 +352,7 @@ def write(
     cams = [output.with_suffix(".npy") for output in outputs[: len(explanation.maps)]] if options.save_cam else None
     for i, output in enumerate(outputs):
         if overlays:
-            save_image(output, draw(explanation, i, options))
+            save_image(output, draw(explanation, i, options, into_photo=spend_photo and i == len(outputs) - 1))
         if cams and i < len(cams):
             save_array(cams[i], explanation.full(i))
     return describe(explanation, options, outputs if overlays else None, cams)
@@ -362,7 +371,9 @@ def explain_file(
     explanation = explain(
         model, job.image, options, str(job.image), progress, pixels=overlays, should_stop=should_stop
     )
-    return write(explanation, job, options, protected, overlays)
+    record = write(explanation, job, options, protected, overlays, spend_photo=True)
+    recycle(explanation.prediction.image)  # nothing else holds it: this thread's next photo decodes into it
+    return record
 
 
 Result = tuple[Job, "dict | str"]

@@ -19,9 +19,9 @@ from PIL import Image
 
 import npcam
 from npcam import render
-from npcam.explain import Options, describe, draw, explain
-from npcam.files import encode_image
-from npcam.image import preprocess, read_image, read_photo, rgbx_base
+from npcam.explain import Options, describe, draw, explain, explain_files
+from npcam.files import Job, encode_image
+from npcam.image import preprocess, read_image, read_photo, recycle, rgbx_base
 from npcam.upsample import upsample
 
 
@@ -72,6 +72,45 @@ def test_overlay_map_is_the_overlay_of_the_upsampled_map(shape, cam_shape, alpha
     got4 = render.overlay_map(rgbx, cam, alpha, threads=threads)
     assert got4.shape == (*shape, 4) and (got4[..., 3] == 255).all()
     np.testing.assert_array_equal(got4[..., :3], got)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_overlay_map_into_a_given_array_or_the_image_itself(alpha):
+    """``out``: the same pixels written where asked, the photo itself included (each band reads its rows first)."""
+    rng = np.random.default_rng(7)
+    rgbx = rng.integers(0, 256, (301, 257, 4), dtype=np.uint8)
+    rgbx[..., 3] = 255
+    cam = rng.random((5, 6), dtype=np.float32)
+    want = render.overlay_map(rgbx, cam, alpha, threads=1)
+    out = np.zeros_like(rgbx)
+    assert render.overlay_map(rgbx, cam, alpha, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    photo = rgbx.copy()
+    assert render.overlay_map(photo, cam, alpha, out=photo) is photo
+    np.testing.assert_array_equal(photo, want)
+    with pytest.raises(ValueError, match="out must be"):
+        render.overlay_map(rgbx, cam, alpha, out=np.zeros((301, 257, 3), np.uint8))
+
+
+def test_half_and_half_blend_of_rgbx_in_any_layout_is_the_rounded_mean():
+    """Alpha 0.5 blends packed RGBX words; every byte must be (heat + photo + 1) // 2, whatever the buffer's layout.
+
+    The reference is written from the definition: the jet colour of each level, then the rounded mean in
+    integers. Layouts: contiguous, a view that starts one byte in (words not aligned: the uint16 path), and
+    rows of a wider buffer.
+    """
+    rng = np.random.default_rng(11)
+    cam = rng.random((7, 7), dtype=np.float32)
+    wide = rng.integers(0, 256, (40, 70 * 4 + 1), dtype=np.uint8)
+    for rgbx in (
+        rng.integers(0, 256, (40, 70, 4), dtype=np.uint8),
+        wide[:, 1:].reshape(40, 70, 4),  # one byte in: not aligned to 4
+        rng.integers(0, 256, (40, 90, 4), dtype=np.uint8)[:, 10:80],  # rows longer than the image
+    ):
+        levels = render.to_uint8(upsample(cam, rgbx.shape[:2])).astype(np.int32)
+        heat = np.concatenate([render.JET, np.full((256, 1), 255, np.uint8)], axis=1)[levels].astype(np.int32)
+        want = (heat + rgbx + 1) // 2
+        np.testing.assert_array_equal(render.overlay_map(rgbx, cam, 0.5), want)
 
 
 def test_overlay_map_is_within_one_level_of_opencv():
@@ -139,6 +178,47 @@ def test_read_photo_reduces_a_jpeg_and_reports_its_own_size(photos_12mp):
     data = jpeg_bytes(synthetic_image(1600, 2400), exif=exif)
     _, pixels, size = read_photo(data, min_size=300)
     assert size == (2400, 1600) and pixels.shape[:2] == (600, 400)
+
+
+def test_a_recycled_buffer_decodes_the_next_photo_of_this_thread(tmp_path):
+    """recycle(): the next read_photo in the same thread decodes into the buffer, whatever its orientation;
+    larger photos get a new one, other threads never see it, and arrays npcam did not make are ignored."""
+    import threading
+
+    landscape, portrait = jpeg_bytes(synthetic_image(60, 80)), jpeg_bytes(synthetic_image(80, 60, seed=1))
+    first = read_photo(landscape)[1]
+    recycle(first)
+    pil, second, _ = read_photo(portrait)  # the same bytes, turned: the buffer is reused
+    assert np.shares_memory(first, second) and second.shape == (80, 60, 3)
+    np.testing.assert_array_equal(second, read_image(portrait))
+    np.testing.assert_array_equal(np.asarray(pil), read_image(portrait))
+    recycle(second)
+    larger = read_photo(jpeg_bytes(synthetic_image(90, 80)))[1]  # does not fit: a new buffer
+    assert not np.shares_memory(larger, second)
+    recycle(larger)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(read_photo(landscape)[1]))
+    thread.start()
+    thread.join()
+    assert not np.shares_memory(seen[0], larger)  # another thread's photo: its own buffer
+    smaller = read_photo(landscape)[1]  # fits in the larger buffer
+    assert np.shares_memory(smaller, larger) and rgbx_base(smaller).shape == (60, 80, 4)
+    np.testing.assert_array_equal(smaller, read_image(landscape))
+    mine = np.zeros((60, 80, 4), np.uint8)
+    recycle(mine[:, :, :3])  # not one of npcam's buffers: ignored
+    assert not np.shares_memory(read_photo(landscape)[1], mine)
+
+
+def test_rgbx_base_finds_the_buffer_of_any_view_with_four_bytes_a_pixel():
+    rgbx = np.arange(5 * 6 * 4, dtype=np.uint8).reshape(5, 6, 4)
+    for pixels in (rgbx[:, :, :3], rgbx[1:4, :, :3]):
+        base = rgbx_base(pixels)
+        assert base.shape == (*pixels.shape[:2], 4) and np.shares_memory(base, rgbx)
+        np.testing.assert_array_equal(base[..., :3], pixels)
+    assert rgbx_base(rgbx[:, 1:, :3]) is None  # rows of 6 pixels hold 5: not an RGBX image of its own
+    assert rgbx_base(np.zeros((5, 6, 3), np.uint8)) is None
+    assert rgbx_base(rgbx[:, :, 1:]) is None  # bytes 1-3: the last pixel's fourth byte would lie past the buffer
+    assert rgbx_base(np.zeros((5, 6, 4), np.uint8)[:, :, :3].astype(np.uint16)) is None
 
 
 def test_encoding_the_shared_buffer_gives_the_same_file():
@@ -231,6 +311,43 @@ def test_draw_with_a_box_is_the_unfused_overlay_with_draw_box(model):
     rgb = np.ascontiguousarray(explanation.prediction.image)
     want = render.draw_box(render.overlay(rgb, explanation.full(0), 0.5), explanation.box(0))
     np.testing.assert_array_equal(draw(explanation, 0, options), want)
+
+
+def test_draw_into_the_photo_gives_the_same_picture_there(model):
+    options = Options(bbox=True).checked(model)
+    explanation = explain(model, PHOTOS[0], options)
+    want = draw(explanation, 0, options)
+    photo = explanation.prediction.image
+    picture = draw(explanation, 0, options, into_photo=True)
+    np.testing.assert_array_equal(picture, want)
+    assert np.shares_memory(picture, photo)  # prediction.image now holds the overlay
+    np.testing.assert_array_equal(explanation.prediction.image, want)
+    pixels = read_image(PHOTOS[1])
+    theirs = pixels.copy()
+    explanation = explain(model, theirs, options)  # an array passed in: never written
+    picture = draw(explanation, 0, options, into_photo=True)
+    np.testing.assert_array_equal(theirs, pixels)
+    assert not np.shares_memory(picture, theirs)
+
+
+def test_a_directory_run_writes_what_each_photo_alone_gives(model, tmp_path):
+    """explain_files recycles each photo's buffer for its thread's next one: every output must still be the
+    overlay of its own photo, byte for byte, with photos of several sizes and both orientations in flight."""
+    sizes = [(300, 400), (400, 300), (300, 400), (120, 90), (500, 640), (300, 400), (400, 300), (90, 120)]
+    jobs = []
+    for i, (h, w) in enumerate(sizes):
+        path = tmp_path / f"p{i}.jpg"
+        Image.fromarray(synthetic_image(h, w, seed=i)).save(path, quality=90)
+        jobs.append(Job(path, tmp_path / "out" / f"p{i}_cam.jpg", per_class=True))
+    options = Options(top=2).checked(model)
+    results = list(explain_files(model, jobs, options, workers=2))
+    assert all(not isinstance(r, str) for _, r in results), results
+    for job in jobs:
+        explanation = explain(model, job.image, options)
+        for i, c in enumerate(explanation.classes):
+            alone = io.BytesIO()
+            encode_image(draw(explanation, i, options), "JPEG", alone)
+            assert job.output_for(c).read_bytes() == alone.getvalue(), job.output_for(c).name
 
 
 def test_cli_no_overlay_writes_only_the_record_and_maps(cli, tmp_path, photos_12mp):
