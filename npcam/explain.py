@@ -33,7 +33,7 @@ from .cancel import OnProgress, ShouldStop
 from .detect import CONF, IOU, MAX_DET, MAX_NMS, Thresholds
 from .errors import NpcamError
 from .files import Job, save_array, save_image
-from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, read_photo, recycle, rgbx_base
+from .image import MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, fitted, read_photo, recycle, rgbx_base
 from .labels import class_index
 from .model import Model, Prediction
 from .upsample import upsample
@@ -209,23 +209,27 @@ def explain(
     :data:`~npcam.image.REDUCING_GAP` times the network input, and sizes,
     maps and boxes are still in the photo's own pixels (docs/performance.md).
     With pixels, ``options.max_side`` keeps ``prediction.image``, and so the
-    overlays, at most that many pixels on its long side; a JPEG is then decoded
-    at the smallest DCT scale that keeps both sides at least ``max_side`` (and
-    the network's need). Without pixels it changes nothing.
+    overlays, at most that many pixels on its long side (:func:`~npcam.image.fitted`
+    of the photo's own size); a JPEG is then decoded at the smallest DCT scale
+    that keeps its long side at least ``max_side`` and both sides at the
+    network's need, and resized once to that size. Without pixels it changes nothing.
     ``should_stop`` is checked between the batches of multi-pass methods
     (:class:`npcam.cancel.Cancelled` when it returns true).
     """
     label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
     network = int(np.ceil(REDUCING_GAP * max(as_size(options.size) or model.bundle.input_size)))
-    # Without pixels, the network's need alone sets the decode scale: max_side is about overlays.
+    # Without pixels, the network's need alone sets the decode scale: max_side is about overlays. With pixels and
+    # no max_side, the overlay is the photo's size: a full decode.
     max_side = options.max_side if pixels else None
-    min_size = max(network, max_side) if max_side else None if pixels else network
-    pil, rgb, size = read_photo(image, options.max_pixels, label, min_size)
-    x = model.preprocess(pil, options.keep_aspect, options.size)
-    if max_side and max(pil.size) > max_side:
-        scale = max_side / max(pil.size)
-        fit = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
-        rgb = read_photo(pil.resize(fit, Image.BILINEAR, reducing_gap=REDUCING_GAP))[1]
+    min_size = network if max_side or not pixels else None
+    pil, rgb, size = read_photo(image, options.max_pixels, label, min_size, max_side)
+    x = model.preprocess(pil, options.keep_aspect, options.size)  # the one resampling to the network's input
+    fit = fitted(*size, max_side)  # from the photo's own size: the same overlay size whatever the decode scale
+    if max_side and (pil.height, pil.width) != fit:
+        small = pil.resize(fit[::-1], Image.BILINEAR, reducing_gap=REDUCING_GAP)
+        recycle(rgb)  # the decode's buffer, no longer read: the fitted copy below goes into it
+        del pil
+        rgb = read_photo(small)[1]
     prediction = model.classify([rgb], [x], [size], thresholds=options.thresholds)[0]
     method = options.method or model.default_method
     if prediction.detections is not None:

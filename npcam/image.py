@@ -7,6 +7,7 @@ Reading is where user files meet npcam, so every failure becomes an
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import threading
@@ -90,9 +91,15 @@ def _decode(source: Path | BinaryIO, name: str, max_pixels: int) -> Image.Image:
 
 
 def _decode_sized(
-    source: Path | BinaryIO, name: str, max_pixels: int, min_size: int | None = None, shared: bool = False
+    source: Path | BinaryIO,
+    name: str,
+    max_pixels: int,
+    min_size: int | None = None,
+    shared: bool = False,
+    max_side: int | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """:func:`_decode`, and the photo's own upright ``(H, W)``; see :func:`read_photo` for ``min_size``, ``shared``."""
+    """:func:`_decode`, and the photo's own upright ``(H, W)``; see :func:`read_photo` for ``min_size``,
+    ``max_side``, ``shared``."""
     try:
         with _PILLOW_LIMIT:
             pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -108,8 +115,8 @@ def _decode_sized(
                     f"of {max_pixels:,} (raise it with max_pixels)"
                 )
             img.seek(0)  # first frame of an animation
-            if min_size and img.format == "JPEG":
-                img.draft(img.mode, (min_size, min_size))  # DCT scaling: both sides stay >= min_size
+            if (min_size or max_side) and img.format == "JPEG":
+                img.draft(img.mode, draft_request(width, height, min_size, max_side))  # DCT scaling
             stored = img.size
             if shared and img.mode == "RGB":
                 _decode_into_numpy(img)
@@ -140,8 +147,34 @@ def _decode_sized(
         raise NpcamError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
+def draft_request(width: int, height: int, min_size: int | None, max_side: int | None) -> tuple[int, int]:
+    """The ``(w, h)`` to ask Pillow's ``draft`` for, for a JPEG of ``width x height``: DCT scaling then picks the
+    smallest scale (1/2, 1/4, 1/8) whose decode is at least this on both sides.
+
+    That keeps both sides at least ``min_size`` (the network's need) and the long side at least ``max_side`` (the
+    overlay's size: at least the photo fitted into ``max_side``, rounded up, on each side). Either may be None.
+    """
+    want_w = want_h = min_size or 1
+    if max_side is None:
+        return want_w, want_h
+    scale = min(1.0, max_side / max(width, height))
+    return max(want_w, math.ceil(width * scale)), max(want_h, math.ceil(height * scale))
+
+
+def fitted(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """``(h, w)``: a photo of ``height x width`` scaled to at most ``max_side`` on its long side (as is if it fits)."""
+    if max_side is None or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def read_photo(
-    source: ImageLike, max_pixels: int = MAX_PIXELS, name: str | None = None, min_size: int | None = None
+    source: ImageLike,
+    max_pixels: int = MAX_PIXELS,
+    name: str | None = None,
+    min_size: int | None = None,
+    max_side: int | None = None,
 ) -> tuple[Image.Image, np.ndarray, tuple[int, int]]:
     """Decode an image for explaining it: as an RGB PIL image and as pixels, sharing one buffer.
 
@@ -152,6 +185,10 @@ def read_photo(
         Decode a JPEG at the smallest DCT scale (1/2, 1/4 or 1/8, Pillow's
         ``draft``) that keeps both sides at least ``min_size``: for runs that
         need only the network input. Other formats decode at full size.
+    max_side : int, optional
+        Also let a JPEG decode at a smaller DCT scale as long as its long side
+        stays at least ``max_side`` (with ``min_size``: both hold), for overlays
+        of at most ``max_side`` (:func:`fitted`). The pixels are not resized here.
 
     Returns
     -------
@@ -166,7 +203,7 @@ def read_photo(
         rgb = _array_to_rgb(source, name)
         return Image.fromarray(rgb), rgb, rgb.shape[:2]
     if isinstance(source, (bytes, bytearray, memoryview)):
-        img, size = _decode_sized(io.BytesIO(source), name or "image", max_pixels, min_size, shared=True)
+        img, size = _decode_sized(io.BytesIO(source), name or "image", max_pixels, min_size, True, max_side)
     elif isinstance(source, Image.Image):
         img = open_image(source)
         size = (img.height, img.width)
@@ -174,9 +211,9 @@ def read_photo(
         label = name or str(getattr(source, "name", "image"))
         if not (hasattr(source, "seekable") and source.seekable()):
             source = io.BytesIO(source.read())
-        img, size = _decode_sized(source, label, max_pixels, min_size, shared=True)
+        img, size = _decode_sized(source, label, max_pixels, min_size, True, max_side)
     else:
-        img, size = _decode_sized(Path(source), name or str(source), max_pixels, min_size, shared=True)
+        img, size = _decode_sized(Path(source), name or str(source), max_pixels, min_size, True, max_side)
     img, buffer = _shared(img)
     return img, buffer[:, :, :3], size
 

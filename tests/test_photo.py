@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -372,3 +373,92 @@ def test_max_side_caps_the_overlay_and_keeps_the_record_in_the_photos_pixels(cli
     want = (4000, 3000) if max_side >= 4000 else (max_side, round(3000 * max_side / 4000))
     assert Image.open(out).size == want
     assert rec["bbox"][2] < 4000 and rec["bbox"][3] < 3000
+
+
+# Overlays at most max_side: the JPEG decoded at the scale the overlay and the network need
+
+
+@pytest.mark.parametrize(
+    "max_side, min_size, decoded",
+    [
+        (1000, 672, (1000, 750)),  # 1/4 is exactly the overlay's size: no resize after it
+        (1024, 672, (2000, 1500)),  # 1/4 would be 1000 < 1024: 1/2
+        (500, 672, (1000, 750)),  # the network needs 672 on both sides: 1/4, not 1/8
+        (500, None, (500, 375)),  # the overlay alone: 1/8
+        (4000, 672, (4000, 3000)),  # the photo's own size: a full decode
+        (None, 672, (1000, 750)),  # the network alone (record-only runs)
+    ],
+)
+def test_a_jpeg_decodes_at_the_smallest_scale_the_overlay_and_the_network_allow(
+    photos_12mp, max_side, min_size, decoded
+):
+    pil, pixels, size = read_photo(photos_12mp[0], min_size=min_size, max_side=max_side)
+    assert size == (3000, 4000) and pil.size == decoded and pixels.shape[1::-1] == decoded
+
+
+def test_a_turned_jpeg_decodes_at_the_same_scale_turned():
+    """EXIF orientation 6 (a quarter turn clockwise to view it): the same DCT-scaled pixels as the file without the
+    tag, turned, exactly; the scale is chosen on the long side, which the turn does not change."""
+    rgb = synthetic_image(1600, 2400)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = read_photo(jpeg_bytes(rgb), min_size=300, max_side=700)[1]
+    _, turned, size = read_photo(jpeg_bytes(rgb, exif=exif), min_size=300, max_side=700)
+    assert plain.shape[:2] == (800, 1200)  # 1/2: 1/4 would be 600 < 700 on the long side
+    assert size == (2400, 1600)
+    np.testing.assert_array_equal(turned, np.rot90(plain, k=-1))
+
+
+def test_max_side_on_a_png_keeps_the_full_decodes_maps(model, tmp_path):
+    """No DCT scaling outside JPEG: a PNG decodes at full size, so the network input and maps are exactly the
+    full decode's; only the overlay is the photo resized to max_side."""
+    path = tmp_path / "photo.png"
+    Image.fromarray(synthetic_image(1200, 1600)).save(path)
+    pixels = read_photo(path, min_size=672, max_side=400)[1]
+    np.testing.assert_array_equal(pixels, read_image(path))
+    options = Options(top=2, lowres=True).checked(model)
+    full = explain(model, path, options)
+    small = explain(model, path, replace(options, max_side=400))
+    assert small.prediction.image.shape == (300, 400, 3) and small.prediction.size == (1200, 1600)
+    np.testing.assert_array_equal(small.maps, full.maps)
+    assert small.classes == full.classes
+
+
+@pytest.mark.parametrize("max_side", [1000, 1024, 4000])
+def test_max_side_overlays_keep_the_full_decodes_answers(model, photos_12mp, max_side):
+    """An overlay of at most max_side from a draft-decoded JPEG, against the full decode.
+
+    - 4000 (the photo's size): a full decode, so the maps are exactly the full decode's.
+    - 1000: decoded at 1/4, the scale record-only runs use for the network, so the maps are exactly those of a
+      record-only run; 1024: decoded at 1/2.
+    - Against the full decode, both give what test_record_only_runs_give_the_full_decodes_record allows, for the
+      reasons given there (DCT scaling is close to a box average): the same top-5, scores within 0.01, maps within
+      0.05, boxes with IoU >= 0.8 in the photo's own pixels.
+    - The overlay's photo (alpha 0: the photo itself) against the full decode resized by Pillow to the same size:
+      two low-pass filters of the same photo. The photos' noise (8 levels) averaged over the 4x4 (2x2) pixels each
+      output pixel covers has a spread of 2 (4) levels, and two different averages of it differ by about
+      sqrt(2) times that, so their mean absolute difference is under 6 levels; a photo turned, shifted or scaled
+      wrong differs by tens.
+    """
+    options = Options(top=2, bbox=True, lowres=True).checked(model)
+    for path in photos_12mp:
+        full = explain(model, path, options)
+        small = explain(model, path, replace(options, max_side=max_side))
+        fit = (3000 * max_side // 4000, max_side)
+        assert small.prediction.image.shape[:2] == fit and small.prediction.size == (3000, 4000)
+        if max_side == 4000:
+            np.testing.assert_array_equal(small.maps, full.maps)
+            continue
+        if max_side == 1000:
+            np.testing.assert_array_equal(small.maps, explain(model, path, options, pixels=False).maps)
+        a, b = describe(full, options), describe(small, options)
+        assert (a["width"], a["height"]) == (b["width"], b["height"]) == (4000, 3000)
+        assert [t["class"] for t in a["top5"]] == [t["class"] for t in b["top5"]]
+        for m_full, m_small in zip(a["maps"], b["maps"]):
+            assert record("max_side score, abs", abs(m_full["score"] - m_small["score"])) <= 0.01
+            cams = np.asarray(m_full["lowres"]["values"]), np.asarray(m_small["lowres"]["values"])
+            assert record("max_side map, abs", np.abs(cams[0] - cams[1]).max()) <= 0.05
+            assert record("max_side box IoU, 1 -", 1 - iou(m_full["bbox"], m_small["bbox"])) <= 0.2
+        photo = draw(small, 0, replace(options, alpha=0.0, bbox=False)).astype(np.int16)
+        resized = np.asarray(Image.fromarray(full.prediction.image).resize(fit[::-1], Image.BILINEAR))
+        assert record("max_side photo, mean abs levels", np.abs(photo - resized).mean()) <= 6
