@@ -227,7 +227,8 @@ def explain(
     fit = fitted(*size, max_side)  # from the photo's own size: the same overlay size whatever the decode scale
     if max_side and (pil.height, pil.width) != fit:
         small = pil.resize(fit[::-1], Image.BILINEAR, reducing_gap=REDUCING_GAP)
-        recycle(rgb)  # the decode's buffer, no longer read: the fitted copy below goes into it
+        if not isinstance(image, np.ndarray):  # npcam's own decode (an array passed in is the caller's)
+            recycle(rgb)  # the decode's buffer, no longer read: the fitted copy below goes into it
         del pil
         rgb = read_photo(small)[1]
     prediction = model.classify([rgb], [x], [size], thresholds=options.thresholds)[0]

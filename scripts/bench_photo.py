@@ -1,9 +1,9 @@
 """Camera-size photos: ``python -m npcam DIR`` against a practitioner's torch + OpenCV script, as whole processes.
 
-    python scripts/bench_photo.py [--rounds 5] [--arch efficientnet_lite0|resnet18] [--photos DIR]
+    python scripts/bench_photo.py [--rounds 5] [--count 12] [--arch efficientnet_lite0|resnet18] [--photos DIR]
                                   [--bundle DIR --weights FILE] [--also NAME=DIR] [--json FILE]
 
-The photos are made here in a temporary folder (never shipped): 12 dev-set photos
+The photos are made here in a temporary folder (never shipped): ``--count`` dev-set photos
 (``../shared/eval/images/crop8``, ILSVRC val photos at their own resolution), one in four
 turned to portrait, upscaled to 4000x3000 or 3000x4000 with a little noise and saved as
 JPEG quality 90, about 3 MB each, like a phone's. ``--photos DIR`` uses yours. Photos and outputs are on the RAM disk (/dev/shm).
@@ -152,6 +152,7 @@ def prepare_model(arch: str, tmp: Path, bundle: Path | None, weights: Path | Non
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--count", type=int, default=12, help="how many dev-set photos to make 12 MP photos of")
     p.add_argument("--arch", default="efficientnet_lite0", choices=["efficientnet_lite0", "resnet18"])
     p.add_argument("--photos", type=Path, help="a folder of JPEGs to use instead of the generated ones")
     p.add_argument("--bundle", type=Path, help="an export of --arch with --weights (default: exported here)")
@@ -172,7 +173,7 @@ def main() -> int:
         else:
             photos_dir = tmp / "photos"
             photos_dir.mkdir()
-            photos = make_photos(photos_dir)
+            photos = make_photos(photos_dir, args.count)
         bundle, weights = prepare_model(args.arch, tmp, args.bundle, args.weights)
         empty = tmp / "empty"
         empty.mkdir()
@@ -194,16 +195,20 @@ def main() -> int:
         for i, command in enumerate(commands):
             command.out = tmp / f"out{i}"
             command.out.mkdir()
-        starts = [c for c in commands if c.name in ("npcam", REFERENCE)]
+        starts = [c for c in commands if not c.name.startswith("npcam --max-side")]  # the same start as npcam's
         runs: dict[str, dict[str, list]] = {
             "directory": {c.name: [] for c in commands},
             "start": {c.name: [] for c in starts},
         }
         loads = []
-        print(f"{len(photos)} photos, {args.rounds} rounds (and a warm-up)…", file=sys.stderr)
+        print(f"{len(photos)} photos, {args.rounds} rounds (after a warm-up on no photo)…", file=sys.stderr)
         for r in range(args.rounds + 1):
             loads.append(load())
             for what, folder, which in (("directory", photos_dir, commands), ("start", empty, starts)):
+                if not r:  # the warm-up: every command once on the empty folder (imports, bytecode, model)
+                    if what == "start":
+                        continue
+                    folder = empty
                 for command in which[r % len(which) :] + which[: r % len(which)]:  # a different order each round
                     measured = command.run(folder, empty=folder == empty)
                     if r:
@@ -288,9 +293,27 @@ def report(results: dict) -> str:
                 ratios = [x[key] / directory[written][i][key] for i, x in enumerate(directory[name])]
                 lines.append(f"\n{name} / torch + OpenCV as written, {key}, each round: "
                              + ", ".join(f"{x:.2f}" for x in ratios))  # fmt: skip
-    lines += ["", "Start-up, the same commands on an empty directory (interpreter, imports, model):", ""]
-    rows = [[name, f"{_median(r, 'wall'):.2f}", f"{_median(r, 'cpu'):.2f}"] for name, r in start.items()]
-    lines += _table(["command", "wall s", "CPU s"], rows)
+    lines += [
+        "",
+        "Start-up, the same commands on an empty directory (interpreter, imports, model), and per photo: the "
+        "directory's time less the start-up's, over the photos (ratios to the reference as written, and to "
+        "the one-thread reference):",
+        "",
+    ]
+    rows = []
+    per_photo = {}
+    for name in directory:
+        first = start.get(name, start["npcam"])  # a capped npcam run starts as npcam does
+        per_photo[name] = {key: (_median(directory[name], key) - _median(first, key)) / n for key in ("wall", "cpu")}
+    for name in directory:
+        cells = [f"{_median(start.get(name, start['npcam']), key):.2f}" for key in ("wall", "cpu")]
+        cells += [f"{per_photo[name][key] * 1000:.0f}" for key in ("wall", "cpu")]
+        for reference in (written, REFERENCE_ONE_THREAD):
+            cells += [f"{per_photo[name][key] / per_photo[reference][key]:.2f}" for key in ("wall", "cpu")]
+        rows.append([name, *cells])
+    header = ["command", "start wall s", "start CPU s", "per photo wall ms", "per photo CPU ms"]
+    header += ["wall ratio", "CPU ratio", "wall ratio, 1 thread", "CPU ratio, 1 thread"]
+    lines += _table(header, rows)
     if results["stages"]["npcam"]:
         lines += ["", "Per photo, ms, one thread on each side (medians over photos and rounds):", ""]
         sides = ("npcam", "torch + OpenCV")
