@@ -33,7 +33,19 @@ from .cancel import OnProgress, ShouldStop
 from .detect import CONF, IOU, MAX_DET, MAX_NMS, Thresholds
 from .errors import NpcamError
 from .files import Job, save_array, save_image
-from .image import FINE, MAX_PIXELS, REDUCING_GAP, ImageLike, as_size, fine_size, format_size, read_photo, rgbx_base
+from .image import (
+    FINE,
+    MAX_PIXELS,
+    REDUCING_GAP,
+    ImageLike,
+    as_size,
+    fine_size,
+    fitted,
+    format_size,
+    read_photo,
+    recycle,
+    rgbx_base,
+)
 from .labels import class_index
 from .model import Model, Prediction
 from .probe import MethodOptions
@@ -233,23 +245,28 @@ def explain(
     :data:`~npcam.image.REDUCING_GAP` times the network input, and sizes,
     maps and boxes are still in the photo's own pixels (docs/performance.md).
     With pixels, ``options.max_side`` keeps ``prediction.image``, and so the
-    overlays, at most that many pixels on its long side; a JPEG is then decoded
-    at the smallest DCT scale that keeps both sides at least ``max_side`` (and
-    the network's need). Without pixels it changes nothing.
+    overlays, at most that many pixels on its long side (:func:`~npcam.image.fitted`
+    of the photo's own size); a JPEG is then decoded at the smallest DCT scale
+    that keeps its long side at least ``max_side`` and both sides at the
+    network's need, and resized once to that size. Without pixels it changes nothing.
     ``should_stop`` is checked between the batches of multi-pass methods
     (:class:`npcam.cancel.Cancelled` when it returns true).
     """
     label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
     network = int(np.ceil(REDUCING_GAP * max(as_size(options.size) or model.bundle.input_size)))
-    # Without pixels, the network's need alone sets the decode scale: max_side is about overlays.
+    # Without pixels, the network's need alone sets the decode scale: max_side is about overlays. With pixels and
+    # no max_side, the overlay is the photo's size: a full decode.
     max_side = options.max_side if pixels else None
-    min_size = max(network, max_side) if max_side else None if pixels else network
-    pil, rgb, size = read_photo(image, options.max_pixels, label, min_size)
-    x = model.preprocess(pil, options.keep_aspect, options.size)
-    if max_side and max(pil.size) > max_side:
-        scale = max_side / max(pil.size)
-        fit = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
-        rgb = read_photo(pil.resize(fit, Image.BILINEAR, reducing_gap=REDUCING_GAP))[1]
+    min_size = network if max_side or not pixels else None
+    pil, rgb, size = read_photo(image, options.max_pixels, label, min_size, max_side)
+    x = model.preprocess(pil, options.keep_aspect, options.size)  # the one resampling to the network's input
+    fit = fitted(*size, max_side)  # from the photo's own size: the same overlay size whatever the decode scale
+    if max_side and (pil.height, pil.width) != fit:
+        small = pil.resize(fit[::-1], Image.BILINEAR, reducing_gap=REDUCING_GAP)
+        if not isinstance(image, np.ndarray):  # npcam's own decode (an array passed in is the caller's)
+            recycle(rgb)  # the decode's buffer, no longer read: the fitted copy below goes into it
+        del pil
+        rgb = read_photo(small)[1]
     prediction = model.classify([rgb], [x], [size], thresholds=options.thresholds)[0]
     method = options.method or model.default_method
     if prediction.detections is not None:
@@ -281,7 +298,7 @@ def _chosen_detections(prediction: Prediction, options: Options, label: str) -> 
     return [options.detection]
 
 
-def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:
+def draw(explanation: Explanation, i: int, options: Options, into_photo: bool = False) -> np.ndarray:
     """Map ``i`` jet-coloured over the image, with its box if ``options.bbox``: uint8 ``[H, W, 3]``.
 
     Drawn at the size of ``prediction.image``. When the image came from
@@ -289,13 +306,16 @@ def draw(explanation: Explanation, i: int, options: Options) -> np.ndarray:
     that :func:`npcam.files.encode_image` encodes without a copy. A detector's
     overlay also has every detection's box and label (``options.boxes``), map
     ``i``'s detection emphasized; with no detection it is the photo as it is.
+    ``into_photo`` draws into that buffer itself, so ``prediction.image`` becomes
+    the overlay: for callers done with the photo (saves a full-size buffer).
     """
     image = explanation.prediction.image
     rgbx = rgbx_base(image)
     source = image if rgbx is None else rgbx
     if explanation.detections is not None and not explanation.detections:
         return source.copy()[:, :, :3]  # nothing detected: no map, no box
-    picture = rendering.overlay_map(source, explanation.maps[i], options.alpha)
+    out = rgbx if into_photo else None
+    picture = rendering.overlay_map(source, explanation.maps[i], options.alpha, out=out)
     (height, width), (h, w) = explanation.prediction.size, image.shape[:2]
     box = explanation.box(i, options.threshold) if options.bbox else None
     if box:
@@ -351,14 +371,20 @@ def _coarse(explanation: Explanation, i: int) -> np.ndarray:
 
 
 def write(
-    explanation: Explanation, job: Job, options: Options, protected: Iterable[Path] = (), overlays: bool = True
+    explanation: Explanation,
+    job: Job,
+    options: Options,
+    protected: Iterable[Path] = (),
+    overlays: bool = True,
+    spend_photo: bool = False,
 ) -> dict:
     """Write the overlay (and ``.npy`` map with ``save_cam``) of each explained class or detection; returns the
     record.
 
     ``protected`` paths (the run's inputs) are never written over: such a job
     fails before writing anything. ``overlays=False`` writes only the ``.npy``
-    maps, if any, and the record names no overlay.
+    maps, if any, and the record names no overlay. ``spend_photo`` draws the
+    last overlay into the photo's own buffer (:func:`draw`'s ``into_photo``).
     """
     if explanation.detections is None:
         outputs = [job.output_for(c) for c in explanation.classes]
@@ -370,7 +396,7 @@ def write(
     cams = [output.with_suffix(".npy") for output in outputs[: len(explanation.maps)]] if options.save_cam else None
     for i, output in enumerate(outputs):
         if overlays:
-            save_image(output, draw(explanation, i, options))
+            save_image(output, draw(explanation, i, options, into_photo=spend_photo and i == len(outputs) - 1))
         if cams and i < len(cams):
             save_array(cams[i], explanation.full(i))
     return describe(explanation, options, outputs if overlays else None, cams)
@@ -389,7 +415,9 @@ def explain_file(
     explanation = explain(
         model, job.image, options, str(job.image), progress, pixels=overlays, should_stop=should_stop
     )
-    return write(explanation, job, options, protected, overlays)
+    record = write(explanation, job, options, protected, overlays, spend_photo=True)
+    recycle(explanation.prediction.image)  # nothing else holds it: this thread's next photo decodes into it
+    return record
 
 
 Result = tuple[Job, "dict | str"]

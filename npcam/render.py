@@ -103,7 +103,13 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return out
 
 
-def overlay_map(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, threads: int | None = None) -> np.ndarray:
+def overlay_map(
+    image: np.ndarray,
+    cam: np.ndarray,
+    alpha: float = 0.5,
+    threads: int | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """:func:`overlay` of the map upsampled to the image, without the full-size float map.
 
     The same result as ``overlay(image, upsample(cam, image.shape[:2]), alpha)``:
@@ -120,31 +126,51 @@ def overlay_map(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, threads:
     cam : float ``[h, w]`` in [0, 1], at feature resolution
     alpha : float in [0, 1], as for :func:`overlay`
     threads : bands in flight at once (default: one per usable core; 1 runs them in this thread)
+    out : uint8, the image's shape: where to write the result (default: a new array). It may be
+        ``image`` itself: each band reads its rows of the photo before writing them.
 
     Returns
     -------
-    uint8 ``[H, W, 3]`` (``[H, W, 4]`` RGBX for an RGBX image)
+    uint8 ``[H, W, 3]`` (``[H, W, 4]`` RGBX for an RGBX image): ``out`` if given
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], not {alpha}")
     if cam.ndim != 2 or image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
         raise ValueError(f"expected cam [h, w] and uint8 image [H, W, 3|4], not {cam.shape} and {image.shape}")
+    if out is None:
+        out = np.empty_like(image)
+    elif out.shape != image.shape or out.dtype != np.uint8:
+        raise ValueError(f"out must be uint8 {list(image.shape)}, not {out.dtype} {list(out.shape)}")
     height, width, channels = image.shape
     rows_matrix = interpolation_matrix(cam.shape[0], height)
     cols_t = interpolation_matrix(cam.shape[1], width).T
     cam = cam.astype(np.float32, copy=False)
     a = round(alpha * 256)
     table = JET if channels == 3 else np.concatenate([JET, np.full((256, 1), 255, np.uint8)], axis=1)
+    packed = channels == 4 and a == 128 and _packs(image) and _packs(out)
+    if packed:
+        # Half and half (the default alpha): the blend below is (heat + photo + 1) >> 1 in every byte, which is
+        # (h | p) - ((h ^ p) >> 1) with the shift kept inside each byte. On RGBX that is a few uint32 operations
+        # per pixel instead of widening every channel to uint16 (the same bytes, about 2x faster at 12 MP).
+        heat_rgbx = np.ascontiguousarray(table).view(np.uint32)[:, 0]
+        photo_words, out_words = image.view(np.uint32)[:, :, 0], out.view(np.uint32)[:, :, 0]
     heat_share = table.astype(np.uint16) * np.uint16(a) + np.uint16(128)
     if channels == 4:
         # Four uint16 lanes are one uint64: the lookup then moves one 8-byte item per pixel (~2x faster).
         heat_share = np.ascontiguousarray(heat_share).view(np.uint64)[:, 0]
-    out = np.empty_like(image)
     rows = max(1, CHUNK_PIXELS // max(1, width))
 
     def band(top: int) -> None:
         part = slice(top, top + rows)
         level = to_uint8(rows_matrix[part] @ cam @ cols_t)  # [rows, W]: upsample()'s products for these rows
+        if packed:
+            heat = np.take(heat_rgbx, level)
+            half_difference = np.bitwise_xor(heat, photo_words[part])
+            half_difference >>= 1
+            half_difference &= np.uint32(0x7F7F7F7F)
+            np.bitwise_or(heat, photo_words[part], out=heat)
+            np.subtract(heat, half_difference, out=out_words[part])
+            return
         if channels == 4:
             mixed = np.take(heat_share, level).view(np.uint16).reshape(*level.shape, 4)
         else:
@@ -164,6 +190,11 @@ def overlay_map(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5, threads:
         # list(): wait for every band and re-raise the first error.
         list(_pool().map(band, tops))
     return out
+
+
+def _packs(rgbx: np.ndarray) -> bool:
+    """Whether uint8 ``[H, W, 4]`` can be seen as uint32 ``[H, W, 1]``: each pixel's 4 bytes together and aligned."""
+    return rgbx.strides[2] == 1 and rgbx.strides[1] == 4 and rgbx.ctypes.data % 4 == 0 and rgbx.strides[0] % 4 == 0
 
 
 def usable_cores() -> int:
