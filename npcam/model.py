@@ -151,9 +151,11 @@ class Model:
         return self.bundle.labels
 
     def __repr__(self) -> str:
+        # a detector's head outputs its raw values (e.g. 15232 for BlazeFace), not one score a class
+        classes = len(self.labels) if self.bundle.task == "detect" else self.head.classes
         return (
             f"Model({str(self.bundle.path)!r}, arch={self.bundle.arch!r}, head={self.head.kind!r}, "
-            f"channels={self.head.channels}, classes={self.head.classes})"
+            f"channels={self.head.channels}, classes={classes})"
         )
 
     # image -> layer -> scores
