@@ -50,7 +50,7 @@ def attention_head(rng) -> tuple[list[Op], dict[str, np.ndarray]]:
 
 def shapes_of(ops, arrays) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape at batch 1."""
-    return infer_shapes(ops, arrays, [-1, L, C], "x")
+    return infer_shapes(ops, arrays, {"x": [-1, L, C]})
 
 
 def test_literal_shapes_of_batch_one_are_rewritten_to_run_at_any_batch():

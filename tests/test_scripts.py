@@ -54,14 +54,15 @@ def test_eval_localization_refuses_an_unknown_method(manifest, tiny_bundle):
     assert result.returncode == 2 and "unknown method 'nope'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_eval_localization_takes_size_fine(manifest, bundle):
+def test_eval_localization_takes_size_fine(manifest, tiny_bundle):
     """``--size fine`` is the bundle's fine size (288 for this 224 px bundle), as in the CLI."""
-    fine, explicit = (script("eval_localization.py", manifest, SAMPLES, "--model", bundle, "--size", size)
+    fine, explicit = (script("eval_localization.py", manifest, SAMPLES, "--model", tiny_bundle, "--size", size)
                       for size in ("fine", "288"))  # fmt: skip
     assert fine.returncode == 0 and explicit.returncode == 0, fine.stderr + explicit.stderr
     assert fine.stdout == explicit.stdout and fine.stdout.startswith("n=2 ")
 
 
+@pytest.mark.extras  # the exported ResNet-18 (torch)
 def test_localization_sizes_pairs_sizes_with_the_products_metrics(manifest, bundle, tmp_path):
     """scripts/localization_sizes.py: 'fine' is the run at 288 (this bundle is 224 px); its GT-known and Top-1
     Loc agree with eval_localization.py's, which gets there another way (batched predict, then model.cam); the
@@ -91,7 +92,7 @@ def test_localization_sizes_pairs_sizes_with_the_products_metrics(manifest, bund
         assert by[("cam", size)]["top1_loc"][0] == pytest.approx(float(fields["top1_loc"]), abs=1e-4)
 
 
-def test_localization_sizes_refuses_a_bad_size_in_one_line(manifest, bundle):
-    result = script("localization_sizes.py", manifest, SAMPLES, "--model", bundle, "--sizes", "native,fin")
+def test_localization_sizes_refuses_a_bad_size_in_one_line(manifest, tiny_bundle):
+    result = script("localization_sizes.py", manifest, SAMPLES, "--model", tiny_bundle, "--sizes", "native,fin")
     assert result.returncode == 2 and "localization_sizes: error:" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
