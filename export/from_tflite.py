@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from npcam.bundle import sha256_file
 
+from . import qdq
 from .converted import OPSET, check_file, export_converted, first_line, import_tensorflow, quiet
 from .errors import ExportError
 from .hybrid import reproduce as reproduce_hybrid
@@ -103,8 +104,8 @@ def _run_tflite_detector(model: Path, interpreter, out, labels, mean, std, input
             f"{model}: the graph ends in TFLite_Detection_PostProcess (its NMS); npcam explains the raw box and class "
             "outputs before it: convert the model without the post-processing op"
         )
-    if inp["dtype"] != np.float32 or any(o["dtype"] != np.float32 for o in outputs):
-        raise ExportError(f"{model}: an int8 TFLite detector: npcam explains float detectors; export the float model")
+    for detail in (inp, *outputs):
+        _check_quantized(model, "input" if detail is inp else "output", detail)
     if int8 is not None:
         raise ExportError("--int8 takes classifiers; export the detector in float")
     tf, tf2onnx = import_tensorflow(EXTRA)
@@ -119,6 +120,10 @@ def _run_tflite_detector(model: Path, interpreter, out, labels, mean, std, input
     names = [o.name for o in converted.graph.output]
     if sorted(names) != sorted(o["name"] for o in outputs):
         raise ExportError(f"{model}: tf2onnx named the outputs {names}, LiteRT {[o['name'] for o in outputs]}")
+    int8_model = qdq.is_int8(converted)
+    if int8_model:  # full-integer: float I/O around its own Q/DQ, and uint8 values (exact kernels on every CPU)
+        converted = _float_io(converted, inp, outputs)
+        converted, shifted = unsigned_int8(converted, str(model))
     options = dataclasses.replace(detect or Options(), task="detect")
     found = route._split_detector(str(model), converted, input_size, False, options)
     digest = sha256_file(model)
@@ -128,6 +133,11 @@ def _run_tflite_detector(model: Path, interpreter, out, labels, mean, std, input
         "source": {"kind": "tflite", "name": model.name, "sha256": digest, "channels": found.channels},
         "versions": {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "ai-edge-litert": _litert_version()},
     }
+    steps = None
+    if int8_model:
+        tensors = list(dict.fromkeys(segment.tensor for segment in found.decode.segments))
+        steps = route.int8_detector_steps(str(model), converted, found, tensors)
+        meta["source"]["int8"] = {"uint8_tensors": shifted, "bound_steps": qdq.DETECT_STEPS}
     interpreter = _interpreter(model)
 
     def reference(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -135,14 +145,34 @@ def _run_tflite_detector(model: Path, interpreter, out, labels, mean, std, input
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if found.layout == "NHWC" else x
         results: dict[str, list[np.ndarray]] = {o["name"]: [] for o in outputs}
         for image in x.astype(np.float32):
-            interpreter.set_tensor(inp["index"], image[None])
+            interpreter.set_tensor(inp["index"], _quantized(image[None], inp))
             interpreter.invoke()
             for o in outputs:
-                results[o["name"]].append(interpreter.get_tensor(o["index"]).astype(np.float64))
-        return {name: np.concatenate(values) for name, values in results.items()}
+                results[o["name"]].append(_dequantized(interpreter.get_tensor(o["index"]), o))
+        # an int8 output is the converted graph's DequantizeLinear of it (_float_io)
+        return {name + ("_float" if int8_model and detail["dtype"] in QUANTIZED else ""): np.concatenate(results[name])
+                for name, detail in ((o["name"], o) for o in outputs)}  # fmt: skip
 
     checked = route._fed_by_npcam(reference, found.channels)
-    return route._export_detector(found, route._out(out, model.stem, digest, None), labels, mean, std, meta, checked)
+    return route._export_detector(found, route._out(out, model.stem, digest, None), labels, mean, std, meta, checked,
+                                  steps)  # fmt: skip
+
+
+def _quantized(x: np.ndarray, detail: dict) -> np.ndarray:
+    """A float input as the model takes it: quantized with its scale and zero point if it is int8/uint8."""
+    if detail["dtype"] not in QUANTIZED:
+        return x
+    scale, zero = _quantization(detail)
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantized(y: np.ndarray, detail: dict) -> np.ndarray:
+    """An output as real values, float64."""
+    if detail["dtype"] not in QUANTIZED:
+        return y.astype(np.float64)
+    scale, zero = _quantization(detail)
+    return (y.astype(np.float64) - zero) * scale
 
 
 def _op_names(interpreter) -> set[str]:
@@ -193,7 +223,7 @@ def _quantization(detail: dict) -> tuple[float, int]:
     return float(q["scales"][0]), int(q["zero_points"][0])
 
 
-def _float_io(converted: onnx.ModelProto, inp: dict, outp: dict) -> onnx.ModelProto:
+def _float_io(converted: onnx.ModelProto, inp: dict, outp: dict | list[dict]) -> onnx.ModelProto:
     """A full-integer model takes and gives int8: put its own input QuantizeLinear and output DequantizeLinear
     into the graph, so that it takes float images (as npcam feeds) and gives real-valued scores."""
     graph = converted.graph
@@ -208,17 +238,17 @@ def _float_io(converted: onnx.ModelProto, inp: dict, outp: dict) -> onnx.ModelPr
             "QuantizeLinear", [image.name, "input_quantization_scale", "input_quantization_zero"], [name]
         )
         graph.node.insert(0, quantize)
-    if outp["dtype"] in QUANTIZED:
-        scale, zero = _quantization(outp)
-        (result,) = graph.output
+    details = outp if isinstance(outp, list) else [outp]
+    for k, detail in enumerate(details):
+        if detail["dtype"] not in QUANTIZED:
+            continue
+        scale, zero = _quantization(detail)
+        result = graph.output[0] if len(details) == 1 else next(o for o in graph.output if o.name == detail["name"])
         name = result.name
-        graph.initializer.extend(_scale_zero("output_quantization", scale, zero, QUANTIZED[outp["dtype"]]))
+        prefix = "output_quantization" + (f"_{k}" if k else "")
+        graph.initializer.extend(_scale_zero(prefix, scale, zero, QUANTIZED[detail["dtype"]]))
         graph.node.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [name, "output_quantization_scale", "output_quantization_zero"],
-                [f"{name}_float"],
-            )
+            helper.make_node("DequantizeLinear", [name, f"{prefix}_scale", f"{prefix}_zero"], [f"{name}_float"])
         )
         result.name = f"{name}_float"
         result.type.tensor_type.elem_type = TensorProto.FLOAT
