@@ -278,33 +278,46 @@ def test_int8_tflite_ssd_raw_outputs_and_detections_match_the_interpreter(export
 def straight_through_head(model: onnx.ModelProto, layers: dict[str, np.ndarray], outputs: list[str]):
     """The head of the QDQ graph ``model`` from ``layers`` (``{tensor: value [1, C, h, w]}``) to ``outputs``, as a
     float64 function of the layers' values: each activation QuantizeLinear -> DequantizeLinear pair replaced by
-    ``x + c``, ``c`` its rounding at ``layers`` (a constant), each dequantized constant by its value."""
+    ``x + c``, ``c`` its rounding at ``layers`` (a constant; the integers carried as floats through the ops that
+    move them), each dequantized constant by its value."""
     from onnx.reference import ReferenceEvaluator
     from onnx.utils import Extractor
 
+    model = onnx.shape_inference.infer_shapes(model)
+    known = {v.name for v in [*model.graph.value_info, *model.graph.output]}
+    model.graph.value_info.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, list(v.shape))
+                                  for k, v in layers.items() if k not in known)  # fmt: skip
     head = Extractor(model).extract_model(list(layers), outputs)
     graph = head.graph
-    producers = {o: n for n in graph.node for o in n.output}
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             inits[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    pairs = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in producers
-             and producers[n.input[0]].op_type == "QuantizeLinear"]  # fmt: skip
+    quantizes = [n for n in graph.node if n.op_type == "QuantizeLinear"]
     probe = copy.deepcopy(head)
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for n in pairs for name in (n.output[0],
-                                                                                       producers[n.input[0]].input[0]))
+    have = {o.name for o in probe.graph.output}
+    wanted = dict.fromkeys(name for n in quantizes for name in (n.input[0], n.output[0]))
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in wanted if name not in have)
     session = reference_session(probe)
     names = [o.name for o in session.get_outputs()]
     at = dict(zip(names, session.run(None, {k: v.astype(np.float32) for k, v in layers.items()})))
     nodes, constants = [], {}
     for node in graph.node:
-        if node.op_type == "QuantizeLinear":
-            continue
-        if node.op_type == "DequantizeLinear" and node in pairs:
-            x = producers[node.input[0]].input[0]
-            constants[f"{node.output[0]}_rounding"] = at[node.output[0]].astype(np.float64) - at[x]
-            nodes.append(helper.make_node("Add", [x, f"{node.output[0]}_rounding"], [node.output[0]]))
+        if node.op_type == "QuantizeLinear":  # q = x / s + (q - x / s at the maps): the integers, as floats
+            scale = inits[node.input[1]].astype(np.float64)
+            assert scale.size == 1, "per-axis activation scales"
+            x, q = node.input[0], node.output[0]
+            constants[f"{q}_scale"] = scale.reshape(())
+            constants[f"{q}_rounding"] = at[q].astype(np.float64) - at[x].astype(np.float64) / scale.reshape(())
+            nodes += [helper.make_node("Div", [x, f"{q}_scale"], [f"{q}_unrounded"]),
+                      helper.make_node("Add", [f"{q}_unrounded", f"{q}_rounding"], [q])]  # fmt: skip
+        elif node.op_type == "DequantizeLinear" and node.input[0] not in inits:  # (q - z) s on those floats
+            scale = inits[node.input[1]].astype(np.float64).reshape(())
+            zero = inits[node.input[2]].astype(np.float64).reshape(()) if len(node.input) > 2 and node.input[2] else 0.0
+            y = node.output[0]
+            constants[f"{y}_scale"], constants[f"{y}_zero"] = scale, np.array(zero)
+            nodes += [helper.make_node("Sub", [node.input[0], f"{y}_zero"], [f"{y}_centred"]),
+                      helper.make_node("Mul", [f"{y}_centred", f"{y}_scale"], [y])]  # fmt: skip
         elif node.op_type == "DequantizeLinear":  # a weight or bias
             q, scale = inits[node.input[0]].astype(np.float64), inits[node.input[1]].astype(np.float64)
             zero = inits[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
@@ -341,14 +354,36 @@ def straight_through_head(model: onnx.ModelProto, layers: dict[str, np.ndarray],
     return run
 
 
-def check_gradients(model: npcam.Model, qdq: onnx.ModelProto, outputs: list[str], image, score) -> float:
+def tensors_holding(model: onnx.ModelProto, feed: dict[str, np.ndarray], grids: list[np.ndarray]) -> list[str]:
+    """The DequantizeLinear outputs of ``model`` that hold ``grids`` (``[C, h, w]``) exactly on ``feed``: the
+    bundle's layers in a graph whose tensor names differ from the exporter's (tf2onnx numbers its tensors with
+    process-wide counters)."""
+    candidates = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    probe = copy.deepcopy(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in candidates)
+    session = reference_session(probe)
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    found = []
+    for grid in grids:
+        same = [name for name in candidates if values[name].shape == (1, *grid.shape) and np.array_equal(values[name][0], grid)]
+        assert same, "no tensor of the converted graph holds the bundle's layer"
+        found.append(same[0])
+    return found
+
+
+def check_gradients(model: npcam.Model, qdq: onnx.ModelProto, outputs: list[str], image, score,
+                    names=None) -> float:  # fmt: skip
     """npcam's gradient of each of the first detections at the bundle's layers, against central differences of
     :func:`straight_through_head` along random directions; returns the worst error relative to ``sum |g| |u|``.
-    ``score(outputs, detection)``: the detection's score from the raw outputs, as the model's package ranks it."""
+    ``score(outputs, detection)``: the detection's score from the raw outputs, as the model's package ranks it.
+    ``names``: the layers' tensors in ``qdq`` (default: the bundle's), or a function of the prediction giving them."""
     pred = model.predict(image)
     chosen = list(range(min(2, len(pred.detections))))
     assert chosen
-    names = [name.strip() for name in model.bundle.meta["layer"].split(",")]
+    if names is None:
+        names = [name.strip() for name in model.bundle.meta["layer"].split(",")]
+    elif callable(names):
+        names = names(pred)
     layers = {name: grid[None].astype(np.float64) for name, grid in zip(names, pred.grids)}
     head = straight_through_head(qdq, layers, outputs)
     probes = model.probes(pred, chosen)
@@ -393,7 +428,12 @@ def test_int8_tflite_ssd_gradients_are_the_straight_through_ones(exported):
         logits = next(o for o in found if o.shape[2] != values)
         return float(1 / (1 + np.exp(-logits[0, detection.candidate, detection.class_index])))
 
-    worst = check_gradients(model, converted, outputs, photo(1), score)
+    input_name = converted.graph.input[0].name
+
+    def names(pred):
+        return tensors_holding(converted, {input_name: pred.input.transpose(0, 2, 3, 1).copy()}, pred.grids)
+
+    worst = check_gradients(model, converted, outputs, photo(1), score, names)
     assert record("int8 detector ssd_mediapipe TFLite: gradient vs straight-through central differences",
                   worst) <= GRADIENT_TOL  # fmt: skip
 
