@@ -106,16 +106,19 @@ def run_onnx(
     found = _split_detector(str(model), original, input_size, bgr, options)
     if found is not None:
         _no_int8(int8)
-        if quantized:  # its trunk would need export/unsigned.py's rewrite and its head the int8 bound: not done yet
-            raise ExportError(f"{model}: an int8 detector; npcam exports float detectors only (export the float model)")
         meta = {
             "arch": f"onnx:{model.stem}",
             "layer": ", ".join(found.layers),
             "source": {"kind": "onnx", "name": model.name, "sha256": digest, "bgr": bgr, "channels": found.channels},
         }
-        tensors = [segment.tensor for segment in found.decode.segments]
-        reference = _fed_by_npcam(_onnx_outputs(original, found.layout, bgr, tensors), found.channels)
-        return _export_detector(found, _out(out, model.stem, digest, None), labels, mean, std, meta, reference)
+        tensors = list(dict.fromkeys(segment.tensor for segment in found.decode.segments))
+        steps = None
+        if quantized:  # as a classifier's trunk: uint8, exact on every CPU; the head's Q/DQ ops run in NumPy
+            found.trunk, shifted = unsigned_int8(found.trunk, str(model))
+            steps = int8_detector_steps(str(model), original, found, tensors)
+            meta["source"]["int8"] = {"qoperator_ops": translated, "uint8_tensors": shifted, "bound_steps": qdq.DETECT_STEPS}
+        reference = _fed_by_npcam(_onnx_outputs(original, found.layout, bgr, tensors, quantized), found.channels)
+        return _export_detector(found, _out(out, model.stem, digest, None), labels, mean, std, meta, reference, steps)
     layer = _one_layer(layers)
     parts = _split(str(model), original, input_size, bgr=bgr, output=output, layer=layer)
     meta = {
@@ -261,8 +264,23 @@ def _split_detector(what: str, model: onnx.ModelProto, input_size, bgr: bool, op
         raise ExportError(f"{what}: {e}; nothing was written") from None
 
 
-def _export_detector(found: DetectorSplit, out: Path, labels: Path | None, mean, std, meta: dict, reference) -> Path:
-    """Write, check and report a detection bundle; returns its directory.
+def int8_detector_steps(what: str, model: onnx.ModelProto, found: DetectorSplit, tensors: Sequence[str]) -> np.ndarray:
+    """An int8 detector's self-check bound for each value of the flat output ``[T]``: :data:`export.qdq.DETECT_STEPS`
+    quantization steps of the tensor it is read from (:func:`export.qdq.output_steps`, which derives it), refused in one line naming ``what`` where none bounds it."""
+    image = next(i for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer})
+    shape = (1, found.channels, *found.input_size)
+    x = np.zeros(shape if found.layout == "NCHW" else (1, *found.input_size, found.channels), np.float32)
+    try:
+        steps = qdq.output_steps(model, list(tensors), {image.name: x})
+    except ExportError as e:
+        raise ExportError(f"{what}: an int8 detector: {e}; nothing was written") from None
+    return qdq.DETECT_STEPS * found.arrange({k: np.asarray(v, np.float64) for k, v in steps.items()})[0]
+
+
+def _export_detector(found: DetectorSplit, out: Path, labels: Path | None, mean, std, meta: dict, reference,
+                     steps: np.ndarray | None = None) -> Path:  # fmt: skip
+    """Write, check and report a detection bundle; returns its directory. ``steps``: an int8 detector's
+    quantization step of each flat output value ``[T]`` (its self-check's bound).
 
     Its preprocessing: ``--mean``/``--std``, else the model package's (pixels / 255 for the YOLO tools, [-1, 1] for
     SSD exports, ImageNet's statistics otherwise)."""
@@ -274,7 +292,7 @@ def _export_detector(found: DetectorSplit, out: Path, labels: Path | None, mean,
     if found.channels == 1:
         meta["mean"], meta["std"] = _grey_normalization(mean, std)
     names = build.detector_labels(labels, int(found.decode.spec["classes"]), found.metadata)
-    meta = build.export_detector(found, out, names, meta, reference)
+    meta = build.export_detector(found, out, names, meta, reference, steps)
     build.report_detector(meta, out, found.decode.notes)
     return out
 
@@ -371,9 +389,10 @@ def _onnx_reference(original: onnx.ModelProto, layout: str, bgr: bool, output: s
     return run
 
 
-def _onnx_outputs(original: onnx.ModelProto, layout: str, bgr: bool, tensors: Sequence[str] = ()):
+def _onnx_outputs(original: onnx.ModelProto, layout: str, bgr: bool, tensors: Sequence[str] = (), int8: bool = False):
     """The original ONNX detector in onnxruntime: npcam's NCHW RGB inputs in, ``{name: output}`` out; ``tensors``
-    that are not its outputs (the raw outputs before its NMS) are made outputs of a copy."""
+    that are not its outputs (the raw outputs before its NMS) are made outputs of a copy. ``int8``: a QDQ graph
+    with onnxruntime's graph optimizations off (:func:`export.qdq.reference_session`)."""
     import copy
 
     from onnx import TensorProto, helper
@@ -385,7 +404,7 @@ def _onnx_outputs(original: onnx.ModelProto, layout: str, bgr: bool, tensors: Se
     if missing:
         original = copy.deepcopy(original)
         original.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in missing)
-    session = quiet_session(original)
+    session = qdq.reference_session(original) if int8 else quiet_session(original)
     name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
 

@@ -269,9 +269,11 @@ def report(meta: dict, out: Path) -> None:
 OutputsReference = Callable[[np.ndarray], dict]
 
 
-def export_detector(split: DetectorSplit, out: Path, labels: Sequence[str], meta: dict, reference: OutputsReference) -> dict:
+def export_detector(split: DetectorSplit, out: Path, labels: Sequence[str], meta: dict, reference: OutputsReference,
+                    steps: np.ndarray | None = None) -> dict:  # fmt: skip
     """Write ``split`` as a detection bundle at ``out`` and check it against ``reference``; returns bundle.json's
-    content. ``meta`` holds ``arch``, ``mean``, ``std``, ``source`` and ``layer``."""
+    content. ``meta`` holds ``arch``, ``mean``, ``std``, ``source`` and ``layer``; ``steps``: an int8 detector's
+    bound (:func:`detector_self_check`)."""
     if split.trunk.ByteSize() >= 2**31:
         raise ExportError(f"the trunk is {split.trunk.ByteSize():,} bytes, over ONNX's 2 GiB limit for one file")
     detect = {
@@ -305,15 +307,21 @@ def export_detector(split: DetectorSplit, out: Path, labels: Sequence[str], meta
             },
             split.decode.arrays or None,
         )
-        meta["check"] = detector_self_check(tmp, split, reference)
+        meta["check"] = detector_self_check(tmp, split, reference, steps=steps)
         meta = bundle_format.seal(tmp, meta)
     return meta
 
 
-def detector_self_check(bundle: Path, split: DetectorSplit, reference: OutputsReference, inputs: int = 2) -> dict:
+def detector_self_check(bundle: Path, split: DetectorSplit, reference: OutputsReference, inputs: int = 2,
+                        steps: np.ndarray | None = None) -> dict:  # fmt: skip
     """Compare the bundle's raw outputs with the original's on random inputs, one image at a time: every candidate's
     class scores and objectness (absolute) and its box (relative to the input's longer side), decoded by the
-    bundle's own decoder from both; raises above :data:`DETECT_TOLERANCE`."""
+    bundle's own decoder from both; raises above :data:`DETECT_TOLERANCE`.
+
+    ``steps`` (an int8 detector, float ``[T]``): each raw value's bound instead, in quantization steps
+    (export.qdq.output_steps and DETECT_STEPS derive it). Each raw value must be within it of the original's,
+    plus :data:`DETECT_TOLERANCE` for the float32 product ``(q - z) s``; ``of_bound`` records the largest
+    ``|npcam - original| / limit``."""
     try:
         model = npcam.load(bundle)
     except npcam.NpcamError as e:
@@ -321,7 +329,7 @@ def detector_self_check(bundle: Path, split: DetectorSplit, reference: OutputsRe
     decoder = model.bundle.decoder
     height, width = split.input_size
     rng = np.random.default_rng(0)
-    scores = boxes = raw = 0.0
+    scores = boxes = raw = of_bound = 0.0
     for _ in range(inputs):
         x = rng.standard_normal((1, 3, height, width), dtype=np.float32)
         try:
@@ -339,6 +347,16 @@ def detector_self_check(bundle: Path, split: DetectorSplit, reference: OutputsRe
             scores = max(scores, float(np.abs(mine.objectness - theirs.objectness).max()))
         boxes = max(boxes, float(np.abs(mine.boxes - theirs.boxes).max()) / max(height, width))
         raw = max(raw, relative_error(got, want))
+        if steps is not None:
+            of_bound = max(of_bound, float((np.abs(got - want) / (steps + DETECT_TOLERANCE)).max()))
+    if steps is not None:
+        if not of_bound <= 1:
+            raise ExportError(
+                f"self-check failed: the bundle's raw outputs differ from the int8 original's by {of_bound:.2f} times "
+                "the bound (export.qdq.DETECT_STEPS steps of the tensor each value is read from)"
+            )
+        return {"scores_max_error": scores, "boxes_max_error": boxes, "raw_relative_error": raw,
+                "of_bound": of_bound, "inputs": [[1, height, width]] * inputs}  # fmt: skip
     if not (scores <= DETECT_TOLERANCE and boxes <= DETECT_TOLERANCE):
         raise ExportError(
             f"self-check failed: the bundle's candidates differ from the original's by {scores:.2e} in their scores "

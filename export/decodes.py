@@ -401,7 +401,7 @@ def anchors(outputs: Outputs, options: Options) -> Decode | None:
         return None
     table = load_anchors(options.anchors)
     if len(table) != count:
-        raise ExportError(f"{options.anchors}: {len(table)} anchors, the outputs hold {count} candidates")
+        raise ExportError(f"{'the anchors' if isinstance(options.anchors, np.ndarray) else options.anchors}: {len(table)} anchors, the outputs hold {count} candidates")
     if options.anchor_decode is None:
         raise ExportError(
             "the SSD decode's convention cannot be read from the outputs: give it with --anchor-decode mediapipe "
@@ -478,8 +478,12 @@ def _box_output(outputs: Outputs, options: Options, found: list[str]) -> str:
 def load_anchors(path) -> np.ndarray:
     """``--anchors``: a ``.npy`` of ``[N, 4]`` finite anchors (centre x, centre y, width, height), normalized to the
     input's 0-1 scale; float64 ``[N, 4]``."""
+    if isinstance(path, np.ndarray):  # read from the file itself (TFLite_Detection_PostProcess's anchors)
+        path, table = "the file's anchors", path
+    else:
+        table = None
     try:
-        table = np.load(path, allow_pickle=False)
+        table = np.load(path, allow_pickle=False) if table is None else table
     except FileNotFoundError:
         raise ExportError(f"{path}: no such file") from None
     except (ValueError, OSError) as e:

@@ -61,7 +61,8 @@ class Options:
     letterbox : the pad level of a letterbox (None: the shape's default); ``stretch``: no letterbox
     grid_offset : a cell's centre, in cells (0.5: PP-PicoDet; 0: NanoDet-Plus)
     layers : ONNX tensors to explain instead of the head's inputs (``--layer``)
-    anchors : an SSD's anchors, a ``.npy`` of ``[N, 4]`` centre-size, normalized (``--anchors``)
+    anchors : an SSD's anchors, a ``.npy`` of ``[N, 4]`` centre-size, normalized (``--anchors``), or the array a
+        file holds (TFLite_Detection_PostProcess's)
     anchor_decode : how an SSD's regressors are read against them, ``"mediapipe"`` or ``"tf"`` (``--anchor-decode``)
     box_scales : the regressors' divisors, in their own order, instead of the convention's (``--box-scales``)
     box_order : ``"xywh"`` or ``"yxhw"`` instead of the convention's (``--box-order``)
@@ -78,7 +79,7 @@ class Options:
     stretch: bool = False
     grid_offset: float | None = None
     layers: tuple[str, ...] = ()
-    anchors: str | None = None
+    anchors: str | np.ndarray | None = None
     anchor_decode: str | None = None
     box_scales: tuple[float, ...] | None = None
     box_order: str | None = None

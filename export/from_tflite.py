@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from npcam.bundle import sha256_file
 
+from . import qdq
 from .converted import OPSET, check_file, export_converted, first_line, import_tensorflow, quiet
 from .errors import ExportError
 from .hybrid import reproduce as reproduce_hybrid
@@ -98,13 +99,17 @@ def _run_tflite_detector(model: Path, interpreter, out, labels, mean, std, input
     from .detector import Options
 
     (inp,), outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    if POST_PROCESS in _op_names(interpreter) or any(POST_PROCESS in o["name"] for o in outputs):
+    post = None
+    if POST_PROCESS in _op_names(interpreter):
+        post = _post_process(model, interpreter)
+        outputs = post["raw"]  # the box encodings and class predictions the op reads
+    elif any(POST_PROCESS in o["name"] for o in outputs):
         raise ExportError(
-            f"{model}: the graph ends in TFLite_Detection_PostProcess (its NMS); npcam explains the raw box and class "
-            "outputs before it: convert the model without the post-processing op"
+            f"{model}: the graph ends in TFLite_Detection_PostProcess (its NMS), which LiteRT does not list as an op "
+            "here; npcam explains the raw box and class outputs before it: convert the model without it"
         )
-    if inp["dtype"] != np.float32 or any(o["dtype"] != np.float32 for o in outputs):
-        raise ExportError(f"{model}: an int8 TFLite detector: npcam explains float detectors; export the float model")
+    for detail in (inp, *outputs):
+        _check_quantized(model, "input" if detail is inp else "output", detail)
     if int8 is not None:
         raise ExportError("--int8 takes classifiers; export the detector in float")
     tf, tf2onnx = import_tensorflow(EXTRA)
@@ -116,11 +121,30 @@ def _run_tflite_detector(model: Path, interpreter, out, labels, mean, std, input
     unknown = sorted({n.op_type for n in converted.graph.node if not onnx.defs.has(n.op_type, n.domain or "")})
     if unknown:
         raise ExportError(f"{model}: tf2onnx has no ONNX equivalent for {', '.join(unknown)}; nothing was written")
+    if post is not None:  # cut before tf2onnx's rendering of the op (its decode and NonMaxSuppression)
+        from .detector import _pruned
+
+        present = {o for n in converted.graph.node for o in n.output}
+        missing = [o["name"] for o in outputs if o["name"] not in present]
+        if missing:
+            raise ExportError(f"{model}: tf2onnx's graph has no tensor {missing[0]!r}, the post-processing op's input")
+        converted = _pruned(converted, [o["name"] for o in outputs])
     names = [o.name for o in converted.graph.output]
     if sorted(names) != sorted(o["name"] for o in outputs):
         raise ExportError(f"{model}: tf2onnx named the outputs {names}, LiteRT {[o['name'] for o in outputs]}")
+    int8_model = qdq.is_int8(converted)
+    if int8_model:  # full-integer: float I/O around its own Q/DQ, and uint8 values (exact kernels on every CPU)
+        converted = _float_io(converted, inp, outputs)
+        converted, shifted = unsigned_int8(converted, str(model))
     options = dataclasses.replace(detect or Options(), task="detect")
+    if post is not None:  # what the op says, unless a flag says otherwise
+        read = {"anchors": post["anchors"], "anchor_decode": "tf", "box_scales": post["scales"], "box_order": "yxhw",
+                "box_output": post["raw"][0]["name"]}  # fmt: skip
+        options = dataclasses.replace(options, **{k: v for k, v in read.items() if getattr(options, k) is None})
     found = route._split_detector(str(model), converted, input_size, False, options)
+    if post is not None:
+        found.decode.notes.insert(0, f"cut before {POST_PROCESS}: its {len(post['anchors'])} anchors and its scales "
+                                     f"{','.join(f'{v:g}' for v in post['scales'])} (y, x, h, w)")  # fmt: skip
     digest = sha256_file(model)
     meta = {
         "arch": f"tflite:{model.stem}",
@@ -128,21 +152,92 @@ def _run_tflite_detector(model: Path, interpreter, out, labels, mean, std, input
         "source": {"kind": "tflite", "name": model.name, "sha256": digest, "channels": found.channels},
         "versions": {"tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__, "ai-edge-litert": _litert_version()},
     }
-    interpreter = _interpreter(model)
+    steps = None
+    if int8_model:
+        tensors = list(dict.fromkeys(segment.tensor for segment in found.decode.segments))
+        steps = route.int8_detector_steps(str(model), converted, found, tensors)
+        meta["source"]["int8"] = {"uint8_tensors": shifted, "bound_steps": qdq.DETECT_STEPS}
+    interpreter = _interpreter(model, preserve=post is not None)  # the op's inputs are intermediate tensors
 
     def reference(x: np.ndarray) -> dict[str, np.ndarray]:
         """LiteRT's raw outputs for npcam's NCHW RGB inputs, one image at a time: ``{name: [N, ...]}``."""
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if found.layout == "NHWC" else x
         results: dict[str, list[np.ndarray]] = {o["name"]: [] for o in outputs}
         for image in x.astype(np.float32):
-            interpreter.set_tensor(inp["index"], image[None])
+            interpreter.set_tensor(inp["index"], _quantized(image[None], inp))
             interpreter.invoke()
             for o in outputs:
-                results[o["name"]].append(interpreter.get_tensor(o["index"]).astype(np.float64))
-        return {name: np.concatenate(values) for name, values in results.items()}
+                results[o["name"]].append(_dequantized(interpreter.get_tensor(o["index"]), o))
+        # an int8 output is the converted graph's DequantizeLinear of it (_float_io)
+        return {name + ("_float" if int8_model and detail["dtype"] in QUANTIZED else ""): np.concatenate(results[name])
+                for name, detail in ((o["name"], o) for o in outputs)}  # fmt: skip
 
     checked = route._fed_by_npcam(reference, found.channels)
-    return route._export_detector(found, route._out(out, model.stem, digest, None), labels, mean, std, meta, checked)
+    return route._export_detector(found, route._out(out, model.stem, digest, None), labels, mean, std, meta, checked,
+                                  steps)  # fmt: skip
+
+
+def _quantized(x: np.ndarray, detail: dict) -> np.ndarray:
+    """A float input as the model takes it: quantized with its scale and zero point if it is int8/uint8."""
+    if detail["dtype"] not in QUANTIZED:
+        return x
+    scale, zero = _quantization(detail)
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(detail["dtype"])
+
+
+def _dequantized(y: np.ndarray, detail: dict) -> np.ndarray:
+    """An output as real values, float64."""
+    if detail["dtype"] not in QUANTIZED:
+        return y.astype(np.float64)
+    scale, zero = _quantization(detail)
+    return (y.astype(np.float64) - zero) * scale
+
+
+def _post_process(model: Path, interpreter) -> dict:
+    """What a TFLite_Detection_PostProcess op holds: its raw inputs (box encodings, class predictions; LiteRT's
+    tensor details), its anchors (the constant third input, ``[N, 4]`` y, x, h, w, normalized) as npcam's
+    ``--anchors`` (centre x, centre y, w, h), and its scales (y, x, h, w) from its custom options, a flexbuffer map
+    read through LiteRT's flatbuffer schema and the ``flatbuffers`` package (TensorFlow's dependency)."""
+    ops = [op for op in interpreter._get_ops_details() if op.get("op_name") == POST_PROCESS]
+    if len(ops) != 1 or len(ops[0]["inputs"]) != 3:
+        raise ExportError(f"{model}: {len(ops)} {POST_PROCESS} ops, or not three inputs: npcam reads one")
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    boxes, scores, anchors = (details[int(i)] for i in ops[0]["inputs"])
+    try:
+        table = np.asarray(interpreter.get_tensor(anchors["index"]), np.float64)
+    except ValueError:
+        table = np.zeros((0, 0))
+    if table.ndim != 2 or table.shape[1] != 4 or len(table) != boxes["shape"][1] or not np.isfinite(table).all():
+        raise ExportError(f"{model}: the anchors of {POST_PROCESS} ({anchors['name']!r}, {list(table.shape)}) are not a "
+                          f"constant [N, 4] table for its {boxes['shape'][1]} boxes")  # fmt: skip
+    options = _custom_options(model, POST_PROCESS)
+    keys = ("y_scale", "x_scale", "h_scale", "w_scale")
+    if not all(isinstance(options.get(k), (int, float)) and options[k] > 0 for k in keys):
+        raise ExportError(f"{model}: {POST_PROCESS}'s options lack positive {', '.join(keys)} ({sorted(options)})")
+    return {"raw": [boxes, scores], "anchors": table[:, [1, 0, 3, 2]], "scales": tuple(float(options[k]) for k in keys)}
+
+
+def _custom_options(model: Path, op_name: str) -> dict:
+    """The custom options (a flexbuffer map) of the first op named ``op_name`` in the file's first subgraph."""
+    try:
+        import flatbuffers.flexbuffers as flexbuffers
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        raise ExportError(f"{model}: reading {op_name}'s options needs the flatbuffers package: pip install "
+                          f"'npcam[{EXTRA}]'") from None  # fmt: skip
+    try:
+        tflite = schema.Model.GetRootAsModel(model.read_bytes(), 0)
+        graph = tflite.Subgraphs(0)
+        for k in range(graph.OperatorsLength()):
+            op = graph.Operators(k)
+            code = tflite.OperatorCodes(op.OpcodeIndex()).CustomCode()
+            if code is not None and code.decode() == op_name:
+                value = flexbuffers.Loads(op.CustomOptionsAsNumpy().tobytes())
+                return value if isinstance(value, dict) else {}
+    except Exception as e:  # a damaged flatbuffer fails in many ways
+        raise ExportError(f"{model}: cannot read {op_name}'s options ({first_line(e)})") from None
+    raise ExportError(f"{model}: no {op_name} op in its first subgraph")
 
 
 def _op_names(interpreter) -> set[str]:
@@ -153,14 +248,14 @@ def _op_names(interpreter) -> set[str]:
         return set()
 
 
-def _interpreter(model: Path):
+def _interpreter(model: Path, preserve: bool = False):
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         raise ExportError(f"the tflite route needs LiteRT's interpreter: pip install 'npcam[{EXTRA}]'") from None
     try:
         with quiet():
-            interpreter = Interpreter(model_path=str(model))
+            interpreter = Interpreter(model_path=str(model), experimental_preserve_all_tensors=preserve)
             interpreter.allocate_tensors()
     except Exception as e:  # LiteRT raises ValueError/RuntimeError for files it cannot read
         raise ExportError(f"{model}: not a TensorFlow Lite model LiteRT can run ({first_line(e)})") from None
@@ -193,7 +288,7 @@ def _quantization(detail: dict) -> tuple[float, int]:
     return float(q["scales"][0]), int(q["zero_points"][0])
 
 
-def _float_io(converted: onnx.ModelProto, inp: dict, outp: dict) -> onnx.ModelProto:
+def _float_io(converted: onnx.ModelProto, inp: dict, outp: dict | list[dict]) -> onnx.ModelProto:
     """A full-integer model takes and gives int8: put its own input QuantizeLinear and output DequantizeLinear
     into the graph, so that it takes float images (as npcam feeds) and gives real-valued scores."""
     graph = converted.graph
@@ -208,17 +303,17 @@ def _float_io(converted: onnx.ModelProto, inp: dict, outp: dict) -> onnx.ModelPr
             "QuantizeLinear", [image.name, "input_quantization_scale", "input_quantization_zero"], [name]
         )
         graph.node.insert(0, quantize)
-    if outp["dtype"] in QUANTIZED:
-        scale, zero = _quantization(outp)
-        (result,) = graph.output
+    details = outp if isinstance(outp, list) else [outp]
+    for k, detail in enumerate(details):
+        if detail["dtype"] not in QUANTIZED:
+            continue
+        scale, zero = _quantization(detail)
+        result = graph.output[0] if len(details) == 1 else next(o for o in graph.output if o.name == detail["name"])
         name = result.name
-        graph.initializer.extend(_scale_zero("output_quantization", scale, zero, QUANTIZED[outp["dtype"]]))
+        prefix = "output_quantization" + (f"_{k}" if k else "")
+        graph.initializer.extend(_scale_zero(prefix, scale, zero, QUANTIZED[detail["dtype"]]))
         graph.node.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [name, "output_quantization_scale", "output_quantization_zero"],
-                [f"{name}_float"],
-            )
+            helper.make_node("DequantizeLinear", [name, f"{prefix}_scale", f"{prefix}_zero"], [f"{name}_float"])
         )
         result.name = f"{name}_float"
         result.type.tensor_type.elem_type = TensorProto.FLOAT

@@ -315,3 +315,115 @@ def int8_bound(model: onnx.ModelProto, output: str | None = None) -> dict | None
         "output_step": s_out,
         "logit_step": s_z,
     }
+
+
+# Ops through which a dequantized value reaches a detector's raw output unchanged (only moved or selected)
+VALUE_MOVES = {**MOVES, "Concat": None}
+# An int8 detector's self-check bound, in steps of the tensor each raw output value is read from
+# (:func:`output_steps`): one of its own rounding (the reference lands on the other side of a rounding boundary:
+# onnxruntime's float32 sum, or TFLite's fixed-point requantization, against the bundle's exact integers), and one
+# inherited from the tensors it is computed from, as for an int8 classifier's logits (:func:`int8_bound`).
+DETECT_STEPS = 2
+
+
+def output_steps(model: onnx.ModelProto, outputs: list[str], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each value's quantization step in an int8 detector's raw ``outputs``: the scale of the DequantizeLinear it
+    is read from, carried through the moves and joins between them (a Concat of box and class parts that have
+    their own steps gives each part its own).
+
+    The self-check's bound (docs/export.md, "Detectors"): the bundle's trunk sums the integers exactly and
+    requantizes in float32, the reference runs each DequantizeLinear, float op and QuantizeLinear as written;
+    both round half to even, so a tensor can be one step apart only where its exact value lies within float32
+    rounding of a rounding boundary (TFLite's fixed-point requantization: of its second rounding). A raw output
+    value, the dequantized integer of its last QuantizeLinear, is then within :data:`DETECT_STEPS` of its steps
+    of the reference's.
+
+    Parameters
+    ----------
+    model : the QDQ graph; not modified.
+    outputs : the raw output tensors (a model's outputs, or tensors before its NMS).
+    feed : an input for one run ``{name: array}`` (the steps do not depend on it).
+
+    Returns
+    -------
+    ``{name: float32 array of the output's shape}``.
+
+    Raises
+    ------
+    ExportError : a raw output computed in float after its last quantization (an op other than a move), or read
+        from a DequantizeLinear with per-axis scales: then no step bounds it.
+    """
+    import copy
+
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants.update({n.output[0]: v for n in graph.node if (v := constant_of(n)) is not None})
+    last: dict[str, float] = {}  # the DequantizeLinear outputs the raw outputs are read from -> their steps
+    todo, seen = list(outputs), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name in constants:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is None:
+            raise ExportError(f"the raw output {name!r} is the model's input, not a quantized tensor")
+        if node.op_type == "DequantizeLinear":
+            scale = constants.get(node.input[1])
+            if scale is None or scale.size != 1:
+                raise ExportError(f"the raw output is read from {node.name or name!r}, a DequantizeLinear with per-axis "
+                                  "scales: npcam bounds int8 detectors whose outputs have one step per tensor")  # fmt: skip
+            last[name] = float(scale.reshape(()))
+            continue
+        carried = VALUE_MOVES.get(node.op_type, ())
+        if carried == ():
+            raise ExportError(
+                f"the raw output is computed in float by {node.op_type} {node.name!r} after its last quantization: "
+                "no quantization step bounds it (quantize the model's last ops too)"
+            )
+        carried = range(len(node.input)) if carried is None else carried
+        todo += [node.input[i] for i in carried if i < len(node.input) and node.input[i]]
+    steps = copy.deepcopy(model)
+    taken = {o for n in steps.graph.node for o in n.output} | set(constants) | {i.name for i in steps.graph.input}
+    added = []
+    for node in steps.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in last:
+            name = node.output[0]
+            value, zero, scale = unique(f"{name}_value", taken), unique(f"{name}_zero", taken), unique(f"{name}_step", taken)
+            taken.update((value, zero, scale))
+            node.output[0] = value
+            steps.graph.initializer.extend([numpy_helper.from_array(np.array(0, np.float32), zero),
+                                            numpy_helper.from_array(np.array(last[name], np.float32), scale)])  # fmt: skip
+            # value * 0 + step: the value's shape, each element its step
+            added += [helper.make_node("Mul", [value, zero], [f"{value}_times_zero"]),
+                      helper.make_node("Add", [f"{value}_times_zero", scale], [name])]  # fmt: skip
+    steps.graph.node.extend(added)
+    nodes = list(steps.graph.node)
+    order = _topological(nodes)
+    del steps.graph.node[:]
+    steps.graph.node.extend(order)
+    del steps.graph.output[:]
+    steps.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in outputs)
+    session = reference_session(steps)
+    return dict(zip(outputs, session.run(list(outputs), feed)))
+
+
+def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where each node follows the producers of its inputs."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    done: set[int] = set()
+    order: list[onnx.NodeProto] = []
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            i, ready = stack.pop()
+            if i in done:
+                continue
+            if ready:
+                done.add(i)
+                order.append(nodes[i])
+                continue
+            stack.append((i, True))
+            stack += [(producer[x], False) for x in nodes[i].input if x in producer and producer[x] not in done]
+    return order

@@ -190,41 +190,112 @@ def test_tflite_refusals(tmp_path):
 
 
 def post_processed_file(path):
-    """A small TFLite SSD ending in TFLite_Detection_PostProcess, written as the TF OD API writes it: a function that
-    implements the op (its body a stand-in), converted with custom ops allowed."""
-    count, classes = 50, 3
-    table = np.random.default_rng(0).uniform(0.1, 0.9, (count, 4)).astype(np.float32)
+    """The TF-convention SSD net as a TFLite file ending in TFLite_Detection_PostProcess, as the TF Object Detection
+    API writes it: the net in TensorFlow ops with its weights as constants (BatchNorm folded), the class logits
+    through a softmax, and a function that implements the op (its body a stand-in) on the box encodings, the
+    class predictions and a constant table of the net's anchors (y, x, h, w), with scales (10, 10, 5, 5);
+    converted with custom ops allowed (a module given, so that the converter keeps the function to fuse)."""
+    net = ssd_detectors.ssd_tf()
+    table = ssd_detectors.anchors("tf")[:, [1, 0, 3, 2]].astype(np.float32)
     attrs = ['name: "TFLite_Detection_PostProcess"', 'attr { key: "max_detections" value { i: 10 } }',
              'attr { key: "max_classes_per_detection" value { i: 1 } }', 'attr { key: "use_regular_nms" value { b: false } }',
              'attr { key: "nms_score_threshold" value { f: 0.0 } }', 'attr { key: "nms_iou_threshold" value { f: 0.6 } }',
              'attr { key: "y_scale" value { f: 10.0 } }', 'attr { key: "x_scale" value { f: 10.0 } }',
              'attr { key: "h_scale" value { f: 5.0 } }', 'attr { key: "w_scale" value { f: 5.0 } }',
-             f'attr {{ key: "num_classes" value {{ i: {classes} }} }}']  # fmt: skip
+             f'attr {{ key: "num_classes" value {{ i: {net.columns - 1} }} }}']  # fmt: skip
 
     @tf.function(experimental_implements=" ".join(attrs))
     def post(boxes, scores, anchors):
         return tf.zeros((1, 10, 4)), tf.zeros((1, 10)), tf.zeros((1, 10)), tf.zeros((1,))
 
-    keras = tf.keras
-    image = keras.Input((16, 16, 3), batch_size=1)
-    flat = keras.layers.Flatten()(keras.layers.Conv2D(8, 3, 2, "same")(image))
-    boxes = keras.layers.Reshape((count, 4))(keras.layers.Dense(count * 4)(flat))
-    scores = keras.layers.Reshape((count, classes + 1))(keras.layers.Dense(count * (classes + 1))(flat))
-    model = keras.Model(image, [boxes, scores])
+    def conv_bn(x, block):
+        kernel, bias = folded(block)
+        stride, pad = block.conv.stride[0], block.conv.padding[0]
+        if stride > 1:
+            x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+        y = tf.nn.conv2d(x, tf.constant(kernel), stride, "VALID" if stride > 1 else "SAME") + bias
+        return y * tf.sigmoid(y)
 
-    @tf.function(input_signature=[tf.TensorSpec((1, 16, 16, 3), tf.float32)])
+    def plain(x, conv):
+        kernel = conv.weight.detach().numpy().transpose(2, 3, 1, 0)
+        return tf.nn.conv2d(x, tf.constant(kernel), 1, "SAME") + conv.bias.detach().numpy()
+
+    @tf.function(input_signature=[tf.TensorSpec((1, *ssd_detectors.SIZE, 3), tf.float32)])
     def detect(x):
-        b, s = model(x)
-        return post(b, s, tf.constant(table))
+        maps = []
+        for stage in (net.s8, net.s16, net.s32):
+            for block in stage if isinstance(stage, torch.nn.Sequential) else [stage]:
+                x = conv_bn(x, block)
+            maps.append(x)
+        boxes = tf.concat([tf.reshape(plain(f, c), (1, -1, net.values)) for f, c in zip(maps, net.box)], 1)
+        logits = tf.concat([tf.reshape(plain(f, c), (1, -1, net.columns)) for f, c in zip(maps, net.cls)], 1)
+        return post(boxes, tf.nn.softmax(logits), tf.constant(table))
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([detect.get_concrete_function()], model)
+    module = tf.Module()
+    module.detect = detect
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([detect.get_concrete_function()], module)
     converter.allow_custom_ops = True
     path.write_bytes(converter.convert())
     return path
 
 
-def test_tflite_detection_postprocess_is_refused(tmp_path):
+def test_tflite_detection_postprocess_is_cut_before_with_its_anchors_and_scales(tmp_path):
+    """A file ending in TFLite_Detection_PostProcess exports without --anchors: cut before the op, its anchors and
+    scales read from the file. The bundle's raw outputs equal the op's inputs in LiteRT; its detections are the
+    reference decode and NMS of the torch net's outputs; its best candidate's box is the op's first detection's."""
     path = post_processed_file(tmp_path / "post.tflite")
     out = tmp_path / "out"
-    refused_in_one_line(cli("tflite", path, "--out", out), "TFLite_Detection_PostProcess", "without the post-processing op")
+    result = cli("tflite", path, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "cut before TFLite_Detection_PostProcess" in result.stderr and "10,10,5,5" in result.stderr
+    model, net = npcam.load(out), ssd_detectors.ssd_tf()
+    spec = model.bundle.meta["detect"]
+    assert spec["scales"] == [10.0, 10.0, 5.0, 5.0] and spec["order"] == "yxhw" and spec["background"] == 0
+    interpreter = litert.Interpreter(model_path=str(path), experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    op = next(o for o in interpreter._get_ops_details() if o["op_name"] == "TFLite_Detection_PostProcess")
+    height, width = ssd_detectors.SIZE
+    worst, detections = 0.0, 0
+    for seed in range(2):
+        image = photo(seed)
+        pred = model.predict(image)
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pred.input.transpose(0, 2, 3, 1).copy())
+        interpreter.invoke()
+        boxes_in, scores_in = (interpreter.get_tensor(int(i)).astype(np.float64) for i in op["inputs"][:2])
+        want = np.concatenate([boxes_in[0].ravel(), scores_in[0].ravel()])
+        np.testing.assert_allclose(pred.logits, want, rtol=RAW_TOL, atol=RAW_TOL)
+        worst = max(worst, float(np.abs(pred.logits - want).max()))
+        boxes, scores = reference_candidates("tf", torch_outputs(net, pred.input))
+        expected = []
+        for a, c, _, box in reference_detections(boxes, scores):
+            photo_box = pred.placement.to_photo(box[None], image.shape[:2])[0]
+            if photo_box[2] > photo_box[0] and photo_box[3] > photo_box[1]:
+                expected.append((a, c, photo_box))
+        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _ in expected]
+        detections += len(expected)
+        # the op's own decode: its first detection (y0, x0, y1, x1 on the 0-1 scale) is the best candidate's box
+        op_box = interpreter.get_tensor(int(op["outputs"][0]))[0, 0].astype(np.float64) * [height, width, height, width]
+        best = int(np.argmax(scores.max(axis=1)))
+        np.testing.assert_allclose(op_box[[1, 0, 3, 2]], boxes[best], atol=1e-3 * max(height, width))
+    assert detections >= 2
+    record("detector ssd tf tflite with TFLite_Detection_PostProcess: raw outputs vs the op's inputs (abs)", worst)
+
+
+def test_tflite_detection_postprocess_without_anchors_is_refused(tmp_path, monkeypatch):
+    """The op's anchors input that is not a constant table is refused in one line, and nothing is written."""
+    from export import from_tflite
+
+    path = post_processed_file(tmp_path / "post.tflite")
+    out = tmp_path / "out"
+    original = from_tflite._post_process
+
+    def broken(model, interpreter):
+        interpreter.get_tensor = lambda index: np.zeros(3)  # what a non-constant input would read as
+        return original(model, interpreter)
+
+    monkeypatch.setattr(from_tflite, "_post_process", broken)
+    from export.errors import ExportError
+
+    with pytest.raises(ExportError, match="are not a constant"):
+        from_tflite.run_tflite(path, out)
     assert not out.exists()
