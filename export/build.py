@@ -44,6 +44,21 @@ DETECT_TOLERANCE = 1e-4
 Reference = Callable[[np.ndarray], np.ndarray]
 
 
+
+def _provenance(trunk: onnx.ModelProto, meta: dict) -> dict:
+    """What made the bundle: the trunk's opset, the versions of npcam and its stack (``meta``'s own added), when."""
+    return {
+        "opset": max((o.version for o in trunk.opset_import if o.domain in ("", "ai.onnx")), default=0),
+        "versions": {
+            "npcam": npcam.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__,
+            **meta.get("versions", {}),
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
 def read_labels(path: Path | None, classes: int) -> list[str]:
     """Class names: from ``path`` (one per line, or a JSON list), else ImageNet's for 1000 classes, else ``class i``."""
     if path is None:
@@ -129,15 +144,7 @@ def export(
                 "output": split.output,
                 "layout": split.layout,
                 "precision": "fp32",
-                "opset": max((o.version for o in split.trunk.opset_import if o.domain in ("", "ai.onnx")), default=0),
-                "versions": {
-                    "npcam": npcam.__version__,
-                    "onnx": onnx.__version__,
-                    "onnxruntime": onnxruntime.__version__,
-                    "numpy": np.__version__,
-                    **meta.get("versions", {}),
-                },
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **_provenance(split.trunk, meta),
             },
         )
         meta["check"] = self_check(tmp, reference, split.output, sizes, split.output_step)
@@ -295,15 +302,7 @@ def export_detector(split: DetectorSplit, out: Path, labels: Sequence[str], meta
                 "stride": max(split.strides),
                 "layout": split.layout,
                 "precision": "fp32",
-                "opset": max((o.version for o in split.trunk.opset_import if o.domain in ("", "ai.onnx")), default=0),
-                "versions": {
-                    "npcam": npcam.__version__,
-                    "onnx": onnx.__version__,
-                    "onnxruntime": onnxruntime.__version__,
-                    "numpy": np.__version__,
-                    **meta.get("versions", {}),
-                },
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **_provenance(split.trunk, meta),
             },
             split.decode.arrays or None,
         )
