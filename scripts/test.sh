@@ -33,4 +33,6 @@ if [ "${NPCAM_ARM64:-}" = setup ]; then
     bash scripts/arm64_env.sh .venv/bin/python >/dev/null \
         || echo "test: WARNING: no emulated aarch64 Python (see above); tests/test_aarch64.py will skip" >&2
 fi
-.venv/bin/python -m pytest "$@"
+# One pytest-xdist worker per core (tests/conftest.py's made_once shares the exports between them); arguments
+# given to this script come after, so `-n 0` runs the tests in this process.
+.venv/bin/python -m pytest -n auto --dist worksteal "$@"

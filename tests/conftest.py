@@ -14,13 +14,21 @@ tests on the larger ``../shared/eval`` set skip, with a message, when it is abse
 from __future__ import annotations
 
 import importlib.abc
+import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pytest
-from hypothesis import HealthCheck, settings
+# With pytest-xdist's workers sharing the cores, torch's and OpenBLAS's thread pools (one thread per core in
+# each worker) would only oversubscribe them. Set before NumPy and torch are first imported: they read it then.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -116,6 +124,45 @@ def pytest_collection_modifyitems(config, items):
             items[:] = [item for item in items if in_fast_tier(item)]
 
 
+# pytest-xdist (`bash scripts/test.sh` runs `-n auto`): each worker process records its own MEASURED; the
+# controller, which prints the summary, gathers them as the workers finish.
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["npcam_measured"] = json.dumps(MEASURED)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for name, value in json.loads(getattr(node, "workeroutput", {}).get("npcam_measured", "{}")).items():
+        record(name, value)
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], Path]) -> Path:
+    """``make(directory)``, run once for the whole test run, its result shared by every process of it.
+
+    Under pytest-xdist each worker runs the session fixtures itself, and the exports in them are the slowest
+    part of many tests. The first worker to ask makes the thing in a directory of the run's common base
+    (``tmp_path_factory``'s, one level up in a worker), holding a lock; the others wait for it and reuse it.
+    Without xdist this is ``make`` in a fresh directory. ``name`` must be unique in the run; ``make`` returns
+    a path inside the directory it is given. Tests that change what it made change a copy.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return make(tmp_path_factory.mktemp(name))
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp().parent  # the run's base: every worker's basetemp is a folder in it
+    directory, made = root / f"shared-{name}", root / f"shared-{name}.made"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even if make raises
+        if not made.exists():
+            directory.mkdir()
+            result = make(directory)
+            made.write_text(str(result.relative_to(directory)))  # last: a failed make leaves no marker
+    return directory / made.read_text()
+
+
 def pytest_terminal_summary(terminalreporter):
     if NOT_COLLECTED:
         terminalreporter.section("fast tier: test files not collected (no test in them is marked fast)")
@@ -155,16 +202,18 @@ def randomize_bn(net: torch.nn.Module) -> torch.nn.Module:
 def resnet18_weights(tmp_path_factory) -> Path:
     import torch
 
-    path = tmp_path_factory.mktemp("weights") / "resnet18-random.pth"
-    torch.save(random_resnet().state_dict(), path)
-    return path
+    def make(directory: Path) -> Path:
+        torch.save(random_resnet().state_dict(), directory / "resnet18-random.pth")
+        return directory / "resnet18-random.pth"
+
+    return made_once(tmp_path_factory, "weights", make)
 
 
 @pytest.fixture(scope="session")
 def bundle(resnet18_weights, tmp_path_factory) -> Path:
     from export.api import run
 
-    return run("resnet18", tmp_path_factory.mktemp("bundles") / "resnet18", resnet18_weights)
+    return made_once(tmp_path_factory, "resnet18", lambda d: run("resnet18", d / "resnet18", resnet18_weights))
 
 
 @pytest.fixture(scope="session")
@@ -192,7 +241,7 @@ def graph_bundle(tmp_path_factory) -> Path:
     route at 128 px, once for the session. Tests that change it change a copy."""
     from export.api import run_torch
 
-    return run_torch("models:mlp_head", tmp_path_factory.mktemp("graph") / "b", input_size=128)
+    return made_once(tmp_path_factory, "graph", lambda d: run_torch("models:mlp_head", d / "b", input_size=128))
 
 
 # How torch writes a tests/nets19.py net to ONNX, per route of the torch_onnx fixture.
@@ -215,11 +264,8 @@ def torch_onnx(tmp_path_factory):
 
     files: dict[tuple[str, str], Path] = {}
 
-    def export(name: str, route: str) -> Path:
-        if (name, route) in files:
-            return files[name, route]
+    def write(name: str, route: str, path: Path) -> Path:
         net = getattr(nets19, name)()
-        path = tmp_path_factory.mktemp(f"{name}_{route}") / f"{name}_{route}.onnx"
         x = torch.zeros(2 if route == "dynamo_n" else 1, 3, nets19.SIZE, nets19.SIZE)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -236,8 +282,13 @@ def torch_onnx(tmp_path_factory):
                     torch.onnx.export(net, (x,), str(path), dynamo=True, verbose=False, dynamic_shapes=(batch,))
             finally:
                 torch.backends.mha.set_fastpath_enabled(True)
-        files[name, route] = path
         return path
+
+    def export(name: str, route: str) -> Path:
+        if (name, route) not in files:
+            key = f"{name}_{route}"
+            files[name, route] = made_once(tmp_path_factory, key, lambda d: write(name, route, d / f"{key}.onnx"))
+        return files[name, route]
 
     return export
 
@@ -256,11 +307,13 @@ def nets19_bundle(tmp_path_factory, torch_onnx):
 
     def export(name: str, route: str) -> Path:
         if (name, route) not in bundles:
-            out = tmp_path_factory.mktemp(f"nets19_{name}_{route}") / "b"
-            if route == "torch":
-                bundles[name, route] = run_torch(f"nets19:{name}", out, input_size=nets19.SIZE)
-            else:
-                bundles[name, route] = run_onnx(torch_onnx(name, route), out)
+
+            def make(directory: Path) -> Path:
+                if route == "torch":
+                    return run_torch(f"nets19:{name}", directory / "b", input_size=nets19.SIZE)
+                return run_onnx(torch_onnx(name, route), directory / "b")
+
+            bundles[name, route] = made_once(tmp_path_factory, f"nets19_{name}_{route}", make)
         return bundles[name, route]
 
     return export
