@@ -6,7 +6,7 @@ The detector's counterpart of :mod:`export.split`, on any ONNX detector (torch-f
 2. :func:`recognize`: the outputs are read by the builders of :mod:`export.decodes` in turn (anchor-free
    per-stride distributions, SSD-style against ``--anchors``, YOLO-style); the first that recognizes them gives the decode, the parts of the
    outputs the head's flat output is made of, and how the model's package feeds the model.
-3. :func:`head_inputs`: the cut, one map per stride (the rule in its docstring, docs/export.md "Detectors"), or
+3. :func:`export.detector_cut.head_inputs`: the cut, one map per stride (the rule in its docstring, docs/export.md "Detectors"), or
    the tensors ``--layer`` names.
 4. The head: everything from those maps to the raw outputs, whose parts are flattened and joined into one output
    ``[1, T]`` (:mod:`export.head_ops`; the joining nodes are added to a copy of the graph first, so that they
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ast
 import copy
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from npcam.head import GraphHead, recommended_precision
 
-from . import decodes, head_finder, layer
+from . import decodes, detector_cut, head_finder, layer
 from .decodes import Decode, Outputs
 from .errors import ExportError
 from .graph import GraphIndex, Values, dims, first_line, index, inline_constant_ifs, session, unique
@@ -42,8 +41,6 @@ from .trunk import set_input_dims, trunk
 DEFAULT_SIZE = (640, 640)
 # The letterbox's grey, as the YOLO tools pad.
 LETTERBOX = 114
-# Ops whose output depends on their input's shape only: no value flows through them.
-SHAPE_OPS = ("Shape", "Size")
 # ultralytics' tasks that are not detection; their outputs look like a detector's but hold more.
 OTHER_TASKS = ("segment", "pose", "obb")
 
@@ -178,11 +175,11 @@ def split_detector(
     joined, out_name = with_joined_output(model, decode)
     g2 = index(joined)
     values2 = Values(joined, image.name, layout, size, channels)
-    layers = list(options.layers) or head_inputs(g2, image.name, [s.tensor for s in decode.segments], values2, size)
+    layers = list(options.layers) or detector_cut.head_inputs(g2, image.name, [s.tensor for s in decode.segments], values2, size)
     head, sides = _head(g2, joined, layers, out_name, values2)
     part = _trunk(g, model, image.name, layout, bgr, channels, layers, sides, head, size, values2.one_image)
     # Each map's stride (a map off the strides' grids, named by --layer: its cells' size on the longer side)
-    strides = [_grid_stride(values2.shape(name), size) or _cell(values2.shape(name), size) for name in layers]
+    strides = [detector_cut.grid_stride(values2.shape(name), size) or detector_cut.cell(values2.shape(name), size) for name in layers]
     if options.stretch or (options.letterbox is None and not decode.letterbox):
         letterbox = None
     else:
@@ -214,11 +211,11 @@ def before_nms(model: onnx.ModelProto, values: Values) -> tuple[onnx.ModelProto,
         return _pruned(model, kept), f"{where}: its outputs {', '.join(kept)}"
     g = index(model)
     image = values.image
-    preds = value_graph(g, image)
+    preds = detector_cut.value_graph(g, image)
     shared = None
     for node in found:
         boxes, scores = node.input[0], node.input[1]
-        common = _ancestors(preds, [boxes]) & _ancestors(preds, [scores])
+        common = detector_cut.ancestors(preds, [boxes]) & detector_cut.ancestors(preds, [scores])
         ranked = [t for t in preds if t in common and t != image and _rank3(values.shape(t))]
         if not ranked:
             shared = None
@@ -329,166 +326,6 @@ def with_joined_output(model: onnx.ModelProto, decode: Decode) -> tuple[onnx.Mod
     graph.node.append(helper.make_node("Concat", flat, [out], name=out, axis=1))
     graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
     return joined, out
-
-
-# The cut
-
-
-def head_inputs(g: GraphIndex, image: str, outputs: Sequence[str], values: Values, size: tuple[int, int]) -> list[str]:
-    """The detection head's inputs, one map per stride, finest first: where the YOLO CAM tools hook.
-
-    The rule, on the graph of values (what depends on the image's values; shapes read with Shape are not values):
-
-    1. A *map* is a tensor ``[1, C, h, w]`` on the grid of a stride ``s`` of the input (``h``, ``w`` the input's
-       sides divided by ``s``). The outputs are reached from the maps through the *exits*: the maps read by a node
-       after which no map follows (the flattening of each stride's branch before the strides are joined). The
-       exits are grouped by stride.
-    2. For each stride, walk up from its exits through their dominators (the tensors every path from the image to
-       them passes through), one step at a time, all strides together.
-    3. Stop at the first step where one stride's dominator also feeds another stride's exits (the neck's map,
-       shared with the next scale): there, each stride's dominator is the head's input for that stride.
-
-    On YOLOv8/v11 this gives the three maps Detect reads, on YOLOv5 the maps its 1x1 convolutions read, on
-    PP-PicoDet and NanoDet the maps their per-stride towers read. A head whose strides' branches have different
-    depths, or with one stride, is refused in one line (name the maps with ``--layer``).
-    """
-    preds = value_graph(g, image)
-    needed = _ancestors(preds, outputs)
-    order = [t for t in preds if t in needed]  # graph order: topological
-    shapes = _all_shapes(values, [t for t in order if t != image])
-    stride_of = {t: _grid_stride(shapes.get(t), size) for t in order}
-    children: dict[str, set[str]] = {t: set() for t in order}
-    for t in order:
-        for p in preds[t]:
-            children[p].add(t)
-    below: dict[str, bool] = {}
-    for t in reversed(order):
-        below[t] = any(stride_of[c] or below[c] for c in children[t])
-    tail = {t for t in order if not stride_of[t] and not below[t]}
-    exits: dict[int, list[str]] = {}
-    for t in order:
-        if stride_of[t] and children[t] & tail:
-            exits.setdefault(stride_of[t], []).append(t)
-    if len(exits) < 2:
-        found = f"one map (stride {next(iter(exits))})" if exits else "no map on a grid of the input"
-        raise ExportError(f"the outputs come from {found}: name the maps to explain with --layer")
-    position = {t: i for i, t in enumerate(order)}
-    idom = _dominators(order, preds, position, image)
-
-    def meet(a: str, b: str) -> str:
-        while a != b:
-            while position[a] > position[b]:
-                a = idom[a]
-            while position[b] > position[a]:
-                b = idom[b]
-        return a
-
-    chains = {}
-    for s, found in sorted(exits.items()):
-        top = found[0]
-        for t in found[1:]:
-            top = meet(top, t)
-        chain = [top]
-        while chain[-1] != image:
-            chain.append(idom[chain[-1]])
-        chains[s] = chain
-    feeds = {s: _ancestors(preds, found) for s, found in exits.items()}
-    for depth in range(max(len(c) for c in chains.values())):
-        at = {s: chain[depth] for s, chain in chains.items() if depth < len(chain)}
-        if len(at) < len(chains):
-            break
-        if any(any(t in feeds[o] for o in feeds if o != s) for s, t in at.items()):
-            chosen = [at[s] for s in sorted(at)]
-            wrong = [t for s, t in at.items() if stride_of[t] != s or t == image]
-            if wrong or len(set(chosen)) != len(chosen):
-                break
-            return chosen
-    raise ExportError(
-        "cannot tell where the detection head starts (its strides' branches differ): name the maps to explain "
-        "with --layer, one per stride"
-    )
-
-
-def value_graph(g: GraphIndex, image: str) -> dict[str, list[str]]:
-    """Every tensor whose values depend on the image's, in graph order, mapped to the tensors its value is computed
-    from (a Shape's output depends on a shape only, so it and what follows from it alone are not here)."""
-    preds: dict[str, list[str]] = {image: []}
-    for node in g.graph.node:
-        if node.op_type in SHAPE_OPS:
-            continue
-        reads = list(dict.fromkeys(i for i in g.inputs(node) if i in preds))
-        if reads:
-            for o in node.output:
-                if o:
-                    preds[o] = reads
-    return preds
-
-
-def _ancestors(preds: dict[str, list[str]], names: Sequence[str]) -> set[str]:
-    seen: set[str] = set()
-    todo = [n for n in names if n in preds]
-    while todo:
-        t = todo.pop()
-        if t not in seen:
-            seen.add(t)
-            todo += preds[t]
-    return seen
-
-
-def _dominators(order: list[str], preds: dict[str, list[str]], position: dict[str, int], root: str) -> dict[str, str]:
-    """The immediate dominator of each tensor of ``order`` (topological, ``root`` first): the nearest tensor that
-    every path from ``root`` to it passes through. One pass suffices on a graph without cycles."""
-    idom = {root: root}
-    for t in order:
-        if t == root:
-            continue
-        ps = [p for p in preds[t] if p in idom]
-        d = ps[0]
-        for p in ps[1:]:
-            a, b = d, p
-            while a != b:
-                while position[a] > position[b]:
-                    a = idom[a]
-                while position[b] > position[a]:
-                    b = idom[b]
-            d = a
-        idom[t] = d
-    return idom
-
-
-def _grid_stride(shape, size: tuple[int, int]) -> int:
-    """The stride whose grid ``shape`` ``[1, C, h, w]`` is on (each side the input's divided by it, rounded up or
-    down), or 0."""
-    if shape is None or len(shape) != 4 or shape[0] != 1:
-        return 0
-    h, w = shape[2], shape[3]
-    for s in (2, *decodes.STRIDES, 256):
-        if h in (size[0] // s, -(-size[0] // s)) and w in (size[1] // s, -(-size[1] // s)) and h * w > 1:
-            return s
-    return 0
-
-
-def _cell(shape, size: tuple[int, int]) -> int:
-    """Input pixels per cell of a map ``[1, C, h, w]``, on the longer side."""
-    side = int(size[1] >= size[0])
-    return max(1, round(size[side] / shape[2 + side]))
-
-
-def _all_shapes(values: Values, names: list[str]) -> dict[str, list[int]]:
-    """The shapes of ``names`` for one image: from shape inference, the rest from one onnxruntime run."""
-    known = values.shapes()
-    missing = [n for n in names if n not in known]
-    found = {n: known[n] for n in names if n in known}
-    if missing:
-        probe = copy.deepcopy(values.fixed_size_copy())
-        have = {o.name for o in probe.graph.output}
-        probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in missing if n not in have)
-        try:
-            results = session(probe).run(missing, {values.image: values.input_array(1)})
-            found.update({n: list(np.asarray(r).shape) for n, r in zip(missing, results)})
-        except Exception:  # a tensor of another type: ask one at a time
-            found.update({n: values.shape(n) for n in missing})
-    return found
 
 
 # The head and the trunk
@@ -668,4 +505,4 @@ def strides_argument(text: str) -> tuple[int, ...]:
     return strides
 
 
-__all__ = ["DetectorSplit", "Options", "head_inputs", "metadata_labels", "recognize", "split_detector"]
+__all__ = ["DetectorSplit", "Options", "metadata_labels", "recognize", "split_detector"]

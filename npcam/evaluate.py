@@ -153,7 +153,7 @@ def detection_schema():
 
 def photo_rows(settings: Settings, model, item: dict, should_stop=None) -> list[dict]:
     """One photo's rows, one per method (a detector's: per method and detection), or its one error row. The
-    engine's work (:func:`npcam.dataset.run_items`).
+    engine's work (:func:`npcam.engine.run_items`).
 
     ``item`` is ``{image, index, label, boxes, objects, error}``: ``label`` -1 for none, ``boxes`` JSON,
     ``objects`` JSON ``[[class, x0, y0, x1, y1], ...]`` (a detector's ground truth; "" for a photo not
@@ -382,9 +382,9 @@ def read_rows(dest: str, photos: list[str], task: str = "classify") -> list[dict
     ``photos`` (the files' order is the order photos finished in), a photo's rows in their written order."""
     import pyarrow.dataset as pds
 
-    from .dataset import _filesystem
+    from .engine import filesystem_and_path
 
-    filesystem, root = _filesystem(dest)
+    filesystem, root = filesystem_and_path(dest)
     table = pds.dataset(root, filesystem=filesystem, format="parquet", schema=arrow_schema(task)).to_table()
     place = {photo: i for i, photo in enumerate(photos)}
     return sorted((row for row in table.to_pylist() if row["image"] in place), key=lambda row: place[row["image"]])
@@ -408,7 +408,8 @@ def default_report(dest: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from . import annotations as annotation_files
-    from .dataset import done_images, list_images, make_stamp, require_extra, run_items
+    from .dataset import list_images
+    from .engine import done_images, make_stamp, require_extra, run_items
     from .model import Model
     from .report import write_report
 
@@ -497,7 +498,7 @@ def parse_args(argv: list[str] | None):
         count,
         methods_help,
     )
-    from .dataset import CONNECT_TIMEOUT
+    from .engine import CONNECT_TIMEOUT
     from .explain import MAX_TOP
     from .image import MAX_PIXELS
 

@@ -20,7 +20,7 @@ pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install '
 pq = pytest.importorskip("pyarrow.parquet")
 import pyarrow.dataset as pds  # noqa: E402
 
-from npcam import dataset  # noqa: E402
+from npcam import dataset, engine  # noqa: E402
 from npcam.cli import main as cli_main  # noqa: E402
 from npcam.explain import Options  # noqa: E402
 
@@ -204,7 +204,7 @@ def test_the_driver_and_the_actors_share_the_list_without_overlap(bundle, tmp_pa
     options = Options(bbox=True).checked(model)
     dest = tmp_path / "rows"
     schema = record.arrow_schema().with_metadata({b"npcam": b"{}"})
-    head = dataset.HeadStart(model, items, partial(dataset.explain_rows, options), str(claims), str(dest), schema,
+    head = engine.HeadStart(model, items, partial(dataset.explain_rows, options), str(claims), str(dest), schema,
                              rows_per_file=7, threads=2)
     actor = dataset.explainer_class(str(bundle), options, str(claims))()
     head.start()
@@ -267,7 +267,7 @@ def test_without_the_extra_the_error_is_one_line(bundle, tmp_path):
 def test_embedded_ray_listens_on_loopback_only(tmp_path):
     """Ray's services have no authentication by default: the embedded instance must not be reachable from outside."""
     code = (
-        "import ray, npcam.dataset as d; d._start_ray(None); "
+        "import ray, npcam.engine as d; d._start_ray(None); "
         "print(ray.util.get_node_ip_address(), ray.get_runtime_context().gcs_address); ray.shutdown()"
     )
     env = {**os.environ, "RAY_ADDRESS": ""}
@@ -340,7 +340,7 @@ def test_a_cluster_that_answers_gets_stderr_back_and_no_watchdog(capfd):
         listening.bind(("127.0.0.1", 0))
         listening.listen(4)
         address = f"127.0.0.1:{listening.getsockname()[1]}"
-        dataset._connect(Ray(), address, 0.5)
+        engine._connect(Ray(), address, 0.5)
     time.sleep(1.0)
     os.write(2, b"after\n")
     assert calls == [address] and capfd.readouterr().err == "after\n"
