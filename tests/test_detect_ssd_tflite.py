@@ -10,6 +10,7 @@ same weights: the interpreter has no gradient).
 
 from __future__ import annotations
 
+import detectors
 import numpy as np
 import pytest
 import ssd_detectors
@@ -20,6 +21,7 @@ from test_detect_export import (
     MAP_TOL,
     RAW_TOL,
     cli,
+    cli_here,
     combined,
     hooked,
     photo,
@@ -104,19 +106,24 @@ def interpreter_outputs(path, x_nchw: np.ndarray) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     cache = {}
-    directory = tmp_path_factory.mktemp("ssd_tflite")
 
     def get(convention: str):
         if convention not in cache:
-            anchors_file = directory / f"{convention}_anchors.npy"
-            np.save(anchors_file, ssd_detectors.anchors(convention))
-            path = tflite_file(convention, directory)
-            out = directory / convention
-            flags = ["--anchors", anchors_file, "--anchor-decode", convention]
-            if convention == "tf":
-                flags += ["--scores", "softmax"]
-            result = cli("tflite", path, "--out", out, *flags)
-            assert result.returncode == 0, result.stderr
+
+            def make(directory):
+                anchors_file = directory / f"{convention}_anchors.npy"
+                np.save(anchors_file, ssd_detectors.anchors(convention))
+                path = tflite_file(convention, directory)
+                out = directory / convention
+                flags = ["--anchors", anchors_file, "--anchor-decode", convention]
+                if convention == "tf":
+                    flags += ["--scores", "softmax"]
+                result = cli_here("tflite", path, "--out", out, *flags)
+                assert result.returncode == 0, result.stderr
+                return out
+
+            out = detectors.made_once(tmp_path_factory, f"ssd_tflite_{convention}", make)
+            path = tflite_file(convention, out.parent)  # the file made_once exported (tflite_file reuses it)
             cache[convention] = npcam.load(out), path, getattr(ssd_detectors, f"ssd_{convention}")()
         return cache[convention]
 
