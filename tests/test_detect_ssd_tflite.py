@@ -94,6 +94,21 @@ def tflite_file(convention: str, directory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tflite_files(tmp_path_factory):
+    """:func:`tflite_file` made once for the run (a conversion takes seconds), for the tests that read it:
+    ``tflite_files(convention) -> Path``."""
+    files = {}
+
+    def get(convention: str):
+        if convention not in files:
+            key = f"ssd_tflite_file_{convention}"
+            files[convention] = detectors.made_once(tmp_path_factory, key, lambda d: tflite_file(convention, d))
+        return files[convention]
+
+    return get
+
+
 def interpreter_outputs(path, x_nchw: np.ndarray) -> list[np.ndarray]:
     """LiteRT's outputs for one NCHW input, in its order."""
     interpreter = litert.Interpreter(model_path=str(path))
@@ -104,7 +119,7 @@ def interpreter_outputs(path, x_nchw: np.ndarray) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tflite_files):
     cache = {}
 
     def get(convention: str):
@@ -113,7 +128,7 @@ def exported(tmp_path_factory):
             def make(directory):
                 anchors_file = directory / f"{convention}_anchors.npy"
                 np.save(anchors_file, ssd_detectors.anchors(convention))
-                path = tflite_file(convention, directory)
+                path = tflite_files(convention)
                 out = directory / convention
                 flags = ["--anchors", anchors_file, "--anchor-decode", convention]
                 if convention == "tf":
@@ -123,7 +138,7 @@ def exported(tmp_path_factory):
                 return out
 
             out = detectors.made_once(tmp_path_factory, f"ssd_tflite_{convention}", make)
-            path = tflite_file(convention, out.parent)  # the file made_once exported (tflite_file reuses it)
+            path = tflite_files(convention)
             cache[convention] = npcam.load(out), path, getattr(ssd_detectors, f"ssd_{convention}")()
         return cache[convention]
 
@@ -189,8 +204,8 @@ def test_tflite_gradient_maps_match_torch_autograd(exported, convention):
     assert worst <= MAP_TOL, (convention, worst)
 
 
-def test_tflite_refusals(tmp_path):
-    path = tflite_file("tf", tmp_path)
+def test_tflite_refusals(tflite_files, tmp_path):
+    path = tflite_files("tf")  # read, not changed
     out = tmp_path / "out"
     refused_in_one_line(cli("tflite", path, "--out", out), "look like an SSD", "--anchors anchors.npy")
     assert not out.exists()
