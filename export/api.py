@@ -61,12 +61,15 @@ def run(
         "source": {"kind": "torch", "name": source.name, "sha256": digest},
         "versions": _torch_versions(),
     }
+    # Before the conversion, which takes seconds: a default directory holding another model's bundle, and labels
+    # that do not fit the class count, are refused (the bundle's labels are read again from the head it exports).
+    out = _out(out, arch.name if weights is None else source.stem, digest, int8)
+    build.read_labels(labels, classes)
     size = (arch.input_size, arch.input_size)
     onnx_model = from_torch.to_onnx(net, size, opset)
     parts = _split(arch.name, onnx_model, size, output="scores")
     meta["layer"] = from_torch.module_of_tensor(net, onnx_model, parts.layer, size) or parts.layer
-    name = arch.name if weights is None else source.stem
-    return _export(parts, _out(out, name, digest, int8), labels, meta, from_torch.reference(net), int8=int8)
+    return _export(parts, out, labels, meta, from_torch.reference(net), int8=int8)
 
 
 def run_onnx(

@@ -53,16 +53,18 @@ CONF, IOU, MAX_DET = 0.25, 0.7, 300  # the YOLO tools' defaults, which npcam's d
 def exported(tmp_path_factory):
     """Each (net, route) exported once, on demand: ``exported(name, route) -> (npcam.Model, torch module)``."""
     cache = {}
-    directory = tmp_path_factory.mktemp("detectors")
 
     def get(name: str, route: str):
         if (name, route) not in cache:
+
+            def make(directory):
+                out = directory / f"{name}_{route}"
+                if route == "torch":
+                    return run_torch(f"detectors:{name}", out, input_size=detectors.SIZE)
+                return run_onnx(onnx_file(name, route, directory), out, input_size=detectors.SIZE)
+
+            out = detectors.made_once(tmp_path_factory, f"detectors_{name}_{route}", make)
             net = getattr(detectors, name)()
-            out = directory / f"{name}_{route}"
-            if route == "torch":
-                run_torch(f"detectors:{name}", out, input_size=detectors.SIZE)
-            else:
-                run_onnx(onnx_file(name, route, directory), out, input_size=detectors.SIZE)
             if name == "yolov5_inplace":  # the same weights and function: torch cannot differentiate the write
                 net = detectors.yolov5()  # into the sigmoid's output (sigmoid's backward reads it)
             cache[name, route] = npcam.load(out), net
@@ -350,6 +352,45 @@ def cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "export", *map(str, args)], cwd=cwd, capture_output=True, text=True)
 
 
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """``python -m export ARGS`` run by its ``main`` in this process, as :func:`cli` reports it: the exit code, and
+    on stderr what a process would print there: Python's prints, the warnings a fresh interpreter shows (each
+    once; deprecations hidden), and the native libraries' own writes to file descriptor 2 (onnxruntime's log).
+
+    A new interpreter costs more than most refusals (measured ~1.5 s of CPU each, for importing onnx, onnxruntime
+    and numpy); each test that uses this still runs one refusal through :func:`cli`, a real process."""
+    import contextlib
+    import io
+    import os
+    import tempfile
+
+    from export.__main__ import main
+
+    argv = [str(a) for a in args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with tempfile.TemporaryFile() as native, warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for kind in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", kind)
+        saved = os.dup(2)
+        os.dup2(native.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                try:
+                    code = main(argv)
+                except SystemExit as e:  # argparse's refusals
+                    code = e.code if isinstance(e.code, int) else 1
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        native.seek(0)
+        text = native.read().decode(errors="replace")
+    text += stderr.getvalue()
+    text += "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess([sys.executable, "-m", "export", *argv], code, stdout.getvalue(), text)
+
+
 def refused_in_one_line(result, *words) -> str:
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -363,27 +404,27 @@ def test_refusals_name_the_missing_piece(tmp_path):
     gfl = onnx_file("gfl", "torchscript", tmp_path)
     out = tmp_path / "out"
     refused_in_one_line(cli("onnx", gfl, "--out", out, "--strides", "8,16,32"), "--strides 8,16,32", "do not fit")
-    refused_in_one_line(cli("onnx", gfl, "--out", out, "--layer", "nowhere"), "--layer 'nowhere'", "no tensor")
-    refused_in_one_line(cli("onnx", gfl, "--out", out, "--int8", tmp_path), "--int8", "detector")
+    refused_in_one_line(cli_here("onnx", gfl, "--out", out, "--layer", "nowhere"), "--layer 'nowhere'", "no tensor")
+    refused_in_one_line(cli_here("onnx", gfl, "--out", out, "--int8", tmp_path), "--int8", "detector")
     # Per-stride pairs both as wide as a box's distributions, neither of probabilities: which is the box?
     widths = tmp_path / "widths.onnx"
     _rewidth(gfl, widths)
-    refused_in_one_line(cli("onnx", widths, "--out", out), "--bins")
+    refused_in_one_line(cli_here("onnx", widths, "--out", out), "--bins")
     # A segmentation model, and a classifier said to be a detector (graphs that end in NMS: test_detect_nms.py).
     segment = onnx.load(onnx_file("yolov8", "torchscript", tmp_path))
     segment.metadata_props.add(key="task", value="segment")
     onnx.save(segment, tmp_path / "segment.onnx")
-    refused_in_one_line(cli("onnx", tmp_path / "segment.onnx", "--out", out), "'segment'")
+    refused_in_one_line(cli_here("onnx", tmp_path / "segment.onnx", "--out", out), "'segment'")
     named = onnx.load(onnx_file("yolov8", "torchscript", tmp_path))  # 80 names for 3 classes: a seg model's mark
     named.metadata_props.add(key="names", value=str({i: f"c{i}" for i in range(80)}))
     onnx.save(named, tmp_path / "named80.onnx")
-    refused_in_one_line(cli("onnx", tmp_path / "named80.onnx", "--out", out), "names 80 classes", "hold 3")
+    refused_in_one_line(cli_here("onnx", tmp_path / "named80.onnx", "--out", out), "names 80 classes", "hold 3")
     post = tmp_path / "post.onnx"  # a file that says it detects, with post-processed outputs (YOLOv10's [1, 300, 6])
     _post_processed(onnx_file("yolov8", "torchscript", tmp_path), post)
-    refused_in_one_line(cli("onnx", post, "--out", out), "not a detector's that npcam reads")
+    refused_in_one_line(cli_here("onnx", post, "--out", out), "not a detector's that npcam reads")
     classifier = tmp_path / "classifier.onnx"
     _classifier(classifier)
-    refused_in_one_line(cli("onnx", classifier, "--out", out, "--task", "detect"), "not a detector's")
+    refused_in_one_line(cli_here("onnx", classifier, "--out", out, "--task", "detect"), "not a detector's")
     assert not out.exists()
 
 

@@ -46,7 +46,7 @@ import ssd_detectors
 import torch
 from conftest import record
 from onnx import TensorProto, helper, numpy_helper
-from test_detect_export import cli, photo, reference_candidates, reference_detections, refused_in_one_line
+from test_detect_export import cli, cli_here, photo, reference_candidates, reference_detections, refused_in_one_line
 from test_detect_ssd import reference_candidates as ssd_reference_candidates
 from test_int8_onnx import saturating_cpu
 
@@ -118,23 +118,29 @@ def exported(tmp_path_factory):
     """Each file exported once, on demand: ``exported(case) -> (npcam.Model, file)``; cases ``yolov8``,
     ``ssd_mediapipe_int8``, ``ssd_tf_int8``, ``ssd_mediapipe_float`` (int8 inside, float I/O)."""
     cache = {}
-    directory = tmp_path_factory.mktemp("int8_detectors")
 
     def get(case: str):
         if case not in cache:
-            out = directory / case
-            if case == "yolov8":
-                _, path = yolo_int8(directory)
-                result = cli("onnx", path, "--out", out)
-            else:
-                _, convention, io = case.split("_")
-                path = ssd_int8(convention, io, directory)
-                anchors = directory / f"{convention}_anchors.npy"
-                np.save(anchors, ssd_detectors.anchors(convention))
-                flags = ["--anchors", anchors, "--anchor-decode", convention]
-                result = cli("tflite", path, "--out", out, *flags, *(["--scores", "softmax"] if convention == "tf" else []))
-            assert result.returncode == 0, result.stderr
-            cache[case] = npcam.load(out), path
+
+            def make(directory):
+                out = directory / case
+                if case == "yolov8":
+                    _, path = yolo_int8(directory)
+                    result = cli_here("onnx", path, "--out", out)
+                else:
+                    _, convention, io = case.split("_")
+                    path = ssd_int8(convention, io, directory)
+                    anchors = directory / f"{convention}_anchors.npy"
+                    np.save(anchors, ssd_detectors.anchors(convention))
+                    flags = ["--anchors", anchors, "--anchor-decode", convention]
+                    scores = ["--scores", "softmax"] if convention == "tf" else []
+                    result = cli_here("tflite", path, "--out", out, *flags, *scores)
+                assert result.returncode == 0, result.stderr
+                (directory / "source.txt").write_text(path.name)  # the file exported, for the reuser
+                return out
+
+            out = detectors.made_once(tmp_path_factory, f"int8_detectors_{case}", make)
+            cache[case] = npcam.load(out), out.parent / (out.parent / "source.txt").read_text()
         return cache[case]
 
     return get

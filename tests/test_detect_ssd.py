@@ -30,6 +30,7 @@ from test_detect_export import (
     MAP_TOL,
     RAW_TOL,
     cli,
+    cli_here,
     combined,
     hooked,
     photo,
@@ -65,19 +66,21 @@ def options(convention: str, anchors_file) -> Options:
 def exported(tmp_path_factory):
     """Each (convention, route) exported once, on demand: ``exported(convention, route) -> (npcam.Model, module)``."""
     cache = {}
-    directory = tmp_path_factory.mktemp("ssd")
 
     def get(convention: str, route: str):
         if (convention, route) not in cache:
-            anchors_file = directory / f"{convention}_anchors.npy"
-            np.save(anchors_file, ssd_detectors.anchors(convention))
-            out = directory / f"{convention}_{route}"
-            chosen = options(convention, anchors_file)
-            if route == "torch":
-                run_torch(f"ssd_detectors:ssd_{convention}", out, input_size=ssd_detectors.SIZE, detect=chosen)
-            else:
+
+            def make(directory):
+                anchors_file = directory / f"{convention}_anchors.npy"
+                np.save(anchors_file, ssd_detectors.anchors(convention))
+                out = directory / f"{convention}_{route}"
+                chosen = options(convention, anchors_file)
+                if route == "torch":
+                    return run_torch(f"ssd_detectors:ssd_{convention}", out, input_size=ssd_detectors.SIZE, detect=chosen)
                 path = onnx_file(convention, route, directory)
-                run_onnx(path, out, input_size=ssd_detectors.SIZE, detect=chosen)
+                return run_onnx(path, out, input_size=ssd_detectors.SIZE, detect=chosen)
+
+            out = detectors.made_once(tmp_path_factory, f"ssd_{convention}_{route}", make)
             cache[convention, route] = npcam.load(out), getattr(ssd_detectors, f"ssd_{convention}")()
         return cache[convention, route]
 
@@ -236,26 +239,27 @@ def test_refusals_name_the_missing_piece(tmp_path):
     refused_in_one_line(cli("onnx", path, "--out", out), "look like an SSD", "--anchors anchors.npy")
     good = tmp_path / "anchors.npy"
     np.save(good, ssd_detectors.anchors("tf"))
-    refused_in_one_line(cli("onnx", path, "--out", out, "--anchors", good), "--anchor-decode mediapipe")
+    refused_in_one_line(cli_here("onnx", path, "--out", out, "--anchors", good), "--anchor-decode mediapipe")
     short = tmp_path / "short.npy"
     np.save(short, ssd_detectors.anchors("tf")[:100])
-    refused_in_one_line(cli("onnx", path, "--out", out, "--anchors", short, "--anchor-decode", "tf"),
+    refused_in_one_line(cli_here("onnx", path, "--out", out, "--anchors", short, "--anchor-decode", "tf"),
                         "short.npy", "100 anchors", "504 candidates")  # fmt: skip
     pixels = tmp_path / "pixels.npy"
     np.save(pixels, ssd_detectors.anchors("tf") * 128)
-    refused_in_one_line(cli("onnx", path, "--out", out, "--anchors", pixels, "--anchor-decode", "tf"),
+    refused_in_one_line(cli_here("onnx", path, "--out", out, "--anchors", pixels, "--anchor-decode", "tf"),
                         "pixels.npy", "0-1 scale")  # fmt: skip
     bad = tmp_path / "bad.npy"
     bad.write_text("not an array")
-    refused_in_one_line(cli("onnx", path, "--out", out, "--anchors", bad, "--anchor-decode", "tf"), "bad.npy", "not a .npy")
+    refused_in_one_line(cli_here("onnx", path, "--out", out, "--anchors", bad, "--anchor-decode", "tf"),
+                        "bad.npy", "not a .npy")  # fmt: skip
     wide = tmp_path / "wide.npy"
     np.save(wide, np.zeros((504, 5)))
-    refused_in_one_line(cli("onnx", path, "--out", out, "--anchors", wide, "--anchor-decode", "tf"), "[N, 4]")
-    refused_in_one_line(cli("onnx", path, "--out", out, "--anchors", good, "--anchor-decode", "tf",
+    refused_in_one_line(cli_here("onnx", path, "--out", out, "--anchors", wide, "--anchor-decode", "tf"), "[N, 4]")
+    refused_in_one_line(cli_here("onnx", path, "--out", out, "--anchors", good, "--anchor-decode", "tf",
                             "--box-output", "nowhere"), "--box-output 'nowhere'")  # fmt: skip
-    refused_in_one_line(cli("onnx", path, "--out", out, "--anchors", good, "--anchor-decode", "tf",
+    refused_in_one_line(cli_here("onnx", path, "--out", out, "--anchors", good, "--anchor-decode", "tf",
                             "--background", "9"), "--background 9", "6 columns")  # fmt: skip
     yolo = yolo_file("yolov8", "torchscript", tmp_path)  # --anchors on outputs that are not an SSD's
-    refused_in_one_line(cli("onnx", yolo, "--out", out, "--anchors", good, "--anchor-decode", "tf"),
+    refused_in_one_line(cli_here("onnx", yolo, "--out", out, "--anchors", good, "--anchor-decode", "tf"),
                         "--anchors given", "not SSD-style")  # fmt: skip
     assert detectors.SIZE == ssd_detectors.SIZE and not out.exists()

@@ -10,6 +10,7 @@ same weights: the interpreter has no gradient).
 
 from __future__ import annotations
 
+import detectors
 import numpy as np
 import pytest
 import ssd_detectors
@@ -20,6 +21,7 @@ from test_detect_export import (
     MAP_TOL,
     RAW_TOL,
     cli,
+    cli_here,
     combined,
     hooked,
     photo,
@@ -92,6 +94,21 @@ def tflite_file(convention: str, directory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tflite_files(tmp_path_factory):
+    """:func:`tflite_file` made once for the run (a conversion takes seconds), for the tests that read it:
+    ``tflite_files(convention) -> Path``."""
+    files = {}
+
+    def get(convention: str):
+        if convention not in files:
+            key = f"ssd_tflite_file_{convention}"
+            files[convention] = detectors.made_once(tmp_path_factory, key, lambda d: tflite_file(convention, d))
+        return files[convention]
+
+    return get
+
+
 def interpreter_outputs(path, x_nchw: np.ndarray) -> list[np.ndarray]:
     """LiteRT's outputs for one NCHW input, in its order."""
     interpreter = litert.Interpreter(model_path=str(path))
@@ -102,21 +119,26 @@ def interpreter_outputs(path, x_nchw: np.ndarray) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tflite_files):
     cache = {}
-    directory = tmp_path_factory.mktemp("ssd_tflite")
 
     def get(convention: str):
         if convention not in cache:
-            anchors_file = directory / f"{convention}_anchors.npy"
-            np.save(anchors_file, ssd_detectors.anchors(convention))
-            path = tflite_file(convention, directory)
-            out = directory / convention
-            flags = ["--anchors", anchors_file, "--anchor-decode", convention]
-            if convention == "tf":
-                flags += ["--scores", "softmax"]
-            result = cli("tflite", path, "--out", out, *flags)
-            assert result.returncode == 0, result.stderr
+
+            def make(directory):
+                anchors_file = directory / f"{convention}_anchors.npy"
+                np.save(anchors_file, ssd_detectors.anchors(convention))
+                path = tflite_files(convention)
+                out = directory / convention
+                flags = ["--anchors", anchors_file, "--anchor-decode", convention]
+                if convention == "tf":
+                    flags += ["--scores", "softmax"]
+                result = cli_here("tflite", path, "--out", out, *flags)
+                assert result.returncode == 0, result.stderr
+                return out
+
+            out = detectors.made_once(tmp_path_factory, f"ssd_tflite_{convention}", make)
+            path = tflite_files(convention)
             cache[convention] = npcam.load(out), path, getattr(ssd_detectors, f"ssd_{convention}")()
         return cache[convention]
 
@@ -182,8 +204,8 @@ def test_tflite_gradient_maps_match_torch_autograd(exported, convention):
     assert worst <= MAP_TOL, (convention, worst)
 
 
-def test_tflite_refusals(tmp_path):
-    path = tflite_file("tf", tmp_path)
+def test_tflite_refusals(tflite_files, tmp_path):
+    path = tflite_files("tf")  # read, not changed
     out = tmp_path / "out"
     refused_in_one_line(cli("tflite", path, "--out", out), "look like an SSD", "--anchors anchors.npy")
     assert not out.exists()

@@ -156,8 +156,10 @@ def test_wrong_trunk_is_refused_and_nothing_written(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [weights]
 
 
-def test_failed_self_check_leaves_old_bundle_and_no_temp(resnet18_weights, tmp_path, monkeypatch):
-    out = run("resnet18", tmp_path / "b", resnet18_weights)
+def test_failed_self_check_leaves_old_bundle_and_no_temp(bundle, resnet18_weights, tmp_path, monkeypatch):
+    import shutil
+
+    out = Path(shutil.copytree(bundle, tmp_path / "b"))  # the session's export of these weights, in a copy we change
     before = (out / "bundle.json").read_text()
 
     def broken(*args):
@@ -219,15 +221,21 @@ def calibration_images(tmp_path, n=6):
 def test_int8_export_quantizes_the_trunk(resnet18_weights, tmp_path):
     import onnx
 
+    from export.quantize import SETTINGS, Int8, parse_setting
+
+    # The default setting without its GPTQ rounding: GPTQ's inverses of ResNet-18's 4608x4608 input moments took
+    # ~30 of this test's ~37 s. The default setting, GPTQ included, is exported end to end on a small model in
+    # test_int8.py (test_export_records_held_out_agreement) and GPTQ itself is checked there against round-to-nearest.
+    setting = " ".join(word for word in SETTINGS[0].split() if word != "gptq")
+    assert parse_setting(setting) == {**parse_setting(SETTINGS[0]), "gptq": False}
     images = calibration_images(tmp_path)
-    out = run("resnet18", tmp_path / "b8", resnet18_weights, int8=images)
+    out = run("resnet18", tmp_path / "b8", resnet18_weights, int8=Int8(images, settings=(setting,)))
     meta = json.loads((out / "bundle.json").read_text())
     q = meta["int8"]
-    from export.quantize import SETTINGS
 
     # 6 images: the even 3 calibrate, the odd 3 are held out to measure agreement on
-    assert meta["precision"] == "int8" and q["images"] == 3 and q["check_images"] == 3 and q["settings"] in SETTINGS
-    assert set(q["tried"]) == set(SETTINGS) and q["top1_agreement"] >= 0.8 and q["cpu"]
+    assert meta["precision"] == "int8" and q["images"] == 3 and q["check_images"] == 3 and q["settings"] == setting
+    assert list(q["tried"]) == [setting] and q["top1_agreement"] >= 0.8 and q["cpu"]
     ops = {n.op_type for n in onnx.load(out / "trunk.onnx").graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     model = npcam.load(out)  # hashes were updated after quantizing

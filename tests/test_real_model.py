@@ -27,7 +27,9 @@ pytestmark = pytest.mark.slow  # big exports: EfficientNet-Lite and the deeper R
 
 @pytest.fixture(scope="session")
 def lite0(tmp_path_factory):
-    return npcam.load(run("efficientnet_lite0", tmp_path_factory.mktemp("lite") / "efficientnet_lite0"))
+    from detectors import made_once
+
+    return npcam.load(made_once(tmp_path_factory, "real_model_lite0", lambda d: run("efficientnet_lite0", d / "lite0")))
 
 
 def manifest_rows(labels):
