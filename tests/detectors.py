@@ -19,16 +19,8 @@ Weights are random but seeded; BatchNorm statistics are random too, so that fold
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
 from torch import nn
-
-try:  # one export shared by pytest-xdist's workers, where conftest.py provides it
-    from conftest import made_once as _made_once
-except ImportError:  # a conftest.py without it: each process exports its own
-    _made_once = None
 
 SIZE = (96, 128)  # height, width: not square, and 128 = 2 x 64 so that every stride's grid is whole
 CLASSES = 3
@@ -329,13 +321,3 @@ LAYERS = {
     "gfl": ["p3", "p4", "p5", "p6"],
     "nanodet": ["p3", "p4", "p5", "p6"],
 }
-
-
-def made_once(tmp_path_factory, name: str, make: Callable[[Path], Path]) -> Path:
-    """``make(directory)`` in a fresh directory, once for the run: the detector tests' fixtures (and the real
-    model's, test_real_model.py) export through this, so that under pytest-xdist the second worker reuses the first
-    one's export (conftest.py's ``made_once``) instead of repeating it. ``make`` returns a path inside the directory it is given; ``name`` is
-    unique in the run. Tests that change what it made change a copy."""
-    if _made_once is not None:
-        return _made_once(tmp_path_factory, name, make)
-    return make(tmp_path_factory.mktemp(name))

@@ -24,7 +24,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, record, synthetic_image
+from conftest import REPO, made_once, record, synthetic_image
 
 import npcam
 from export.api import run_onnx, run_torch
@@ -63,7 +63,7 @@ def exported(tmp_path_factory):
                     return run_torch(f"detectors:{name}", out, input_size=detectors.SIZE)
                 return run_onnx(onnx_file(name, route, directory), out, input_size=detectors.SIZE)
 
-            out = detectors.made_once(tmp_path_factory, f"detectors_{name}_{route}", make)
+            out = made_once(tmp_path_factory, f"detectors_{name}_{route}", make)
             net = getattr(detectors, name)()
             if name == "yolov5_inplace":  # the same weights and function: torch cannot differentiate the write
                 net = detectors.yolov5()  # into the sigmoid's output (sigmoid's backward reads it)

@@ -44,7 +44,7 @@ import onnxruntime as ort
 import pytest
 import ssd_detectors
 import torch
-from conftest import record
+from conftest import made_once, record
 from onnx import TensorProto, helper, numpy_helper
 from test_detect_export import cli, cli_here, photo, reference_candidates, reference_detections, refused_in_one_line
 from test_detect_ssd import reference_candidates as ssd_reference_candidates
@@ -139,7 +139,7 @@ def exported(tmp_path_factory):
                 (directory / "source.txt").write_text(path.name)  # the file exported, for the reuser
                 return out
 
-            out = detectors.made_once(tmp_path_factory, f"int8_detectors_{case}", make)
+            out = made_once(tmp_path_factory, f"int8_detectors_{case}", make)
             cache[case] = npcam.load(out), out.parent / (out.parent / "source.txt").read_text()
         return cache[case]
 

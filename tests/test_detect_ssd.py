@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import ssd_detectors
 import torch
-from conftest import record
+from conftest import made_once, record
 from test_detect_export import (
     GRADIENT_METHODS,
     LAYER_TOL,
@@ -80,7 +80,7 @@ def exported(tmp_path_factory):
                 path = onnx_file(convention, route, directory)
                 return run_onnx(path, out, input_size=ssd_detectors.SIZE, detect=chosen)
 
-            out = detectors.made_once(tmp_path_factory, f"ssd_{convention}_{route}", make)
+            out = made_once(tmp_path_factory, f"ssd_{convention}_{route}", make)
             cache[convention, route] = npcam.load(out), getattr(ssd_detectors, f"ssd_{convention}")()
         return cache[convention, route]
 

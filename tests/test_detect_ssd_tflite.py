@@ -10,12 +10,11 @@ same weights: the interpreter has no gradient).
 
 from __future__ import annotations
 
-import detectors
 import numpy as np
 import pytest
 import ssd_detectors
 import torch
-from conftest import record
+from conftest import made_once, record
 from test_detect_export import (
     GRADIENT_METHODS,
     MAP_TOL,
@@ -103,7 +102,7 @@ def tflite_files(tmp_path_factory):
     def get(convention: str):
         if convention not in files:
             key = f"ssd_tflite_file_{convention}"
-            files[convention] = detectors.made_once(tmp_path_factory, key, lambda d: tflite_file(convention, d))
+            files[convention] = made_once(tmp_path_factory, key, lambda d: tflite_file(convention, d))
         return files[convention]
 
     return get
@@ -137,7 +136,7 @@ def exported(tmp_path_factory, tflite_files):
                 assert result.returncode == 0, result.stderr
                 return out
 
-            out = detectors.made_once(tmp_path_factory, f"ssd_tflite_{convention}", make)
+            out = made_once(tmp_path_factory, f"ssd_tflite_{convention}", make)
             path = tflite_files(convention)
             cache[convention] = npcam.load(out), path, getattr(ssd_detectors, f"ssd_{convention}")()
         return cache[convention]

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # big exports: EfficientNet-Lite and the deeper R
 
 @pytest.fixture(scope="session")
 def lite0(tmp_path_factory):
-    from detectors import made_once
+    from conftest import made_once
 
     return npcam.load(made_once(tmp_path_factory, "real_model_lite0", lambda d: run("efficientnet_lite0", d / "lite0")))
 
