@@ -78,7 +78,8 @@ def test_score_cam_matches_torchcam(model, classifier):
     for photo in PHOTOS[:1]:
         pred = model.predict(photo, size=96)
         x = torch.from_numpy(pred.input)
-        want = torchcam_map(tc.ScoreCAM, classifier, x, pred.top1, batch_size=64)
+        # All 512 masked inputs in one torch batch: a quarter faster than batches of 64 on 2 cores.
+        want = torchcam_map(tc.ScoreCAM, classifier, x, pred.top1, batch_size=512)
         got = model.cam(pred, method="scorecam")
         assert record("vs TorchCAM scorecam, abs", np.abs(got - want).max()) <= 1e-4, photo.name
 
