@@ -176,6 +176,17 @@ def reference_detections(boxes: np.ndarray, scores: np.ndarray):
     return kept
 
 
+def expected_detections(pred, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray):
+    """:func:`reference_detections` as the runtime reports them: each box in the photo's pixels, and those the
+    letterbox leaves empty in the photo dropped. ``[(candidate, class, score, photo box)]``."""
+    expected = []
+    for a, c, score, box in reference_detections(boxes, scores):
+        photo_box = pred.placement.to_photo(box[None], image.shape[:2])[0]
+        if photo_box[2] > photo_box[0] and photo_box[3] > photo_box[1]:
+            expected.append((a, c, score, photo_box))
+    return expected
+
+
 def score_of(name: str, outputs: list[torch.Tensor], candidate: int, cls: int) -> torch.Tensor:
     """A detection's score in the module's own output: its class score, times the objectness (YOLOv5)."""
     if name == "yolov8":
@@ -270,11 +281,7 @@ def test_raw_outputs_layers_and_detections_match_the_module(exported, name, rout
             error = np.abs(got - want_layer).max() / np.abs(want_layer).max()
             assert error <= LAYER_TOL, (name, route, error)
         boxes, scores = reference_candidates(name, outputs)
-        expected = []
-        for a, c, score, box in reference_detections(boxes, scores):
-            photo_box = pred.placement.to_photo(box[None], image.shape[:2])[0]
-            if photo_box[2] > photo_box[0] and photo_box[3] > photo_box[1]:
-                expected.append((a, c, score, photo_box))
+        expected = expected_detections(pred, image, boxes, scores)
         assert len(expected) >= 2, "the test nets should find a few boxes"
         assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _, _ in expected]
         for d, (_, c, score, box) in zip(pred.detections, expected):

@@ -46,7 +46,7 @@ import ssd_detectors
 import torch
 from conftest import made_once, record
 from onnx import TensorProto, helper, numpy_helper
-from test_detect_export import cli, cli_here, photo, reference_candidates, reference_detections, refused_in_one_line
+from test_detect_export import cli, cli_here, expected_detections, photo, reference_candidates, refused_in_one_line
 from test_detect_ssd import reference_candidates as ssd_reference_candidates
 from test_int8_onnx import saturating_cpu
 
@@ -231,13 +231,9 @@ def test_int8_yolo_raw_outputs_and_detections_match_the_qdq_graph(exported):
         default_out = default.run(None, {"images": pred.input})[0].astype(np.float64)
         default_worst = max(default_worst, float((np.abs(default_out - want)[0] / bound).max()))
         boxes, scores = reference_candidates("yolov8", [torch.from_numpy(want)])
-        expected = []
-        for a, c, _, box in reference_detections(boxes, scores):
-            photo_box = pred.placement.to_photo(box[None], image.shape[:2])[0]
-            if photo_box[2] > photo_box[0] and photo_box[3] > photo_box[1]:
-                expected.append((a, c, photo_box))
-        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _ in expected]
-        for d, (_, _, box) in zip(pred.detections, expected):
+        expected = expected_detections(pred, image, boxes, scores)
+        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _, _ in expected]
+        for d, (_, _, _, box) in zip(pred.detections, expected):
             np.testing.assert_allclose(d.box, box, atol=1e-3)
         detections += len(expected)
     assert detections >= 3  # the comparison is not of empty lists
@@ -265,13 +261,9 @@ def test_int8_tflite_ssd_raw_outputs_and_detections_match_the_interpreter(export
         bound = DETECT_STEPS * np.concatenate([np.full(boxes_out.size, steps[k]), np.full(scores_out.size, steps[1 - k])])
         worst = max(worst, float((np.abs(pred.logits.ravel() - want) / (bound + STEPS_FLOAT)).max()))
         boxes, scores = ssd_reference_candidates(convention, [torch.from_numpy(boxes_out), torch.from_numpy(scores_out)])
-        expected = []
-        for a, c, _, box in reference_detections(boxes, scores):
-            photo_box = pred.placement.to_photo(box[None], image.shape[:2])[0]
-            if photo_box[2] > photo_box[0] and photo_box[3] > photo_box[1]:
-                expected.append((a, c, photo_box))
-        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _ in expected]
-        for d, (_, _, box) in zip(pred.detections, expected):
+        expected = expected_detections(pred, image, boxes, scores)
+        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _, _ in expected]
+        for d, (_, _, _, box) in zip(pred.detections, expected):
             np.testing.assert_allclose(d.box, box, atol=1e-3)
         detections += len(expected)
     assert detections >= 3

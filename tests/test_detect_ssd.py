@@ -32,9 +32,9 @@ from test_detect_export import (
     cli,
     cli_here,
     combined,
+    expected_detections,
     hooked,
     photo,
-    reference_detections,
     reference_maps,
     refused_in_one_line,
     torch_outputs,
@@ -170,11 +170,7 @@ def test_raw_outputs_layers_and_detections_match_the_module(exported, convention
             want_layer = value.numpy()[0]
             assert np.abs(got - want_layer).max() / np.abs(want_layer).max() <= LAYER_TOL
         boxes, scores = reference_candidates(convention, outputs)
-        expected = []
-        for a, c, score, box in reference_detections(boxes, scores):
-            photo_box = pred.placement.to_photo(box[None], image.shape[:2])[0]
-            if photo_box[2] > photo_box[0] and photo_box[3] > photo_box[1]:
-                expected.append((a, c, score, photo_box))
+        expected = expected_detections(pred, image, boxes, scores)
         assert len(expected) >= 2, "the test nets should find a few boxes"
         assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _, _ in expected]
         for d, (_, _, score, box) in zip(pred.detections, expected):

@@ -22,9 +22,9 @@ from test_detect_export import (
     cli,
     cli_here,
     combined,
+    expected_detections,
     hooked,
     photo,
-    reference_detections,
     reference_maps,
     refused_in_one_line,
     torch_outputs,
@@ -162,14 +162,10 @@ def test_tflite_raw_outputs_and_detections_match_the_interpreter(exported, conve
         torch_raw = np.concatenate([o.double().numpy()[0].ravel() for o in torch_outputs(net, pred.input)])
         np.testing.assert_allclose(want, torch_raw, rtol=RAW_TOL, atol=RAW_TOL)  # the file is the torch net's twin
         boxes, scores = reference_candidates(convention, [torch.from_numpy(boxes_out), torch.from_numpy(scores_out)])
-        expected = []
-        for a, c, _, box in reference_detections(boxes, scores):
-            photo_box = pred.placement.to_photo(box[None], image.shape[:2])[0]
-            if photo_box[2] > photo_box[0] and photo_box[3] > photo_box[1]:
-                expected.append((a, c, photo_box))
+        expected = expected_detections(pred, image, boxes, scores)
         assert len(expected) >= 2
-        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _ in expected]
-        for d, (_, _, box) in zip(pred.detections, expected):
+        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _, _ in expected]
+        for d, (_, _, _, box) in zip(pred.detections, expected):
             np.testing.assert_allclose(d.box, box, atol=1e-3)
     record(f"detector ssd {convention} tflite: raw outputs vs LiteRT (abs)", worst)
 
@@ -287,12 +283,8 @@ def test_tflite_detection_postprocess_is_cut_before_with_its_anchors_and_scales(
         np.testing.assert_allclose(pred.logits, want, rtol=RAW_TOL, atol=RAW_TOL)
         worst = max(worst, float(np.abs(pred.logits - want).max()))
         boxes, scores = reference_candidates("tf", torch_outputs(net, pred.input))
-        expected = []
-        for a, c, _, box in reference_detections(boxes, scores):
-            photo_box = pred.placement.to_photo(box[None], image.shape[:2])[0]
-            if photo_box[2] > photo_box[0] and photo_box[3] > photo_box[1]:
-                expected.append((a, c, photo_box))
-        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _ in expected]
+        expected = expected_detections(pred, image, boxes, scores)
+        assert [(d.candidate, d.class_index) for d in pred.detections] == [(a, c) for a, c, _, _ in expected]
         detections += len(expected)
         # the op's own decode: its first detection (y0, x0, y1, x1 on the 0-1 scale) is the best candidate's box
         op_box = interpreter.get_tensor(int(op["outputs"][0]))[0, 0].astype(np.float64) * [height, width, height, width]
