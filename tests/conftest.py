@@ -17,6 +17,7 @@ import importlib.abc
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -136,6 +137,25 @@ def pytest_sessionfinish(session):
 def pytest_testnodedown(node, error):
     for name, value in json.loads(getattr(node, "workeroutput", {}).get("npcam_measured", "{}")).items():
         record(name, value)
+
+
+# NPCAM_TEST_CPU=FILE: a line a test appended to FILE, tab-separated: its node id, the CPU seconds of the process
+# that ran it and of the child processes it waited for, and its wall seconds (setup, call and teardown). Under
+# xdist a test's wall time includes waiting for the cores other workers hold; its CPU time is what it costs the
+# run. Processes that a test does not wait for (Ray's services, the browser) are not counted.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    path = os.environ.get("NPCAM_TEST_CPU")
+    if not path or item.config.option.setuponly:  # tests/test_tiers.py's `pytest --setup-only` runs nothing
+        yield
+        return
+    before, started = os.times(), time.monotonic()
+    yield
+    after = os.times()
+    own = after.user + after.system - before.user - before.system
+    children = after.children_user + after.children_system - before.children_user - before.children_system
+    with open(path, "a") as f:  # one short appended write a line: the workers' lines do not interleave
+        f.write(f"{item.nodeid}\t{max(own, 0.0):.2f}\t{max(children, 0.0):.2f}\t{time.monotonic() - started:.2f}\n")
 
 
 def made_once(tmp_path_factory, name: str, make: Callable[[Path], Path]) -> Path:
