@@ -43,6 +43,11 @@ from .upsample import upsample
 
 default_model_dir = bundle_format.default_model_dir
 
+# Inputs per trunk call in Model.classify. A larger batch is no faster and its activations take memory that
+# onnxruntime's arena keeps: EfficientNet-Lite0 on 348 photos in one call peaked at 6.7 GB and took 1.4x as long
+# as calls of 8 (0.66 GB); calls of 4, 8 and 16 took the same time (docs/performance.md).
+TRUNK_BATCH = 8
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -339,15 +344,16 @@ class Model:
 
         For callers that read and preprocess themselves (:func:`npcam.explain`
         decodes JPEGs at reduced scale); :meth:`predict` does both for you.
-        Inputs of equal shape share one trunk call. ``sizes`` gives each
+        Inputs of equal shape share trunk calls, :data:`TRUNK_BATCH` at a time. ``sizes`` gives each
         photo's own ``(H, W)`` where its image was decoded smaller
         (:attr:`Prediction.photo_size`). ``thresholds``: see :meth:`predict`.
         """
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(inputs):
             groups.setdefault(x.shape, []).append(i)
+        batches = [ids[s : s + TRUNK_BATCH] for ids in groups.values() for s in range(0, len(ids), TRUNK_BATCH)]
         preds: list[Prediction | None] = [None] * len(images)
-        for members in groups.values():
+        for members in batches:
             batch = np.concatenate([inputs[i] for i in members])
             layer, sides = self.trunk(batch)
             x = self._head_input(layer)

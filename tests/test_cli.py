@@ -380,6 +380,21 @@ def test_api_accepts_paths_bytes_files_pil_and_arrays(tiny_model):
     assert overlay(tiny_model, rgb).shape == rgb.shape
 
 
+def test_a_long_list_runs_the_trunk_a_few_inputs_at_a_time(tiny_model, monkeypatch):
+    """Equal input shapes share trunk calls of at most TRUNK_BATCH inputs: a list of many photos takes the memory
+    of a few (one call for all of them kept gigabytes in onnxruntime's arena), and each prediction is its own."""
+    from npcam.model import TRUNK_BATCH
+
+    photos = [synthetic_image(60 + 7 * i, 80, seed=i) for i in range(2 * TRUNK_BATCH + 3)]
+    calls, trunk = [], tiny_model.trunk
+    monkeypatch.setattr(tiny_model, "trunk", lambda batch: calls.append(len(batch)) or trunk(batch))
+    preds = tiny_model.predict(photos)
+    assert calls == [TRUNK_BATCH, TRUNK_BATCH, 3]
+    for photo, pred in zip(photos, preds):  # a batch may round differently from single images
+        alone = tiny_model.predict(photo).logits
+        np.testing.assert_allclose(pred.logits, alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+
+
 def test_library_pipeline_gives_the_cli_record(tiny_model, tmp_path, tiny_cli):
     options = npcam.Options(top=2, bbox=True).checked(tiny_model)
     explanation = npcam.explain(tiny_model, PHOTOS[1], options)
