@@ -76,9 +76,9 @@ class Prediction:
         some of
     placement : where the photo lies in the network input (:class:`npcam.image.Placement`): a detector's boxes
         and maps are brought back to the photo through it
-    head_trace : a detector's head values for this image (:meth:`npcam.head.GraphHead.trace`), kept when it was
-        predicted alone, so that its gradient does not run the head's forward again (a YOLOv8n head at 640 px:
-        the head's forward costs twice the trunk's)
+    head_trace : a detector's head values for this image (:meth:`npcam.head.GraphHead.trace`), kept when its
+        trunk call held it alone (one image predicted, or a list's last call of one), so that its gradient does
+        not run the head's forward again (a YOLOv8n head at 640 px: the head's forward costs twice the trunk's)
     """
 
     image: np.ndarray
